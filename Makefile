@@ -1,0 +1,54 @@
+# dinat-m2f: the two commands a user needs are `make demo` and `make test`; both set everything up first.
+SHELL := /bin/bash
+PYTHON_BOOT ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CI and this machine build the CUDA kernels for Hopper only (sm_90): it proves they compile, in minutes.
+export TORCH_CUDA_ARCH_LIST ?= 9.0
+export MAX_JOBS ?= 2
+NATIVE_SOURCES := $(shell find native -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: setup build test lint demo clean
+
+setup: $(VENV)/.stamp-ext
+
+$(VENV)/.stamp-venv:
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	touch $@
+
+$(VENV)/.stamp-deps: $(VENV)/.stamp-venv requirements/pins.txt requirements/nodeps.txt
+	$(PIP) install -q -r requirements/pins.txt
+	$(PIP) install -q --no-deps -r requirements/nodeps.txt
+	touch $@
+
+$(VENV)/.stamp-d2: $(VENV)/.stamp-deps tools/install_detectron2.py
+	$(PY) tools/install_detectron2.py
+	touch $@
+
+$(VENV)/.stamp-ext: $(VENV)/.stamp-d2 setup.py $(NATIVE_SOURCES)
+	mkdir -p build
+	flock build/.lock $(PIP) install -q -e . --no-build-isolation --no-deps
+	$(PY) -c "import dinat_m2f; print('dinat_m2f build:', dinat_m2f.build_info())"
+	touch $@
+
+# Rebuild the extension (incremental: ninja keeps its objects in build/temp).
+build: $(VENV)/.stamp-d2
+	mkdir -p build
+	flock build/.lock $(PIP) install -q -e . --no-build-isolation --no-deps
+	touch $(VENV)/.stamp-ext
+
+lint: $(VENV)/.stamp-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup
+	$(PY) demo/run_demo.py
+
+clean:
+	rm -rf build dinat_m2f/_C*.so

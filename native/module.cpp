@@ -1,0 +1,30 @@
+// The Python module `dinat_m2f._C`. The ops themselves are registered with TORCH_LIBRARY_FRAGMENT(dinat_m2f, ...)
+// in their own files and reached through torch.ops.dinat_m2f; this module only reports how it was built.
+#include <torch/extension.h>
+
+#include "dinat_m2f_build_config.h"
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  pybind11::list backends;
+  backends.append("cpu");
+  if (DINAT_M2F_BUILT_WITH_CUDA) {
+    backends.append("cuda");
+  }
+  info["backends"] = backends;
+  info["cuda_archs"] = std::string(DINAT_M2F_CUDA_ARCHS);
+  info["cxx_flags"] = std::string(DINAT_M2F_CXX_FLAGS);
+  info["nvcc_flags"] = std::string(DINAT_M2F_NVCC_FLAGS);
+  info["torch_version"] = std::string(DINAT_M2F_TORCH_VERSION);
+  info["torch_cuda_version"] = std::string(DINAT_M2F_TORCH_CUDA_VERSION);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dinat-m2f native kernels (neighborhood attention, multi-scale deformable attention)";
+  m.def("build_info", &build_info, "How this extension was built: backends, CUDA archs, flags, torch version.");
+}
