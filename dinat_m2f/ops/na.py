@@ -1,0 +1,183 @@
+"""Python front end of the native neighborhood-attention ops (torch.ops.dinat_m2f.na*).
+
+The C++/CUDA kernels (native/na/) are registered with TORCH_LIBRARY_FRAGMENT(dinat_m2f, ...) and validate their
+inputs. This module adds what torch.compile and autograd need: fake (meta) kernels and backward formulas, both
+registered through torch.library, so a module using these ops compiles with fullgraph=True.
+
+Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
+- QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)
+- AV (neighborhood-neighborhood): grad_attn = QK(grad_out, v), grad_v = inverse(attn, grad_out)
+The fused ops store the row logsumexp and recompute the weights in their own backward kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dinat_m2f._ext import load_extension
+
+__all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]
+
+load_extension()  # registers torch.ops.dinat_m2f.* (raises a clear error when the build is missing)
+_OPS = torch.ops.dinat_m2f
+if not hasattr(_OPS, "na2d_fused_forward"):
+    raise ImportError(
+        "dinat_m2f._C has no neighborhood-attention ops (torch.ops.dinat_m2f.na2d_*): it predates native/na/. "
+        "Rebuild it with `make build`."
+    )
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _rpb_width(kernel_size: int) -> int:
+    return 2 * kernel_size - 1
+
+
+# ----------------------------------------------------------------------------------------------- fake kernels
+# Shapes only; the real kernels check the inputs and raise with a message.
+
+
+def _register_fakes(dim: int) -> None:
+    p = f"dinat_m2f::na{dim}d"
+
+    @torch.library.register_fake(f"{p}_qk")
+    def _qk(q, k, rpb, kernel_size, dilation):
+        return q.new_empty((*q.shape[:-1], kernel_size**dim))
+
+    @torch.library.register_fake(f"{p}_av")
+    def _av(attn, v, kernel_size, dilation):
+        return v.new_empty(v.shape)
+
+    @torch.library.register_fake(f"{p}_inverse")
+    def _inverse(weights, x, kernel_size, dilation):
+        return x.new_empty(x.shape)
+
+    @torch.library.register_fake(f"{p}_rpb_grad")
+    def _rpb_grad(grad_attn, kernel_size, dilation):
+        return grad_attn.new_empty((grad_attn.shape[1],) + (_rpb_width(kernel_size),) * dim)
+
+    @torch.library.register_fake(f"{p}_fused_forward")
+    def _fused_forward(q, k, v, rpb, kernel_size, dilation, scale):
+        return v.new_empty(v.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake(f"{p}_fused_backward")
+    def _fused_backward(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, scale):
+        grad_rpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_rpb
+
+
+# ----------------------------------------------------------------------------------------------- autograd
+
+
+def _register_autograd(dim: int) -> None:
+    qk_op = getattr(_OPS, f"na{dim}d_qk")
+    av_op = getattr(_OPS, f"na{dim}d_av")
+    inverse_op = getattr(_OPS, f"na{dim}d_inverse")
+    rpb_grad_op = getattr(_OPS, f"na{dim}d_rpb_grad")
+    fused_backward_op = getattr(_OPS, f"na{dim}d_fused_backward")
+    p = f"dinat_m2f::na{dim}d"
+
+    def qk_setup(ctx, inputs, output):
+        q, k, rpb, kernel_size, dilation = inputs
+        ctx.save_for_backward(q, k)
+        ctx.kernel_size, ctx.dilation = kernel_size, dilation
+        ctx.has_rpb = rpb is not None
+
+    def qk_backward(ctx, grad_attn):
+        q, k = ctx.saved_tensors
+        ks, dil = ctx.kernel_size, ctx.dilation
+        grad_q = av_op(grad_attn, k, ks, dil) if ctx.needs_input_grad[0] else None
+        grad_k = inverse_op(grad_attn, q, ks, dil) if ctx.needs_input_grad[1] else None
+        grad_rpb = rpb_grad_op(grad_attn, ks, dil) if ctx.has_rpb and ctx.needs_input_grad[2] else None
+        return grad_q, grad_k, grad_rpb, None, None
+
+    def av_setup(ctx, inputs, output):
+        attn, v, kernel_size, dilation = inputs
+        ctx.save_for_backward(attn, v)
+        ctx.kernel_size, ctx.dilation = kernel_size, dilation
+
+    def av_backward(ctx, grad_out):
+        attn, v = ctx.saved_tensors
+        ks, dil = ctx.kernel_size, ctx.dilation
+        grad_attn = qk_op(grad_out, v, None, ks, dil) if ctx.needs_input_grad[0] else None
+        grad_v = inverse_op(attn, grad_out, ks, dil) if ctx.needs_input_grad[1] else None
+        return grad_attn, grad_v, None, None
+
+    def fused_setup(ctx, inputs, output):
+        q, k, v, rpb, kernel_size, dilation, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, rpb, out, lse)
+        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+
+    def fused_backward(ctx, grad_out, _grad_lse):
+        q, k, v, rpb, out, lse = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_rpb = fused_backward_op(
+            grad_out, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.dilation, ctx.scale
+        )
+        return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
+
+    torch.library.register_autograd(f"{p}_qk", qk_backward, setup_context=qk_setup)
+    torch.library.register_autograd(f"{p}_av", av_backward, setup_context=av_setup)
+    torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
+
+
+for _dim in (1, 2):
+    _register_fakes(_dim)
+    _register_autograd(_dim)
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def na1d_qk(
+    q: torch.Tensor, k: torch.Tensor, kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q, k: [B, heads, L, D] -> logits [B, heads, L, kernel_size] (+ rpb [heads, 2k-1]); no scaling."""
+    return _OPS.na1d_qk(q, k, rpb, kernel_size, dilation)
+
+
+def na1d_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """attn: [B, heads, L, kernel_size], v: [B, heads, L, D] -> [B, heads, L, D]."""
+    return _OPS.na1d_av(attn, v, kernel_size, dilation)
+
+
+def na2d_qk(
+    q: torch.Tensor, k: torch.Tensor, kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q, k: [B, heads, H, W, D] -> logits [B, heads, H, W, k*k] (+ rpb [heads, 2k-1, 2k-1]); no scaling."""
+    return _OPS.na2d_qk(q, k, rpb, kernel_size, dilation)
+
+
+def na2d_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+    """attn: [B, heads, H, W, k*k], v: [B, heads, H, W, D] -> [B, heads, H, W, D]."""
+    return _OPS.na2d_av(attn, v, kernel_size, dilation)
+
+
+def na1d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _OPS.na1d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
+
+
+def na2d(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _OPS.na2d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
