@@ -1,0 +1,38 @@
+"""Training switches of this project (train_net.py, the optimizer builder, hooks, the checkpointer, the mappers)."""
+
+from __future__ import annotations
+
+from detectron2.config import CfgNode as CN  # noqa: N817 (detectron2 convention)
+
+
+def add_training_config(cfg: CN) -> None:
+    """Add the keys read by ``dinat_m2f.engine`` and ``train_net.py`` (idempotent)."""
+    # Weight decay of the neighborhood-attention relative positional bias (params named ``rpb``).
+    # None: decay it like any weight (what the paper's Mask2Former code did, wd = SOLVER.WEIGHT_DECAY);
+    # 0.0: no decay (what the DiNAT detection / UPerNet code does). Any float is used as its decay.
+    cfg.SOLVER.RPB_WEIGHT_DECAY = None
+    # Mask2Former's keys; defined here too so a config tree without add_maskformer2_config still loads.
+    if not hasattr(cfg.SOLVER, "WEIGHT_DECAY_EMBED"):
+        cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    if not hasattr(cfg.SOLVER, "OPTIMIZER"):
+        cfg.SOLVER.OPTIMIZER = "ADAMW"
+    if not hasattr(cfg.SOLVER, "BACKBONE_MULTIPLIER"):
+        cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Stop the run (with the iteration and the loss term named) as soon as a loss is NaN or infinite.
+    cfg.SOLVER.NAN_GUARD = True
+    # AMP dtype: "auto" = float16 on CUDA, bfloat16 on CPU; or "float16" / "bfloat16".
+    cfg.SOLVER.AMP.DTYPE = "auto"
+
+    # Mappers skip (with a warning) a sample whose image or annotation file is missing or corrupt, instead of
+    # stopping the run. False = raise a clear error naming the file.
+    cfg.DATALOADER.SKIP_CORRUPT = False
+
+    # Checkpointing (detectron2's SOLVER.CHECKPOINT_PERIOD keeps its meaning).
+    cfg.CHECKPOINT = CN()
+    # How many periodic checkpoints to keep on disk (None = all).
+    cfg.CHECKPOINT.MAX_TO_KEEP = None
+    # Write checkpoints to a temporary file and rename it into place (a kill mid-save leaves no truncated file).
+    cfg.CHECKPOINT.ATOMIC = True
+
+    # Deterministic training: seed every worker from SEED and ask torch for deterministic algorithms.
+    cfg.DETERMINISTIC = False
