@@ -22,6 +22,8 @@ def add_training_config(cfg: CN) -> None:
     cfg.SOLVER.NAN_GUARD = True
     # AMP dtype: "auto" = float16 on CUDA, bfloat16 on CPU; or "float16" / "bfloat16".
     cfg.SOLVER.AMP.DTYPE = "auto"
+    # Print iteration, losses, LR and ETA every LOG_PERIOD iterations.
+    cfg.SOLVER.LOG_PERIOD = 20
 
     # Mappers skip (with a warning) a sample whose image or annotation file is missing or corrupt, instead of
     # stopping the run. False = raise a clear error naming the file.

@@ -1,0 +1,108 @@
+"""The training step: detectron2's SimpleTrainer with AMP on any device, the NaN guard and per-iteration seeding."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import torch
+from detectron2.engine import SimpleTrainer
+from detectron2.utils import comm
+
+from dinat_m2f.engine.hooks import check_losses_finite
+
+
+def resolve_amp_dtype(name: str, device_type: str) -> torch.dtype:
+    """SOLVER.AMP.DTYPE -> dtype: "auto" is float16 on CUDA and bfloat16 on CPU."""
+    table = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if name not in table:
+        raise ValueError(f"SOLVER.AMP.DTYPE: unknown dtype {name!r} (expected 'auto', 'float16' or 'bfloat16')")
+    return table[name]
+
+
+def iteration_seed(seed: int, iteration: int, rank: int) -> int:
+    """A seed that depends only on (seed, iteration, rank): a resumed run draws the same numbers as an unbroken one."""
+    return (seed * 1_000_003 + iteration * 1_009 + rank) % (2**31)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+class MaskFormerTrainLoop(SimpleTrainer):
+    """One training step per call. Differences from detectron2's SimpleTrainer / AMPTrainer:
+
+    - AMP works on CPU (bfloat16) and GPU (float16, with a GradScaler); AMPTrainer requires CUDA;
+    - the NaN guard checks every loss term before backward and stops with the iteration and the term named;
+    - with ``seed`` set (deterministic mode), the RNGs are re-seeded from (seed, iteration, rank) before each step,
+      so random point sampling, drop-path etc. do not depend on where a run was resumed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        data_loader,
+        optimizer: torch.optim.Optimizer,
+        *,
+        amp_dtype: torch.dtype | None = None,
+        nan_guard: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(model, data_loader, optimizer)
+        self.device_type = next(model.parameters()).device.type
+        self.amp_dtype = amp_dtype
+        self.nan_guard = nan_guard
+        self.seed = seed
+        use_scaler = amp_dtype == torch.float16 and self.device_type == "cuda"
+        self.grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    def reset_data_loader(self) -> None:
+        """Start a new iterator over the data loader (after its sampler was moved to the resumed position)."""
+        self._data_loader_iter = None  # let the old workers shut down first
+        self._data_loader_iter = iter(self.data_loader)
+
+    def run_step(self) -> None:
+        assert self.model.training, "[MaskFormerTrainLoop] model was changed to eval mode!"
+        if self.seed is not None:
+            seed_everything(iteration_seed(self.seed, self.iter, comm.get_rank()))
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(
+            self.device_type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
+            loss_dict = self.model(data)
+        if isinstance(loss_dict, torch.Tensor):
+            loss_dict = {"total_loss": loss_dict}
+        if self.nan_guard:
+            check_losses_finite(loss_dict, self.iter)
+        losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(losses).backward()
+        else:
+            losses.backward()
+        self._write_metrics(loss_dict, data_time)
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
+
+    def state_dict(self):
+        ret = super().state_dict()
+        if self.grad_scaler is not None:
+            ret["grad_scaler"] = self.grad_scaler.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        if self.grad_scaler is not None and "grad_scaler" in state_dict:
+            self.grad_scaler.load_state_dict(state_dict["grad_scaler"])
