@@ -1,0 +1,100 @@
+"""2D (dilated) neighborhood attention module with the paper-era (NATTEN <= 0.15) dense-prediction padding.
+
+Parameter names (``qkv``, ``rpb``, ``proj``) are those of NATTEN's ``NeighborhoodAttention2D`` so official
+checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinat_m2f import ops
+
+__all__ = ["NeighborhoodAttention2D", "check_kernel_and_dilation", "padded_size"]
+
+
+def check_kernel_and_dilation(kernel_size: object, dilation: object) -> None:
+    """Raise a ValueError naming the problem unless kernel_size is an odd int > 1 and dilation an int >= 1."""
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 3 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be an odd integer > 1, got {kernel_size!r}")
+    if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
+        raise ValueError(f"dilation must be an integer >= 1, got {dilation!r}")
+
+
+def padded_size(size: int, kernel_size: int, dilation: int) -> int:
+    """The map side attention runs on: at least kernel_size * dilation (every dilation group then holds k tokens)."""
+    return max(size, kernel_size * dilation)
+
+
+class NeighborhoodAttention2D(nn.Module):
+    """Multi-head (dilated) neighborhood attention on channels-last maps ``[B, H, W, C]``.
+
+    When a side of the map is smaller than ``kernel_size * dilation`` the input (already normalized by the layer's
+    norm1) is zero-padded at the bottom/right up to that size before ``qkv``; attention runs on the padded map and
+    the result is cropped back before ``proj``. The padded tokens are therefore keys/values equal to the qkv bias
+    and are NOT masked: real queries near the bottom/right border attend to them. This is what NATTEN <= 0.15 (used
+    for every DiNAT dense-prediction result of the paper) did, and the Cityscapes / 512-crop configs rely on it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        kernel_size: int,
+        dilation: int = 1,
+        qkv_bias: bool = True,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        check_kernel_and_dilation(kernel_size, dilation)
+        if dim % num_heads != 0:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = qk_scale or self.head_dim**-0.5
+        self.kernel_size = kernel_size
+        self.dilation = dilation
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
+        nn.init.trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, head_dim={self.head_dim}, kernel_size={self.kernel_size}, "
+            f"dilation={self.dilation}"
+        )
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.attn_drop.p == 0.0 or not self.training:
+            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
+        # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av.
+        attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=self.rpb)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        return ops.na2d_av(attn, v, self.kernel_size, self.dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(f"NeighborhoodAttention2D expects [B, H, W, C] input, got shape {tuple(x.shape)}")
+        batch, height, width, channels = x.shape
+        window = self.kernel_size * self.dilation
+        pad_b = max(0, window - height)
+        pad_r = max(0, window - width)
+        if pad_b or pad_r:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = height + pad_b, width + pad_r
+
+        qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
+        q, k, v = qkv.unbind(0)  # each [B, heads, Hp, Wp, head_dim]
+        out = self._attention(q, k, v)
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
+        if pad_b or pad_r:
+            out = out[:, :height, :width, :]
+        return self.proj_drop(self.proj(out))

@@ -1,0 +1,156 @@
+"""The classification models of the NAT / DiNAT papers, buildable by name (with their classification head).
+
+    >>> from dinat_m2f.modeling.backbone import build_variant
+    >>> model = build_variant("dinat_tiny")          # 1000-class DiNAT-Tiny at 224
+    >>> model.load_state_dict(torch.load("dinat_tiny_in1k_224.pth"))   # official ImageNet weights, no renaming
+
+Each entry records the input size the model was trained at (``VARIANTS[name].input_size``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from dinat_m2f.modeling.backbone.dinat import DiNAT
+from dinat_m2f.modeling.backbone.dinat_s import DiNAT_s
+from dinat_m2f.modeling.backbone.isotropic import NATIsotropic
+
+__all__ = ["VARIANTS", "Variant", "build_variant", "alternating_dilations", "list_variants"]
+
+
+def alternating_dilations(depths: Sequence[int], dina: Sequence[int]) -> list[list[int]]:
+    """Each stage alternates NA (even layers, dilation 1) and DiNA (odd layers, dilation ``dina[stage]``)."""
+    return [[1 if j % 2 == 0 else d for j in range(depth)] for depth, d in zip(depths, dina)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    builder: Callable[..., nn.Module]
+    kwargs: dict = field(default_factory=dict)
+    input_size: int = 224
+
+    def build(self, **overrides) -> nn.Module:
+        return self.builder(**{**self.kwargs, **overrides})
+
+
+_DEPTHS = (3, 4, 18, 5)
+_MINI_DEPTHS = (3, 4, 6, 5)
+_S_DEPTHS = (2, 2, 18, 2)
+_DINA_224 = (8, 4, 2, 1)  # floor(map / 7) at 224: maps 56, 28, 14, 7
+_DINA_384 = (13, 6, 3, 1)  # floor(map / 7) at 384: maps 96, 48, 24, 12
+
+_MINI = dict(embed_dim=64, depths=_MINI_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_TINY = dict(embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3.0, drop_path_rate=0.2)
+_SMALL = dict(embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
+_BASE = dict(embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
+_LARGE = dict(embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
+_S_COMMON = dict(depths=_S_DEPTHS, mlp_ratio=4.0, kernel_size=7)
+
+
+def _dinat(base: dict, dina: Sequence[int] = _DINA_224, **extra) -> dict:
+    return dict(base, kernel_size=7, dilations=alternating_dilations(base["depths"], dina), **extra)
+
+
+VARIANTS: dict[str, Variant] = {
+    # DiNAT (ConvTokenizer, 4 levels)
+    "dinat_mini": Variant(DiNAT, _dinat(_MINI)),
+    "dinat_tiny": Variant(DiNAT, _dinat(_TINY)),
+    "dinat_small": Variant(DiNAT, _dinat(_SMALL)),
+    "dinat_base": Variant(DiNAT, _dinat(_BASE, layer_scale=1e-5)),
+    "dinat_large": Variant(DiNAT, _dinat(_LARGE)),
+    "dinat_large_384": Variant(DiNAT, _dinat(_LARGE, _DINA_384), 384),
+    "dinat_large_384_11x11": Variant(DiNAT, dict(_dinat(_LARGE), kernel_size=11), 384),
+    "dinat_large_21k": Variant(DiNAT, dict(_dinat(_LARGE), drop_path_rate=0.2, num_classes=21841)),
+    "dinat_large_21k_11x11": Variant(
+        DiNAT, dict(_dinat(_LARGE), kernel_size=11, drop_path_rate=0.2, num_classes=21841)
+    ),
+    # NAT: the same models with every dilation 1 (official NAT hyper-parameters)
+    "nat_mini": Variant(DiNAT, dict(_MINI, kernel_size=7)),
+    "nat_tiny": Variant(DiNAT, dict(_TINY, kernel_size=7)),
+    "nat_small": Variant(DiNAT, dict(_SMALL, kernel_size=7, layer_scale=1e-5)),
+    "nat_base": Variant(DiNAT, dict(_BASE, kernel_size=7, layer_scale=1e-5)),
+    # DiNAT_s (patchify stem, PatchMerging)
+    "dinat_s_tiny": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            depths=(2, 2, 6, 2),
+            embed_dim=96,
+            num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.2,
+            dilations=alternating_dilations((2, 2, 6, 2), _DINA_224),
+        ),
+    ),
+    "dinat_s_small": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            embed_dim=96,
+            num_heads=(3, 6, 12, 24),
+            drop_path_rate=0.3,
+            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
+        ),
+    ),
+    "dinat_s_base": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            embed_dim=128,
+            num_heads=(4, 8, 16, 32),
+            drop_path_rate=0.5,
+            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
+        ),
+    ),
+    "dinat_s_large": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            embed_dim=192,
+            num_heads=(6, 12, 24, 48),
+            drop_path_rate=0.35,
+            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
+        ),
+    ),
+    "dinat_s_large_384": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            embed_dim=192,
+            num_heads=(6, 12, 24, 48),
+            drop_path_rate=0.35,
+            dilations=alternating_dilations(_S_DEPTHS, _DINA_384),
+        ),
+        384,
+    ),
+    "dinat_s_large_21k": Variant(
+        DiNAT_s,
+        dict(
+            _S_COMMON,
+            embed_dim=192,
+            num_heads=(6, 12, 24, 48),
+            drop_path_rate=0.2,
+            num_classes=21841,
+            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
+        ),
+    ),
+    # Isotropic (ViT-like, 1/16 map, NA / DiNA alternating)
+    "nat_iso_small": Variant(NATIsotropic, dict(embed_dim=384, num_heads=12, dilation=1, drop_path_rate=0.1)),
+    "dinat_iso_small": Variant(NATIsotropic, dict(embed_dim=384, num_heads=12, dilation=2, drop_path_rate=0.1)),
+    "nat_iso_base": Variant(NATIsotropic, dict(embed_dim=768, num_heads=24, dilation=1, drop_path_rate=0.4)),
+    "dinat_iso_base": Variant(NATIsotropic, dict(embed_dim=768, num_heads=24, dilation=2, drop_path_rate=0.4)),
+}
+
+
+def list_variants() -> list[str]:
+    return sorted(VARIANTS)
+
+
+def build_variant(name: str, **overrides) -> nn.Module:
+    """Build the classification model ``name`` (see ``list_variants()``); keyword overrides go to its constructor
+    (e.g. ``num_classes=0`` for pooled features, ``drop_path_rate=0.0``)."""
+    if name not in VARIANTS:
+        raise KeyError(f"unknown DiNAT variant {name!r}; known: {', '.join(list_variants())}")
+    return VARIANTS[name].build(**overrides)
