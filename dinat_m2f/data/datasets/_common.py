@@ -1,0 +1,57 @@
+"""Helpers shared by the dataset registrations: root resolution, (re-)registration, colour palettes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+from detectron2.data import DatasetCatalog, MetadataCatalog
+
+__all__ = ["dataset_root", "register_dataset", "color_palette", "require_path"]
+
+
+def dataset_root(root: str | None = None) -> str:
+    """The datasets root: ``root`` if given, else ``$DETECTRON2_DATASETS`` (default ``datasets``)."""
+    return root if root is not None else os.getenv("DETECTRON2_DATASETS", "datasets")
+
+
+def register_dataset(name: str, loader: Callable[[], list[dict]], **metadata) -> None:
+    """Register ``name`` in the Dataset/MetadataCatalog, replacing an earlier registration of the same name.
+
+    Replacing (rather than asserting) lets ``register_all_*(root)`` re-point the standard names at another root
+    (tests, or a user with two copies of a dataset); detectron2's Metadata refuses to change a set value otherwise.
+    """
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+    if name in MetadataCatalog.list():
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, loader)
+    MetadataCatalog.get(name).set(**metadata)
+
+
+def require_path(path: str, hint: str = "") -> str:
+    """Return ``path`` if it exists, else raise FileNotFoundError naming it (and how to produce it)."""
+    if not os.path.exists(path):
+        msg = f"Dataset file or folder not found: {path}"
+        raise FileNotFoundError(msg + (f". {hint}" if hint else ""))
+    return path
+
+
+def color_palette(num: int) -> list[list[int]]:
+    """A deterministic, well-spread RGB palette (the PASCAL VOC bit-interleaving scheme), skipping black.
+
+    Used where the official colour table is not part of the dataset's on-disk files.
+    """
+    colors = []
+    i = 1
+    while len(colors) < num:
+        r = g = b = 0
+        c = i
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        colors.append([r, g, b])
+        i += 1
+    return colors

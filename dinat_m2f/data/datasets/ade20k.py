@@ -1,0 +1,162 @@
+"""ADE20K registrations: semantic (150), panoptic (150 = 100 things + 50 stuff), instance (100), full (847).
+
+Layout (under the datasets root, see ``datasets/README.md``)::
+
+    ADEChallengeData2016/images/{training,validation}/*.jpg
+    ADEChallengeData2016/annotations_detectron2/{training,validation}/*.png      <- prepare_ade20k_sem_seg.py
+    ADEChallengeData2016/ade20k_panoptic_{train,val}{.json,/}                    <- prepare_ade20k_pan_seg.py
+    ADEChallengeData2016/ade20k_instance_{train,val}.json                        <- prepare_ade20k_ins_seg.py
+    ADE20K_2021_17_01/{images,annotations}_detectron2/{training,validation}/     <- prepare_ade20k_full_sem_seg.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
+
+from dinat_m2f.data.datasets._common import color_palette, dataset_root, register_dataset, require_path
+from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
+
+__all__ = [
+    "ADE20K_150_CATEGORIES",
+    "ADE20K_THING_IDS",
+    "ADE20K_FULL_IGNORE_LABEL",
+    "register_all_ade20k",
+    "register_all_ade20k_full",
+]
+
+# 0-based ids (in the 150-class scene-parsing list) of the 100 classes of the ADE20K instance benchmark, in the
+# order of the instance benchmark's own class ids 1..100 (R channel of ``annotations_instance`` PNGs).
+ADE20K_THING_IDS: tuple[int, ...] = (
+    7, 8, 10, 12, 14, 15, 18, 19, 20, 22, 23, 24, 27, 30, 31, 32, 33, 35, 36, 37, 38, 39, 41, 42, 43, 44, 45, 47,
+    49, 50, 53, 55, 56, 57, 58, 62, 64, 65, 66, 67, 69, 70, 71, 72, 73, 74, 75, 76, 78, 80, 81, 82, 83, 85, 86, 87,
+    88, 89, 90, 92, 93, 95, 97, 98, 102, 103, 104, 107, 108, 110, 111, 112, 115, 116, 118, 119, 120, 121, 123, 124,
+    125, 126, 127, 129, 130, 132, 133, 134, 135, 136, 137, 138, 139, 142, 143, 144, 146, 147, 148, 149,
+)  # fmt: skip
+
+ADE20K_150_CATEGORIES: list[dict] = [
+    {"id": i, "name": name.strip(), "isthing": int(i in ADE20K_THING_IDS), "color": color}
+    for i, (name, color) in enumerate(zip(ADE20K_SEM_SEG_CATEGORIES, color_palette(150)))
+]
+
+ADE20K_FULL_IGNORE_LABEL = 65535
+ADE20K_FULL_NUM_CLASSES = 847
+# Written by datasets/prepare_ade20k_full_sem_seg.py: the class names of the trainIds 0..846, in order.
+ADE20K_FULL_CLASSES_FILE = "ADE20K_2021_17_01/ade20k_full_classes.json"
+
+_SPLITS = {"train": "training", "val": "validation"}
+
+
+def _ade20k_150_metadata() -> dict:
+    names = [c["name"] for c in ADE20K_150_CATEGORIES]
+    colors = [c["color"] for c in ADE20K_150_CATEGORIES]
+    # Thing ids stay at their 0..149 position (interleaved with stuff); "stuff" lists all 150 so that
+    # SemSegEvaluator scores every class. thing_* repeat the full lists, as detectron2's Visualizer indexes them
+    # with the same contiguous ids.
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES if c["isthing"]},
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES},
+    }
+
+
+def _ade20k_instance_metadata() -> dict:
+    things = [ADE20K_150_CATEGORIES[i] for i in sorted(ADE20K_THING_IDS)]
+    return {
+        "thing_classes": [c["name"] for c in things],
+        "thing_colors": [c["color"] for c in things],
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(things)},
+    }
+
+
+def register_all_ade20k(root: str | None = None) -> None:
+    """Register ``ade20k_sem_seg_*``, ``ade20k_panoptic_*`` and ``ade20k_instance_*`` under ``root``."""
+    from detectron2.data.datasets.coco import load_coco_json
+
+    base = os.path.join(dataset_root(root), "ADEChallengeData2016")
+    meta150 = _ade20k_150_metadata()
+    ins_meta = _ade20k_instance_metadata()
+    for split, dirname in _SPLITS.items():
+        image_dir = os.path.join(base, "images", dirname)
+        sem_dir = os.path.join(base, "annotations_detectron2", dirname)
+        register_dataset(
+            f"ade20k_sem_seg_{split}",
+            lambda x=image_dir, y=sem_dir: load_sem_seg_strict(y, x, gt_ext="png", image_ext="jpg"),
+            stuff_classes=meta150["stuff_classes"],
+            stuff_colors=meta150["stuff_colors"],
+            image_root=image_dir,
+            sem_seg_root=sem_dir,
+            evaluator_type="sem_seg",
+            ignore_label=255,
+        )
+
+        pan_dir = os.path.join(base, f"ade20k_panoptic_{split}")
+        pan_json = os.path.join(base, f"ade20k_panoptic_{split}.json")
+        ins_json = os.path.join(base, f"ade20k_instance_{split}.json")
+        register_dataset(
+            f"ade20k_panoptic_{split}",
+            lambda x=image_dir, p=pan_dir, j=pan_json, s=sem_dir: load_panoptic_json(
+                j, x, p, meta150, sem_seg_dir=s, prepare_hint="Run datasets/prepare_ade20k_pan_seg.py."
+            ),
+            panoptic_root=pan_dir,
+            image_root=image_dir,
+            panoptic_json=pan_json,
+            sem_seg_root=sem_dir,
+            json_file=ins_json,
+            evaluator_type="ade20k_panoptic_seg",
+            ignore_label=255,
+            label_divisor=1000,
+            **meta150,
+        )
+
+        name = f"ade20k_instance_{split}"
+        register_dataset(
+            name,
+            lambda j=ins_json, x=image_dir, n=name: load_coco_json(
+                require_path(j, "Run datasets/prepare_ade20k_ins_seg.py."), x, n
+            ),
+            json_file=ins_json,
+            image_root=image_dir,
+            evaluator_type="coco",
+            **ins_meta,
+        )
+
+
+def _ade20k_full_classes(base_root: str) -> list[str] | None:
+    path = os.path.join(base_root, ADE20K_FULL_CLASSES_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = json.load(f)
+    return [str(n) for n in names]
+
+
+def register_all_ade20k_full(root: str | None = None) -> None:
+    """Register ``ade20k_full_sem_seg_{train,val}`` (847 classes, uint16 TIFF labels, ignore 65535).
+
+    The class names come from the prepared dataset (``ADE20K_2021_17_01/ade20k_full_classes.json``, written by
+    ``datasets/prepare_ade20k_full_sem_seg.py``); before preparation the metadata has no ``stuff_classes``.
+    """
+    root = dataset_root(root)
+    base = os.path.join(root, "ADE20K_2021_17_01")
+    names = _ade20k_full_classes(root)
+    extra = {"stuff_classes": names, "stuff_colors": color_palette(len(names))} if names else {}
+    for split, dirname in _SPLITS.items():
+        image_dir = os.path.join(base, "images_detectron2", dirname)
+        sem_dir = os.path.join(base, "annotations_detectron2", dirname)
+        register_dataset(
+            f"ade20k_full_sem_seg_{split}",
+            lambda x=image_dir, y=sem_dir: load_sem_seg_strict(
+                y, x, gt_ext="tif", image_ext="jpg", prepare_hint="Run datasets/prepare_ade20k_full_sem_seg.py."
+            ),
+            image_root=image_dir,
+            sem_seg_root=sem_dir,
+            evaluator_type="sem_seg",
+            ignore_label=ADE20K_FULL_IGNORE_LABEL,
+            **extra,
+        )
