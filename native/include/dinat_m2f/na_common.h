@@ -1,0 +1,85 @@
+// Neighborhood-attention index math shared by the CPU (C++) and CUDA kernels: written once, inline, usable on host
+// and device. Semantics are NATTEN 0.14-0.17's (see shared/spec/neighborhood-attention.md, sections 1.2-1.4):
+//   - along an axis of length L with odd kernel k and dilation d, query i belongs to dilation group r = i % d, which
+//     holds Lg = ceil((L - r) / d) tokens; inside the group the window starts at clamp(i / d - k / 2, 0, Lg - k), so
+//     it is shifted inward at the borders and always covers exactly k tokens: start + t * d, t = 0..k-1;
+//   - the relative-position-bias index of a (query, key) pair is (key - query) / d + k - 1;
+//   - the inverse neighborhood of key x (the queries whose window holds x) is a contiguous range of the group.
+// 1D problems are 2D problems with one row (H = 1, kernel 1, dilation 1 along H), so every kernel is written once.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define DINAT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define DINAT_HOST_DEVICE inline
+#endif
+
+namespace dinat_m2f::na {
+
+// Number of tokens in the dilation group of position i (all positions r, r + d, r + 2d, ... < length).
+DINAT_HOST_DEVICE int64_t group_length(int64_t i, int64_t length, int64_t dilation) {
+  const int64_t r = i % dilation;
+  return (length - r + dilation - 1) / dilation;
+}
+
+// First key position of the window of query i (the window is start, start + d, ..., start + (k - 1) d).
+DINAT_HOST_DEVICE int64_t window_start(int64_t i, int64_t length, int64_t kernel, int64_t dilation) {
+  const int64_t r = i % dilation;
+  const int64_t glen = (length - r + dilation - 1) / dilation;
+  int64_t s = i / dilation - kernel / 2;
+  s = s < 0 ? 0 : s;
+  s = s > glen - kernel ? glen - kernel : s;
+  return s * dilation + r;
+}
+
+// Bias index of window slot 0 for query i whose window starts at `start`: (start - i) / d + k - 1. The division is
+// exact (start and i are in the same dilation group); slot t has bias index bias_start + t.
+DINAT_HOST_DEVICE int64_t bias_start(int64_t i, int64_t start, int64_t kernel, int64_t dilation) {
+  return (start - i) / dilation + kernel - 1;
+}
+
+// The queries whose window contains key x: q_begin, q_begin + d, ..., < q_end (all in x's dilation group).
+// In group coordinates (x' = x / d, group length Lg): queries [0 if x' < k else x' - k/2, Lg if x' >= Lg - k else
+// x' + k/2 + 1); both bounds follow from window_start being clamp(i' - k/2, 0, Lg - k), which is non-decreasing.
+struct InverseRange {
+  int64_t begin;  // first query position
+  int64_t end;    // exclusive bound; step is the dilation
+};
+
+DINAT_HOST_DEVICE InverseRange inverse_range(int64_t x, int64_t length, int64_t kernel, int64_t dilation) {
+  const int64_t r = x % dilation;
+  const int64_t xg = x / dilation;
+  const int64_t glen = (length - r + dilation - 1) / dilation;
+  const int64_t half = kernel / 2;
+  const int64_t gb = xg < kernel ? 0 : xg - half;
+  const int64_t ge = xg >= glen - kernel ? glen : xg + half + 1;
+  return {gb * dilation + r, ge * dilation + r};
+}
+
+// Window slot of key x in the window of query i (x must be in that window).
+DINAT_HOST_DEVICE int64_t window_slot(int64_t x, int64_t i, int64_t length, int64_t kernel, int64_t dilation) {
+  return (x - window_start(i, length, kernel, dilation)) / dilation;
+}
+
+// Shape of one neighborhood-attention problem, seen as 2D: [BH = batch * heads, H, W, D] tokens, attention weights
+// [BH, H, W, kh * kw], bias [heads, 2 kh - 1, 2 kw - 1]. For 1D: H = 1, kh = 1, dh = 1.
+struct Problem {
+  int64_t batch_heads;
+  int64_t heads;
+  int64_t height;
+  int64_t width;
+  int64_t dim;
+  int64_t kh;
+  int64_t kw;
+  int64_t dh;
+  int64_t dw;
+
+  DINAT_HOST_DEVICE int64_t window() const { return kh * kw; }
+  DINAT_HOST_DEVICE int64_t tokens() const { return height * width; }
+  DINAT_HOST_DEVICE int64_t rpb_h() const { return 2 * kh - 1; }
+  DINAT_HOST_DEVICE int64_t rpb_w() const { return 2 * kw - 1; }
+};
+
+}  // namespace dinat_m2f::na

@@ -1,0 +1,87 @@
+// Small vectorisable building blocks of the CPU neighborhood-attention kernels (native/na/*_cpu.cpp).
+// The loops use `#pragma omp simd` so the compiler vectorises them for the build's -march (the reductions are allowed
+// to reassociate), and a branch-free exp that vectorises too (std::exp calls do not).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+namespace dinat_m2f::na::cpu_math {
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+// y += alpha * x
+template <typename T>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += alpha * x[i];
+  }
+}
+
+template <typename T>
+inline void scale_inplace(T alpha, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] *= alpha;
+  }
+}
+
+// exp(x) in float32 to ~2 ulp: range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf),
+// 2^n assembled in the exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3333519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(e);
+}
+
+inline double exp_approx(double x) { return std::exp(x); }
+
+// out[i] = exp(in[i] - shift)
+template <typename T>
+inline void exp_shifted(const T* __restrict in, T shift, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = exp_approx(in[i] - shift);
+  }
+}
+
+// Runs `fn` on float32 copies of bfloat16 tensors (the kernels accumulate in float32) and copies results back.
+inline at::Tensor as_compute(const at::Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+// Parallel loop over [0, n) in chunks of at least `grain` items.
+template <typename F>
+inline void parallel(int64_t n, int64_t grain, const F& fn) {
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      fn(i);
+    }
+  });
+}
+
+}  // namespace dinat_m2f::na::cpu_math

@@ -1,0 +1,187 @@
+// CPU kernels of the unfused neighborhood-attention primitives (NATTEN's PN / NN / IN / RPB-grad, spec 1.4):
+// QK (pointwise-neighborhood), AV (neighborhood-neighborhood), the inverse-neighborhood gather that gives the
+// gradients of k and v, and the bias gradient. All are race-free: every output element is written by the one task
+// that owns its row (the inverse neighborhood turns the scatter of dK/dV into a gather; the bias gradient is split
+// by (head, bias row)). Work is parallel over batch x heads x rows and vectorised over head_dim.
+// float32/float64 run natively; bfloat16 runs on float32 copies (accumulation in float32).
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "dinat_m2f/na_common.h"
+#include "dinat_m2f/na_cpu_math.h"
+#include "dinat_m2f/na_kernels.h"
+
+namespace dinat_m2f::na::cpu {
+namespace {
+
+using namespace cpu_math;
+
+// Window start and bias start of every position along one axis.
+struct AxisTable {
+  std::vector<int64_t> start;
+  std::vector<int64_t> bias;
+  AxisTable(int64_t length, int64_t kernel, int64_t dilation) : start(length), bias(length) {
+    for (int64_t i = 0; i < length; ++i) {
+      start[i] = window_start(i, length, kernel, dilation);
+      bias[i] = bias_start(i, start[i], kernel, dilation);
+    }
+  }
+};
+
+// Grain for parallel loops over rows: a row is W * window * D multiply-adds.
+int64_t row_grain(const Problem& p) {
+  const int64_t work = p.width * p.window() * p.dim;
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
+}
+
+template <typename T>
+void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) {
+  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  const int64_t RH = p.rpb_h(), RW = p.rpb_w();
+  parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
+    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
+    for (int64_t j = 0; j < W; ++j) {
+      const T* qv = q + (row * W + j) * D;
+      T* out = attn + (row * W + j) * KK;
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t ki_pos = th.start[i] + ki * p.dh;
+        const T* krow = k + ((bh * H + ki_pos) * W) * D;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          out[ki * p.kw + kj] = dot(qv, krow + (tw.start[j] + kj * p.dw) * D, D);
+        }
+        if (rpb != nullptr) {
+          const T* brow = rpb + (h * RH + th.bias[i] + ki) * RW + tw.bias[j];
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            out[ki * p.kw + kj] += brow[kj];
+          }
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
+  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
+    const int64_t bh = row / H, i = row % H;
+    std::vector<T> acc(D);
+    for (int64_t j = 0; j < W; ++j) {
+      const T* a = attn + (row * W + j) * KK;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const T* vrow = v + ((bh * H + th.start[i] + ki * p.dh) * W) * D;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          axpy(a[ki * p.kw + kj], vrow + (tw.start[j] + kj * p.dw) * D, acc.data(), D);
+        }
+      }
+      std::copy(acc.begin(), acc.end(), out + (row * W + j) * D);
+    }
+  });
+}
+
+template <typename T>
+void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
+  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  std::vector<InverseRange> rh(H), rw(W);
+  for (int64_t i = 0; i < H; ++i) rh[i] = inverse_range(i, H, p.kh, p.dh);
+  for (int64_t j = 0; j < W; ++j) rw[j] = inverse_range(j, W, p.kw, p.dw);
+  const AxisTable th(H, p.kh, p.dh), tw(W, p.kw, p.dw);
+  parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
+    const int64_t bh = row / H, xi = row % H;
+    std::vector<T> acc(D);
+    for (int64_t xj = 0; xj < W; ++xj) {
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t i = rh[xi].begin; i < rh[xi].end; i += p.dh) {
+        const int64_t ki = (xi - th.start[i]) / p.dh;
+        const int64_t base = (bh * H + i) * W;
+        for (int64_t j = rw[xj].begin; j < rw[xj].end; j += p.dw) {
+          const int64_t kj = (xj - tw.start[j]) / p.dw;
+          axpy(w[(base + j) * KK + ki * p.kw + kj], x + (base + j) * D, acc.data(), D);
+        }
+      }
+      std::copy(acc.begin(), acc.end(), out + (row * W + xj) * D);
+    }
+  });
+}
+
+}  // namespace
+
+// Shared with the fused backward: adds into grad_rpb (accumulation type) the bias gradient of the weight gradients
+// g of slices [slice_begin, slice_end) (g points at slice_begin). Parallel over (head, bias row): race-free.
+template <typename T, typename Acc>
+void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p) {
+  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const int64_t H = p.height, W = p.width, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  parallel(p.heads * RH, 1, [&](int64_t task) {
+    const int64_t h = task / RH, a = task % RH;
+    std::vector<Acc> acc(RW, Acc(0));
+    int64_t first = slice_begin + ((h - slice_begin % p.heads) % p.heads + p.heads) % p.heads;
+    for (int64_t bh = first; bh < slice_end; bh += p.heads) {
+      for (int64_t i = 0; i < H; ++i) {
+        const int64_t ki = a - th.bias[i];
+        if (ki < 0 || ki >= p.kh) {
+          continue;
+        }
+        const T* grow = g + ((bh - slice_begin) * H + i) * W * KK + ki * p.kw;
+        for (int64_t j = 0; j < W; ++j) {
+          Acc* dst = acc.data() + tw.bias[j];
+          const T* src = grow + j * KK;
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            dst[kj] += static_cast<Acc>(src[kj]);
+          }
+        }
+      }
+    }
+    Acc* out = grad_rpb + (h * RH + a) * RW;
+    for (int64_t c = 0; c < RW; ++c) {
+      out[c] += acc[c];
+    }
+  });
+}
+
+template void rpb_grad_slices<float, float>(const float*, int64_t, int64_t, float*, const Problem&);
+template void rpb_grad_slices<double, double>(const double*, int64_t, int64_t, double*, const Problem&);
+
+void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb, const at::Tensor& attn,
+        const Problem& p) {
+  const at::Tensor qc = as_compute(q), kc = as_compute(k);
+  const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor out = as_compute(attn);
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_qk_cpu", [&] {
+    qk_kernel<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+                        rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), p);
+  });
+  if (!out.is_same(attn)) attn.copy_(out);
+}
+
+void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, const Problem& p) {
+  const at::Tensor ac = as_compute(attn), vc = as_compute(v), oc = as_compute(out);
+  AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "na_av_cpu", [&] {
+    av_kernel<scalar_t>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), oc.mutable_data_ptr<scalar_t>(),
+                        p);
+  });
+  if (!oc.is_same(out)) out.copy_(oc);
+}
+
+void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& out, const Problem& p) {
+  const at::Tensor wc = as_compute(weights), xc = as_compute(x), oc = as_compute(out);
+  AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "na_inverse_cpu", [&] {
+    inverse_kernel<scalar_t>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                             oc.mutable_data_ptr<scalar_t>(), p);
+  });
+  if (!oc.is_same(out)) out.copy_(oc);
+}
+
+void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Problem& p) {
+  const at::Tensor gc = as_compute(grad_attn);
+  AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "na_rpb_grad_cpu", [&] {
+    rpb_grad_slices<scalar_t, scalar_t>(gc.const_data_ptr<scalar_t>(), 0, p.batch_heads,
+                                        grad_rpb.mutable_data_ptr<scalar_t>(), p);
+  });
+}
+
+}  // namespace dinat_m2f::na::cpu

@@ -1,0 +1,232 @@
+// CPU kernels of fused neighborhood attention: out = softmax(scale * q.k + rpb) v.
+//
+// Forward: one query at a time, the window is streamed one window row (kw keys) at a time with an online softmax
+// (running max and sum, the accumulator rescaled when the max grows), so no attention weights are materialised; the
+// row logsumexp is stored for the backward.
+// Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
+// dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
+// P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "dinat_m2f/na_common.h"
+#include "dinat_m2f/na_cpu_math.h"
+#include "dinat_m2f/na_kernels.h"
+
+namespace dinat_m2f::na::cpu {
+
+template <typename T, typename Acc>
+void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p);
+
+namespace {
+
+using namespace cpu_math;
+
+struct Windows {
+  std::vector<int64_t> start_h, bias_h, start_w, bias_w;
+  explicit Windows(const Problem& p) : start_h(p.height), bias_h(p.height), start_w(p.width), bias_w(p.width) {
+    for (int64_t i = 0; i < p.height; ++i) {
+      start_h[i] = window_start(i, p.height, p.kh, p.dh);
+      bias_h[i] = bias_start(i, start_h[i], p.kh, p.dh);
+    }
+    for (int64_t j = 0; j < p.width; ++j) {
+      start_w[j] = window_start(j, p.width, p.kw, p.dw);
+      bias_w[j] = bias_start(j, start_w[j], p.kw, p.dw);
+    }
+  }
+};
+
+int64_t row_grain(const Problem& p) {
+  const int64_t work = p.width * p.window() * p.dim;
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
+}
+
+// Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
+template <typename T>
+inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale, int64_t sj, const Problem& p,
+                              T* out) {
+  for (int64_t kj = 0; kj < p.kw; ++kj) {
+    out[kj] = scale * dot(qv, krow + (sj + kj * p.dw) * p.dim, p.dim);
+  }
+  if (brow != nullptr) {
+    for (int64_t kj = 0; kj < p.kw; ++kj) {
+      out[kj] += brow[kj];
+    }
+  }
+}
+
+template <typename T>
+void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const Problem& p, T scale) {
+  const Windows win(p);
+  const int64_t H = p.height, W = p.width, D = p.dim, RH = p.rpb_h(), RW = p.rpb_w();
+  parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
+    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
+    std::vector<T> acc(D), logits(p.kw), probs(p.kw);
+    for (int64_t j = 0; j < W; ++j) {
+      const T* qv = q + (row * W + j) * D;
+      T running_max = -std::numeric_limits<T>::infinity();
+      T running_sum = 0;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
+        const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
+        window_row_logits(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits.data());
+        const T row_max = *std::max_element(logits.begin(), logits.end());
+        if (row_max > running_max) {  // rescale what was accumulated under the old max
+          const T factor = exp_approx(running_max - row_max);
+          running_sum *= factor;
+          scale_inplace(factor, acc.data(), D);
+          running_max = row_max;
+        }
+        exp_shifted(logits.data(), running_max, probs.data(), p.kw);
+        const T* vrow = v + key_row * D;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          running_sum += probs[kj];
+          axpy(probs[kj], vrow + (win.start_w[j] + kj * p.dw) * D, acc.data(), D);
+        }
+      }
+      T* o = out + (row * W + j) * D;
+      const T inv = T(1) / running_sum;
+      for (int64_t d = 0; d < D; ++d) {
+        o[d] = acc[d] * inv;
+      }
+      lse[row * W + j] = running_max + std::log(running_sum);
+    }
+  });
+}
+
+// Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ.
+template <typename T>
+void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
+                         const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
+                         const Windows& win, T scale) {
+  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+    const int64_t row = s0 * H + local_row;
+    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
+    std::vector<T> acc(D);
+    for (int64_t j = 0; j < W; ++j) {
+      const int64_t token = row * W + j;
+      const T* qv = q + token * D;
+      const T* go = grad_out + token * D;
+      const T delta = dot(go, out + token * D, D);
+      const T row_lse = lse[token];
+      T* pw = prob_ws + (local_row * W + j) * KK;
+      T* dsw = ds_ws + (local_row * W + j) * KK;
+      std::fill(acc.begin(), acc.end(), T(0));
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
+        const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
+        T* prow = pw + ki * p.kw;
+        window_row_logits(qv, k + key_row * D, brow, scale, win.start_w[j], p, prow);
+        exp_shifted(prow, row_lse, prow, p.kw);
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t key = key_row + win.start_w[j] + kj * p.dw;
+          const T ds = prow[kj] * (dot(go, v + key * D, D) - delta);
+          dsw[ki * p.kw + kj] = ds;
+          axpy(ds, k + key * D, acc.data(), D);
+        }
+      }
+      T* gq = grad_q + token * D;
+      for (int64_t d = 0; d < D; ++d) {
+        gq[d] = acc[d] * scale;
+      }
+    }
+  });
+}
+
+// Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
+template <typename T>
+void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T* ds_ws, T* grad_k, T* grad_v,
+                       int64_t s0, int64_t s1, const Problem& p, const Windows& win,
+                       const std::vector<InverseRange>& inv_h, const std::vector<InverseRange>& inv_w, T scale) {
+  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+    const int64_t row = s0 * H + local_row;
+    const int64_t bh = row / H, xi = row % H;
+    std::vector<T> acc_k(D), acc_v(D);
+    for (int64_t xj = 0; xj < W; ++xj) {
+      std::fill(acc_k.begin(), acc_k.end(), T(0));
+      std::fill(acc_v.begin(), acc_v.end(), T(0));
+      for (int64_t i = inv_h[xi].begin; i < inv_h[xi].end; i += p.dh) {
+        const int64_t ki = (xi - win.start_h[i]) / p.dh;
+        const int64_t local_base = ((bh - s0) * H + i) * W;
+        const int64_t base = (bh * H + i) * W;
+        for (int64_t j = inv_w[xj].begin; j < inv_w[xj].end; j += p.dw) {
+          const int64_t slot = ki * p.kw + (xj - win.start_w[j]) / p.dw;
+          axpy(ds_ws[(local_base + j) * KK + slot], q + (base + j) * D, acc_k.data(), D);
+          axpy(prob_ws[(local_base + j) * KK + slot], grad_out + (base + j) * D, acc_v.data(), D);
+        }
+      }
+      const int64_t token = row * W + xj;
+      for (int64_t d = 0; d < D; ++d) {
+        grad_k[token * D + d] = acc_k[d] * scale;
+        grad_v[token * D + d] = acc_v[d];
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
+                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale) {
+  const Windows win(p);
+  std::vector<InverseRange> inv_h(p.height), inv_w(p.width);
+  for (int64_t i = 0; i < p.height; ++i) inv_h[i] = inverse_range(i, p.height, p.kh, p.dh);
+  for (int64_t j = 0; j < p.width; ++j) inv_w[j] = inverse_range(j, p.width, p.kw, p.dw);
+  // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
+  const int64_t slice_elems = p.tokens() * p.window();
+  const int64_t budget = (int64_t{64} << 20) / (2 * static_cast<int64_t>(sizeof(T)));
+  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
+  std::vector<T> prob_ws(slices_per_group * slice_elems), ds_ws(slices_per_group * slice_elems);
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+    backward_query_pass(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
+                        scale);
+    backward_key_pass(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, inv_h, inv_w, scale);
+    if (grad_rpb != nullptr) {
+      rpb_grad_slices<T, T>(ds_ws.data(), s0, s1, grad_rpb, p);
+    }
+  }
+}
+
+}  // namespace
+
+void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
+                   const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
+  const at::Tensor qc = as_compute(q), kc = as_compute(k), vc = as_compute(v), oc = as_compute(out);
+  const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
+    forward_kernel<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+                             vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                             oc.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), p,
+                             static_cast<scalar_t>(scale));
+  });
+  if (!oc.is_same(out)) out.copy_(oc);
+}
+
+void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                    const at::Tensor& grad_rpb, const Problem& p, double scale) {
+  const at::Tensor goc = as_compute(grad_out), qc = as_compute(q), kc = as_compute(k), vc = as_compute(v);
+  const at::Tensor oc = as_compute(out), rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
+    backward_kernel<scalar_t>(goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
+                              kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                              rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.const_data_ptr<scalar_t>(),
+                              lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
+                              gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
+                              grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
+                              static_cast<scalar_t>(scale));
+  });
+  if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
+  if (!gkc.is_same(grad_k)) grad_k.copy_(gkc);
+  if (!gvc.is_same(grad_v)) grad_v.copy_(gvc);
+}
+
+}  // namespace dinat_m2f::na::cpu
