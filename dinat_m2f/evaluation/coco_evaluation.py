@@ -1,0 +1,171 @@
+"""COCO-style box/mask AP without detectron2's compiled COCOeval.
+
+detectron2's ``COCOEvaluator(use_fast_impl=True)`` runs ``COCOeval_opt``, which lives in ``detectron2._C``; that
+extension cannot be built on today's stack. Here the fast path is faster-coco-eval's ``COCOeval_faster`` (a C++
+COCOeval that gives the same numbers as pycocotools) and the slow path the official pycocotools ``COCOeval``.
+
+Predictions are kept per image as COCO json with RLE-compressed masks (what detectron2 does), so the memory held
+for a whole dataset is a few hundred bytes per predicted instance, not a bitmap per instance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import itertools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from detectron2.evaluation import COCOEvaluator as D2COCOEvaluator
+from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
+from detectron2.utils.file_io import PathManager
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COCOEvaluator", "InstanceSegEvaluator", "evaluate_predictions_on_coco"]
+
+
+def _fast_cocoeval(coco_gt: COCO, coco_results: list[dict], iou_type: str):
+    """faster-coco-eval's C++ COCOeval on a private copy of the ground truth (it annotates gt dicts in place)."""
+    import faster_coco_eval
+
+    gt = faster_coco_eval.COCO(copy.deepcopy(coco_gt.dataset))
+    dt = gt.loadRes(coco_results)
+    return faster_coco_eval.COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+
+
+def evaluate_predictions_on_coco(
+    coco_gt: COCO,
+    coco_results: list[dict],
+    iou_type: str,
+    *,
+    use_fast_impl: bool = True,
+    img_ids: Sequence[int] | None = None,
+    max_dets_per_image: Sequence[int] | None = None,
+):
+    """Run COCOeval (``iou_type`` "bbox" or "segm") and return the evaluated object (``.stats``, ``.eval``).
+
+    ``use_fast_impl`` picks faster-coco-eval; otherwise pycocotools. Both report the 12 COCO summary numbers
+    with AP, AP50, AP75, APs, APm, APl first.
+    """
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if len(coco_results) == 0:
+        raise ValueError("COCOeval needs at least one prediction")
+    max_dets_per_image = list(max_dets_per_image or [1, 10, 100])
+    if len(max_dets_per_image) < 3:
+        raise ValueError(f"max_dets_per_image needs at least 3 entries (COCOeval), got {max_dets_per_image}")
+
+    if iou_type == "segm":
+        # With a "bbox" in the results, COCO would use the box area (not the mask area) for small/medium/large.
+        coco_results = copy.deepcopy(coco_results)
+        for c in coco_results:
+            c.pop("bbox", None)
+
+    if use_fast_impl:
+        coco_eval = _fast_cocoeval(coco_gt, coco_results, iou_type)
+    else:
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_dt = coco_gt.loadRes(coco_results)
+        # pycocotools' summarize() hard-codes maxDets=100 for AP; detectron2's subclass follows params.maxDets.
+        coco_eval = (COCOeval if max_dets_per_image[2] == 100 else COCOevalMaxDets)(coco_gt, coco_dt, iou_type)
+    coco_eval.params.maxDets = max_dets_per_image
+    if img_ids is not None:
+        coco_eval.params.imgIds = list(img_ids)
+
+    with contextlib.redirect_stdout(io.StringIO()) as summary:
+        coco_eval.evaluate()
+        coco_eval.accumulate()
+        coco_eval.summarize()
+    logger.debug(summary.getvalue())
+    return coco_eval
+
+
+class COCOEvaluator(D2COCOEvaluator):
+    """detectron2's COCOEvaluator whose fast path is faster-coco-eval instead of the missing ``detectron2._C``.
+
+    Same constructor as detectron2's (``dataset_name, tasks, distributed, output_dir, max_dets_per_image,
+    use_fast_impl``). Keypoints are not supported (no keypoint model in this project).
+    """
+
+    def _unmap_category_ids(self, coco_results: list[dict[str, Any]]) -> None:
+        """Contiguous training ids -> dataset category ids, in place (detectron2's rule: ids are 0..N-1)."""
+        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            return
+        dataset_id_to_contiguous_id = self._metadata.thing_dataset_id_to_contiguous_id
+        contiguous_ids = sorted(dataset_id_to_contiguous_id.values())
+        if contiguous_ids != list(range(len(contiguous_ids))):
+            raise ValueError(
+                f"COCOEvaluator: thing contiguous ids of {self._metadata.name} are not 0..N-1 "
+                f"(got {contiguous_ids[:5]}...); use InstanceSegEvaluator for such datasets"
+            )
+        self._remap(coco_results, {v: k for k, v in dataset_id_to_contiguous_id.items()})
+
+    @staticmethod
+    def _remap(coco_results: list[dict[str, Any]], reverse_id_mapping: dict[int, int]) -> None:
+        for result in coco_results:
+            category_id = result["category_id"]
+            if category_id not in reverse_id_mapping:
+                raise ValueError(
+                    f"A prediction has class {category_id}, which is not a thing class of the dataset "
+                    f"(thing contiguous ids: {sorted(reverse_id_mapping)})"
+                )
+            result["category_id"] = reverse_id_mapping[category_id]
+
+    def _eval_predictions(self, predictions, img_ids=None):
+        coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
+        tasks = self._tasks or self._tasks_from_predictions(coco_results)
+        if "keypoints" in tasks:
+            raise ValueError("keypoint evaluation is not supported by dinat_m2f's COCOEvaluator")
+        self._unmap_category_ids(coco_results)
+
+        if self._output_dir:
+            file_path = os.path.join(self._output_dir, "coco_instances_results.json")
+            self._logger.info(f"Saving results to {file_path}")
+            with PathManager.open(file_path, "w") as f:
+                f.write(json.dumps(coco_results))
+
+        if not self._do_evaluation:
+            self._logger.info("Annotations are not available for evaluation.")
+            return
+
+        self._logger.info(
+            "Evaluating predictions with {} ...".format("faster-coco-eval" if self._use_fast_impl else "pycocotools")
+        )
+        for task in sorted(tasks):
+            coco_eval = (
+                evaluate_predictions_on_coco(
+                    self._coco_api,
+                    coco_results,
+                    task,
+                    use_fast_impl=self._use_fast_impl,
+                    img_ids=img_ids,
+                    max_dets_per_image=self._max_dets_per_image,
+                )
+                if len(coco_results) > 0
+                else None  # COCOeval does not handle empty results
+            )
+            self._results[task] = self._derive_coco_results(
+                coco_eval, task, class_names=self._metadata.get("thing_classes")
+            )
+
+
+class InstanceSegEvaluator(COCOEvaluator):
+    """Mask AP for datasets whose thing classes are a non-contiguous subset of the training ids.
+
+    In ADE20K panoptic (and Mapillary Vistas) the model predicts over all 150 classes and the things sit at
+    scattered ids among the stuff ids; detectron2's COCOEvaluator asserts the thing ids are exactly 0..N-1.
+    This one un-maps any contiguous id that belongs to a thing class and rejects every other id.
+    """
+
+    def _unmap_category_ids(self, coco_results: list[dict[str, Any]]) -> None:
+        if not hasattr(self._metadata, "thing_dataset_id_to_contiguous_id"):
+            return
+        reverse = {v: k for k, v in self._metadata.thing_dataset_id_to_contiguous_id.items()}
+        self._remap(coco_results, reverse)
