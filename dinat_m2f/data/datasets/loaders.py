@@ -66,6 +66,14 @@ def _convert_segment(seg: dict, meta: dict, json_file: str) -> dict:
     return seg
 
 
+def _check_categories(categories: list[dict], meta: dict, json_file: str) -> None:
+    """The JSON's own ``isthing`` flags must agree with the registered thing ids (else PQ-things would be wrong)."""
+    things = meta["thing_dataset_id_to_contiguous_id"]
+    wrong = [c["id"] for c in categories if "isthing" in c and bool(c["isthing"]) != (c["id"] in things)]
+    if wrong:
+        raise ValueError(f"{json_file}: categories {wrong} disagree with the registered thing/stuff split")
+
+
 def load_panoptic_json(
     json_file: str,
     image_dir: str,
@@ -88,6 +96,7 @@ def load_panoptic_json(
         require_path(sem_seg_dir)
     with PathManager.open(json_file) as f:
         info = json.load(f)
+    _check_categories(info.get("categories", []), meta, json_file)
     ret = []
     for ann in info["annotations"]:
         stem = os.path.splitext(ann["file_name"])[0]
