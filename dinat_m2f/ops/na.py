@@ -118,6 +118,42 @@ def _register_autograd(dim: int) -> None:
         )
         return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
 
+    # inverse(w, x) is bilinear and rpb_grad linear: their gradients are again NA primitives, so the unfused ops
+    # support double backward.
+    def inverse_setup(ctx, inputs, output):
+        weights, x, kernel_size, dilation = inputs
+        ctx.save_for_backward(weights, x)
+        ctx.kernel_size, ctx.dilation = kernel_size, dilation
+
+    def inverse_backward(ctx, grad_out):
+        weights, x = ctx.saved_tensors
+        ks, dil = ctx.kernel_size, ctx.dilation
+        grad_w = qk_op(x, grad_out, None, ks, dil) if ctx.needs_input_grad[0] else None
+        grad_x = av_op(weights, grad_out, ks, dil) if ctx.needs_input_grad[1] else None
+        return grad_w, grad_x, None, None
+
+    def rpb_grad_setup(ctx, inputs, output):
+        grad_attn, kernel_size, dilation = inputs
+        ctx.token_shape = (*grad_attn.shape[:-1], 1)
+        ctx.kernel_size, ctx.dilation = kernel_size, dilation
+
+    def rpb_grad_backward(ctx, grad_rpb):
+        # The adjoint of summing per bias index is broadcasting the bias: QK of zero tokens plus the bias.
+        zeros = grad_rpb.new_zeros(ctx.token_shape)
+        return qk_op(zeros, zeros, grad_rpb, ctx.kernel_size, ctx.dilation), None, None
+
+    def fused_double_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"double backward of the fused na{dim}d is not supported; compose na{dim}d_qk, softmax and na{dim}d_av "
+            "for higher-order gradients"
+        )
+
+    def fused_backward_setup(ctx, inputs, output):
+        pass
+
+    torch.library.register_autograd(f"{p}_inverse", inverse_backward, setup_context=inverse_setup)
+    torch.library.register_autograd(f"{p}_rpb_grad", rpb_grad_backward, setup_context=rpb_grad_setup)
+    torch.library.register_autograd(f"{p}_fused_backward", fused_double_backward, setup_context=fused_backward_setup)
     torch.library.register_autograd(f"{p}_qk", qk_backward, setup_context=qk_setup)
     torch.library.register_autograd(f"{p}_av", av_backward, setup_context=av_setup)
     torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)

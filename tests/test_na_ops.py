@@ -1,0 +1,313 @@
+"""Native neighborhood-attention ops (dinat_m2f.ops) against the pure-PyTorch reference, on CPU and CUDA.
+
+The (kernel size, dilation, shape) grid is sampled rather than exhausted: every odd k in 3..13, dilations up to
+axis // k, axes that the dilation does not divide, non-square maps and the smallest legal maps all appear.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dinat_m2f import ops
+from dinat_m2f.ops import reference as ref
+
+CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+)
+DEVICES = ["cpu", CUDA]
+
+# (kernel_size, dilation, (H, W)) for 2D and (kernel_size, dilation, L) for 1D.
+CASES_2D = [
+    (3, 1, (3, 3)),  # smallest legal map
+    (3, 2, (6, 7)),
+    (3, 3, (10, 9)),  # axes not divisible by the dilation
+    (3, 4, (13, 12)),  # dilation = axis // k
+    (5, 1, (5, 8)),
+    (5, 2, (11, 10)),
+    (5, 3, (16, 15)),
+    (7, 1, (7, 7)),
+    (7, 2, (15, 14)),
+    (9, 1, (9, 12)),
+    (11, 1, (11, 13)),
+    (13, 1, (13, 14)),
+]
+CASES_1D = [(3, 1, 3), (3, 5, 16), (5, 2, 11), (7, 3, 23), (9, 2, 19), (11, 1, 30), (13, 1, 13)]
+
+TOL = {torch.float64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-5)}
+
+
+def _case_id(case):
+    k, d, shape = case
+    return f"k{k}-d{d}-{shape}"
+
+
+def _inputs(shape, dim, dtype, device, heads=3, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, heads, *shape, dim, generator=g, dtype=torch.float64) for _ in range(3))
+    return [t.to(dtype=dtype, device=device) for t in (q, k, v)]
+
+
+def _rpb(heads, kernel_size, dims, dtype, device, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(heads, *(2 * kernel_size - 1,) * dims, generator=g, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
+
+
+def _funcs(dims):
+    if dims == 2:
+        return ops.na2d_qk, ops.na2d_av, ops.na2d, ref.na2d_qk, ref.na2d_av, ref.na2d
+    return ops.na1d_qk, ops.na1d_av, ops.na1d, ref.na1d_qk, ref.na1d_av, ref.na1d
+
+
+def _all_cases():
+    for k, d, shape in CASES_2D:
+        yield pytest.param(2, k, d, shape, id=f"2d-{_case_id((k, d, shape))}")
+    for k, d, length in CASES_1D:
+        yield pytest.param(1, k, d, (length,), id=f"1d-{_case_id((k, d, length))}")
+
+
+def _grads(fn, tensors):
+    tensors = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*tensors)
+    g = torch.Generator().manual_seed(7)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64).to(out)
+    (out * weight).sum().backward()
+    return out.detach(), [t.grad for t in tensors]
+
+
+# ----------------------------------------------------------------------------------------------- forward + backward
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("dims,k,d,shape", list(_all_cases()))
+def test_ops_match_reference(dims, k, d, shape, dtype, device):
+    qk, av, fused, rqk, rav, rfused = _funcs(dims)
+    q, key, v = _inputs(shape, 5, dtype, device)  # head_dim 5: not a multiple of any vector width
+    rpb = _rpb(3, k, dims, dtype, device)
+    tol = TOL[dtype]
+
+    # QK with and without bias, and its gradients (q, k, rpb).
+    out, grads = _grads(lambda a, b, c: qk(a, b, k, d, c), [q, key, rpb])
+    want, want_grads = _grads(lambda a, b, c: rqk(a, b, k, d, c), [q, key, rpb])
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+    torch.testing.assert_close(qk(q, key, k, d), rqk(q, key, k, d), **tol)
+
+    # AV and its gradients (attn, v).
+    attn = want.softmax(-1)
+    out, grads = _grads(lambda a, b: av(a, b, k, d), [attn, v])
+    want, want_grads = _grads(lambda a, b: rav(a, b, k, d), [attn, v])
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+    # Fused, with a non-default scale, and its gradients (q, k, v, rpb).
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.6), [q, key, v, rpb])
+    want, want_grads = _grads(lambda a, b, c, r: rfused(a, b, c, k, d, r, 0.6), [q, key, v, rpb])
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims", [1, 2])
+def test_fused_matches_unfused_and_default_scale(dims, device):
+    qk, av, fused, *_ = _funcs(dims)
+    shape = (9, 11) if dims == 2 else (17,)
+    q, key, v = _inputs(shape, 16, torch.float32, device)
+    rpb = _rpb(3, 3, dims, torch.float32, device)
+    scale = 16**-0.5
+    unfused = av(qk(q * scale, key, 3, 2, rpb).softmax(-1), v, 3, 2)
+    torch.testing.assert_close(fused(q, key, v, 3, 2, rpb), unfused, rtol=1e-4, atol=1e-5)
+    unfused = av(qk(q * scale, key, 3, 1).softmax(-1), v, 3, 1)
+    torch.testing.assert_close(fused(q, key, v, 3), unfused, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_full_window_is_dense_attention(device):
+    """A 7x7 window on a 7x7 map sees every token: NA is plain attention (large logits test the online softmax)."""
+    q, key, v = _inputs((7, 7), 32, torch.float32, device)
+    out = ops.na2d(q * 8, key, v, 7)
+    dense = torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3) * 8, key.flatten(2, 3), v.flatten(2, 3))
+    torch.testing.assert_close(out.flatten(2, 3), dense, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device):
+    q, key, v = (t.transpose(2, 3) for t in _inputs((9, 8), 4, torch.float64, device))  # [B, heads, W, H, D] views
+    rpb = _rpb(3, 3, 2, torch.float64, device).transpose(1, 2)
+    assert not q.is_contiguous()
+    torch.testing.assert_close(ops.na2d_qk(q, key, 3, 2, rpb), ref.na2d_qk(q, key, 3, 2, rpb))
+    attn = ref.na2d_qk(q, key, 3, 2).softmax(-1).transpose(2, 3).contiguous().transpose(2, 3)
+    torch.testing.assert_close(ops.na2d_av(attn, v, 3, 2), ref.na2d_av(attn, v, 3, 2))
+    torch.testing.assert_close(ops.na2d(q, key, v, 3, 2, rpb), ref.na2d(q, key, v, 3, 2, rpb))
+
+
+# ----------------------------------------------------------------------------------------------- gradcheck
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dims,k,d,shape", [(2, 3, 1, (4, 5)), (2, 3, 2, (6, 7)), (1, 3, 2, (7,)), (1, 5, 1, (6,))])
+def test_gradcheck_float64(dims, k, d, shape, device):
+    qk, av, fused, *_ = _funcs(dims)
+    q, key, v = (t.requires_grad_() for t in _inputs(shape, 3, torch.float64, device, heads=2, batch=1))
+    rpb = _rpb(2, k, dims, torch.float64, device).requires_grad_()
+    attn = torch.randn(*q.shape[:-1], k**dims, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, r: qk(a, b, k, d, r), (q, key, rpb))
+    assert torch.autograd.gradcheck(lambda a, b: av(a, b, k, d), (attn, v))
+    assert torch.autograd.gradcheck(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.8), (q, key, v, rpb))
+    assert torch.autograd.gradcheck(lambda a, b, c: fused(a, b, c, k, d), (q, key, v))
+    # The unfused ops' backward is made of NA primitives with their own autograd: double backward works.
+    assert torch.autograd.gradgradcheck(lambda a, b, r: qk(a, b, k, d, r), (q, key, rpb))
+    assert torch.autograd.gradgradcheck(lambda a, b: av(a, b, k, d), (attn, v))
+
+
+def test_fused_double_backward_says_it_is_unsupported():
+    q, key, v = (t.requires_grad_() for t in _inputs((6, 7), 3, torch.float64, "cpu", heads=2, batch=1))
+    (grad_q,) = torch.autograd.grad(ops.na2d(q, key, v, 3, 2).sum(), [q], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward of the fused na2d is not supported"):
+        grad_q.sum().backward()
+
+
+# ----------------------------------------------------------------------------------------------- low precision
+
+
+@pytest.mark.parametrize(
+    "device,dtype",
+    [
+        ("cpu", torch.bfloat16),
+        pytest.param("cuda", torch.bfloat16, marks=CUDA.marks),
+        pytest.param("cuda", torch.float16, marks=CUDA.marks),
+    ],
+)
+@pytest.mark.parametrize("dims,k,d,shape", [(2, 5, 2, (11, 12)), (1, 7, 3, (23,))])
+def test_low_precision_within_tolerance(dims, k, d, shape, device, dtype):
+    """bf16/fp16 inputs, float32 accumulation: within 2e-2 (abs + rel) of float64 math on the same rounded inputs."""
+    qk, av, fused, rqk, rav, rfused = _funcs(dims)
+    q, key, v = _inputs(shape, 16, dtype, device)
+    rpb = _rpb(3, k, dims, dtype, device)
+    q64, k64, v64, rpb64 = (t.double() for t in (q, key, v, rpb))
+    tol = dict(rtol=2e-2, atol=2e-2)
+    logits = qk(q, key, k, d, rpb)
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.double(), rqk(q64, k64, k, d, rpb64), rtol=2e-2, atol=1e-1)
+    attn = rqk(q64, k64, k, d, rpb64).softmax(-1)
+    torch.testing.assert_close(av(attn.to(dtype), v, k, d).double(), rav(attn.to(dtype).double(), v64, k, d), **tol)
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r), [q, key, v, rpb])
+    want, want_grads = _grads(lambda a, b, c, r: rfused(a, b, c, k, d, r), [q64, k64, v64, rpb64])
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), want, **tol)
+    for got, exp in zip(grads, want_grads):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+
+
+# ----------------------------------------------------------------------------------------------- torch.library / compile
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    """Schemas, fake kernels and autograd registrations are consistent with the real kernels."""
+    q, key, v = _inputs((6, 7), 4, torch.float32, device, heads=2, batch=1)
+    rpb = _rpb(2, 3, 2, torch.float32, device)
+    attn = torch.randn(1, 2, 6, 7, 9, device=device)
+    lib = torch.ops.dinat_m2f
+    q1, k1, v1 = (t.flatten(2, 3) for t in (q, key, v))
+    rpb1 = _rpb(2, 3, 1, torch.float32, device)
+    for op, args in [
+        (lib.na2d_qk, (q, key, rpb, 3, 2)),
+        (lib.na2d_qk, (q, key, None, 3, 2)),
+        (lib.na2d_av, (attn, v, 3, 2)),
+        (lib.na2d_inverse, (attn, v, 3, 2)),
+        (lib.na2d_rpb_grad, (attn, 3, 2)),
+        (lib.na2d_fused_forward, (q, key, v, rpb, 3, 2, 0.5)),
+        (lib.na1d_qk, (q1, k1, rpb1, 3, 4)),
+        (lib.na1d_av, (attn.flatten(2, 3)[..., :3], v1, 3, 4)),
+        (lib.na1d_fused_forward, (q1, k1, v1, rpb1, 3, 4, 0.5)),
+    ]:
+        args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
+        torch.library.opcheck(op, args)
+
+
+class _TinyNA(torch.nn.Module):
+    def __init__(self, heads=2, kernel_size=3, dilation=2):
+        super().__init__()
+        self.k, self.d = kernel_size, dilation
+        self.rpb = torch.nn.Parameter(torch.randn(heads, 2 * kernel_size - 1, 2 * kernel_size - 1) * 0.02)
+
+    def forward(self, q, k, v):
+        unfused = ops.na2d_av(
+            ops.na2d_qk(q * q.shape[-1] ** -0.5, k, self.k, self.d, self.rpb).softmax(-1), v, self.k, self.d
+        )
+        fused = ops.na2d(q, k, v, self.k, self.d, self.rpb)
+        one_d = ops.na1d(q.flatten(2, 3), k.flatten(2, 3), v.flatten(2, 3), self.k, self.d)
+        return unfused + fused + one_d.unflatten(2, q.shape[2:4])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    torch.manual_seed(0)
+    module = _TinyNA().to(device)
+    q, key, v = (t.requires_grad_() for t in _inputs((6, 7), 8, torch.float32, device, heads=2, batch=1))
+    eager_out = module(q, key, v)
+    eager_grads = torch.autograd.grad(eager_out.sum(), [q, key, v, module.rpb])
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    out = compiled(q, key, v)
+    grads = torch.autograd.grad(out.sum(), [q, key, v, module.rpb])
+    torch.testing.assert_close(out, eager_out)
+    for got, exp in zip(grads, eager_grads):
+        torch.testing.assert_close(got, exp)
+
+
+# ----------------------------------------------------------------------------------------------- bad inputs
+
+
+def _bad_calls():
+    q, key, v = _inputs((7, 9), 4, torch.float32, "cpu")
+    rpb = _rpb(3, 3, 2, torch.float32, "cpu")
+    attn = torch.randn(2, 3, 7, 9, 9)
+    return [
+        ("even kernel", lambda: ops.na2d_qk(q, key, 4), "kernel_size must be an odd integer greater than 1, got 4"),
+        ("kernel 1", lambda: ops.na2d(q, key, v, 1), "kernel_size must be an odd integer greater than 1, got 1"),
+        ("dilation 0", lambda: ops.na2d_av(attn, v, 3, 0), "dilation must be an integer >= 1, got 0"),
+        (
+            "axis too small",
+            lambda: ops.na2d_qk(q, key, 3, 3),
+            r"the H axis of q has size 7, smaller than kernel_size \* dilation = 3 \* 3 = 9",
+        ),
+        (
+            "1d axis too small",
+            lambda: ops.na1d(q[:, :, 0], key[:, :, 0], v[:, :, 0], 5, 2),
+            r"the L axis of q has size 9, smaller than kernel_size \* dilation = 5 \* 2 = 10",
+        ),
+        ("k shape", lambda: ops.na2d_qk(q, key[:, :, :5], 3), r"k must have the shape of q \[2, 3, 7, 9, 4\]"),
+        ("v shape", lambda: ops.na2d(q, key, v[..., :2], 3), "v must have the shape of q"),
+        ("dtype mismatch", lambda: ops.na2d(q, key.double(), v, 3), "k has dtype Double but q has dtype Float"),
+        ("ndim", lambda: ops.na2d_qk(q[0], key[0], 3), r"q must be a 5-D tensor \[B, heads, H, W, D\]"),
+        ("1d ndim", lambda: ops.na1d_qk(q, key, 3), r"q must be a 4-D tensor \[B, heads, L, D\]"),
+        ("rpb shape", lambda: ops.na2d_qk(q, key, 3, 1, rpb[:, :3]), r"rpb must have shape \[heads, 2k-1, 2k-1\]"),
+        ("rpb heads", lambda: ops.na2d(q, key, v, 3, 1, rpb[:2]), r"= \[3, 5, 5\], got \[2, 5, 5\]"),
+        ("rpb dtype", lambda: ops.na2d(q, key, v, 3, 1, rpb.double()), "rpb has dtype Double"),
+        ("attn window", lambda: ops.na2d_av(attn, v, 5), "must be the window size kernel_size\\*\\*2 = 25, got 9"),
+        ("attn shape", lambda: ops.na2d_av(attn[:, :, :6], v, 3), "they must agree in every dimension but the last"),
+        ("half on cpu", lambda: ops.na2d(q.half(), key.half(), v.half(), 3), "CPU kernels support float32"),
+        ("int dtype", lambda: ops.na2d_qk(q.int(), key.int(), 3), "CPU kernels support float32"),
+    ]
+
+
+@pytest.mark.parametrize("name,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_inputs_raise_clear_errors(name, call, message):
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("device", [CUDA])
+def test_device_mismatch_raises(device):
+    q, key, v = _inputs((7, 9), 4, torch.float32, device)
+    with pytest.raises(RuntimeError, match="all inputs must be on the same device"):
+        ops.na2d(q, key.cpu(), v, 3)
