@@ -118,6 +118,14 @@ class COCOEvaluator(D2COCOEvaluator):
                 )
             result["category_id"] = reverse_id_mapping[category_id]
 
+    def _class_names(self) -> list[str]:
+        """Names along COCOeval's category axis (sorted ground-truth category ids).
+
+        Taken from the json rather than ``metadata.thing_classes``, which some registrations index by contiguous
+        id over all classes (things and stuff) and so does not line up with the json's thing categories.
+        """
+        return [c["name"] for c in self._coco_api.loadCats(sorted(self._coco_api.getCatIds()))]
+
     def _eval_predictions(self, predictions, img_ids=None):
         coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
         tasks = self._tasks or self._tasks_from_predictions(coco_results)
@@ -151,9 +159,7 @@ class COCOEvaluator(D2COCOEvaluator):
                 if len(coco_results) > 0
                 else None  # COCOeval does not handle empty results
             )
-            self._results[task] = self._derive_coco_results(
-                coco_eval, task, class_names=self._metadata.get("thing_classes")
-            )
+            self._results[task] = self._derive_coco_results(coco_eval, task, class_names=self._class_names())
 
 
 class InstanceSegEvaluator(COCOEvaluator):
