@@ -57,7 +57,7 @@ def check_dilations(dilations: object, depths: Sequence[int]) -> list[list[int]]
 
 def stochastic_depth_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
     """Linearly increasing drop-path rates over all layers of all stages, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
     out, start = [], 0
     for depth in depths:
         out.append(rates[start : start + depth])

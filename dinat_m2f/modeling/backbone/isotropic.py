@@ -45,7 +45,7 @@ class NATIsotropic(nn.Module):
         self.num_features = embed_dim
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         self.layers = nn.Sequential(
             *(
                 NATLayer(

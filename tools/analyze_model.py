@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Parameters and FLOPs (fvcore, neighborhood attention counted as the papers do) of a model.
+
+    python tools/analyze_model.py --variant dinat_tiny --json            # classifier at its own resolution
+    python tools/analyze_model.py --variant dinat_large_384 --input-size 384 384
+    python tools/analyze_model.py --config-file configs/X.yaml --json [--input-size 1024 1024] [KEY VALUE ...]
+
+Prints ``{"params": N, "gflops": G, "input": [3, H, W]}`` (``--json``) or a readable summary. FLOPs are fvcore's
+(one multiply-add = one FLOP), for one image. A classification variant is built without random init and
+traced on CPU filled with zeros (FLOPs depend on shapes only); a detectron2 model (``dinat_m2f.config.get_cfg()`` + ``build_model``) is traced on CPU in
+eval mode with detectron2's ``FlopCountAnalysis`` (inference path, post-processing included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+import torch
+
+from dinat_m2f.utils.flops import NA_FLOP_HANDLES, variant_flops
+
+
+def count_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def analyze_variant(name: str, input_size: tuple[int, int] | None) -> dict:
+    params, total, (height, width) = variant_flops(name, input_size)
+    return {"params": params, "gflops": total / 1e9, "input": [3, height, width]}
+
+
+def analyze_config(config_file: str, opts: list[str], input_size: tuple[int, int] | None) -> dict:
+    from detectron2.modeling import build_model
+    from detectron2.utils.analysis import FlopCountAnalysis
+
+    import dinat_m2f.modeling  # noqa: F401 (registers every meta-arch / head of the project)
+    import dinat_m2f.modeling.backbone  # noqa: F401 (registers D2DiNAT / D2DiNATs)
+    from dinat_m2f.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.MODEL.WEIGHTS = ""
+    cfg.freeze()
+    height, width = input_size or (cfg.INPUT.MIN_SIZE_TEST,) * 2
+    model = build_model(cfg).eval()
+    inputs = [{"image": torch.zeros(3, height, width), "height": height, "width": width}]
+    with torch.no_grad():
+        flops = FlopCountAnalysis(model, inputs).set_op_handle(**NA_FLOP_HANDLES)
+        flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        total = flops.total()
+    return {"params": count_params(model), "gflops": total / 1e9, "input": [3, height, width]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--variant", help="a classification variant (dinat_tiny, dinat_s_large_384, ...)")
+    source.add_argument("--config-file", help="a detectron2 config of this project")
+    parser.add_argument("--input-size", type=int, nargs=2, metavar=("H", "W"), help="image size")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    size = tuple(args.input_size) if args.input_size else None
+    if args.variant:
+        if args.opts:
+            parser.error(f"config overrides {args.opts} need --config-file")
+        result = analyze_variant(args.variant, size)
+    else:
+        result = analyze_config(args.config_file, args.opts, size)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"params: {result['params'] / 1e6:.2f}M  FLOPs: {result['gflops']:.2f}G  input: {result['input']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Convert an official NAT/DiNAT ImageNet checkpoint (.pth) to detectron2 backbone weights (.pkl).
+
+    python tools/convert_dinat_checkpoint.py dinat_large_in22k_224.pth dinat_large_in22k_224_k11.pkl \
+        --config-file configs/.../maskformer2_dinat_large_....yaml
+
+With ``--config-file`` the target kernel size comes from ``MODEL.DINAT.KERNEL_SIZE`` and every tensor is checked
+against the D2DiNAT / D2DiNATs backbone the config builds (built on the meta device: no memory, no time);
+any unexpected, missing or mis-shaped tensor is an error that names it (nothing is written then). Without it,
+``--kernel-size`` alone resizes the biases. The classification head is dropped; each resized bias is logged.
+The output is ``{"model": {name: ndarray}, "__author__": ..., "matching_heuristics": True}``: detectron2's
+checkpointer then matches ``backbone.X`` to ``X``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import sys
+from pathlib import Path
+
+import torch
+
+from dinat_m2f.modeling.backbone.convert import (
+    CheckpointMismatchError,
+    check_against_target,
+    convert_state_dict,
+    unwrap_state_dict,
+)
+
+logger = logging.getLogger("convert_dinat_checkpoint")
+
+
+def target_shapes_from_config(config_file: str, opts: list[str]) -> tuple[dict[str, tuple[int, ...]], int]:
+    """(name -> shape of the backbone the config builds, its kernel size), built on the meta device."""
+    from detectron2.modeling import BACKBONE_REGISTRY, ShapeSpec
+
+    import dinat_m2f.modeling.backbone  # noqa: F401 (registers D2DiNAT / D2DiNATs)
+    from dinat_m2f.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(opts)
+    name = cfg.MODEL.BACKBONE.NAME
+    if name not in ("D2DiNAT", "D2DiNATs"):
+        raise ValueError(f"{config_file}: MODEL.BACKBONE.NAME is {name!r}, not D2DiNAT or D2DiNATs")
+    with torch.device("meta"):
+        backbone = BACKBONE_REGISTRY.get(name)(cfg, ShapeSpec(channels=3))
+    shapes = {k: tuple(v.shape) for k, v in backbone.state_dict().items()}
+    return shapes, cfg.MODEL.DINAT.KERNEL_SIZE
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for truncated / non-torch files
+        raise ValueError(f"{path} is not a readable torch checkpoint ({type(exc).__name__}: {exc})") from exc
+    return unwrap_state_dict(checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("input", type=Path, help="official .pth (a state dict, or one under 'model')")
+    parser.add_argument("output", type=Path, help="detectron2 .pkl to write")
+    parser.add_argument("--config-file", help="detectron2 config of the target model (D2DiNAT / D2DiNATs)")
+    parser.add_argument("--kernel-size", type=int, help="target kernel size (default: the config's, else keep)")
+    parser.add_argument(
+        "--rpb-resize",
+        choices=("keys", "torch"),
+        default="keys",
+        help="keys: bicubic convolution exact on linear biases (default); torch: F.interpolate bicubic (Swin-style)",
+    )
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    try:
+        state_dict = load_checkpoint(args.input)
+        target_shapes, kernel_size = None, args.kernel_size
+        if args.config_file:
+            target_shapes, cfg_kernel = target_shapes_from_config(args.config_file, args.opts)
+            if kernel_size is not None and kernel_size != cfg_kernel:
+                raise ValueError(f"--kernel-size {kernel_size} contradicts MODEL.DINAT.KERNEL_SIZE {cfg_kernel}")
+            kernel_size = cfg_kernel
+        weights, log = convert_state_dict(state_dict, kernel_size, args.rpb_resize)
+        for line in log:
+            logger.info(line)
+        if target_shapes is not None:
+            fresh = check_against_target(weights, target_shapes, new_ok=("norm0.", "norm1.", "norm2.", "norm3."))
+            logger.info(f"every converted tensor fits the target; not in the checkpoint (fresh init): {fresh}")
+    except (CheckpointMismatchError, ValueError, FileNotFoundError) as exc:
+        logger.error(f"error: {exc}")
+        return 2
+
+    payload = {
+        "model": {k: v.detach().cpu().numpy() for k, v in weights.items()},
+        "__author__": f"dinat_m2f tools/convert_dinat_checkpoint.py from {args.input.name}",
+        "matching_heuristics": True,
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.output, "wb") as f:
+        pickle.dump(payload, f)
+    logger.info(f"wrote {len(weights)} tensors to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
