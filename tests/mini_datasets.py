@@ -394,7 +394,7 @@ def make_cityscapes(
         poly = {
             "imgHeight": h,
             "imgWidth": w,
-            "objects": [{"label": lab, "polygon": p, "deleted": 0, "id": k} for k, (lab, p) in enumerate(objects)],
+            "objects": [{"label": lab, "polygon": p} for lab, p in objects],
         }
         pjson = os.path.join(gt_dir, stem + "_gtFine_polygons.json")
         _write_json(pjson, poly)
