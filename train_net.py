@@ -80,7 +80,7 @@ def check_config(cfg: CfgNode, resume: bool = False) -> None:
 
         raise MissingWeightsError(
             f"MODEL.WEIGHTS file not found: {weights!r} (convert the official weights with "
-            "tools/convert-pretrained-dinat-model-to-d2.py, give a URL, or set MODEL.WEIGHTS '' to train from scratch)"
+            "tools/convert_dinat_checkpoint.py, give a URL, or set MODEL.WEIGHTS '' to train from scratch)"
         )
 
 

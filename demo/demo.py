@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+"""Run a trained DiNAT + Mask2Former on images, a folder or a video; write panoptic/instance/semantic overlays (PNG).
+
+    python demo/demo.py --config-file configs/coco/panoptic-segmentation/dinat/\
+maskformer2_dinat_large_IN21k_bs16_100ep.yaml --input photos/*.jpg --output out/ \
+        --opts MODEL.WEIGHTS mask2former_dinat_large_coco_panoptic.pth
+    python demo/demo.py --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS ... MODEL.DEVICE cpu
+
+Each input gives ``<stem>_<task>.png`` per task the model produces (panoptic, instance, semantic), drawn with
+detectron2's Visualizer; video frames give ``<video stem>_<frame>_<task>.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for train_net
+
+from detectron2.config import CfgNode  # noqa: E402
+from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data.detection_utils import read_image  # noqa: E402
+from detectron2.engine.defaults import DefaultPredictor  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
+from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
+
+import train_net  # noqa: E402  (registers datasets and model parts)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+TASKS = ("panoptic", "instance", "semantic")
+
+
+def setup_cfg(config_file: str, opts: list[str]) -> CfgNode:
+    cfg = train_net.load_config(config_file, opts)
+    train_net.check_config(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        raise train_net.ConfigError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS /path/to/model.pth")
+    return cfg
+
+
+def list_images(inputs: list[str]) -> list[str]:
+    """Files, globs and folders (their images, sorted) -> image paths; anything that matches nothing is an error."""
+    paths: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            found = sorted(glob.glob(os.path.expanduser(item)))
+        if not found:
+            raise FileNotFoundError(f"--input {item!r}: no such image file, folder or glob match")
+        paths.extend(found)
+    return paths
+
+
+class Overlayer:
+    """Runs the model on one BGR image and draws each of its outputs with detectron2's Visualizer."""
+
+    def __init__(self, cfg: CfgNode, confidence_threshold: float = 0.5) -> None:
+        self.predictor = DefaultPredictor(cfg)
+        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+        self.confidence_threshold = confidence_threshold
+
+    def __call__(self, image_bgr: np.ndarray, tasks: tuple[str, ...] = TASKS) -> dict[str, np.ndarray]:
+        predictions = self.predictor(image_bgr)
+        rgb = image_bgr[:, :, ::-1]
+        out: dict[str, np.ndarray] = {}
+        if "panoptic" in tasks and "panoptic_seg" in predictions:
+            panoptic_seg, segments_info = predictions["panoptic_seg"]
+            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
+            out["panoptic"] = vis.draw_panoptic_seg(panoptic_seg.to("cpu"), segments_info).get_image()
+        if "instance" in tasks and "instances" in predictions:
+            instances = predictions["instances"].to("cpu")
+            instances = instances[instances.scores > self.confidence_threshold]
+            if instances.has("pred_boxes"):
+                instances.remove("pred_boxes")  # Mask2Former's boxes are all zero: label the masks instead
+            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
+            out["instance"] = vis.draw_instance_predictions(instances).get_image()
+        if "semantic" in tasks and "sem_seg" in predictions:
+            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
+            labels = predictions["sem_seg"].argmax(dim=0).to("cpu")
+            out["semantic"] = vis.draw_sem_seg(labels).get_image()
+        return out
+
+
+def write_png(path: str, rgb: np.ndarray) -> None:
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(rgb)).save(path)
+
+
+def video_frames(path: str) -> Iterator[np.ndarray]:
+    import cv2
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--video-input {path!r}: no such file")
+    video = cv2.VideoCapture(path)
+    if not video.isOpened():
+        raise ValueError(f"--video-input {path!r}: OpenCV cannot decode this file")
+    try:
+        while True:
+            ok, frame = video.read()
+            if not ok:
+                return
+            yield frame
+    finally:
+        video.release()
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="DiNAT + Mask2Former demo: overlays of predictions as PNG")
+    parser.add_argument("--config-file", required=True, metavar="FILE")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", nargs="+", help="image files, folders or globs")
+    source.add_argument("--video-input", help="a video file (every frame is written as PNG)")
+    parser.add_argument("--output", required=True, help="folder for the PNG overlays")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which overlays to write")
+    parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
+    parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames (0 = all)")
+    parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    args = get_parser().parse_args(argv)
+    setup_logger(name="dinat_m2f")
+    logger = logging.getLogger("dinat_m2f.demo")
+    cfg = setup_cfg(args.config_file, args.opts)
+    overlayer = Overlayer(cfg, args.confidence_threshold)
+    tasks = tuple(args.tasks)
+    written: list[str] = []
+    if args.input:
+        sources = (
+            (os.path.splitext(os.path.basename(p))[0], read_image(p, format="BGR")) for p in list_images(args.input)
+        )
+    else:
+        stem = os.path.splitext(os.path.basename(args.video_input))[0]
+        frames = video_frames(args.video_input)
+        sources = ((f"{stem}_{i:06d}", f) for i, f in enumerate(frames) if not args.max_frames or i < args.max_frames)
+    with torch.no_grad():
+        for stem, image in sources:
+            for task, overlay in overlayer(image, tasks).items():
+                path = os.path.join(args.output, f"{stem}_{task}.png")
+                write_png(path, overlay)
+                written.append(path)
+            logger.info(f"{stem}: done ({len(written)} PNGs so far)")
+    if not written:
+        raise RuntimeError(f"the model produced none of the requested outputs {tasks} (check MODEL.MASK_FORMER.TEST.*)")
+    return written
+
+
+if __name__ == "__main__":
+    main()
