@@ -7,6 +7,8 @@ into model outputs (perfect, or corrupted in a known way), and registers throw-a
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import json
 import os
@@ -24,7 +26,7 @@ _names = itertools.count()
 
 def register(prefix: str, dicts: list[dict], **metadata) -> str:
     """Register ``dicts`` under a fresh name (so tests never collide) and return the name."""
-    name = f"_test_{prefix}_{next(_names)}"
+    name = f"{prefix}__test{next(_names)}"
     DatasetCatalog.register(name, lambda: dicts)
     MetadataCatalog.get(name).set(**metadata)
     return name
@@ -138,3 +140,85 @@ def run(evaluator, inputs: list[dict], outputs: list[dict]):
     for x, y in zip(inputs, outputs):
         evaluator.process([x], [y])
     return evaluator.evaluate()
+
+
+# ------------------------------------------------------------------------------------------------ references
+def pq_directly(
+    gt_json: str,
+    gt_folder: str,
+    images: list[MiniImage],
+    outputs: list[dict],
+    to_dataset_id,
+    folder: str,
+    *,
+    lib: str = "panopticapi",
+) -> dict:
+    """PQ of ``outputs`` from panopticapi's ``pq_compute`` (or cityscapesscripts' ``evaluatePanoptic``) called
+    directly on prediction files written here, independently of the evaluators. ``to_dataset_id(category_id,
+    isthing)`` maps the outputs' contiguous ids to the json's category ids."""
+    from panopticapi.utils import id2rgb
+
+    os.makedirs(folder, exist_ok=True)
+    anns = []
+    for im, out in zip(images, outputs):
+        pan, infos = out["panoptic_seg"]
+        png = im.stem + ".png"
+        Image.fromarray(id2rgb(pan.numpy())).save(os.path.join(folder, png))
+        segs = [{"id": s["id"], "category_id": to_dataset_id(s["category_id"], s["isthing"])} for s in infos]
+        anns.append({"image_id": im.image_id, "file_name": png, "segments_info": segs})
+    with open(gt_json) as f:
+        pred = json.load(f)
+    pred["annotations"] = anns
+    pred_json = folder + ".json"
+    with open(pred_json, "w") as f:
+        json.dump(pred, f)
+    with contextlib.redirect_stdout(io.StringIO()):
+        if lib == "panopticapi":
+            from panopticapi.evaluation import pq_compute
+
+            res = pq_compute(gt_json, pred_json, gt_folder, folder)
+        else:
+            from cityscapesscripts.evaluation.evalPanopticSemanticLabeling import evaluatePanoptic
+
+            res = evaluatePanoptic(gt_json, gt_folder, pred_json, folder, folder + "_results.json")
+    return {
+        key + suffix: 100 * res[group][key.lower()]
+        for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st"))
+        for key in ("PQ", "SQ", "RQ")
+    }
+
+
+def pycocotools_segm(json_file: str, images: list[MiniImage], outputs: list[dict], to_dataset_id) -> np.ndarray:
+    """[AP, AP50, AP75, APs, APm, APl] of ``outputs`` from pycocotools' COCOeval called directly (NaN for -1)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    results = []
+    for im, out in zip(images, outputs):
+        inst = out["instances"]
+        for m, c, sc in zip(inst.pred_masks.numpy(), inst.pred_classes.tolist(), inst.scores.tolist()):
+            results.append(
+                {"image_id": im.image_id, "category_id": to_dataset_id(c), "segmentation": rle(m), "score": sc}
+            )
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(json_file)
+        ev = COCOeval(gt, gt.loadRes(results), "segm")
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = ev.stats[:6] * 100
+    return np.where(stats >= 0, stats, np.nan)  # detectron2 reports "cannot compute" (-1) as NaN
+
+
+def miou_by_hand(gts: list[np.ndarray], preds: list[np.ndarray], ignore: int = 255) -> float:
+    """mIoU over the classes present in ground truth or prediction (on non-ignored pixels), in percent."""
+    gt = np.concatenate([g.ravel() for g in gts])
+    pred = np.concatenate([p.ravel() for p in preds])
+    valid = gt != ignore
+    gt, pred = gt[valid], pred[valid]
+    ious = []
+    for c in np.union1d(np.unique(gt), np.unique(pred)):
+        tp = np.sum((gt == c) & (pred == c))
+        union = np.sum((gt == c) | (pred == c))
+        ious.append(tp / union)
+    return 100 * float(np.mean(ious))

@@ -3,16 +3,13 @@ panopticapi / pycocotools (and detectron2's own COCOPanopticEvaluator) compute o
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import json
 import os
 
 import numpy as np
 import pytest
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from eval_fixtures import instances_output, panoptic_output, register, rle, run
+from eval_fixtures import instances_output, panoptic_output, pq_directly, pycocotools_segm, register, run
 from mini_datasets import Segment, make_coco
 
 from dinat_m2f.evaluation import COCOEvaluator, COCOPanopticEvaluator
@@ -69,30 +66,8 @@ def _corrupted_panoptic(images):
     return out
 
 
-def _pq_compute_directly(coco, outputs, folder) -> dict:
-    """panopticapi's pq_compute on prediction files written here, independently of the evaluator."""
-    from panopticapi.evaluation import pq_compute
-    from panopticapi.utils import id2rgb
-
-    os.makedirs(folder, exist_ok=True)
-    anns = []
-    for im, out in zip(coco["images"], outputs):
-        pan, infos = out["panoptic_seg"]
-        png = im.stem + ".png"
-        from PIL import Image
-
-        Image.fromarray(id2rgb(pan.numpy())).save(os.path.join(folder, png))
-        segs = [{"id": s["id"], "category_id": DATASET_ID[s["category_id"]]} for s in infos]
-        anns.append({"image_id": im.image_id, "file_name": png, "segments_info": segs})
-    with open(coco["meta"]["panoptic_json"]) as f:
-        gt = json.load(f)
-    gt["annotations"] = anns
-    pred_json = folder + ".json"
-    with open(pred_json, "w") as f:
-        json.dump(gt, f)
-    with contextlib.redirect_stdout(io.StringIO()):
-        res = pq_compute(coco["meta"]["panoptic_json"], pred_json, coco["meta"]["panoptic_root"], folder)
-    return {"PQ": 100 * res["All"]["pq"], "PQ_th": 100 * res["Things"]["pq"], "PQ_st": 100 * res["Stuff"]["pq"]}
+def _to_dataset_id(category_id: int, isthing: bool | None = None) -> int:
+    return DATASET_ID[category_id]
 
 
 def test_coco_panoptic_perfect(coco):
@@ -108,11 +83,14 @@ def test_coco_panoptic_corrupted_equals_panopticapi_and_detectron2(coco, tmp_pat
     outputs = _corrupted_panoptic(coco["images"])
     ours = run(COCOPanopticEvaluator(coco["name"], str(tmp_path / "ours")), coco["inputs"], copy.deepcopy(outputs))
     ours = ours["panoptic_seg"]
-    direct = _pq_compute_directly(coco, outputs, str(tmp_path / "direct"))
+    meta = coco["meta"]
+    direct = pq_directly(
+        meta["panoptic_json"], meta["panoptic_root"], coco["images"], outputs, _to_dataset_id, str(tmp_path / "d")
+    )
     d2 = run(D2COCOPanopticEvaluator(coco["name"], str(tmp_path / "d2")), coco["inputs"], copy.deepcopy(outputs))
     d2 = d2["panoptic_seg"]
     assert ours["PQ"] < 90  # the corruption is visible
-    for key in ("PQ", "PQ_th", "PQ_st"):
+    for key in direct:
         assert ours[key] == pytest.approx(direct[key], abs=1e-9), key
     for key in d2:
         assert ours[key] == pytest.approx(d2[key], abs=1e-9), key
@@ -175,26 +153,6 @@ def _instance_outputs(images, corrupt: bool):
     return outputs
 
 
-def _pycocotools_ap(json_file: str, outputs, images) -> np.ndarray:
-    """pycocotools' segm COCOeval called directly on json results built here."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    results = []
-    for im, out in zip(images, outputs):
-        inst = out["instances"]
-        for m, c, sc in zip(inst.pred_masks.numpy(), inst.pred_classes.tolist(), inst.scores.tolist()):
-            results.append({"image_id": im.image_id, "category_id": DATASET_ID[c], "segmentation": rle(m), "score": sc})
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(json_file)
-        ev = COCOeval(gt, gt.loadRes(results), "segm")
-        ev.evaluate()
-        ev.accumulate()
-        ev.summarize()
-    stats = ev.stats[:6] * 100
-    return np.where(stats >= 0, stats, np.nan)  # detectron2 reports "cannot compute" (-1) as NaN
-
-
 @pytest.mark.parametrize("use_fast_impl", [True, False])
 def test_coco_instance_perfect(coco, use_fast_impl):
     ev = COCOEvaluator(coco["name"], tasks=("segm",), distributed=False, use_fast_impl=use_fast_impl)
@@ -205,7 +163,7 @@ def test_coco_instance_perfect(coco, use_fast_impl):
 
 def test_coco_instance_corrupted_fast_and_slow_equal_pycocotools(coco):
     outputs = _instance_outputs(coco["images"], corrupt=True)
-    expected = _pycocotools_ap(coco["meta"]["json_file"], outputs, coco["images"])
+    expected = pycocotools_segm(coco["meta"]["json_file"], coco["images"], outputs, _to_dataset_id)
     keys = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
     assert 0 < expected[0] < 90
     for use_fast_impl in (True, False):

@@ -29,15 +29,16 @@ def _thing_ids_contiguous(metadata) -> bool:
 def _instance_evaluator(dataset_name: str, metadata, output_folder: str) -> COCOEvaluator:
     """Mask AP; InstanceSegEvaluator for ADE20K and wherever the thing ids are not 0..N-1."""
     if dataset_name.startswith("ade20k") or not _thing_ids_contiguous(metadata):
-        return InstanceSegEvaluator(dataset_name, output_dir=output_folder)
-    return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return InstanceSegEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder)
+    return COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder)
 
 
 def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:
     """The evaluator(s) of ``dataset_name``, chosen by ``MetadataCatalog.get(dataset_name).evaluator_type``.
 
     Panoptic datasets add PQ / mask AP / mIoU according to ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
-    Several evaluators come back wrapped in ``DatasetEvaluators``.
+    Several evaluators come back wrapped in ``DatasetEvaluators``. Mask AP is evaluated for "segm" only: Mask2Former
+    predicts no boxes (its ``pred_boxes`` are zeros), so a box AP would be a meaningless 0.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
@@ -67,11 +68,11 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None) ->
         evaluators.append(panoptic_cls(dataset_name, output_folder))
     if evaluator_type == "coco_panoptic_seg":
         if test.INSTANCE_ON:
-            evaluators.append(COCOEvaluator(dataset_name, output_dir=output_folder))
+            evaluators.append(COCOEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
         if test.SEMANTIC_ON:
             evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
     if evaluator_type in ("ade20k_panoptic_seg", "mapillary_vistas_panoptic_seg") and test.INSTANCE_ON:
-        evaluators.append(InstanceSegEvaluator(dataset_name, output_dir=output_folder))
+        evaluators.append(InstanceSegEvaluator(dataset_name, tasks=("segm",), output_dir=output_folder))
     if evaluator_type == "mapillary_vistas_panoptic_seg" and test.SEMANTIC_ON:
         evaluators.append(SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder))
     if evaluator_type == "cityscapes_panoptic_seg":

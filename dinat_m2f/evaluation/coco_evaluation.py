@@ -31,13 +31,38 @@ logger = logging.getLogger(__name__)
 __all__ = ["COCOEvaluator", "InstanceSegEvaluator", "evaluate_predictions_on_coco"]
 
 
-def _fast_cocoeval(coco_gt: COCO, coco_results: list[dict], iou_type: str):
+def _int_image_ids(
+    dataset: dict, coco_results: list[dict], img_ids: Sequence | None
+) -> tuple[dict, list[dict], list[int] | None]:
+    """Renumber image ids 0..N-1 when some are not ints (faster-coco-eval casts ids with ``int()``; ADE20K and
+    Cityscapes jsons may use file stems)."""
+    ids = [img["id"] for img in dataset["images"]]
+    if all(isinstance(i, int) for i in ids):
+        return dataset, coco_results, None if img_ids is None else list(img_ids)
+    to_int = {image_id: k for k, image_id in enumerate(ids)}
+
+    def lookup(image_id):
+        if image_id not in to_int:
+            raise ValueError(f"image id {image_id!r} is not an image of the ground-truth json")
+        return to_int[image_id]
+
+    dataset = dict(
+        dataset,
+        images=[dict(img, id=lookup(img["id"])) for img in dataset["images"]],
+        annotations=[dict(a, image_id=lookup(a["image_id"])) for a in dataset.get("annotations", [])],
+    )
+    coco_results = [dict(r, image_id=lookup(r["image_id"])) for r in coco_results]
+    return dataset, coco_results, None if img_ids is None else [lookup(i) for i in img_ids]
+
+
+def _fast_cocoeval(coco_gt: COCO, coco_results: list[dict], iou_type: str, img_ids: Sequence | None):
     """faster-coco-eval's C++ COCOeval on a private copy of the ground truth (it annotates gt dicts in place)."""
     import faster_coco_eval
 
-    gt = faster_coco_eval.COCO(copy.deepcopy(coco_gt.dataset))
-    dt = gt.loadRes(coco_results)
-    return faster_coco_eval.COCOeval_faster(gt, dt, iou_type, print_function=logger.debug)
+    dataset, coco_results, img_ids = _int_image_ids(copy.deepcopy(coco_gt.dataset), coco_results, img_ids)
+    gt = faster_coco_eval.COCO(dataset)
+    coco_eval = faster_coco_eval.COCOeval_faster(gt, gt.loadRes(coco_results), iou_type, print_function=logger.debug)
+    return coco_eval, img_ids
 
 
 def evaluate_predictions_on_coco(
@@ -69,7 +94,7 @@ def evaluate_predictions_on_coco(
             c.pop("bbox", None)
 
     if use_fast_impl:
-        coco_eval = _fast_cocoeval(coco_gt, coco_results, iou_type)
+        coco_eval, img_ids = _fast_cocoeval(coco_gt, coco_results, iou_type, img_ids)
     else:
         with contextlib.redirect_stdout(io.StringIO()):
             coco_dt = coco_gt.loadRes(coco_results)
