@@ -1,0 +1,90 @@
+"""Hungarian matching of predicted masks to ground-truth masks (Mask2Former), solved by scipy.
+
+Cost = MASK_WEIGHT * sigmoid-BCE + CLASS_WEIGHT * (-p(class)) + DICE_WEIGHT * dice, the mask costs measured at
+one shared set of uniformly random points per image (``TRAIN_NUM_POINTS``), in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import point_sample
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+
+def batch_dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pairwise dice cost: inputs [Q, P] logits, targets [T, P] in {0, 1} -> [Q, T]."""
+    inputs = inputs.sigmoid().flatten(1)
+    numerator = 2 * torch.einsum("nc,mc->nm", inputs, targets)
+    denominator = inputs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def batch_sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Pairwise mean sigmoid cross-entropy: inputs [Q, P] logits, targets [T, P] -> [Q, T]."""
+    hw = inputs.shape[1]
+    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    loss = torch.einsum("nc,mc->nm", pos, targets) + torch.einsum("nc,mc->nm", neg, (1 - targets))
+    return loss / hw
+
+
+class HungarianMatcher(nn.Module):
+    def __init__(self, cost_class: float = 1, cost_mask: float = 1, cost_dice: float = 1, num_points: int = 0):
+        super().__init__()
+        if cost_class == 0 and cost_mask == 0 and cost_dice == 0:
+            raise ValueError("HungarianMatcher: all costs are 0")
+        if num_points <= 0:
+            raise ValueError(f"HungarianMatcher: num_points must be positive, got {num_points}")
+        self.cost_class = cost_class
+        self.cost_mask = cost_mask
+        self.cost_dice = cost_dice
+        self.num_points = num_points
+
+    @torch.no_grad()
+    def cost_matrix(
+        self,
+        pred_logits: torch.Tensor,
+        pred_masks: torch.Tensor,
+        tgt_labels: torch.Tensor,
+        tgt_masks: torch.Tensor,
+        point_coords: torch.Tensor,
+    ) -> torch.Tensor:
+        """Cost [Q, T] of one image: pred_logits [Q, K+1], pred_masks [Q, h, w], tgt_labels [T],
+        tgt_masks [T, H, W], point_coords [1, P, 2] normalised (x, y)."""
+        cost_class = -pred_logits.float().softmax(-1)[:, tgt_labels]
+        tgt_masks = tgt_masks.to(pred_masks)
+        out_points = point_sample(
+            pred_masks[:, None], point_coords.repeat(pred_masks.shape[0], 1, 1), align_corners=False
+        ).squeeze(1)
+        tgt_points = point_sample(
+            tgt_masks[:, None], point_coords.repeat(tgt_masks.shape[0], 1, 1), align_corners=False
+        ).squeeze(1)
+        with torch.autocast(device_type=pred_masks.device.type, enabled=False):
+            out_points = out_points.float()
+            tgt_points = tgt_points.float()
+            cost_mask = batch_sigmoid_ce_loss(out_points, tgt_points)
+            cost_dice = batch_dice_loss(out_points, tgt_points)
+        return self.cost_mask * cost_mask + self.cost_class * cost_class + self.cost_dice * cost_dice
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """outputs: "pred_logits" [B, Q, K+1], "pred_masks" [B, Q, h, w]; targets: per image "labels" [T] and
+        "masks" [T, H, W]. Returns per image (query indices, target indices), int64, of length min(Q, T)."""
+        indices = []
+        for b in range(outputs["pred_logits"].shape[0]):
+            pred_masks = outputs["pred_masks"][b]
+            point_coords = torch.rand(1, self.num_points, 2, device=pred_masks.device)
+            cost = self.cost_matrix(
+                outputs["pred_logits"][b], pred_masks, targets[b]["labels"], targets[b]["masks"], point_coords
+            )
+            rows, cols = linear_sum_assignment(cost.cpu())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+    def extra_repr(self) -> str:
+        return (
+            f"cost_class={self.cost_class}, cost_mask={self.cost_mask}, cost_dice={self.cost_dice}, "
+            f"num_points={self.num_points}"
+        )

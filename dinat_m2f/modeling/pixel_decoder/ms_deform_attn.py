@@ -1,0 +1,133 @@
+"""The multi-scale deformable attention module (Deformable DETR) of the pixel decoder.
+
+It runs on the native op ``torch.ops.dinat_m2f.ms_deform_attn_forward`` (CPU and CUDA kernels) by default; the
+grid_sample formulation (``impl="pytorch"``) is there for latency comparisons and FLOP counting. There is no
+silent fallback from one to the other.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dinat_m2f.ops.ms_deform_attn import ms_deform_attn
+from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_reference
+
+IMPLS = ("native", "pytorch")
+
+
+class MSDeformAttn(nn.Module):
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str = "native"
+    ):
+        """
+        Args:
+            d_model: hidden dimension.
+            n_levels: number of feature levels.
+            n_heads: number of attention heads.
+            n_points: sampling points per head and level.
+            impl: "native" (the compiled op) or "pytorch" (grid_sample).
+        """
+        super().__init__()
+        if d_model % n_heads != 0:
+            raise ValueError(f"MSDeformAttn: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        head_dim = d_model // n_heads
+        if head_dim & (head_dim - 1) != 0:
+            warnings.warn(
+                f"MSDeformAttn: d_model / n_heads = {head_dim} is not a power of 2, which is less efficient",
+                stacklevel=2,
+            )
+        self.d_model = d_model
+        self.n_levels = n_levels
+        self.n_heads = n_heads
+        self.n_points = n_points
+        self.impl = impl
+
+        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = nn.Linear(d_model, d_model)
+        self.output_proj = nn.Linear(d_model, d_model)
+        self._reset_parameters()
+
+    @property
+    def impl(self) -> str:
+        return self._impl
+
+    @impl.setter
+    def impl(self, value: str) -> None:
+        if value not in IMPLS:
+            raise ValueError(f"MSDeformAttn: impl must be one of {IMPLS}, got {value!r}")
+        self._impl = value
+
+    def _reset_parameters(self) -> None:
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        # initial offsets: head h looks in direction 2*pi*h/heads, point i at distance i+1
+        thetas = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        grid_init = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid_init = (grid_init / grid_init.abs().max(-1, keepdim=True)[0]).view(self.n_heads, 1, 1, 2)
+        grid_init = grid_init.repeat(1, self.n_levels, self.n_points, 1)
+        for i in range(self.n_points):
+            grid_init[:, :, i, :] *= i + 1
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid_init.view(-1))
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        input_flatten: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            query: [N, Lq, C].
+            reference_points: [N, Lq, levels, 2] normalised (x, y), or [N, Lq, levels, 4] boxes (cx, cy, w, h).
+            input_flatten: [N, S, C], the levels flattened and concatenated.
+            input_spatial_shapes: [levels, 2] int64 (H, W).
+            input_level_start_index: [levels] int64.
+            input_padding_mask: [N, S] bool, True at padding (zeroed in the values).
+        Returns: [N, Lq, C].
+        """
+        N, Len_q, _ = query.shape
+        _, Len_in, _ = input_flatten.shape
+        value = self.value_proj(input_flatten)
+        if input_padding_mask is not None:
+            value = value.masked_fill(input_padding_mask[..., None], 0.0)
+        value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
+        sampling_offsets = self.sampling_offsets(query).view(N, Len_q, self.n_heads, self.n_levels, self.n_points, 2)
+        attention_weights = self.attention_weights(query).view(N, Len_q, self.n_heads, self.n_levels * self.n_points)
+        attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
+        if reference_points.shape[-1] == 2:
+            offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :]
+                + sampling_offsets / offset_normalizer[None, None, None, :, None, :]
+            )
+        elif reference_points.shape[-1] == 4:
+            sampling_locations = (
+                reference_points[:, :, None, :, None, :2]
+                + sampling_offsets / self.n_points * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        else:
+            raise ValueError(
+                f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}"
+            )
+        if self.impl == "native":
+            output = ms_deform_attn(
+                value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
+            )
+        else:
+            output = ms_deform_attn_reference(value, input_spatial_shapes, sampling_locations, attention_weights)
+        return self.output_proj(output)

@@ -1,0 +1,283 @@
+"""Mask2Former's transformer decoder: masked cross-attention over a round-robin of 3 feature levels.
+
+Per layer: masked cross-attention (queries attend only where the previous layer's mask prediction is >= 0.5),
+self-attention, FFN. Predictions (class logits and masks) are made before the first layer and after each layer,
+and all but the last feed deep supervision. Parameter names match the official implementation.
+"""
+
+from __future__ import annotations
+
+import fvcore.nn.weight_init as weight_init
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.layers import Conv2d
+from detectron2.utils.registry import Registry
+from torch import nn
+
+from dinat_m2f.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
+
+TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
+TRANSFORMER_DECODER_REGISTRY.__doc__ = """
+Registry for transformer modules in MaskFormer: called with (cfg, in_channels, mask_classification).
+"""
+
+
+def build_transformer_decoder(cfg, in_channels: int, mask_classification: bool = True) -> nn.Module:
+    """Build the transformer decoder named by ``cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME``."""
+    name = cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME
+    return TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_classification)
+
+
+def _with_pos_embed(tensor: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    return tensor if pos is None else tensor + pos
+
+
+def _xavier_init(module: nn.Module) -> None:
+    for p in module.parameters():
+        if p.dim() > 1:
+            nn.init.xavier_uniform_(p)
+
+
+class SelfAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+        _xavier_init(self)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        tgt_mask: torch.Tensor | None = None,
+        tgt_key_padding_mask: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.normalize_before:
+            tgt2 = self.norm(tgt)
+            q = k = _with_pos_embed(tgt2, query_pos)
+            tgt2 = self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+            return tgt + self.dropout(tgt2)
+        q = k = _with_pos_embed(tgt, query_pos)
+        tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+        return self.norm(tgt + self.dropout(tgt2))
+
+
+class CrossAttentionLayer(nn.Module):
+    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
+        super().__init__()
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        self.norm = nn.LayerNorm(d_model)
+        self.dropout = nn.Dropout(dropout)
+        self.normalize_before = normalize_before
+        _xavier_init(self)
+
+    def forward(
+        self,
+        tgt: torch.Tensor,
+        memory: torch.Tensor,
+        memory_mask: torch.Tensor | None = None,
+        memory_key_padding_mask: torch.Tensor | None = None,
+        pos: torch.Tensor | None = None,
+        query_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        query = self.norm(tgt) if self.normalize_before else tgt
+        tgt2 = self.multihead_attn(
+            query=_with_pos_embed(query, query_pos),
+            key=_with_pos_embed(memory, pos),
+            value=memory,
+            attn_mask=memory_mask,
+            key_padding_mask=memory_key_padding_mask,
+        )[0]
+        if self.normalize_before:
+            return tgt + self.dropout(tgt2)
+        return self.norm(tgt + self.dropout(tgt2))
+
+
+class FFNLayer(nn.Module):
+    def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, normalize_before: bool = False):
+        super().__init__()
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.normalize_before = normalize_before
+        _xavier_init(self)
+
+    def forward(self, tgt: torch.Tensor) -> torch.Tensor:
+        x = self.norm(tgt) if self.normalize_before else tgt
+        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        if self.normalize_before:
+            return tgt + self.dropout(tgt2)
+        return self.norm(tgt + self.dropout(tgt2))
+
+
+class MLP(nn.Module):
+    """A few fully connected layers with ReLU between them (the mask embedding head)."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+@TRANSFORMER_DECODER_REGISTRY.register()
+class MultiScaleMaskedTransformerDecoder(nn.Module):
+    _version = 2
+
+    @configurable
+    def __init__(
+        self,
+        in_channels: int,
+        mask_classification: bool = True,
+        *,
+        num_classes: int,
+        hidden_dim: int,
+        num_queries: int,
+        nheads: int,
+        dim_feedforward: int,
+        dec_layers: int,
+        pre_norm: bool,
+        mask_dim: int,
+        enforce_input_project: bool,
+    ):
+        """
+        Args:
+            in_channels: channels of the multi-scale features.
+            mask_classification: predict class logits (always True for Mask2Former).
+            num_classes: classes, without the no-object class.
+            dec_layers: transformer layers (the config's DEC_LAYERS minus one: the first prediction has none).
+        """
+        super().__init__()
+        if not mask_classification:
+            raise ValueError("MultiScaleMaskedTransformerDecoder only supports mask classification")
+        self.mask_classification = mask_classification
+        self.pe_layer = PositionEmbeddingSine(hidden_dim // 2, normalize=True)
+        self.num_heads = nheads
+        self.num_layers = dec_layers
+        self.transformer_self_attention_layers = nn.ModuleList()
+        self.transformer_cross_attention_layers = nn.ModuleList()
+        self.transformer_ffn_layers = nn.ModuleList()
+        for _ in range(self.num_layers):
+            self.transformer_self_attention_layers.append(
+                SelfAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+            )
+            self.transformer_cross_attention_layers.append(
+                CrossAttentionLayer(hidden_dim, nheads, dropout=0.0, normalize_before=pre_norm)
+            )
+            self.transformer_ffn_layers.append(
+                FFNLayer(hidden_dim, dim_feedforward=dim_feedforward, dropout=0.0, normalize_before=pre_norm)
+            )
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+
+        self.num_queries = num_queries
+        self.query_feat = nn.Embedding(num_queries, hidden_dim)  # learnable query features
+        self.query_embed = nn.Embedding(num_queries, hidden_dim)  # learnable query positional embedding
+
+        self.num_feature_levels = 3  # always 3 scales: 1/32, 1/16, 1/8
+        self.level_embed = nn.Embedding(self.num_feature_levels, hidden_dim)
+        self.input_proj = nn.ModuleList()
+        for _ in range(self.num_feature_levels):
+            if in_channels != hidden_dim or enforce_input_project:
+                self.input_proj.append(Conv2d(in_channels, hidden_dim, kernel_size=1))
+                weight_init.c2_xavier_fill(self.input_proj[-1])
+            else:
+                self.input_proj.append(nn.Sequential())
+
+        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
+
+    @classmethod
+    def from_config(cls, cfg, in_channels: int, mask_classification: bool) -> dict:
+        if cfg.MODEL.MASK_FORMER.DEC_LAYERS < 1:
+            raise ValueError(f"MODEL.MASK_FORMER.DEC_LAYERS must be >= 1, got {cfg.MODEL.MASK_FORMER.DEC_LAYERS}")
+        return {
+            "in_channels": in_channels,
+            "mask_classification": mask_classification,
+            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "hidden_dim": cfg.MODEL.MASK_FORMER.HIDDEN_DIM,
+            "num_queries": cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES,
+            "nheads": cfg.MODEL.MASK_FORMER.NHEADS,
+            "dim_feedforward": cfg.MODEL.MASK_FORMER.DIM_FEEDFORWARD,
+            # the learnable queries make one prediction before any layer, so DEC_LAYERS - 1 layers
+            "dec_layers": cfg.MODEL.MASK_FORMER.DEC_LAYERS - 1,
+            "pre_norm": cfg.MODEL.MASK_FORMER.PRE_NORM,
+            "enforce_input_project": cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ,
+            "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
+        }
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs):
+        # checkpoints of early versions called the query features "static_query"
+        version = local_metadata.get("version", None)
+        if version is None or version < 2:
+            for k in list(state_dict.keys()):
+                if k.startswith(prefix) and "static_query" in k:
+                    state_dict[k.replace("static_query", "query_feat")] = state_dict.pop(k)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
+
+    def forward(self, x: list[torch.Tensor], mask_features: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        if len(x) != self.num_feature_levels:
+            raise ValueError(f"expected {self.num_feature_levels} multi-scale features, got {len(x)}")
+        del mask  # padding masks do not affect the results (as in the official implementation)
+        src, pos, size_list = [], [], []
+        for i in range(self.num_feature_levels):
+            size_list.append(x[i].shape[-2:])
+            # [B, C, H, W] -> [HW, B, C] (sequence first, as nn.MultiheadAttention expects)
+            pos.append(self.pe_layer(x[i], None).flatten(2).permute(2, 0, 1))
+            level = self.input_proj[i](x[i]).flatten(2) + self.level_embed.weight[i][None, :, None]
+            src.append(level.permute(2, 0, 1))
+
+        bs = src[0].shape[1]
+        query_embed = self.query_embed.weight.unsqueeze(1).repeat(1, bs, 1)
+        output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
+
+        predictions_class, predictions_mask = [], []
+        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
+        predictions_class.append(outputs_class)
+        predictions_mask.append(outputs_mask)
+        for i in range(self.num_layers):
+            level_index = i % self.num_feature_levels
+            # a query whose mask blocks every position attends everywhere (no row of -inf in the softmax)
+            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            output = self.transformer_cross_attention_layers[i](
+                output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed
+            )
+            output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
+            output = self.transformer_ffn_layers[i](output)
+            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+                output, mask_features, size_list[(i + 1) % self.num_feature_levels]
+            )
+            predictions_class.append(outputs_class)
+            predictions_mask.append(outputs_mask)
+
+        return {
+            "pred_logits": predictions_class[-1],
+            "pred_masks": predictions_mask[-1],
+            "aux_outputs": [
+                {"pred_logits": c, "pred_masks": m} for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
+            ],
+        }
+
+    def forward_prediction_heads(
+        self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4] and the boolean attention mask
+        [B*heads, Q, h*w] (True = blocked) for the next layer's level of size ``attn_mask_target_size``."""
+        decoder_output = self.decoder_norm(output).transpose(0, 1)
+        outputs_class = self.class_embed(decoder_output)
+        mask_embed = self.mask_embed(decoder_output)
+        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+
+        attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
+        attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        return outputs_class, outputs_mask, attn_mask.detach()
