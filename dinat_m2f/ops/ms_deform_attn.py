@@ -30,6 +30,19 @@ def _forward_fake(value, spatial_shapes, level_start_index, sampling_locations, 
         sampling_locations.dim() == 6,
         lambda: f"sampling_locations must be [N, Lq, heads, levels, points, 2], got {tuple(sampling_locations.shape)}",
     )
+    for name, t in (
+        ("spatial_shapes", spatial_shapes),
+        ("level_start_index", level_start_index),
+        ("sampling_locations", sampling_locations),
+        ("attention_weights", attention_weights),
+    ):
+        torch._check(
+            t.device == value.device,
+            lambda name=name, t=t: (
+                f"ms_deform_attn_forward: {name} is on {t.device} but value is on {value.device}; "
+                "all inputs must be on one device"
+            ),
+        )
     n, _, m, d = value.shape
     return value.new_empty((n, sampling_locations.shape[1], m * d))
 

@@ -7,6 +7,8 @@ autocast (as the official code does). Parameter names match the official impleme
 
 from __future__ import annotations
 
+import math
+
 import fvcore.nn.weight_init as weight_init
 import torch
 import torch.nn.functional as F
@@ -206,7 +208,7 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.common_stride = common_stride
         # extra FPN levels between the smallest transformer stride and the common stride (1: res2)
         stride = min(self.transformer_feature_strides)
-        self.num_fpn_levels = max(0, int(torch.log2(torch.tensor(stride / self.common_stride)).round().item()))
+        self.num_fpn_levels = max(0, round(math.log2(stride / self.common_stride)))
 
         lateral_convs, output_convs = [], []
         use_bias = norm == ""
