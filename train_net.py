@@ -56,10 +56,13 @@ def load_config(config_file: str, opts: list[str]) -> CfgNode:
             raise ConfigError(f"{config_file}: unknown config key: {e.args[0]}") from None
     if len(opts) % 2:
         raise ConfigError(f"command-line overrides must be KEY VALUE pairs, got an odd count: {opts}")
-    try:
-        cfg.merge_from_list(opts)
-    except KeyError as e:
-        raise ConfigError(f"command-line override: unknown config key: {e.args[0]}") from None
+    for key in opts[0::2]:
+        node = cfg
+        for part in key.split("."):
+            if not isinstance(node, CfgNode) or part not in node:
+                raise ConfigError(f"command-line override: unknown config key: {key!r}")
+            node = node[part]
+    cfg.merge_from_list(opts)
     cfg.freeze()
     return cfg
 

@@ -78,8 +78,8 @@ class Overlayer:
         if "instance" in tasks and "instances" in predictions:
             instances = predictions["instances"].to("cpu")
             instances = instances[instances.scores > self.confidence_threshold]
-            if instances.has("pred_boxes"):
-                instances.remove("pred_boxes")  # Mask2Former's boxes are all zero: label the masks instead
+            if instances.has("pred_boxes") and not instances.pred_boxes.tensor.any():
+                instances.remove("pred_boxes")  # all-zero boxes (Mask2Former's default): label the masks instead
             vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
             out["instance"] = vis.draw_instance_predictions(instances).get_image()
         if "semantic" in tasks and "sem_seg" in predictions:
