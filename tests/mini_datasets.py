@@ -19,9 +19,13 @@ evaluators against known answers.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import pickle
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -35,6 +39,8 @@ __all__ = [
     "make_ade20k_full",
     "make_cityscapes",
     "corrupt_file",
+    "load_prep_script",
+    "registered_under",
 ]
 
 H, W = 48, 64
@@ -97,6 +103,31 @@ def corrupt_file(path: str) -> None:
     """Overwrite ``path`` with bytes that no image/JSON reader accepts."""
     with open(path, "wb") as f:
         f.write(b"\x00not-an-image-nor-json\xff" * 4)
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_prep_script(name: str):
+    """Import ``datasets/<name>.py`` (the preparation scripts are not a package) as a module."""
+    path = os.path.join(_REPO, "datasets", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # worker processes unpickle the script's functions by module name
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def registered_under(root: str) -> Iterator[None]:
+    """Point every dataset name of this project at ``root``; restore the default root afterwards."""
+    from dinat_m2f.data.datasets import register_all
+
+    register_all(root)
+    try:
+        yield
+    finally:
+        register_all()
 
 
 # ----------------------------------------------------------------------------------------------------------- COCO

@@ -1,0 +1,153 @@
+"""Pieces shared by the Mask2Former training mappers: checked file reading, skipping of corrupt samples,
+augmentation lists from the config, fixed-size padding and targets from masks."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pycocotools.mask as mask_util
+import torch
+import torch.nn.functional as F
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
+
+__all__ = [
+    "CorruptSampleError",
+    "SkipCorruptMixin",
+    "read_image_checked",
+    "read_label_checked",
+    "flip_augmentations",
+    "pad_to_fixed_size",
+    "image_to_tensor",
+    "instances_from_masks",
+    "masks_from_annotations",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class CorruptSampleError(OSError):
+    """A sample's image or annotation is missing, unreadable or inconsistent; the message names the file."""
+
+    def __init__(self, path: str, reason: str | BaseException):
+        self.path = path
+        super().__init__(f"{path}: {reason}")
+
+
+class SkipCorruptMixin:
+    """``__call__`` runs ``self.map_sample`` on a copy of the dict. With ``skip_corrupt``, a
+    :class:`CorruptSampleError` is logged and counted, and ``None`` is returned: detectron2's MapDataset then
+    draws another sample. Without it the error propagates (naming the file)."""
+
+    skip_corrupt: bool = False
+    num_skipped: int = 0  # per mapper object (and per data-loader worker process)
+
+    def map_sample(self, dataset_dict: dict) -> dict:
+        raise NotImplementedError
+
+    def __call__(self, dataset_dict: dict) -> dict | None:
+        try:
+            return self.map_sample(copy.deepcopy(dataset_dict))
+        except CorruptSampleError as e:
+            if not self.skip_corrupt:
+                raise
+            self.num_skipped += 1
+            logger.warning(f"Skipping corrupt sample ({self.num_skipped} skipped so far by this worker): {e}")
+            return None
+
+
+def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
+    """Read ``dataset_dict["file_name"]``; a missing/corrupt file or a size that contradicts the dict's
+    ``height``/``width`` raises :class:`CorruptSampleError` naming the file."""
+    path = dataset_dict["file_name"]
+    try:
+        image = utils.read_image(path, format=image_format)
+    except Exception as e:  # PIL raises several types (FileNotFoundError, UnidentifiedImageError, OSError, ...)
+        raise CorruptSampleError(path, e) from e
+    try:
+        utils.check_image_size(dataset_dict, image)
+    except utils.SizeMismatchError as e:
+        raise CorruptSampleError(path, e) from e
+    return image
+
+
+def read_label_checked(path: str, image_shape: tuple[int, int], fmt: str | None = None) -> np.ndarray:
+    """Read a label image (semantic / panoptic PNG, TIFF); it must exist, decode, and match ``image_shape``."""
+    try:
+        label = utils.read_image(path, format=fmt)
+    except Exception as e:
+        raise CorruptSampleError(path, e) from e
+    if label.shape[:2] != tuple(image_shape):
+        raise CorruptSampleError(path, f"label size {label.shape[:2]} differs from its image's {tuple(image_shape)}")
+    return label
+
+
+def flip_augmentations(random_flip: str) -> list[T.Augmentation]:
+    """detectron2's INPUT.RANDOM_FLIP: "horizontal" (Mask2Former's RandomFlip()), "vertical" or "none"."""
+    if random_flip == "none":
+        return []
+    if random_flip not in ("horizontal", "vertical"):
+        raise ValueError(f"INPUT.RANDOM_FLIP must be 'horizontal', 'vertical' or 'none', got {random_flip!r}")
+    return [T.RandomFlip(horizontal=random_flip == "horizontal", vertical=random_flip == "vertical")]
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def pad_to_fixed_size(tensor: torch.Tensor, size: int, value: float) -> torch.Tensor:
+    """Pad the last two dims at the bottom/right to exactly ``size`` x ``size`` (Mask2Former's fixed padding: the
+    crop size equals INPUT.SIZE_DIVISIBILITY). A larger input is a config error, not something to crop silently."""
+    h, w = tensor.shape[-2:]
+    if h > size or w > size:
+        raise ValueError(
+            f"Input of size {(h, w)} exceeds INPUT.SIZE_DIVISIBILITY={size}: the mappers pad to exactly that size, "
+            "so INPUT.CROP.SIZE must not exceed it"
+        )
+    return F.pad(tensor, [0, size - w, 0, size - h], value=value).contiguous()
+
+
+def instances_from_masks(
+    image_shape: tuple[int, int], classes: list[int], masks: list[np.ndarray] | list[torch.Tensor], with_boxes: bool
+) -> Instances:
+    """``Instances`` with ``gt_classes`` (int64) and ``gt_masks`` (bool [N, H, W]); masks emptied by the crop are
+    dropped. ``with_boxes`` adds ``gt_boxes`` computed from the masks (the DETR-style LSJ mappers)."""
+    h, w = image_shape
+    keep = [i for i, m in enumerate(masks) if bool(m.any())]
+    instances = Instances(image_shape)
+    instances.gt_classes = torch.tensor([classes[i] for i in keep], dtype=torch.int64)
+    if keep:
+        gt = torch.stack([torch.as_tensor(np.ascontiguousarray(masks[i])).bool() for i in keep])
+    else:
+        gt = torch.zeros((0, h, w), dtype=torch.bool)
+    instances.gt_masks = gt
+    if with_boxes:
+        instances.gt_boxes = BitMasks(gt).get_bounding_boxes()
+    return instances
+
+
+def masks_from_annotations(annos: list[dict], image_shape: tuple[int, int], file_name: str) -> list[np.ndarray]:
+    """Bool masks of transformed instance annotations: polygons, RLE (compressed or not) or an HxW array."""
+    h, w = image_shape
+    masks = []
+    for obj in annos:
+        segm = obj.get("segmentation")
+        if isinstance(segm, list):
+            if not segm:
+                raise CorruptSampleError(file_name, f"annotation {obj.get('id')} has an empty polygon list")
+            m = polygons_to_bitmask(segm, h, w)
+        elif isinstance(segm, dict):
+            if isinstance(segm.get("counts"), list):
+                segm = mask_util.frPyObjects(segm, *segm["size"])
+            m = mask_util.decode(segm)
+        elif isinstance(segm, np.ndarray):
+            m = segm
+        else:
+            raise CorruptSampleError(file_name, f"annotation {obj.get('id')} has no usable 'segmentation'")
+        if m.shape[:2] != (h, w):
+            raise CorruptSampleError(file_name, f"annotation mask of size {m.shape[:2]} for an image of {(h, w)}")
+        masks.append(m.astype(bool))
+    return masks

@@ -1,0 +1,83 @@
+"""``MaskFormerInstanceDatasetMapper`` (``mask_former_instance``): training mapper of ADE20K / Cityscapes instance
+segmentation: resize, plain random crop, SSD colour jitter, flip; one bool mask per non-crowd annotation."""
+
+from __future__ import annotations
+
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from dinat_m2f.data.dataset_mappers._common import (
+    SkipCorruptMixin,
+    image_to_tensor,
+    instances_from_masks,
+    masks_from_annotations,
+    pad_to_fixed_size,
+    read_image_checked,
+)
+from dinat_m2f.data.dataset_mappers.mask_former_semantic_dataset_mapper import semantic_augmentations
+
+__all__ = ["MaskFormerInstanceDatasetMapper"]
+
+
+class MaskFormerInstanceDatasetMapper(SkipCorruptMixin):
+    """Read image + ``annotations`` (polygons, RLE or masks; crowds dropped), augment, pad to ``size_divisibility``
+    (image 128, masks 0). Output keys: ``image``, ``instances`` (``gt_classes``, ``gt_masks``)."""
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: list[T.Augmentation],
+        image_format: str,
+        size_divisibility: int,
+        skip_corrupt: bool = False,
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.size_divisibility = size_divisibility
+        self.skip_corrupt = skip_corrupt
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict:
+        if not is_train:
+            raise ValueError(f"{cls.__name__} is a training mapper; evaluation uses detectron2's DatasetMapper")
+        for name in cfg.DATASETS.TRAIN:
+            MetadataCatalog.get(name)  # fail early on a typo'd name, like the other mappers
+        return {
+            "is_train": is_train,
+            "augmentations": semantic_augmentations(cfg, crop_with_category_constraint=False),
+            "image_format": cfg.INPUT.FORMAT,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "skip_corrupt": cfg.DATALOADER.get("SKIP_CORRUPT", False),
+        }
+
+    def map_sample(self, dataset_dict: dict) -> dict:
+        image = read_image_checked(dataset_dict, self.image_format)
+        if "annotations" not in dataset_dict:
+            raise ValueError(f"{dataset_dict['file_name']}: an instance dataset dict needs 'annotations'")
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        h, w = image.shape[:2]
+        annos = [
+            utils.transform_instance_annotations(obj, transforms, (h, w))
+            for obj in dataset_dict.pop("annotations")
+            if obj.get("iscrowd", 0) == 0
+        ]
+        masks = masks_from_annotations(annos, (h, w), dataset_dict["file_name"])
+        image_t = image_to_tensor(image)
+        instances = instances_from_masks((h, w), [a["category_id"] for a in annos], masks, with_boxes=False)
+        if self.size_divisibility > 0:
+            image_t = pad_to_fixed_size(image_t, self.size_divisibility, 128)
+            gt = pad_to_fixed_size(instances.gt_masks, self.size_divisibility, 0)
+            padded = type(instances)(tuple(image_t.shape[-2:]))
+            padded.gt_classes = instances.gt_classes
+            padded.gt_masks = gt
+            instances = padded
+        dataset_dict["image"] = image_t
+        dataset_dict["instances"] = instances
+        return dataset_dict
