@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
-from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from eval_fixtures import (
     instances_output,
     miou_by_hand,
@@ -26,7 +26,7 @@ from mini_datasets import Segment, make_ade20k
 from PIL import Image
 
 from dinat_m2f.config import get_cfg
-from dinat_m2f.evaluation import COCOPanopticEvaluator, InstanceSegEvaluator, build_evaluator
+from dinat_m2f.evaluation import COCOPanopticEvaluator, InstanceSegEvaluator, SemSegEvaluator, build_evaluator
 from dinat_m2f.evaluation.coco_evaluation import COCOEvaluator
 
 # The 100 thing classes of the ADE20K instance benchmark, as 0-based ids of the 150-class list.
@@ -257,3 +257,19 @@ def test_coco_evaluator_refuses_interleaved_thing_ids(ade):
     outputs = _all_outputs(ade["images"], False)
     with pytest.raises(ValueError, match="InstanceSegEvaluator"):
         run(COCOEvaluator(ade["pan"], tasks=("segm",), distributed=False), ade["inputs"], outputs)
+
+
+def test_semantic_ground_truth_errors_name_the_file(ade, tmp_path):
+    """A label outside the class list (and not ignore) or an unreadable PNG is an error naming the file."""
+    bad_label = str(tmp_path / "bad_label.png")
+    gt = ade["images"][0].semantic(255).astype(np.uint8)
+    gt[0, 0] = 200
+    Image.fromarray(gt).save(bad_label)
+    broken = str(tmp_path / "broken.png")
+    with open(broken, "wb") as f:
+        f.write(b"not a png")
+    for path, error in ((bad_label, ValueError), (broken, OSError), (str(tmp_path / "missing.png"), FileNotFoundError)):
+        inputs = [dict(ade["inputs"][0], sem_seg_file_name=path)]
+        name = register("ade20k_sem_seg_bad", inputs, stuff_classes=NAMES, ignore_label=255, evaluator_type="sem_seg")
+        with pytest.raises(error, match=os.path.basename(path)):
+            run(SemSegEvaluator(name), inputs, [sem_seg_output(ade["images"][0].semantic(255), 150)])

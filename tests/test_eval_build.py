@@ -6,7 +6,7 @@ import os
 
 import pytest
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluators
 from eval_fixtures import register
 from mini_datasets import make_coco
 
@@ -17,6 +17,7 @@ from dinat_m2f.evaluation import (
     COCOEvaluator,
     COCOPanopticEvaluator,
     InstanceSegEvaluator,
+    SemSegEvaluator,
     build_evaluator,
 )
 

@@ -8,6 +8,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 from eval_fixtures import instances_output, panoptic_output, pq_directly, pycocotools_segm, register, run
 from mini_datasets import Segment, make_coco
@@ -171,3 +172,22 @@ def test_coco_instance_corrupted_fast_and_slow_equal_pycocotools(coco):
         res = run(ev, coco["inputs"], copy.deepcopy(outputs))["segm"]
         got = np.array([res[k] for k in keys])
         np.testing.assert_allclose(got, expected, atol=1e-9, equal_nan=True, err_msg=f"use_fast_impl={use_fast_impl}")
+
+
+def _to_label_divisor_format(output):
+    """The DeepLab-style output: class * label_divisor + instance, -1 = void, segments_info None."""
+    pan, infos = output["panoptic_seg"]
+    out = torch.full_like(pan, -1)
+    for k, s in enumerate(infos):
+        out[pan == s["id"]] = s["category_id"] * 1000 + k
+    return {"panoptic_seg": (out, None)}
+
+
+def test_coco_panoptic_label_divisor_format(coco):
+    outputs = _corrupted_panoptic(coco["images"])
+    expected = run(COCOPanopticEvaluator(coco["name"]), coco["inputs"], copy.deepcopy(outputs))["panoptic_seg"]
+    converted = [_to_label_divisor_format(o) for o in outputs]
+    got = run(COCOPanopticEvaluator(coco["name"]), coco["inputs"], converted)["panoptic_seg"]
+    assert got["PQ"] < 90
+    for key in expected:
+        assert got[key] == pytest.approx(expected[key], abs=1e-9), key

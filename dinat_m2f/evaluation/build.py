@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 
 from detectron2.data import MetadataCatalog
-from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, LVISEvaluator, SemSegEvaluator
+from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators, LVISEvaluator
 
 from dinat_m2f.evaluation.cityscapes_evaluation import CityscapesInstanceEvaluator, CityscapesSemSegEvaluator
 from dinat_m2f.evaluation.coco_evaluation import COCOEvaluator, InstanceSegEvaluator
 from dinat_m2f.evaluation.panoptic_evaluation import CityscapesPanopticEvaluator, COCOPanopticEvaluator
+from dinat_m2f.evaluation.sem_seg_evaluation import SemSegEvaluator
 
 __all__ = ["build_evaluator"]
 
