@@ -3,14 +3,16 @@ panopticapi / pycocotools (and detectron2's own COCOPanopticEvaluator) compute o
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 
 import numpy as np
 import pytest
 import torch
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
-from eval_fixtures import instances_output, panoptic_output, pq_directly, pycocotools_segm, register, run
+from eval_fixtures import instances_output, panoptic_output, pq_directly, pycocotools_segm, register, rle, run
 from mini_datasets import Segment, make_coco
 
 from dinat_m2f.evaluation import COCOEvaluator, COCOPanopticEvaluator
@@ -191,3 +193,31 @@ def test_coco_panoptic_label_divisor_format(coco):
     assert got["PQ"] < 90
     for key in expected:
         assert got[key] == pytest.approx(expected[key], abs=1e-9), key
+
+
+def test_fast_and_slow_cocoeval_agree_on_random_predictions(coco):
+    """All 12 COCO summary numbers of faster-coco-eval and pycocotools, on many random masks, scores and classes
+    (including score ties), for both custom and default max detections."""
+    from pycocotools.coco import COCO
+
+    from dinat_m2f.evaluation import evaluate_predictions_on_coco
+
+    rng = np.random.default_rng(0)
+    results = []
+    for im in coco["images"]:
+        for s in im.segments:
+            if not s.isthing:
+                continue
+            for _ in range(6):
+                mask = np.roll(s.mask, tuple(rng.integers(-4, 5, size=2)), axis=(0, 1))
+                score = float(rng.choice([0.3, 0.5, 0.5, 0.9, rng.random()]))
+                cat = int(rng.choice([s.category_id, PERSON, CAR, BICYCLE]))
+                results.append({"image_id": im.image_id, "category_id": cat, "segmentation": rle(mask), "score": score})
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(coco["meta"]["json_file"])
+    for max_dets in ([1, 10, 100], [1, 5, 7]):
+        fast = evaluate_predictions_on_coco(gt, results, "segm", use_fast_impl=True, max_dets_per_image=max_dets)
+        slow = evaluate_predictions_on_coco(gt, results, "segm", use_fast_impl=False, max_dets_per_image=max_dets)
+        assert 0 < slow.stats[0] < 0.9
+        np.testing.assert_allclose(fast.stats[:12], slow.stats[:12], atol=1e-12, err_msg=str(max_dets))
+        np.testing.assert_allclose(fast.eval["precision"], slow.eval["precision"], atol=1e-12)
