@@ -1,0 +1,273 @@
+"""The NAT/DiNAT models: attention module (incl. the paper-era padding), official state-dict names, variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dinat_m2f.modeling.backbone import VARIANTS, NeighborhoodAttention2D, build_variant
+from dinat_m2f.modeling.backbone.dinat import check_dilations
+from dinat_m2f.ops import reference
+
+# --------------------------------------------------------------------------------------------- attention module
+
+
+def _hand_built(attn: NeighborhoodAttention2D, x: torch.Tensor) -> torch.Tensor:
+    """NATTEN <= 0.15 NeighborhoodAttention2D.forward, written out with the pure-PyTorch reference ops."""
+    batch, height, width, channels = x.shape
+    k, d, heads = attn.kernel_size, attn.dilation, attn.num_heads
+    pad_b, pad_r = max(0, k * d - height), max(0, k * d - width)
+    xp = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))  # zeros bottom / right, BEFORE qkv
+    hp, wp = xp.shape[1:3]
+    qkv = F.linear(xp, attn.qkv.weight, attn.qkv.bias).reshape(batch, hp, wp, 3, heads, channels // heads)
+    q, kk, v = qkv.permute(3, 0, 4, 1, 2, 5)
+    logits = reference.na2d_qk(q * (channels // heads) ** -0.5, kk, k, d, rpb=attn.rpb)
+    out = reference.na2d_av(logits.softmax(-1), v, k, d)  # padded tokens are keys too: no mask
+    out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)[:, :height, :width]
+    return F.linear(out, attn.proj.weight, attn.proj.bias)
+
+
+@pytest.mark.parametrize(
+    "height,width,kernel,dilation",
+    [
+        (9, 11, 3, 2),  # no padding (9, 11 >= 6)
+        (5, 11, 3, 2),  # padding at the bottom only
+        (8, 4, 3, 3),  # padding on both axes, at the right more than the map
+        (3, 3, 5, 1),  # map smaller than the kernel itself
+    ],
+)
+def test_attention_matches_hand_built_padded_computation(height, width, kernel, dilation):
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(12, 3, kernel, dilation).double().eval()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()  # a non-zero bias makes the padded tokens matter
+        attn.rpb.normal_()
+    x = torch.randn(2, height, width, 12, dtype=torch.float64)
+    out = attn(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, _hand_built(attn, x), rtol=1e-10, atol=1e-10)
+
+
+def test_padding_tokens_are_unmasked():
+    """Masking the padded keys out (what a modern implementation might do) gives a different answer."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(8, 2, 3, 2).double().eval()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)  # H = 4 < k*d = 6: two padded rows
+    out = attn(x)
+
+    xp = F.pad(x, (0, 0, 0, 0, 0, 2))
+    q, k, v = F.linear(xp, attn.qkv.weight, attn.qkv.bias).reshape(1, 6, 8, 3, 2, 4).permute(3, 0, 4, 1, 2, 5)
+    logits = reference.na2d_qk(q * 0.5, k, 3, 2, rpb=attn.rpb)
+    key_rows = reference.window_indices(6, 3, 2)  # [6, 3]: the key rows of each query row
+    padded_key = (key_rows >= 4)[:, None, :, None].expand(6, 8, 3, 3).flatten(-2)  # [H, W, k*k]
+    masked = reference.na2d_av(logits.masked_fill(padded_key, float("-inf")).softmax(-1), v, 3, 2)
+    masked = attn.proj(masked.permute(0, 2, 3, 1, 4).reshape(1, 6, 8, 8)[:, :4])
+    assert padded_key[:4].any()  # some real queries do have padded keys in their window
+    assert not torch.allclose(out, masked)
+    torch.testing.assert_close(out, _hand_built(attn, x), rtol=1e-10, atol=1e-10)
+
+
+def test_attention_dropout_path_equals_fused_when_dropout_is_negligible():
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(16, 2, 3, 2, attn_drop=1e-12).double()
+    x = torch.randn(2, 7, 9, 16, dtype=torch.float64)
+    fused = attn.eval()(x)
+    unfused = attn.train()(x)  # qk -> softmax -> dropout (p ~ 0) -> av
+    torch.testing.assert_close(unfused, fused, rtol=1e-9, atol=1e-9)
+
+
+def test_attention_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="kernel_size must be an odd integer"):
+        NeighborhoodAttention2D(8, 2, 4)
+    with pytest.raises(ValueError, match="dilation must be an integer >= 1"):
+        NeighborhoodAttention2D(8, 2, 3, 0)
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        NeighborhoodAttention2D(10, 3, 3)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        NeighborhoodAttention2D(8, 2, 3)(torch.randn(2, 8, 8))
+
+
+def test_check_dilations_messages():
+    assert check_dilations(None, [2, 1]) == [[1, 1], [1]]
+    with pytest.raises(ValueError, match="list of 2 per-stage lists"):
+        check_dilations([[1, 2]], [2, 1])
+    with pytest.raises(ValueError, match=r"DILATIONS\[1\] must list one dilation per layer"):
+        check_dilations([[1, 2], [1, 2]], [2, 1])
+    with pytest.raises(ValueError, match=r"DILATIONS\[0\]\[1\] must be an integer >= 1, got 0"):
+        check_dilations([[1, 0], [1]], [2, 1])
+    with pytest.raises(ValueError, match=r"got 2.0"):
+        check_dilations([[1, 2.0], [1]], [2, 1])
+    with pytest.raises(ValueError, match=r"got True"):
+        check_dilations([[1, True], [1]], [2, 1])
+
+
+# --------------------------------------------------------------------------------- official key names and shapes
+
+
+def _layer_keys(prefix: str, dim: int, heads: int, kernel: int, hidden: int, layer_scale: bool) -> dict:
+    keys = {
+        f"{prefix}.norm1.weight": (dim,),
+        f"{prefix}.norm1.bias": (dim,),
+        f"{prefix}.attn.qkv.weight": (3 * dim, dim),
+        f"{prefix}.attn.qkv.bias": (3 * dim,),
+        f"{prefix}.attn.rpb": (heads, 2 * kernel - 1, 2 * kernel - 1),
+        f"{prefix}.attn.proj.weight": (dim, dim),
+        f"{prefix}.attn.proj.bias": (dim,),
+        f"{prefix}.norm2.weight": (dim,),
+        f"{prefix}.norm2.bias": (dim,),
+        f"{prefix}.mlp.fc1.weight": (hidden, dim),
+        f"{prefix}.mlp.fc1.bias": (hidden,),
+        f"{prefix}.mlp.fc2.weight": (dim, hidden),
+        f"{prefix}.mlp.fc2.bias": (dim,),
+    }
+    if layer_scale:
+        keys[f"{prefix}.gamma1"] = (dim,)
+        keys[f"{prefix}.gamma2"] = (dim,)
+    return keys
+
+
+def official_dinat_keys(c, depths, heads, mlp, k, layer_scale=False, classes=1000, dense=False) -> dict:
+    """spec/dinat.md 1.2 (classification) or the dense-prediction variant (no norm/head, norm0..3)."""
+    keys = {
+        "patch_embed.proj.0.weight": (c // 2, 3, 3, 3),
+        "patch_embed.proj.0.bias": (c // 2,),
+        "patch_embed.proj.1.weight": (c, c // 2, 3, 3),
+        "patch_embed.proj.1.bias": (c,),
+        "patch_embed.norm.weight": (c,),
+        "patch_embed.norm.bias": (c,),
+    }
+    for i, depth in enumerate(depths):
+        dim = c * 2**i
+        for j in range(depth):
+            keys.update(_layer_keys(f"levels.{i}.blocks.{j}", dim, heads[i], k, int(dim * mlp), layer_scale))
+        if i < len(depths) - 1:
+            keys[f"levels.{i}.downsample.reduction.weight"] = (2 * dim, dim, 3, 3)
+            keys[f"levels.{i}.downsample.norm.weight"] = (2 * dim,)
+            keys[f"levels.{i}.downsample.norm.bias"] = (2 * dim,)
+        if dense:
+            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
+    if not dense:
+        final = c * 2 ** (len(depths) - 1)
+        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
+        keys["head.bias"] = (classes,)
+    return keys
+
+
+def official_dinat_s_keys(c, depths, heads, classes=1000, dense=False) -> dict:
+    keys = {
+        "patch_embed.proj.weight": (c, 3, 4, 4),
+        "patch_embed.proj.bias": (c,),
+        "patch_embed.norm.weight": (c,),
+        "patch_embed.norm.bias": (c,),
+    }
+    for i, depth in enumerate(depths):
+        dim = c * 2**i
+        for j in range(depth):
+            keys.update(_layer_keys(f"layers.{i}.blocks.{j}", dim, heads[i], 7, 4 * dim, False))
+        if i < len(depths) - 1:
+            keys[f"layers.{i}.downsample.reduction.weight"] = (2 * dim, 4 * dim)
+            keys[f"layers.{i}.downsample.norm.weight"] = (4 * dim,)
+            keys[f"layers.{i}.downsample.norm.bias"] = (4 * dim,)
+        if dense:
+            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
+    if not dense:
+        final = c * 2 ** (len(depths) - 1)
+        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
+        keys["head.bias"] = (classes,)
+    return keys
+
+
+def official_iso_keys(c, heads) -> dict:
+    keys = {
+        "patch_embed.proj.weight": (c, 3, 16, 16),
+        "patch_embed.proj.bias": (c,),
+        "patch_embed.norm.weight": (c,),
+        "patch_embed.norm.bias": (c,),
+    }
+    for j in range(12):
+        keys.update(_layer_keys(f"layers.{j}", c, heads, 7, 4 * c, False))
+    keys.update({"norm.weight": (c,), "norm.bias": (c,), "head.weight": (1000, c), "head.bias": (1000,)})
+    return keys
+
+
+_D = (3, 4, 18, 5)
+_SD = (2, 2, 18, 2)
+OFFICIAL_KEYS = {
+    "dinat_mini": lambda: official_dinat_keys(64, (3, 4, 6, 5), (2, 4, 8, 16), 3, 7),
+    "dinat_tiny": lambda: official_dinat_keys(64, _D, (2, 4, 8, 16), 3, 7),
+    "dinat_small": lambda: official_dinat_keys(96, _D, (3, 6, 12, 24), 2, 7),
+    "dinat_base": lambda: official_dinat_keys(128, _D, (4, 8, 16, 32), 2, 7, layer_scale=True),
+    "dinat_large": lambda: official_dinat_keys(192, _D, (6, 12, 24, 48), 2, 7),
+    "dinat_large_384": lambda: official_dinat_keys(192, _D, (6, 12, 24, 48), 2, 7),
+    "dinat_large_384_11x11": lambda: official_dinat_keys(192, _D, (6, 12, 24, 48), 2, 11),
+    "dinat_large_21k": lambda: official_dinat_keys(192, _D, (6, 12, 24, 48), 2, 7, classes=21841),
+    "dinat_large_21k_11x11": lambda: official_dinat_keys(192, _D, (6, 12, 24, 48), 2, 11, classes=21841),
+    "nat_mini": lambda: official_dinat_keys(64, (3, 4, 6, 5), (2, 4, 8, 16), 3, 7),
+    "nat_tiny": lambda: official_dinat_keys(64, _D, (2, 4, 8, 16), 3, 7),
+    "nat_small": lambda: official_dinat_keys(96, _D, (3, 6, 12, 24), 2, 7, layer_scale=True),
+    "nat_base": lambda: official_dinat_keys(128, _D, (4, 8, 16, 32), 2, 7, layer_scale=True),
+    "dinat_s_tiny": lambda: official_dinat_s_keys(96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "dinat_s_small": lambda: official_dinat_s_keys(96, _SD, (3, 6, 12, 24)),
+    "dinat_s_base": lambda: official_dinat_s_keys(128, _SD, (4, 8, 16, 32)),
+    "dinat_s_large": lambda: official_dinat_s_keys(192, _SD, (6, 12, 24, 48)),
+    "dinat_s_large_384": lambda: official_dinat_s_keys(192, _SD, (6, 12, 24, 48)),
+    "dinat_s_large_21k": lambda: official_dinat_s_keys(192, _SD, (6, 12, 24, 48), classes=21841),
+    "nat_iso_small": lambda: official_iso_keys(384, 12),
+    "dinat_iso_small": lambda: official_iso_keys(384, 12),
+    "nat_iso_base": lambda: official_iso_keys(768, 24),
+    "dinat_iso_base": lambda: official_iso_keys(768, 24),
+}
+
+
+def test_every_variant_has_official_keys():
+    assert sorted(OFFICIAL_KEYS) == sorted(VARIANTS)
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_KEYS))
+def test_official_state_dict_loads_strictly(name):
+    """A state dict with the official names and shapes (meta tensors: no memory) loads with strict=True."""
+    expected = OFFICIAL_KEYS[name]()
+    with torch.device("meta"):
+        model = build_variant(name)
+        official = {key: torch.empty(shape) for key, shape in expected.items()}
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == expected
+    result = model.load_state_dict(official, strict=True, assign=True)
+    assert not result.missing_keys and not result.unexpected_keys
+
+
+@pytest.mark.parametrize("name", ["dinat_mini", "dinat_s_tiny", "dinat_iso_small"])
+def test_state_dict_values_round_trip_and_forward(name):
+    torch.manual_seed(0)
+    official = {k: torch.randn(shape) * 0.02 for k, shape in OFFICIAL_KEYS[name]().items()}
+    model = build_variant(name).eval()
+    model.load_state_dict(official, strict=True)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, official[key]), key
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, 224, 224))
+    assert logits.shape == (1, 1000) and torch.isfinite(logits).all()
+
+
+def test_variants_hyper_parameters():
+    tiny = build_variant("dinat_tiny")
+    dilations = [[blk.attn.dilation for blk in level.blocks] for level in tiny.levels]
+    assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
+    large_384 = VARIANTS["dinat_large_384"]
+    assert large_384.input_size == 384
+    assert large_384.kwargs["dilations"][:2] == [[1, 13, 1], [1, 6, 1, 6]]
+    nat = build_variant("nat_tiny")
+    assert all(blk.attn.dilation == 1 for level in nat.levels for blk in level.blocks)
+    iso = build_variant("dinat_iso_small")
+    assert [layer.attn.dilation for layer in iso.layers] == [1, 2] * 6
+    with pytest.raises(KeyError, match="unknown DiNAT variant"):
+        build_variant("dinat_huge")
+
+
+def test_dinat_s_odd_input_pads_like_swin():
+    model = build_variant("dinat_s_tiny", num_classes=0).eval()
+    with torch.no_grad():
+        features = model(torch.randn(1, 3, 227, 229))  # 57x58 tokens, merged with zero padding
+    assert features.shape == (1, 768)
