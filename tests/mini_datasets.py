@@ -38,6 +38,7 @@ __all__ = [
     "make_ade20k",
     "make_ade20k_full",
     "make_cityscapes",
+    "make_mapillary_vistas",
     "corrupt_file",
     "load_prep_script",
     "registered_under",
@@ -447,4 +448,71 @@ def make_cityscapes(
             segments.append(Segment(int(label_id), ids == v, bool(lab.hasInstances and v >= 1000), False, int(v)))
         Image.fromarray(_photo(segments, h, w, rng)).save(os.path.join(img_dir, stem + "_leftImg8bit.png"))
         out.append(MiniImage(stem, stem, h, w, segments))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- Mapillary Vistas
+def make_mapillary_vistas(root: str, split: str = "validation", num_images: int = 2, seed: int = 0) -> list[MiniImage]:
+    """Mapillary Vistas v1.2 ``{split}/{images,labels,panoptic}`` with ``panoptic/panoptic_2018.json``.
+
+    ``labels`` PNGs hold the label index 0..64 (65 = unlabeled); panoptic category ids are index + 1.
+    ``Segment.category_id`` is the label index. Image i: "Sky" top, "Road" bottom, an unlabeled 3-pixel column,
+    two "Car" instances.
+    """
+    from panopticapi.utils import id2rgb
+
+    from dinat_m2f.data.datasets.mapillary_vistas import MAPILLARY_VISTAS_CATEGORIES
+
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, "mapillary_vistas", split)
+    for d in ("images", "labels", "panoptic"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    names = [c["name"] for c in MAPILLARY_VISTAS_CATEGORIES]
+    sky, road, car = names.index("Sky"), names.index("Road"), names.index("Car")
+    images, anns, out = [], [], []
+    for i in range(num_images):
+        stem = f"mv{seed}{i:04d}x"
+        labeled = ~_rect(0, H, 0, 3)
+        cars = [_rect(20, 34, 8 + i, 24 + i) & labeled, _rect(22, 40, 40, 56)]
+        union = cars[0] | cars[1]
+        segments = [
+            Segment(sky, _rect(0, H // 2, 0, W) & labeled & ~union, False, False, 1),
+            Segment(road, _rect(H // 2, H, 0, W) & labeled & ~union, False, False, 2),
+            Segment(car, cars[0], True, False, 3),
+            Segment(car, cars[1], True, False, 4),
+        ]
+        label = np.full((H, W), 65, dtype=np.uint8)
+        pan = np.zeros((H, W), dtype=np.int64)
+        for s in segments:
+            label[s.mask] = s.category_id
+            pan[s.mask] = s.segment_id
+        Image.fromarray(label).save(os.path.join(base, "labels", stem + ".png"))
+        Image.fromarray(id2rgb(pan)).save(os.path.join(base, "panoptic", stem + ".png"))
+        Image.fromarray(_photo(segments, H, W, rng)).save(os.path.join(base, "images", stem + ".jpg"), quality=95)
+        images.append({"id": stem, "file_name": stem + ".jpg", "height": H, "width": W})
+        anns.append(
+            {
+                "image_id": stem,
+                "file_name": stem + ".png",
+                "segments_info": [
+                    {
+                        "id": s.segment_id,
+                        "category_id": s.category_id + 1,
+                        "iscrowd": 0,
+                        "area": int(s.mask.sum()),
+                        "bbox": _bbox(s.mask),
+                    }
+                    for s in segments
+                ],
+            }
+        )
+        out.append(MiniImage(stem, stem, H, W, segments))
+    cats = [
+        {"id": c["id"], "name": c["name"], "supercategory": "", "isthing": c["isthing"], "color": c["color"]}
+        for c in MAPILLARY_VISTAS_CATEGORIES
+    ]
+    _write_json(
+        os.path.join(base, "panoptic", "panoptic_2018.json"),
+        {"images": images, "annotations": anns, "categories": cats},
+    )
     return out

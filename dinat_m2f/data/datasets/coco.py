@@ -128,7 +128,7 @@ def register_all_coco_panoptic(root: str | None = None) -> None:
                 p,
                 meta,
                 sem_seg_dir=s,
-                prepare_hint="Run datasets/prepare_coco_semantic_annos_from_panoptic_annos.py.",
+                sem_seg_hint="Run datasets/prepare_coco_semantic_annos_from_panoptic_annos.py.",
             ),
             sem_seg_root=sem_dir,
             **common,

@@ -82,18 +82,20 @@ def load_panoptic_json(
     sem_seg_dir: str | None = None,
     image_ext: str = ".jpg",
     prepare_hint: str = "",
+    sem_seg_hint: str = "",
 ) -> list[dict]:
     """Load a COCO-format panoptic JSON into detectron2 dicts with contiguous ``category_id`` and ``isthing``.
 
     ``meta`` holds ``thing_dataset_id_to_contiguous_id`` / ``stuff_dataset_id_to_contiguous_id``. With
     ``sem_seg_dir``, each dict also gets ``sem_seg_file_name`` (``<sem_seg_dir>/<stem>.png``). Images are named
-    after the annotation PNG's stem with ``image_ext``, as in COCO, ADE20K and Mapillary.
+    after the annotation PNG's stem with ``image_ext``, as in COCO, ADE20K and Mapillary. ``prepare_hint`` /
+    ``sem_seg_hint`` say how to make a missing JSON + panoptic folder / semantic folder.
     """
     require_path(json_file, prepare_hint)
     require_path(image_dir)
     require_path(panoptic_dir, prepare_hint)
     if sem_seg_dir is not None:
-        require_path(sem_seg_dir)
+        require_path(sem_seg_dir, sem_seg_hint)
     with PathManager.open(json_file) as f:
         info = json.load(f)
     _check_categories(info.get("categories", []), meta, json_file)
@@ -112,7 +114,8 @@ def load_panoptic_json(
     if not ret:
         raise FileNotFoundError(f"{json_file} lists no annotations")
     # Check the first record's files exist (as detectron2 does): a wrong root fails here, not mid-training.
-    for key in ("file_name", "pan_seg_file_name", "sem_seg_file_name"):
+    hints = {"file_name": "", "pan_seg_file_name": prepare_hint, "sem_seg_file_name": sem_seg_hint}
+    for key, hint in hints.items():
         if key in ret[0]:
-            require_path(ret[0][key], prepare_hint if key != "file_name" else "")
+            require_path(ret[0][key], hint)
     return ret

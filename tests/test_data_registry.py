@@ -1,0 +1,157 @@
+"""Registrations of every dataset name: metadata, re-pointing at a root, clear errors before preparation;
+Mapillary Vistas and COCO-Stuff-10k on small hand-made copies."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from mini_datasets import make_mapillary_vistas, registered_under
+from PIL import Image
+
+import dinat_m2f.data  # noqa: F401  (registers)
+from dinat_m2f.data import MaskFormerPanopticDatasetMapper, MaskFormerSemanticDatasetMapper, build_train_mapper
+
+NAMES = {
+    "coco_2017_train_panoptic_with_sem_seg": "coco_panoptic_seg",
+    "coco_2017_val_panoptic_with_sem_seg": "coco_panoptic_seg",
+    "coco_2017_train": "coco",
+    "coco_2017_val": "coco",
+    "ade20k_sem_seg_train": "sem_seg",
+    "ade20k_sem_seg_val": "sem_seg",
+    "ade20k_panoptic_train": "ade20k_panoptic_seg",
+    "ade20k_panoptic_val": "ade20k_panoptic_seg",
+    "ade20k_instance_train": "coco",
+    "ade20k_instance_val": "coco",
+    "ade20k_full_sem_seg_train": "sem_seg",
+    "ade20k_full_sem_seg_val": "sem_seg",
+    "cityscapes_fine_sem_seg_train": "cityscapes_sem_seg",
+    "cityscapes_fine_instance_seg_val": "cityscapes_instance",
+    "cityscapes_fine_panoptic_train": "cityscapes_panoptic_seg",
+    "cityscapes_fine_panoptic_val": "cityscapes_panoptic_seg",
+    "coco_2017_train_stuff_10k_sem_seg": "sem_seg",
+    "coco_2017_test_stuff_10k_sem_seg": "sem_seg",
+    "mapillary_vistas_sem_seg_train": "sem_seg",
+    "mapillary_vistas_sem_seg_val": "sem_seg",
+    "mapillary_vistas_panoptic_train": "mapillary_vistas_panoptic_seg",
+    "mapillary_vistas_panoptic_val": "mapillary_vistas_panoptic_seg",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NAMES))
+def test_every_name_is_registered_with_its_evaluator_type(name):
+    assert name in DatasetCatalog.list()
+    assert MetadataCatalog.get(name).evaluator_type == NAMES[name]
+
+
+def test_metadata_sizes():
+    m = MetadataCatalog.get
+    assert len(m("coco_2017_test_stuff_10k_sem_seg").stuff_classes) == 171
+    assert m("coco_2017_test_stuff_10k_sem_seg").ignore_label == 255
+    mv = m("mapillary_vistas_panoptic_val")
+    assert len(mv.stuff_classes) == 65 and mv.ignore_label == 65 and mv.label_divisor == 1000
+    assert m("mapillary_vistas_sem_seg_val").ignore_label == 65
+    ade = m("ade20k_panoptic_val")
+    assert sorted(ade.thing_dataset_id_to_contiguous_id) != list(range(100))  # interleaved with stuff ids
+    assert len(m("cityscapes_fine_sem_seg_val").stuff_classes) == 19
+    assert len(m("cityscapes_fine_instance_seg_val").thing_classes) == 8
+
+
+def test_default_root_comes_from_environment(tmp_path, monkeypatch):
+    from dinat_m2f.data.datasets import register_all
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))
+    try:
+        register_all()
+        image_root = MetadataCatalog.get("ade20k_sem_seg_val").image_root
+        assert image_root == os.path.join(str(tmp_path), "ADEChallengeData2016", "images", "validation")
+    finally:
+        monkeypatch.undo()
+        register_all()
+
+
+def test_unprepared_dataset_errors_name_file_and_script(tmp_path):
+    (tmp_path / "ADEChallengeData2016" / "images" / "validation").mkdir(parents=True)
+    (tmp_path / "cityscapes" / "leftImg8bit" / "val").mkdir(parents=True)
+    with registered_under(str(tmp_path)):
+        with pytest.raises(FileNotFoundError, match=r"ade20k_panoptic_val\.json.*prepare_ade20k_pan_seg\.py"):
+            DatasetCatalog.get("ade20k_panoptic_val")
+        with pytest.raises(FileNotFoundError, match=r"ade20k_instance_val\.json.*prepare_ade20k_ins_seg\.py"):
+            DatasetCatalog.get("ade20k_instance_val")
+        with pytest.raises(FileNotFoundError, match=r"cityscapes_panoptic_val\.json.*prepare_cityscapes\.py"):
+            DatasetCatalog.get("cityscapes_fine_panoptic_val")
+        with pytest.raises(FileNotFoundError, match=r"coco/annotations/panoptic_val2017\.json$"):
+            DatasetCatalog.get("coco_2017_val_panoptic_with_sem_seg")
+    assert not MetadataCatalog.get("ade20k_sem_seg_val").image_root.startswith(str(tmp_path))  # restored
+
+
+def test_mapillary_vistas_semantic_and_panoptic(tmp_path):
+    images = make_mapillary_vistas(str(tmp_path))
+    with registered_under(str(tmp_path)):
+        sem = DatasetCatalog.get("mapillary_vistas_sem_seg_val")
+        assert len(sem) == 2
+        mapper = MaskFormerSemanticDatasetMapper(
+            augmentations=[], image_format="RGB", ignore_label=65, size_divisibility=-1
+        )
+        out = mapper(sem[0])
+        assert 65 not in out["instances"].gt_classes.tolist() and len(out["instances"]) == 3  # sky, road, car
+        pan = DatasetCatalog.get("mapillary_vistas_panoptic_val")
+        names = MetadataCatalog.get("mapillary_vistas_panoptic_val").stuff_classes
+        segs = pan[0]["segments_info"]
+        assert sorted((names[s["category_id"]], s["isthing"]) for s in segs) == [
+            ("Car", True),
+            ("Car", True),
+            ("Road", False),
+            ("Sky", False),
+        ]
+        out = MaskFormerPanopticDatasetMapper(
+            augmentations=[], image_format="RGB", ignore_label=65, size_divisibility=-1
+        )(pan[0])
+        for c, m in zip(out["instances"].gt_classes.tolist(), out["instances"].gt_masks.numpy()):
+            assert sum(bool((m == s.mask).all()) and s.category_id == c for s in images[0].segments) == 1
+
+
+def test_panoptic_json_with_contradicting_isthing_is_refused(tmp_path):
+    import json
+
+    make_mapillary_vistas(str(tmp_path), num_images=1)
+    path = tmp_path / "mapillary_vistas" / "validation" / "panoptic" / "panoptic_2018.json"
+    info = json.loads(path.read_text())
+    info["categories"][27]["isthing"] = 1  # "Sky" claimed as a thing
+    path.write_text(json.dumps(info))
+    with registered_under(str(tmp_path)), pytest.raises(ValueError, match=r"categories \[28\] disagree"):
+        DatasetCatalog.get("mapillary_vistas_panoptic_val")
+
+
+def test_coco_stuff_10k_registration(tmp_path):
+    base = tmp_path / "coco" / "coco_stuff_10k"
+    for split in ("train", "test"):
+        (base / "images_detectron2" / split).mkdir(parents=True)
+        (base / "annotations_detectron2" / split).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(base / "images_detectron2" / split / "x.jpg")
+        Image.fromarray(np.full((8, 8), 170, np.uint8)).save(base / "annotations_detectron2" / split / "x.png")
+    with registered_under(str(tmp_path)):
+        d = DatasetCatalog.get("coco_2017_test_stuff_10k_sem_seg")
+        assert [os.path.basename(x["sem_seg_file_name"]) for x in d] == ["x.png"]
+        assert MetadataCatalog.get("coco_2017_test_stuff_10k_sem_seg").stuff_classes[170] == "wood"
+
+
+def test_build_train_mapper_by_name():
+    from dinat_m2f.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.DATASETS.TRAIN = ("ade20k_sem_seg_train",)
+    expected = {
+        "mask_former_semantic": "MaskFormerSemanticDatasetMapper",
+        "mask_former_panoptic": "MaskFormerPanopticDatasetMapper",
+        "mask_former_instance": "MaskFormerInstanceDatasetMapper",
+        "coco_instance_lsj": "COCOInstanceNewBaselineDatasetMapper",
+        "coco_panoptic_lsj": "COCOPanopticNewBaselineDatasetMapper",
+    }
+    for name, cls in expected.items():
+        cfg.INPUT.DATASET_MAPPER_NAME = name
+        assert type(build_train_mapper(cfg)).__name__ == cls
+    cfg.INPUT.DATASET_MAPPER_NAME = "detectron2_default"
+    assert build_train_mapper(cfg) is None
