@@ -1,0 +1,213 @@
+"""Benchmark the neighborhood-attention ops side by side, at DiNAT / Mask2Former shapes.
+
+For every shape it times, in one run and on the same tokens:
+- ``fused``: dinat_m2f.ops.na2d (online softmax, no attention weights materialised),
+- ``unfused``: na2d_qk -> softmax -> na2d_av,
+- ``reference``: dinat_m2f.ops.reference.na2d (pure-PyTorch gather + einsum),
+- ``sdpa``: dense torch.nn.functional.scaled_dot_product_attention over all H*W tokens,
+forward (``fwd``) and forward+backward (``fwd+bwd``), and prints ratios reference/ours. GFLOP/s counts the useful
+work of NA (2 * tokens * window * D multiply-adds per head forward, twice that backward); SDPA is credited with its
+dense work. The machine's float32 matmul rate is measured first, as the yardstick.
+
+    python tools/benchmark_ops.py --quick          # < 1 minute
+    python tools/benchmark_ops.py --json           # JSON records on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dinat_m2f import ops
+from dinat_m2f.ops import reference
+
+
+@dataclass
+class Record:
+    op: str
+    impl: str
+    shape: str
+    kernel_size: int
+    dilation: int
+    dtype: str
+    pass_: str
+    ms: float
+    gflops: float
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["pass"] = d.pop("pass_")
+        return d
+
+
+@dataclass(frozen=True)
+class Case:
+    height: int
+    width: int
+    heads: int
+    dim: int
+    kernel_size: int
+    dilation: int
+    batch: int = 1
+    with_reference: bool = True
+    with_sdpa_backward: bool = True
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.heads}x{self.height}x{self.width}x{self.dim}"
+
+
+QUICK_CASES = [Case(56, 56, 4, 32, 7, 1), Case(56, 56, 4, 32, 7, 8)]
+FULL_CASES = QUICK_CASES + [
+    Case(28, 28, 4, 32, 7, 4),
+    # Mask2Former at 640x640, DiNAT stride-4 features; the reference's gathered keys would need ~2.5 GB here and
+    # dense attention's backward over 25 600 tokens takes minutes on 2 cores, so both are left out.
+    Case(160, 160, 4, 32, 11, 14, with_reference=False, with_sdpa_backward=False),
+]
+
+
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def matmul_gflops(repeats: int) -> float:
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    ms = time_ms(lambda: torch.mm(a, b), repeats, warmup=2)
+    return 2 * 1024**3 / (ms * 1e6)
+
+
+def na_flops(case: Case) -> float:
+    """Useful forward work: q.k and attn.v over each window (2 flops per multiply-add)."""
+    tokens = case.batch * case.heads * case.height * case.width
+    return 2 * 2 * tokens * case.kernel_size**2 * case.dim
+
+
+def sdpa_flops(case: Case) -> float:
+    n = case.height * case.width
+    return 2 * 2 * case.batch * case.heads * n * n * case.dim
+
+
+def implementations(case: Case):
+    scale = case.dim**-0.5
+    k, d = case.kernel_size, case.dilation
+
+    def fused(q, key, v, rpb):
+        return ops.na2d(q, key, v, k, d, rpb)
+
+    def unfused(q, key, v, rpb):
+        return ops.na2d_av(ops.na2d_qk(q * scale, key, k, d, rpb).softmax(-1), v, k, d)
+
+    def ref(q, key, v, rpb):
+        return reference.na2d(q, key, v, k, d, rpb)
+
+    def sdpa(q, key, v, rpb):
+        return torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3), key.flatten(2, 3), v.flatten(2, 3))
+
+    impls = [("fused", fused), ("unfused", unfused)]
+    if case.with_reference:
+        impls.append(("reference", ref))
+    impls.append(("sdpa", sdpa))
+    return impls
+
+
+def bench_case(case: Case, dtype: torch.dtype, repeats: int) -> list[Record]:
+    g = torch.Generator().manual_seed(0)
+    shape = (case.batch, case.heads, case.height, case.width, case.dim)
+    q, key, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
+    rpb = (torch.randn(case.heads, 2 * case.kernel_size - 1, 2 * case.kernel_size - 1, generator=g) * 0.02).to(dtype)
+    records = []
+    for impl, fn in implementations(case):
+        flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
+        with torch.no_grad():
+            ms = time_ms(lambda fn=fn: fn(q, key, v, rpb), repeats)
+        records.append(
+            Record(
+                "na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:], "fwd", ms, flops / ms / 1e6
+            )
+        )
+        if impl == "sdpa" and not case.with_sdpa_backward:
+            continue
+        leaves = [t.clone().requires_grad_() for t in (q, key, v, rpb)]
+        grad = torch.randn(shape, generator=g).to(dtype)
+
+        def step(fn=fn, leaves=leaves, grad=grad):
+            out = fn(*leaves)
+            out.backward(grad)
+
+        ms = time_ms(step, repeats)
+        records.append(
+            Record(
+                "na2d",
+                impl,
+                case.shape,
+                case.kernel_size,
+                case.dilation,
+                str(dtype)[6:],
+                "fwd+bwd",
+                ms,
+                3 * flops / ms / 1e6,
+            )
+        )
+    return records
+
+
+def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
+    print(f"float32 matmul (1024^3, {torch.get_num_threads()} threads): {matmul:.1f} GFLOP/s", file=file)
+    print(
+        f"{'shape':>18} {'k':>3} {'d':>3} {'pass':>8} {'impl':>10} {'ms':>10} {'GFLOP/s':>9} {'% mm':>6} {'ref/this':>9}",
+        file=file,
+    )
+    by_key = {(r.shape, r.kernel_size, r.dilation, r.pass_, r.impl): r for r in records}
+    for r in records:
+        ref = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "reference"))
+        ratio = f"{ref.ms / r.ms:9.1f}" if ref is not None else f"{'-':>9}"
+        print(
+            f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.pass_:>8} {r.impl:>10} {r.ms:10.2f} {r.gflops:9.2f} "
+            f"{100 * r.gflops / matmul:6.1f} {ratio}",
+            file=file,
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="56x56 shapes only, few repeats (< 1 minute)")
+    parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    repeats = args.repeats or (5 if args.quick else 10)
+    dtype = getattr(torch, args.dtype)
+    matmul = matmul_gflops(repeats)
+    records = []
+    for case in QUICK_CASES if args.quick else FULL_CASES:
+        records.extend(bench_case(case, dtype, repeats))
+    if args.json:
+        print(
+            json.dumps(
+                {"matmul_float32_gflops": matmul, "threads": args.threads, "records": [r.to_json() for r in records]},
+                indent=1,
+            )
+        )
+    else:
+        print_table(records, matmul)
+
+
+if __name__ == "__main__":
+    main()
