@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         default="keys",
         help="keys: bicubic convolution exact on linear biases (default); torch: F.interpolate bicubic (Swin-style)",
     )
-    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE pairs")
+    parser.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides, KEY VALUE pairs (last argument)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
