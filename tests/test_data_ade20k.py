@@ -326,3 +326,15 @@ def _write(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f)
     return path
+
+
+def test_prep_scripts_name_a_corrupt_annotation(tmp_path):
+    root = str(tmp_path)
+    images = {split: make_ade20k(root, split, num_images=1) for split in ("training", "validation")}
+    bad = os.path.join(_base(root), "annotations_instance", "validation", images["validation"][0].stem + ".png")
+    corrupt_file(bad)
+    with pytest.raises(OSError, match=f"Cannot read image {bad}"):
+        load_prep_script("prepare_ade20k_pan_seg").main(["--root", root, "--workers", "1"])
+    os.remove(bad)
+    with pytest.raises(FileNotFoundError, match=bad):
+        load_prep_script("prepare_ade20k_ins_seg").main(["--root", root, "--workers", "1"])
