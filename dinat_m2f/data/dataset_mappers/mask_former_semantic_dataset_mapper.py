@@ -24,8 +24,12 @@ from dinat_m2f.data.dataset_mappers._common import (
 __all__ = ["MaskFormerSemanticDatasetMapper", "semantic_augmentations"]
 
 
-def semantic_augmentations(cfg, crop_with_category_constraint: bool = True) -> list[T.Augmentation]:
-    """ResizeShortestEdge -> crop (category-area-constrained, or plain) -> SSD colour jitter -> flip."""
+def semantic_augmentations(
+    cfg, crop_with_category_constraint: bool = True, ignore_label: int | None = None
+) -> list[T.Augmentation]:
+    """ResizeShortestEdge -> crop (category-area-constrained, or plain) -> SSD colour jitter -> flip.
+
+    The category-area constraint does not count ``ignore_label`` (default MODEL.SEM_SEG_HEAD.IGNORE_VALUE)."""
     augs: list[T.Augmentation] = [
         T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)
     ]
@@ -36,7 +40,7 @@ def semantic_augmentations(cfg, crop_with_category_constraint: bool = True) -> l
                     cfg.INPUT.CROP.TYPE,
                     cfg.INPUT.CROP.SIZE,
                     cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA,
-                    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
+                    cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE if ignore_label is None else ignore_label,
                 )
             )
         else:
@@ -79,11 +83,12 @@ class MaskFormerSemanticDatasetMapper(SkipCorruptMixin):
         if not cfg.DATASETS.TRAIN:
             raise ValueError("DATASETS.TRAIN is empty: the mapper reads ignore_label from its metadata")
         meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
+        ignore_label = meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
         return {
             "is_train": is_train,
-            "augmentations": semantic_augmentations(cfg),
+            "augmentations": semantic_augmentations(cfg, ignore_label=ignore_label),
             "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE),
+            "ignore_label": ignore_label,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
             "skip_corrupt": cfg.DATALOADER.get("SKIP_CORRUPT", False),
         }
