@@ -131,6 +131,11 @@ class COCOPanopticEvaluator(DatasetEvaluator):
         from panopticapi.utils import id2rgb
 
         for input, output in zip(inputs, outputs):
+            if "panoptic_seg" not in output:
+                raise KeyError(
+                    f"{type(self).__name__}: the model output for {input.get('file_name')} has no 'panoptic_seg' "
+                    f"(keys: {sorted(output)}); is MODEL.MASK_FORMER.TEST.PANOPTIC_ON off, or is this semantic-only TTA?"
+                )
             panoptic_img, segments_info = output["panoptic_seg"]
             panoptic_img = panoptic_img.cpu().numpy().astype(np.int64)
             if segments_info is None:
