@@ -112,9 +112,10 @@ def load_ade20k_catid_mapping(path: str | None) -> dict[int, int]:
     mapping = {}
     with open(require_file(path)) as f:
         for line in f.read().splitlines()[1:]:
-            if line.strip():
-                ins, sem = line.split()[:2]
-                mapping[int(ins)] = int(sem) - 1
+            if line.strip():  # "ins<TAB><TAB>sem<TAB><TAB>full"; an instance class may repeat with another full id
+                ins, sem = (int(v) for v in line.split()[:2])
+                if mapping.setdefault(ins, sem - 1) != sem - 1:
+                    raise ValueError(f"{path}: instance class {ins} maps to two semantic classes")
     return mapping
 
 
