@@ -8,7 +8,7 @@
 Prints ``{"params": N, "gflops": G, "input": [3, H, W]}`` (``--json``) or a readable summary. FLOPs are fvcore's
 (one multiply-add = one FLOP), for one image. A classification variant is built without random init and
 traced on CPU filled with zeros (FLOPs depend on shapes only); a detectron2 model (``dinat_m2f.config.get_cfg()`` + ``build_model``) is traced on CPU in
-eval mode with detectron2's ``FlopCountAnalysis`` (inference path, post-processing included).
+eval mode (inference path, post-processing included).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 import torch
 
-from dinat_m2f.utils.flops import NA_FLOP_HANDLES, variant_flops
+from dinat_m2f.utils.flops import dinat_flop_count_analysis, variant_flops
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -32,9 +33,38 @@ def analyze_variant(name: str, input_size: tuple[int, int] | None) -> dict:
     return {"params": params, "gflops": total / 1e9, "input": [3, height, width]}
 
 
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """Every tensor inside a detectron2 output (dicts, lists, Instances, Boxes, ...), for the JIT tracer."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if hasattr(value, "get_fields"):  # Instances
+        return _tensors(value.get_fields())
+    if isinstance(getattr(value, "tensor", None), torch.Tensor):  # Boxes, BitMasks, ...
+        return [value.tensor]
+    return []
+
+
+class _ImageToTensors(torch.nn.Module):
+    """Traceable view of a detectron2 model: one CHW image tensor in, a flat tuple of output tensors out.
+
+    (detectron2.utils.analysis does the same through detectron2.export, which needs caffe2 on this torch.)
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        height, width = image.shape[-2:]
+        return tuple(_tensors(self.model([{"image": image, "height": height, "width": width}])))
+
+
 def analyze_config(config_file: str, opts: list[str], input_size: tuple[int, int] | None) -> dict:
     from detectron2.modeling import build_model
-    from detectron2.utils.analysis import FlopCountAnalysis
 
     import dinat_m2f.modeling  # noqa: F401 (registers every meta-arch / head of the project)
     import dinat_m2f.modeling.backbone  # noqa: F401 (registers D2DiNAT / D2DiNATs)
@@ -48,9 +78,8 @@ def analyze_config(config_file: str, opts: list[str], input_size: tuple[int, int
     cfg.freeze()
     height, width = input_size or (cfg.INPUT.MIN_SIZE_TEST,) * 2
     model = build_model(cfg).eval()
-    inputs = [{"image": torch.zeros(3, height, width), "height": height, "width": width}]
     with torch.no_grad():
-        flops = FlopCountAnalysis(model, inputs).set_op_handle(**NA_FLOP_HANDLES)
+        flops = dinat_flop_count_analysis(_ImageToTensors(model), (torch.zeros(3, height, width),))
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = flops.total()
     return {"params": count_params(model), "gflops": total / 1e9, "input": [3, height, width]}
