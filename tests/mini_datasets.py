@@ -121,14 +121,15 @@ def load_prep_script(name: str):
 
 @contextlib.contextmanager
 def registered_under(root: str) -> Iterator[None]:
-    """Point every dataset name of this project at ``root``; restore the default root afterwards."""
-    from dinat_m2f.data.datasets import register_all
+    """Point every dataset name of this project at ``root``; restore the previous root afterwards."""
+    from dinat_m2f.data.datasets import current_root, register_all
 
+    previous = current_root()
     register_all(root)
     try:
         yield
     finally:
-        register_all()
+        register_all(previous)
 
 
 # ----------------------------------------------------------------------------------------------------------- COCO

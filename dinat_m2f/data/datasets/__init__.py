@@ -6,6 +6,7 @@ Every ``register_all_*`` takes a ``root`` argument and may be called again to re
 
 from __future__ import annotations
 
+from dinat_m2f.data.datasets._common import dataset_root
 from dinat_m2f.data.datasets.ade20k import register_all_ade20k, register_all_ade20k_full
 from dinat_m2f.data.datasets.cityscapes import register_all_cityscapes
 from dinat_m2f.data.datasets.coco import (
@@ -15,9 +16,18 @@ from dinat_m2f.data.datasets.coco import (
 )
 from dinat_m2f.data.datasets.mapillary_vistas import register_all_mapillary_vistas
 
+_current_root: str | None = None
+
+
+def current_root() -> str | None:
+    """The root of the last :func:`register_all`."""
+    return _current_root
+
 
 def register_all(root: str | None = None) -> None:
     """(Re-)register every dataset of this project under ``root`` (default: ``$DETECTRON2_DATASETS``)."""
+    global _current_root
+    _current_root = dataset_root(root)
     register_all_coco_instances(root)
     register_all_coco_panoptic(root)
     register_all_coco_stuff_10k(root)
@@ -30,6 +40,7 @@ def register_all(root: str | None = None) -> None:
 register_all()
 
 __all__ = [
+    "current_root",
     "register_all",
     "register_all_ade20k",
     "register_all_ade20k_full",
