@@ -315,9 +315,25 @@ def test_ade20k_full_prep_registration_and_uint16_labels(tmp_path):
             out = mapper(d)
             np.testing.assert_array_equal(out["sem_seg"].numpy(), want)
             assert 65535 not in out["instances"].gt_classes.tolist()
-    script.main(["--root", root, "--classes", str(_write(tmp_path / "c.json", ["lamp", "wall"]))])
+    script.main(["--root", root, "--classes", str(_write(tmp_path / "c.json", ["lamp", "wall"])), "--overwrite"])
     with open(os.path.join(base, "ade20k_full_classes.json")) as f:
         assert json.load(f) == ["lamp", "wall"]
+    label = np.asarray(Image.open(os.path.join(base, "annotations_detectron2", "validation", "ADE_val_00000001.tif")))
+    assert set(np.unique(label).tolist()) == {0, 1, 65535}  # lamp, wall, the rest ignored
+    # MaskFormer's table format: {"name", "id" (the _seg.png class value), "trainId"}; and the short-side resize
+    table = [{"name": "person", "id": 3, "trainId": 1}, {"name": "floor", "id": 2, "trainId": 0}]
+    script.main(
+        ["--root", root, "--classes", str(_write(tmp_path / "t.json", table)), "--overwrite", "--max-short-side", "24"]
+    )
+    with open(os.path.join(base, "ade20k_full_classes.json")) as f:
+        assert json.load(f) == ["floor", "person"]
+    label = np.asarray(Image.open(os.path.join(base, "annotations_detectron2", "validation", "ADE_val_00000001.tif")))
+    image = Image.open(os.path.join(base, "images_detectron2", "validation", "ADE_val_00000001.jpg"))
+    assert label.shape == (24, 32) and image.size == (32, 24)
+    img = per_split["validation"][0]
+    want = np.full((48, 64), 65535)
+    want[img.segments[1].mask], want[img.segments[2].mask] = 0, 1
+    np.testing.assert_array_equal(label, want[1::2, 1::2])  # nearest at scale 1/2 samples pixel centres 2i+1
     with pytest.raises(ValueError, match="not in index_ade20k.pkl"):
         script.main(["--root", root, "--classes", str(_write(tmp_path / "c2.json", ["unicorn"]))])
 
