@@ -52,6 +52,7 @@ def test_metadata_sizes():
     assert m("coco_2017_test_stuff_10k_sem_seg").ignore_label == 255
     mv = m("mapillary_vistas_panoptic_val")
     assert len(mv.stuff_classes) == 65 and mv.ignore_label == 65 and mv.label_divisor == 1000
+    assert len(mv.thing_dataset_id_to_contiguous_id) == 37  # Vistas v1.2: 37 instance classes
     assert m("mapillary_vistas_sem_seg_val").ignore_label == 65
     ade = m("ade20k_panoptic_val")
     assert sorted(ade.thing_dataset_id_to_contiguous_id) != list(range(100))  # interleaved with stuff ids

@@ -1,4 +1,4 @@
-"""Mapillary Vistas v1.2 registrations: semantic (65 classes, ignore 65) and panoptic (37 things + 28 stuff).
+"""Mapillary Vistas v1.2 registrations: semantic (65 classes, ignore 65) and panoptic (37 things + 28 stuff, as in the v1.2 config).
 
 Layout (no preparation needed)::
 
@@ -39,7 +39,7 @@ _LABELS = [
     ("Traffic Sign (Back)", (192, 192, 192), 1), ("Traffic Sign (Front)", (220, 220, 0), 1),
     ("Trash Can", (140, 140, 20), 1), ("Bicycle", (119, 11, 32), 1), ("Boat", (150, 0, 255), 1),
     ("Bus", (0, 60, 100), 1), ("Car", (0, 0, 142), 1), ("Caravan", (0, 0, 90), 1), ("Motorcycle", (0, 0, 230), 1),
-    ("On Rails", (0, 80, 100), 1), ("Other Vehicle", (128, 64, 64), 1), ("Trailer", (0, 0, 110), 1),
+    ("On Rails", (0, 80, 100), 0), ("Other Vehicle", (128, 64, 64), 1), ("Trailer", (0, 0, 110), 1),
     ("Truck", (0, 0, 70), 1), ("Wheeled Slow", (0, 0, 192), 1), ("Car Mount", (32, 32, 32), 0),
     ("Ego Vehicle", (120, 10, 10), 0),
 ]  # fmt: skip
