@@ -411,3 +411,23 @@ def test_train_loader_skips_corrupt_samples_with_switch(ade, tmp_path):
             for _ in range(6):
                 assert len(next(batches)) == 2
             assert mapper.num_skipped >= 1
+
+
+def test_instance_json_with_other_class_spellings_loads_and_unknown_ids_raise(ade, tmp_path):
+    from dinat_m2f.data.datasets.loaders import load_coco_instances_mapped
+
+    root, _ = ade
+    with open(os.path.join(_base(root), "ade20k_instance_val.json")) as f:
+        ins = json.load(f)
+    for c in ins["categories"]:
+        c["name"] = c["name"].upper()  # e.g. Mask2Former's names from ADE20K's imgCatIds.json
+    path = str(tmp_path / "ins.json")
+    _write(path, ins)
+    meta = MetadataCatalog.get("ade20k_instance_val").as_dict()
+    image_root = os.path.join(_base(root), "images", "validation")
+    dicts = load_coco_instances_mapped(path, image_root, meta)
+    assert sorted(a["category_id"] for a in dicts[0]["annotations"]) == [0, 3, 3]
+    ins["annotations"][0]["category_id"] = 0  # "wall" is not a thing
+    _write(path, ins)
+    with pytest.raises(ValueError, match="ins.json: category_id 0 is not a registered thing class"):
+        load_coco_instances_mapped(path, image_root, meta)

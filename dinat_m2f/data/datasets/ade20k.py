@@ -16,8 +16,8 @@ import os
 
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from dinat_m2f.data.datasets._common import color_palette, dataset_root, register_dataset, require_path
-from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
+from dinat_m2f.data.datasets._common import color_palette, dataset_root, register_dataset
+from dinat_m2f.data.datasets.loaders import load_coco_instances_mapped, load_panoptic_json, load_sem_seg_strict
 
 __all__ = [
     "ADE20K_150_CATEGORIES",
@@ -76,8 +76,6 @@ def _ade20k_instance_metadata() -> dict:
 
 def register_all_ade20k(root: str | None = None) -> None:
     """Register ``ade20k_sem_seg_*``, ``ade20k_panoptic_*`` and ``ade20k_instance_*`` under ``root``."""
-    from detectron2.data.datasets.coco import load_coco_json
-
     base = os.path.join(dataset_root(root), "ADEChallengeData2016")
     meta150 = _ade20k_150_metadata()
     ins_meta = _ade20k_instance_metadata()
@@ -114,11 +112,10 @@ def register_all_ade20k(root: str | None = None) -> None:
             **meta150,
         )
 
-        name = f"ade20k_instance_{split}"
         register_dataset(
-            name,
-            lambda j=ins_json, x=image_dir, n=name: load_coco_json(
-                require_path(j, "Run datasets/prepare_ade20k_ins_seg.py."), x, n
+            f"ade20k_instance_{split}",
+            lambda j=ins_json, x=image_dir: load_coco_instances_mapped(
+                j, x, ins_meta, "Run datasets/prepare_ade20k_ins_seg.py."
             ),
             json_file=ins_json,
             image_root=image_dir,

@@ -119,3 +119,22 @@ def load_panoptic_json(
         if key in ret[0]:
             require_path(ret[0][key], hint)
     return ret
+
+
+def load_coco_instances_mapped(json_file: str, image_root: str, meta: dict, prepare_hint: str = "") -> list[dict]:
+    """COCO-format instances with ``category_id`` mapped through ``meta["thing_dataset_id_to_contiguous_id"]``.
+
+    Unlike ``load_coco_json(..., dataset_name)``, the class names of the JSON are not written into the registered
+    metadata, so a JSON whose names are spelled differently (e.g. made by Mask2Former's script from ADE20K's
+    ``imgCatIds.json``) still loads; an id outside the registered classes raises, naming the file.
+    """
+    from detectron2.data.datasets.coco import load_coco_json
+
+    dicts = load_coco_json(require_path(json_file, prepare_hint), require_path(image_root))
+    id_map = meta["thing_dataset_id_to_contiguous_id"]
+    for d in dicts:
+        for ann in d.get("annotations", []):
+            if ann["category_id"] not in id_map:
+                raise ValueError(f"{json_file}: category_id {ann['category_id']} is not a registered thing class")
+            ann["category_id"] = id_map[ann["category_id"]]
+    return dicts
