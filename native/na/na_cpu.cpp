@@ -35,10 +35,10 @@ int64_t row_grain(const Problem& p) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
 }
 
-template <typename T>
+template <typename T, int64_t kD>
 void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) {
   const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
-  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H, h = bh % p.heads;
@@ -62,10 +62,10 @@ void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) 
   });
 }
 
-template <typename T>
+template <typename T, int64_t kD>
 void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
   const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
-  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
     std::vector<T> acc(D);
@@ -83,9 +83,9 @@ void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
   });
 }
 
-template <typename T>
+template <typename T, int64_t kD>
 void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
-  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   std::vector<InverseRange> rh(H), rw(W);
   for (int64_t i = 0; i < H; ++i) rh[i] = inverse_range(i, H, p.kh, p.dh);
   for (int64_t j = 0; j < W; ++j) rw[j] = inverse_range(j, W, p.kw, p.dw);
@@ -152,8 +152,10 @@ void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   const at::Tensor out = as_compute(attn);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_qk_cpu", [&] {
-    qk_kernel<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+    dispatch_head_dim(p.dim, [&](auto dim) {
+    qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
                         rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), p);
+    });
   });
   if (!out.is_same(attn)) attn.copy_(out);
 }
@@ -161,8 +163,10 @@ void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor
 void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, const Problem& p) {
   const at::Tensor ac = as_compute(attn), vc = as_compute(v), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "na_av_cpu", [&] {
-    av_kernel<scalar_t>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), oc.mutable_data_ptr<scalar_t>(),
+    dispatch_head_dim(p.dim, [&](auto dim) {
+    av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), oc.mutable_data_ptr<scalar_t>(),
                         p);
+    });
   });
   if (!oc.is_same(out)) out.copy_(oc);
 }
@@ -170,8 +174,10 @@ void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, cons
 void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& out, const Problem& p) {
   const at::Tensor wc = as_compute(weights), xc = as_compute(x), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "na_inverse_cpu", [&] {
-    inverse_kernel<scalar_t>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+    dispatch_head_dim(p.dim, [&](auto dim) {
+    inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
                              oc.mutable_data_ptr<scalar_t>(), p);
+    });
   });
   if (!oc.is_same(out)) out.copy_(oc);
 }

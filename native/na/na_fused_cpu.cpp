@@ -45,11 +45,13 @@ int64_t row_grain(const Problem& p) {
 }
 
 // Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
-template <typename T>
+template <typename T, int64_t kD>
 inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale, int64_t sj, const Problem& p,
                               T* out) {
   for (int64_t kj = 0; kj < p.kw; ++kj) {
-    out[kj] = scale * dot(qv, krow + (sj + kj * p.dw) * p.dim, p.dim);
+    constexpr bool fixed = kD > 0;
+    const int64_t D = fixed ? kD : p.dim;
+    out[kj] = scale * dot(qv, krow + (sj + kj * p.dw) * D, D);
   }
   if (brow != nullptr) {
     for (int64_t kj = 0; kj < p.kw; ++kj) {
@@ -58,10 +60,10 @@ inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale
   }
 }
 
-template <typename T>
+template <typename T, int64_t kD>
 void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const Problem& p, T scale) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, D = p.dim, RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H, h = bh % p.heads;
     std::vector<T> acc(D), logits(p.kw), probs(p.kw);
@@ -73,7 +75,7 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
         const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
-        window_row_logits(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits.data());
+        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits.data());
         const T row_max = *std::max_element(logits.begin(), logits.end());
         if (row_max > running_max) {  // rescale what was accumulated under the old max
           const T factor = exp_approx(running_max - row_max);
@@ -99,11 +101,11 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
 }
 
 // Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ.
-template <typename T>
+template <typename T, int64_t kD>
 void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
                          const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
                          const Windows& win, T scale) {
-  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, i = row % H, h = bh % p.heads;
@@ -121,7 +123,7 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
         const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
         const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
         T* prow = pw + ki * p.kw;
-        window_row_logits(qv, k + key_row * D, brow, scale, win.start_w[j], p, prow);
+        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, prow);
         exp_shifted(prow, row_lse, prow, p.kw);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
           const int64_t key = key_row + win.start_w[j] + kj * p.dw;
@@ -139,11 +141,11 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
 }
 
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
-template <typename T>
+template <typename T, int64_t kD>
 void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T* ds_ws, T* grad_k, T* grad_v,
                        int64_t s0, int64_t s1, const Problem& p, const Windows& win,
                        const std::vector<InverseRange>& inv_h, const std::vector<InverseRange>& inv_w, T scale) {
-  const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, xi = row % H;
@@ -170,7 +172,7 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
   });
 }
 
-template <typename T>
+template <typename T, int64_t kD>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
                      T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale) {
   const Windows win(p);
@@ -184,9 +186,9 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   std::vector<T> prob_ws(slices_per_group * slice_elems), ds_ws(slices_per_group * slice_elems);
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-    backward_query_pass(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
+    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
                         scale);
-    backward_key_pass(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, inv_h, inv_w, scale);
+    backward_key_pass<T, kD>(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, inv_h, inv_w, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>(ds_ws.data(), s0, s1, grad_rpb, p);
     }
@@ -200,10 +202,12 @@ void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   const at::Tensor qc = as_compute(q), kc = as_compute(k), vc = as_compute(v), oc = as_compute(out);
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
-    forward_kernel<scalar_t>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+    dispatch_head_dim(p.dim, [&](auto dim) {
+    forward_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
                              vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
                              oc.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), p,
                              static_cast<scalar_t>(scale));
+    });
   });
   if (!oc.is_same(out)) out.copy_(oc);
 }
@@ -216,13 +220,15 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const at::Tensor oc = as_compute(out), rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
-    backward_kernel<scalar_t>(goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
+    dispatch_head_dim(p.dim, [&](auto dim) {
+    backward_kernel<scalar_t, dim.value>(goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
                               kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
                               rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.const_data_ptr<scalar_t>(),
                               lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
                               gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
                               grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
                               static_cast<scalar_t>(scale));
+    });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
   if (!gkc.is_same(grad_k)) grad_k.copy_(gkc);

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace dinat_m2f::na::cpu_math {
 
@@ -72,6 +73,22 @@ inline void exp_shifted(const T* __restrict in, T shift, T* __restrict out, int6
 // Runs `fn` on float32 copies of bfloat16 tensors (the kernels accumulate in float32) and copies results back.
 inline at::Tensor as_compute(const at::Tensor& t) {
   return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
+}
+
+// Calls fn(std::integral_constant<int64_t, D>{}) for the common head dims, so the loops over channels get constant
+// trip counts and unroll fully, and fn(std::integral_constant<int64_t, 0>{}) (use the runtime size) otherwise.
+template <typename F>
+inline void dispatch_head_dim(int64_t dim, const F& fn) {
+  switch (dim) {
+    case 16:
+      return fn(std::integral_constant<int64_t, 16>{});
+    case 32:
+      return fn(std::integral_constant<int64_t, 32>{});
+    case 64:
+      return fn(std::integral_constant<int64_t, 64>{});
+    default:
+      return fn(std::integral_constant<int64_t, 0>{});
+  }
 }
 
 // Parallel loop over [0, n) in chunks of at least `grain` items.
