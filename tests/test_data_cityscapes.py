@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from cityscapesscripts.helpers.labels import id2label
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from mini_datasets import load_prep_script, make_cityscapes, registered_under
@@ -121,3 +122,20 @@ def test_instance_mapper_on_cityscapes_polygons(cityscapes):
         values, counts = np.unique(ids[m], return_counts=True)
         # polygons rasterised by pycocotools vs PIL differ by at most a boundary pixel
         assert counts.max() / counts.sum() > 0.8 and values[counts.argmax()] >= 24000
+
+
+def test_instance_mapper_crop_drops_instances_outside(cityscapes):
+    from detectron2.data import transforms as T
+
+    d = DatasetCatalog.get("cityscapes_fine_instance_seg_val")[0]
+    full = MaskFormerInstanceDatasetMapper(augmentations=[], image_format="RGB", size_divisibility=-1)(d)
+    crop = T.CropTransform(0, 0, 40, 48)  # x < 40: the first car partly, not the second car nor the person
+    out = MaskFormerInstanceDatasetMapper(augmentations=[crop], image_format="RGB", size_divisibility=-1)(d)
+    inst = out["instances"]
+    assert out["image"].shape == (3, 48, 40) and inst.gt_classes.tolist() == [2]
+    first_car = next(
+        m
+        for c, m in zip(full["instances"].gt_classes.tolist(), full["instances"].gt_masks)
+        if c == 2 and m[:, :40].any()
+    )
+    assert torch.equal(inst.gt_masks[0], first_car[:, :40])

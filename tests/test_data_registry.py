@@ -4,6 +4,7 @@ Mapillary Vistas and COCO-Stuff-10k on small hand-made copies."""
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -156,3 +157,45 @@ def test_build_train_mapper_by_name():
         assert type(build_train_mapper(cfg)).__name__ == cls
     cfg.INPUT.DATASET_MAPPER_NAME = "detectron2_default"
     assert build_train_mapper(cfg) is None
+
+
+def test_every_paper_config_maps_a_prepared_sample(tmp_path):
+    """The mapper and dataset each paper config names work together on the prepared mini datasets, with the
+    config's own resize/crop/pad settings (crop size == fixed pad size where the config pads)."""
+    import contextlib
+    import glob
+    import io
+
+    from mini_datasets import load_prep_script, make_ade20k, make_cityscapes, make_coco
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, repo)
+    import train_net
+
+    root = str(tmp_path)
+    for split in ("training", "validation"):
+        make_ade20k(root, split, num_images=1)
+    for split in ("train2017", "val2017"):
+        make_coco(root, split, num_images=1)
+    for split in ("train", "val"):
+        make_cityscapes(root, split, num_images=1)
+    scripts = ("sem_seg", "pan_seg", "ins_seg")
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        for name in [f"prepare_ade20k_{s}" for s in scripts] + ["prepare_cityscapes"]:
+            load_prep_script(name).main(["--root", root, "--workers", "1"])
+    configs = sorted(glob.glob(os.path.join(repo, "configs", "*", "*", "dinat", "*large*.yaml")))
+    assert len(configs) == 8
+    with registered_under(root):
+        for path in configs:
+            cfg = train_net.load_config(path, [])
+            out = build_train_mapper(cfg)(DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[0])
+            h, w = out["image"].shape[-2:]
+            if cfg.INPUT.DATASET_MAPPER_NAME.endswith("_lsj"):
+                assert (h, w) == (cfg.INPUT.IMAGE_SIZE,) * 2
+            elif cfg.INPUT.SIZE_DIVISIBILITY > 0:
+                assert (h, w) == (cfg.INPUT.SIZE_DIVISIBILITY,) * 2
+            else:
+                assert (h, w) == tuple(cfg.INPUT.CROP.SIZE)
+            inst = out["instances"]
+            assert len(inst) > 0 and inst.gt_masks.shape[-2:] == (h, w), path
+            assert int(inst.gt_classes.max()) < cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES, path

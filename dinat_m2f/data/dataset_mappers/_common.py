@@ -136,9 +136,8 @@ def masks_from_annotations(annos: list[dict], image_shape: tuple[int, int], file
     for obj in annos:
         segm = obj.get("segmentation")
         if isinstance(segm, list):
-            if not segm:
-                raise CorruptSampleError(file_name, f"annotation {obj.get('id')} has an empty polygon list")
-            m = polygons_to_bitmask(segm, h, w)
+            # [] once a crop has removed every polygon: an empty mask, dropped later with the other empty ones
+            m = polygons_to_bitmask(segm, h, w) if segm else np.zeros((h, w), dtype=bool)
         elif isinstance(segm, dict):
             if isinstance(segm.get("counts"), list):
                 segm = mask_util.frPyObjects(segm, *segm["size"])
