@@ -39,6 +39,7 @@ __all__ = [
     "make_ade20k_full",
     "make_cityscapes",
     "make_mapillary_vistas",
+    "make_coco_stuff_10k",
     "corrupt_file",
     "load_prep_script",
     "registered_under",
@@ -516,4 +517,50 @@ def make_mapillary_vistas(root: str, split: str = "validation", num_images: int 
         os.path.join(base, "panoptic", "panoptic_2018.json"),
         {"images": images, "annotations": anns, "categories": cats},
     )
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- COCO-Stuff-10k
+def make_coco_stuff_10k(
+    root: str, num_images: dict[str, int] | None = None, seed: int = 0
+) -> dict[str, list[MiniImage]]:
+    """cocostuff-10k-v1.1: ``coco/coco_stuff_10k/{images/*.jpg, annotations/*.mat, imageLists/{train,test}.txt}``.
+
+    Each ``.mat`` holds ``S`` (uint16 HxW, 0 = unlabeled, k = COCO-Stuff class id k). ``Segment.category_id`` is
+    that id. Image i: "sky-other" (157) top, "grass" (124) bottom, a "person" (1) and a "dog" (18), an unlabeled
+    3-pixel column.
+    """
+    import scipy.io
+
+    num_images = num_images or {"train": 2, "test": 1}
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, "coco", "coco_stuff_10k")
+    for d in ("images", "annotations", "imageLists"):
+        os.makedirs(os.path.join(base, d), exist_ok=True)
+    out: dict[str, list[MiniImage]] = {}
+    k = 0
+    for split, n in num_images.items():
+        out[split] = []
+        names = []
+        for _ in range(n):
+            stem = f"COCO_train2014_{k:012d}"
+            k += 1
+            labeled = ~_rect(0, H, 0, 3)
+            person, dog = _rect(6, 30, 10, 20 + k), _rect(28, 44, 36, 58)
+            things = person | dog
+            segments = [
+                Segment(157, _rect(0, H // 2, 0, W) & labeled & ~things, False),
+                Segment(124, _rect(H // 2, H, 0, W) & labeled & ~things, False),
+                Segment(1, person, True),
+                Segment(18, dog, True),
+            ]
+            label = np.zeros((H, W), dtype=np.uint16)
+            for s in segments:
+                label[s.mask] = s.category_id
+            scipy.io.savemat(os.path.join(base, "annotations", stem + ".mat"), {"S": label})
+            Image.fromarray(_photo(segments, H, W, rng)).save(os.path.join(base, "images", stem + ".jpg"), quality=95)
+            names.append(stem)
+            out[split].append(MiniImage(stem, stem, H, W, segments))
+        with open(os.path.join(base, "imageLists", f"{split}.txt"), "w") as f:
+            f.write("\n".join(names) + "\n")
     return out

@@ -127,17 +127,31 @@ def test_panoptic_json_with_contradicting_isthing_is_refused(tmp_path):
         DatasetCatalog.get("mapillary_vistas_panoptic_val")
 
 
-def test_coco_stuff_10k_registration(tmp_path):
-    base = tmp_path / "coco" / "coco_stuff_10k"
-    for split in ("train", "test"):
-        (base / "images_detectron2" / split).mkdir(parents=True)
-        (base / "annotations_detectron2" / split).mkdir(parents=True)
-        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(base / "images_detectron2" / split / "x.jpg")
-        Image.fromarray(np.full((8, 8), 170, np.uint8)).save(base / "annotations_detectron2" / split / "x.png")
+def test_coco_stuff_10k_prep_registration_and_mapper(tmp_path):
+    from mini_datasets import load_prep_script, make_coco_stuff_10k
+
+    from dinat_m2f.data.datasets.coco import COCO_STUFF_171_CATEGORIES
+
+    images = make_coco_stuff_10k(str(tmp_path))
+    script = load_prep_script("prepare_coco_stuff_10k_sem_seg")
+    script.main(["--root", str(tmp_path), "--workers", "1"])
+    contiguous = {c["id"]: i for i, c in enumerate(COCO_STUFF_171_CATEGORIES)}
+    assert contiguous[1] == 0 and contiguous[18] == 16 and contiguous[92] == 80 and contiguous[182] == 170
     with registered_under(str(tmp_path)):
-        d = DatasetCatalog.get("coco_2017_test_stuff_10k_sem_seg")
-        assert [os.path.basename(x["sem_seg_file_name"]) for x in d] == ["x.png"]
-        assert MetadataCatalog.get("coco_2017_test_stuff_10k_sem_seg").stuff_classes[170] == "wood"
+        meta = MetadataCatalog.get("coco_2017_train_stuff_10k_sem_seg")
+        assert meta.stuff_classes[contiguous[157]] == "sky-other" and meta.stuff_classes[16] == "dog"
+        dicts = DatasetCatalog.get("coco_2017_train_stuff_10k_sem_seg")
+        assert [os.path.basename(d["file_name"])[:-4] for d in dicts] == [i.stem for i in images["train"]]
+        mapper = MaskFormerSemanticDatasetMapper(
+            augmentations=[], image_format="RGB", ignore_label=255, size_divisibility=-1
+        )
+        for d, img in zip(dicts, images["train"]):
+            label = np.asarray(Image.open(d["sem_seg_file_name"]))
+            np.testing.assert_array_equal(label, img.semantic(255, contiguous))
+            assert mapper(d)["instances"].gt_classes.tolist() == sorted(contiguous[s.category_id] for s in img.segments)
+        assert len(DatasetCatalog.get("coco_2017_test_stuff_10k_sem_seg")) == 1
+    with pytest.raises(FileNotFoundError, match="coco_stuff_10k/images"):
+        script.main(["--root", str(tmp_path / "nothing")])
 
 
 def test_build_train_mapper_by_name():
