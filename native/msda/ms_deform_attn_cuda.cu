@@ -7,9 +7,10 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include "dinat_m2f/ms_deform_attn_common.h"
@@ -22,8 +23,13 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
+// Grid size for a grid-stride loop: enough blocks to fill the device, no more than needed.
 int64_t blocks_for(int64_t threads_needed) {
-  const int64_t max_blocks = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 32;
+  int device = 0;
+  int sm_count = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t max_blocks = int64_t(sm_count) * 32;
   return std::max<int64_t>(1, std::min<int64_t>((threads_needed + kThreads - 1) / kThreads, max_blocks));
 }
 
@@ -169,7 +175,7 @@ at::Tensor ms_deform_attn_forward_cuda(
   if (total == 0) {
     return output;
   }
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     forward_kernel<scalar_t, acc_t><<<blocks_for(total), kThreads, 0, stream>>>(
@@ -204,7 +210,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
   at::Tensor grad_value_acc = at::zeros(v.sizes(), v.options().dtype(opmath));
   const int64_t samples = attn.numel();
   if (samples > 0 && z.D > 0) {
-    const auto stream = at::cuda::getCurrentCUDAStream();
+    const auto stream = c10::cuda::getCurrentCUDAStream();
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cuda", [&] {
           using acc_t = at::opmath_type<scalar_t>;

@@ -266,7 +266,7 @@ class MaskFormer(nn.Module):
         image_size = mask_pred.shape[-2:]
         num_classes = self.sem_seg_head.num_classes
         scores = F.softmax(mask_cls, dim=-1)[:, :-1]
-        labels = torch.arange(num_classes, device=self.device).unsqueeze(0).repeat(scores.shape[0], 1).flatten(0, 1)
+        labels = torch.arange(num_classes, device=scores.device).unsqueeze(0).repeat(scores.shape[0], 1).flatten(0, 1)
         k = min(self.test_topk_per_image, scores.numel())
         scores_per_image, topk_indices = scores.flatten(0, 1).topk(k, sorted=False)
         labels_per_image = labels[topk_indices]

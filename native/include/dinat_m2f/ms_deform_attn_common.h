@@ -12,13 +12,13 @@
 // coordinate of x is x * W - 0.5, and corners outside the map read as zero.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
 #if defined(__CUDACC__)
 #define DINAT_M2F_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#include <cmath>
 #define DINAT_M2F_HOST_DEVICE inline
 #endif
 
