@@ -89,7 +89,7 @@ def test_bad_dilations_are_config_errors(dilations, message):
 
 
 def test_other_bad_config_values():
-    with pytest.raises(ValueError, match="KERNEL_SIZE|kernel_size must be an odd integer"):
+    with pytest.raises(ValueError, match="MODEL.DINAT.KERNEL_SIZE: kernel_size must be an odd integer > 1, got 4"):
         build_backbone(small_cfg(KERNEL_SIZE=4))
     with pytest.raises(ValueError, match="DEPTHS must have 4 entries"):
         build_backbone(small_cfg(DEPTHS=[2, 2, 1]))

@@ -122,3 +122,14 @@ def test_analyze_model_detectron2_config(tmp_path, capsys):
     # at least the backbone's NA: 5 NA layers at res2..res5 with D=16 (k=3): sum over stages of h*H*W*(2*D*9+9)
     na = sum(h * (64 // s) * (96 // s) * (2 * 16 * 9 + 9) for h, s in zip([1, 2, 2, 4], [4, 8, 16, 32]))
     assert result["gflops"] * 1e9 > na
+
+
+class _Baddbmm(nn.Module):
+    def forward(self, bias, a, b):
+        return torch.baddbmm(bias, a, b)
+
+
+def test_baddbmm_counted_like_bmm():
+    """nn.MultiheadAttention (Mask2Former's decoder) computes its scores with baddbmm on recent PyTorch."""
+    flops = dinat_flop_count_analysis(_Baddbmm(), (torch.zeros(4, 5, 7), torch.randn(4, 5, 3), torch.randn(4, 3, 7)))
+    assert flops.total() == 4 * 5 * 3 * 7

@@ -24,6 +24,7 @@ from fvcore.nn.jit_handles import get_shape
 
 __all__ = [
     "NA_FLOP_HANDLES",
+    "baddbmm_flop",
     "dinat_flop_count_analysis",
     "na_av_flop",
     "na_fused_flop",
@@ -70,6 +71,16 @@ def _fused_handle(spatial_dims: int) -> Callable[[list[Any], list[Any]], int]:
 
 na_fused_flop = _fused_handle(2)
 
+
+def baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
+    """``aten::baddbmm(input, batch1 [b, n, c], batch2 [b, c, m])``: b*n*c*m, as fvcore counts ``bmm``.
+
+    Recent ``nn.MultiheadAttention`` computes its scores with baddbmm (PyTorch 1.9, used by the papers, used bmm).
+    """
+    b, n, c = get_shape(inputs[1])
+    return b * n * c * get_shape(inputs[2])[-1]
+
+
 NA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "dinat_m2f::na1d_qk": na_qk_flop,
     "dinat_m2f::na2d_qk": na_qk_flop,
@@ -77,6 +88,7 @@ NA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "dinat_m2f::na2d_av": na_av_flop,
     "dinat_m2f::na1d_fused_forward": _fused_handle(1),
     "dinat_m2f::na2d_fused_forward": na_fused_flop,
+    "aten::baddbmm": baddbmm_flop,
 }
 
 

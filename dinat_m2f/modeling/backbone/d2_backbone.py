@@ -70,7 +70,10 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
     c = cfg.MODEL.DINAT
     depths = _int_list(c.DEPTHS, "DEPTHS", 4)
     num_heads = _int_list(c.NUM_HEADS, "NUM_HEADS", 4)
-    check_kernel_and_dilation(c.KERNEL_SIZE, 1)
+    try:
+        check_kernel_and_dilation(c.KERNEL_SIZE, 1)
+    except ValueError as exc:
+        raise ValueError(f"MODEL.DINAT.KERNEL_SIZE: {exc}") from None
     out_features = list(c.OUT_FEATURES)
     unknown = [f for f in out_features if f not in _STAGE_NAMES]
     if unknown or not out_features:

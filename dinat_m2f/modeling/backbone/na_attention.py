@@ -92,7 +92,8 @@ class NeighborhoodAttention2D(nn.Module):
         hp, wp = height + pad_b, width + pad_r
 
         qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        q, k, v = qkv.unbind(0)  # each [B, heads, Hp, Wp, head_dim]
+        # One copy into the ops' contiguous layout (q, k, v are then contiguous slices), not three inside the ops.
+        q, k, v = qkv.contiguous().unbind(0)  # each [B, heads, Hp, Wp, head_dim]
         out = self._attention(q, k, v)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
         if pad_b or pad_r:
