@@ -103,6 +103,22 @@ class Trainer(DefaultTrainer):
             self._trainer.reset_data_loader()
             logging.getLogger(__name__).info(f"Resumed the data stream at sample {sampler.start} of this worker")
 
+    def state_dict(self) -> dict:
+        # detectron2 0.6's DefaultTrainer leaves the inner loop out, so checkpoints would miss the optimizer state
+        # (AdamW moments, the LR it was at) and the AMP grad scaler; a resumed run would then diverge.
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logging.getLogger(__name__).warning(
+                "The checkpoint has no optimizer state (written by another trainer): the optimizer starts afresh"
+            )
+
     # ---- builders ---------------------------------------------------------------------------------------------
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -152,6 +168,18 @@ class Trainer(DefaultTrainer):
             elif isinstance(h, hooks.PeriodicWriter):
                 ret[i] = hooks.PeriodicWriter(self.build_writers(), period=period)
         return ret
+
+    def build_writers(self) -> list:
+        """Console (iteration, losses, LR, ETA) and metrics.json; TensorBoard too when it is installed."""
+        import importlib.util
+
+        from detectron2.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+        os.makedirs(self.cfg.OUTPUT_DIR, exist_ok=True)
+        writers = [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
+        if importlib.util.find_spec("tensorboard") is not None:
+            writers.append(TensorboardXWriter(self.cfg.OUTPUT_DIR))
+        return writers
 
     # ---- test-time augmentation -------------------------------------------------------------------------------
     @classmethod
