@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Convert an official NAT/DiNAT ImageNet checkpoint (.pth) to detectron2 backbone weights (.pkl).
 
-    python tools/convert_dinat_checkpoint.py dinat_large_in22k_224.pth dinat_large_in22k_224_k11.pkl \
-        --config-file configs/.../maskformer2_dinat_large_....yaml
+    python tools/convert_dinat_checkpoint.py dinat_large_in22k_224.pth dinat_large_in22k_224_11x11interp.pkl \
+        --config-file configs/ade20k/semantic-segmentation/dinat/maskformer2_dinat_large_IN21k_bs16_160k.yaml
 
 With ``--config-file`` the target kernel size comes from ``MODEL.DINAT.KERNEL_SIZE`` and every tensor is checked
 against the D2DiNAT / D2DiNATs backbone the config builds (built on the meta device: no memory, no time);
