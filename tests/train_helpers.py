@@ -56,6 +56,37 @@ def make_tiny_dataset(datasets_root: str) -> None:
     register_all_synthetic(datasets_root)
 
 
+def launch_worker(out_dir: str, datasets_root: str, opts: list[str]) -> None:
+    """One worker of a multi-process run (started by dinat_m2f.engine.launch): trains, then saves its first batch,
+    its first losses and its final weights to ``out_dir/rank<r>.pt`` (rank 0 also saves the initial weights)."""
+    import torch
+    from detectron2.utils import comm
+
+    import train_net
+
+    make_tiny_dataset(datasets_root)
+    argv = ["--config-file", DEMO_CONFIG, *TINY_OPTS, "OUTPUT_DIR", out_dir, *opts]
+    cfg = train_net.setup(train_net.argument_parser().parse_args(argv))
+    trainer = train_net.Trainer(cfg)
+    model = trainer._trainer.model
+    inner = model.module if hasattr(model, "module") else model
+    first: dict = {}
+
+    def capture(module, inputs, output):
+        if not first:
+            first["batch"] = inputs[0]
+            first["losses"] = {k: v.detach().clone() for k, v in output.items()}
+
+    inner.register_forward_hook(capture)
+    if comm.get_rank() == 0:
+        torch.save(inner.state_dict(), os.path.join(out_dir, "init.pt"))
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    first["final"] = inner.state_dict()
+    first["world_size"] = comm.get_world_size()
+    torch.save(first, os.path.join(out_dir, f"rank{comm.get_rank()}.pt"))
+
+
 def _script() -> None:
     import argparse
 
