@@ -9,11 +9,11 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.modeling import BACKBONE_REGISTRY, ShapeSpec, build_backbone
+from test_backbone import official_dinat_keys, official_dinat_s_keys  # tests/ is on sys.path (rootless tests)
 from torch import nn
 
 from dinat_m2f.config import get_cfg
 from dinat_m2f.modeling.backbone import D2DiNAT, D2DiNATs
-from tests.test_backbone import official_dinat_keys, official_dinat_s_keys
 
 
 def small_cfg(name: str = "D2DiNAT", **dinat):
