@@ -70,6 +70,20 @@ def test_padding_tokens_are_unmasked():
     torch.testing.assert_close(out, _hand_built(attn, x), rtol=1e-10, atol=1e-10)
 
 
+def test_attention_gradcheck_through_padding():
+    """float64 gradcheck of the module (input, rpb and qkv weight) on a map that needs padding."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(4, 2, 3, 2).double().train()
+    x = torch.randn(1, 4, 5, 4, dtype=torch.float64, requires_grad=True)
+
+    def run(x, rpb, weight):
+        return torch.func.functional_call(attn, {"rpb": rpb, "qkv.weight": weight}, (x,))
+
+    assert torch.autograd.gradcheck(
+        run, (x, attn.rpb.detach().clone().requires_grad_(), attn.qkv.weight.detach().clone().requires_grad_())
+    )
+
+
 def test_attention_dropout_path_equals_fused_when_dropout_is_negligible():
     torch.manual_seed(0)
     attn = NeighborhoodAttention2D(16, 2, 3, 2, attn_drop=1e-12).double()
