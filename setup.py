@@ -22,6 +22,26 @@ NATIVE = ROOT / "native"
 GENERATED = ROOT / "build" / "generated"
 
 
+def locate_cuda_home() -> None:
+    """Point CUDA_HOME at the real toolkit before torch.utils.cpp_extension guesses it.
+
+    torch derives it from `which nvcc`; where nvcc is a wrapper script (e.g. /usr/local/bin/nvcc execing the
+    toolkit's), that guess (/usr/local) has neither the CUDA headers nor libcudart.
+    """
+    import shutil
+
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    candidates = [Path("/usr/local/cuda")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    for home in candidates:
+        if (home / "bin" / "nvcc").exists() and (home / "include" / "cuda_runtime.h").exists():
+            os.environ["CUDA_HOME"] = str(home)
+            return
+
+
 def want_cuda() -> bool:
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
@@ -43,6 +63,14 @@ def cuda_arch_list() -> str:
         archs = "9.0"
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
     return archs or "detected at build time"
+
+
+def wheel_cuda_include_dirs() -> list[str]:
+    """Include folders of the nvidia-* wheels installed beside torch (e.g. site-packages/nvidia/cu13/include)."""
+    import torch
+
+    site = Path(torch.__file__).resolve().parent.parent
+    return sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())
 
 
 def write_build_config(with_cuda: bool, archs: str, cxx_flags: list[str], nvcc_flags: list[str]) -> None:
@@ -72,6 +100,7 @@ def write_build_config(with_cuda: bool, archs: str, cxx_flags: list[str], nvcc_f
 
 
 def get_extensions():
+    locate_cuda_home()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob(str(NATIVE / "**" / "*.cpp"), recursive=True))
@@ -81,6 +110,12 @@ def get_extensions():
     cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-std=c++20", "-fvisibility=hidden"]
     nvcc_flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++20", "-lineinfo"]
     archs = cuda_arch_list() if with_cuda else ""
+    if with_cuda:
+        # A CUDA toolkit with only nvcc and the runtime (as here) lacks cuSPARSE/cuBLAS headers that ATen's CUDA
+        # headers include; torch's pip wheels ship them. Searched after the toolkit's own headers.
+        for extra in wheel_cuda_include_dirs():
+            cxx_flags.append(f"-isystem{extra}")
+            nvcc_flags.extend(["-isystem", extra])
     write_build_config(with_cuda, archs, cxx_flags, nvcc_flags)
 
     kwargs = dict(

@@ -130,7 +130,13 @@ def mend(src: Path) -> None:
         'pkg_resources.resource_filename(\n        "detectron2.model_zoo", os.path.join("configs", config_path)\n    )',
         'str(_resources.files("detectron2.model_zoo").joinpath("configs", config_path))',
     )
-    # 5. The compiled ops are missing: a placeholder `_C` lets every module import and names the op
+    # 5. Python 3.11 refuses random.sample() on a set: MapDataset's retry after a skipped (None) sample fails.
+    substitute(
+        d2 / "data/common.py",
+        "self._rng.sample(self._fallback_candidates, k=1)[0]",
+        "self._rng.choice(sorted(self._fallback_candidates))",
+    )
+    # 6. The compiled ops are missing: a placeholder `_C` lets every module import and names the op
     #    when one is actually used.
     (d2 / "_C.py").write_text(PLACEHOLDER_SOURCE)
 
