@@ -273,3 +273,21 @@ def test_resumable_sampler_continues_the_same_stream():
     assert [k % 7 for k in keys] == full[15:20] and [k // 7 for k in keys] == list(range(15, 20))
     with pytest.raises(ValueError, match="empty"):
         ResumableTrainingSampler(0)
+
+
+def test_prediction_guard_names_the_prediction_and_its_loss_terms():
+    from dinat_m2f.engine.hooks import install_prediction_guard
+
+    class Head(nn.Module):
+        def forward(self, x):
+            masks = torch.zeros(1, 2, 4, 4)
+            masks[0, 1, 2, 2] = float("inf")
+            return {"pred_logits": torch.zeros(1, 2, 3), "pred_masks": masks, "aux_outputs": []}
+
+    model = nn.Module()
+    model.sem_seg_head = Head()
+    assert install_prediction_guard(model, lambda: 12)
+    with pytest.raises(NonFiniteLossError, match=r"iteration 12: pred_masks \(1 values\).*loss_mask, loss_dice"):
+        model.sem_seg_head(None)
+    model.eval()
+    model.sem_seg_head(None)  # inference is not guarded

@@ -33,3 +33,61 @@ def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -
             f"Stopping before the optimizer step so the last checkpoint stays clean; "
             "lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or disable AMP, then --resume."
         )
+
+
+# Which loss terms each Mask2Former prediction feeds (for the message).
+_TERMS_OF_OUTPUT = {"pred_logits": "loss_ce", "pred_masks": "loss_mask, loss_dice"}
+
+
+def _nonfinite_counts(output: Mapping) -> dict[str, torch.Tensor]:
+    counts: dict[str, torch.Tensor] = {}
+    for key in _TERMS_OF_OUTPUT:
+        if key in output:
+            counts[key] = (~torch.isfinite(output[key].detach())).sum()
+    for i, aux in enumerate(output.get("aux_outputs") or []):
+        for key in _TERMS_OF_OUTPUT:
+            if key in aux:
+                counts[f"{key}_{i}"] = (~torch.isfinite(aux[key].detach())).sum()
+    return counts
+
+
+class PredictionGuard:
+    """A forward hook on Mask2Former's ``sem_seg_head``: stops training when its predictions are not finite.
+
+    A diverging model usually shows non-finite *predictions* first, and those reach the Hungarian matcher (which
+    cannot solve a NaN cost matrix) before any loss is computed; this names the iteration, the prediction and the
+    loss terms it feeds. Only active in training mode.
+    """
+
+    def __init__(self, get_iteration) -> None:
+        self.get_iteration = get_iteration
+
+    def __call__(self, module: torch.nn.Module, inputs, output) -> None:
+        if not module.training or not isinstance(output, Mapping):
+            return
+        counts = _nonfinite_counts(output)
+        if not counts:
+            return
+        names = list(counts)
+        values = torch.stack(list(counts.values())).float()
+        if comm.get_world_size() > 1:
+            dist.all_reduce(values)  # every worker runs this hook each step, so they all raise together
+        bad = [(n, int(v)) for n, v in zip(names, values.tolist()) if v > 0]
+        if bad:
+            terms = sorted({_TERMS_OF_OUTPUT[n.rsplit("_", 1)[0] if n[-1].isdigit() else n] for n, _ in bad})
+            detail = ", ".join(f"{n} ({c} values)" for n, c in bad)
+            raise NonFiniteLossError(
+                f"NaN guard: non-finite predictions at iteration {self.get_iteration()}: {detail}; "
+                f"they feed the loss terms {', '.join(terms)}. Stopping before the optimizer step; "
+                "lower SOLVER.BASE_LR, enable SOLVER.CLIP_GRADIENTS or disable AMP, then --resume."
+            )
+
+
+def install_prediction_guard(model: torch.nn.Module, get_iteration) -> bool:
+    """Attach a PredictionGuard to ``model.sem_seg_head`` (through DDP) if there is one; returns whether it did."""
+    inner = model.module if hasattr(model, "module") else model
+    head = getattr(inner, "sem_seg_head", None)
+    if head is None:
+        return False
+    head.register_forward_hook(PredictionGuard(get_iteration))
+    return True

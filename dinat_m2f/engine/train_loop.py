@@ -10,7 +10,7 @@ import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
-from dinat_m2f.engine.hooks import check_losses_finite
+from dinat_m2f.engine.hooks import check_losses_finite, install_prediction_guard
 
 
 def resolve_amp_dtype(name: str, device_type: str) -> torch.dtype:
@@ -58,6 +58,8 @@ class MaskFormerTrainLoop(SimpleTrainer):
         self.amp_dtype = amp_dtype
         self.nan_guard = nan_guard
         self.seed = seed
+        if nan_guard:
+            install_prediction_guard(model, lambda: self.iter)
         use_scaler = amp_dtype == torch.float16 and self.device_type == "cuda"
         self.grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
