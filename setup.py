@@ -70,7 +70,7 @@ def wheel_cuda_include_dirs() -> list[str]:
     import torch
 
     site = Path(torch.__file__).resolve().parent.parent
-    return sorted(str(p) for p in site.glob("nvidia/*/include") if p.is_dir())
+    return sorted(str(p) for p in site.glob("nvidia/cu*/include") if p.is_dir())
 
 
 def write_build_config(with_cuda: bool, archs: str, cxx_flags: list[str], nvcc_flags: list[str]) -> None:

@@ -33,6 +33,8 @@ SDIST_URL = (
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dinat_m2f"
 PLACEHOLDER_MARKER = "__dinat_m2f_placeholder__"
+# Bump when a mend is added, so that an older install of ours is rebuilt.
+MEND_VERSION = 2
 
 # The placeholder module. Attribute access (i.e. calling any compiled op) raises with the op's name.
 PLACEHOLDER_SOURCE = f'''"""Placeholder for detectron2's compiled ops (installed by dinat-m2f's tools/install_detectron2.py).
@@ -42,7 +44,7 @@ written in Python works; the compiled ops (deformable convolution, rotated boxes
 fast COCOeval) do not.
 """
 
-{PLACEHOLDER_MARKER} = True
+{PLACEHOLDER_MARKER} = {MEND_VERSION}  # the version of the mends applied
 
 
 def __getattr__(name):
@@ -69,12 +71,13 @@ def has_cuda():
 
 
 def installed_detectron2() -> str | None:
-    """Return 'complete', 'ours' or None for the detectron2 importable by this interpreter."""
+    """Return 'complete', 'ours', 'ours-outdated' or None for the detectron2 importable by this interpreter."""
     if importlib.util.find_spec("detectron2") is None:
         return None
     code = (
         "import detectron2._C as C, detectron2.data, detectron2.modeling;"
-        f"print('ours' if getattr(C, '{PLACEHOLDER_MARKER}', False) else 'complete')"
+        f"v = getattr(C, '{PLACEHOLDER_MARKER}', None);"
+        f"print('complete' if v is None else 'ours' if v == {MEND_VERSION} else 'ours-outdated')"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     return proc.stdout.strip() if proc.returncode == 0 else None
