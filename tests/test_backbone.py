@@ -106,11 +106,11 @@ def test_attention_rejects_bad_arguments():
 
 def test_check_dilations_messages():
     assert check_dilations(None, [2, 1]) == [[1, 1], [1]]
-    with pytest.raises(ValueError, match="list of 2 per-stage lists"):
+    with pytest.raises(ValueError, match="dilations must be a list of 2 per-stage lists"):
         check_dilations([[1, 2]], [2, 1])
-    with pytest.raises(ValueError, match=r"DILATIONS\[1\] must list one dilation per layer"):
+    with pytest.raises(ValueError, match=r"dilations\[1\] must list one dilation per layer"):
         check_dilations([[1, 2], [1, 2]], [2, 1])
-    with pytest.raises(ValueError, match=r"DILATIONS\[0\]\[1\] must be an integer >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"dilations\[0\]\[1\] must be an integer >= 1, got 0"):
         check_dilations([[1, 0], [1]], [2, 1])
     with pytest.raises(ValueError, match=r"got 2.0"):
         check_dilations([[1, 2.0], [1]], [2, 1])

@@ -75,11 +75,11 @@ def test_out_features_subset():
 @pytest.mark.parametrize(
     "dilations,message",
     [
-        ([[1, 4], [1, 2], [1]], "list of 4 per-stage lists"),
-        ([[1, 4], [1, 2, 1], [1], [1]], r"DILATIONS\[1\] must list one dilation per layer"),
-        ([[1, 0], [1, 2], [1], [1]], r"DILATIONS\[0\]\[1\] must be an integer >= 1, got 0"),
-        ([[1, 4.0], [1, 2], [1], [1]], r"DILATIONS\[0\]\[1\] must be an integer >= 1, got 4.0"),
-        ([[1, "4"], [1, 2], [1], [1]], r"DILATIONS\[0\]\[1\] must be an integer >= 1, got '4'"),
+        ([[1, 4], [1, 2], [1]], "MODEL.DINAT.DILATIONS must be a list of 4 per-stage lists"),
+        ([[1, 4], [1, 2, 1], [1], [1]], r"MODEL.DINAT.DILATIONS\[1\] must list one dilation per layer"),
+        ([[1, 0], [1, 2], [1], [1]], r"MODEL.DINAT.DILATIONS\[0\]\[1\] must be an integer >= 1, got 0"),
+        ([[1, 4.0], [1, 2], [1], [1]], r"MODEL.DINAT.DILATIONS\[0\]\[1\] must be an integer >= 1, got 4.0"),
+        ([[1, "4"], [1, 2], [1], [1]], r"MODEL.DINAT.DILATIONS\[0\]\[1\] must be an integer >= 1, got '4'"),
         (7, "list of 4 per-stage lists"),
     ],
 )

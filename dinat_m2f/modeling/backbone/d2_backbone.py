@@ -15,7 +15,7 @@ from detectron2.config import CfgNode
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import ConvTokenizer, build_levels, init_weights
+from dinat_m2f.modeling.backbone.dinat import ConvTokenizer, build_levels, check_dilations, init_weights
 from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed, build_layers
 from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
 
@@ -74,6 +74,7 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
         check_kernel_and_dilation(c.KERNEL_SIZE, 1)
     except ValueError as exc:
         raise ValueError(f"MODEL.DINAT.KERNEL_SIZE: {exc}") from None
+    check_dilations(c.DILATIONS, depths, name="MODEL.DINAT.DILATIONS")
     out_features = list(c.OUT_FEATURES)
     unknown = [f for f in out_features if f not in _STAGE_NAMES]
     if unknown or not out_features:

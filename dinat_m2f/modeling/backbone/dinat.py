@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 
-def check_dilations(dilations: object, depths: Sequence[int]) -> list[list[int]]:
+def check_dilations(dilations: object, depths: Sequence[int], name: str = "dilations") -> list[list[int]]:
     """Validate ``dilations[stage][layer]`` against ``depths``; ``None`` means every dilation is 1 (plain NA).
 
     Raises ValueError naming the stage/layer at fault (wrong number of stages or layers, zero, negative, non-int).
@@ -38,19 +38,19 @@ def check_dilations(dilations: object, depths: Sequence[int]) -> list[list[int]]
         return [[1] * depth for depth in depths]
     if not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths):
         raise ValueError(
-            f"DILATIONS must be a list of {len(depths)} per-stage lists (one per entry of DEPTHS={list(depths)}), "
+            f"{name} must be a list of {len(depths)} per-stage lists (one per entry of DEPTHS={list(depths)}), "
             f"got {dilations!r}"
         )
     checked = []
     for stage, (stage_dilations, depth) in enumerate(zip(dilations, depths)):
         if not isinstance(stage_dilations, (list, tuple)) or len(stage_dilations) != depth:
             raise ValueError(
-                f"DILATIONS[{stage}] must list one dilation per layer of stage {stage} (depth {depth}), "
+                f"{name}[{stage}] must list one dilation per layer of stage {stage} (depth {depth}), "
                 f"got {stage_dilations!r}"
             )
         for layer, dilation in enumerate(stage_dilations):
             if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-                raise ValueError(f"DILATIONS[{stage}][{layer}] must be an integer >= 1, got {dilation!r}")
+                raise ValueError(f"{name}[{stage}][{layer}] must be an integer >= 1, got {dilation!r}")
         checked.append(list(stage_dilations))
     return checked
 
