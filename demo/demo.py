@@ -64,7 +64,11 @@ class Overlayer:
 
     def __init__(self, cfg: CfgNode, confidence_threshold: float = 0.5) -> None:
         self.predictor = DefaultPredictor(cfg)
-        self.metadata = MetadataCatalog.get(cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "__unused")
+        # class names and colours: those of the test set, else of the training set
+        names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
+        if not names:
+            raise train_net.ConfigError("DATASETS.TEST and DATASETS.TRAIN are empty: the demo needs class names")
+        self.metadata = MetadataCatalog.get(names[0])
         self.confidence_threshold = confidence_threshold
 
     def __call__(self, image_bgr: np.ndarray, tasks: tuple[str, ...] = TASKS) -> dict[str, np.ndarray]:
