@@ -52,7 +52,7 @@ class ResumableTrainingSampler(Sampler):
 class PositionedDataset(torch.utils.data.Dataset):
     """Wraps dataset dicts so item ``position * size + index`` is (dicts[index], position)."""
 
-    def __init__(self, dicts: Sequence[dict]) -> None:
+    def __init__(self, dicts: Sequence[dict] | torch.utils.data.Dataset) -> None:
         self._dicts = dicts
 
     def __len__(self) -> int:

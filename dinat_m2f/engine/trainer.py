@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetFromList, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluator, verify_results
 from detectron2.utils import comm
@@ -140,7 +140,7 @@ class Trainer(DefaultTrainer):
         sampler = ResumableTrainingSampler(len(dicts), seed=training_seed(cfg), yield_position=cfg.DETERMINISTIC)
         dataset: Any = dicts
         if cfg.DETERMINISTIC:
-            dataset = PositionedDataset(dicts)
+            dataset = PositionedDataset(DatasetFromList(dicts, copy=False))  # serialized: no copy-on-read growth
             mapper = SeededMapper(mapper, training_seed(cfg))
         loader = build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
         loader.resumable_sampler = sampler
