@@ -3,6 +3,8 @@ training on CPU (float32 and bf16 autocast), the DiNAT backbone and the size of 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from detectron2.data.catalog import Metadata
@@ -13,6 +15,8 @@ from torch import nn
 import dinat_m2f.modeling  # noqa: F401  (registers MaskFormer & co.)
 from dinat_m2f.config import get_cfg
 from dinat_m2f.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @BACKBONE_REGISTRY.register()
@@ -381,7 +385,9 @@ def test_tiny_dinat_mask2former_trains_and_infers():
 
 def test_dinat_large_coco_panoptic_has_220m_parameters():
     cfg = get_cfg()
-    cfg.merge_from_file("configs/coco/panoptic-segmentation/dinat/maskformer2_dinat_large_IN21k_bs16_100ep.yaml")
+    cfg.merge_from_file(
+        str(ROOT / "configs/coco/panoptic-segmentation/dinat/maskformer2_dinat_large_IN21k_bs16_100ep.yaml")
+    )
     cfg.MODEL.DEVICE = "meta"
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         model = build_model(cfg)
@@ -391,3 +397,18 @@ def test_dinat_large_coco_panoptic_has_220m_parameters():
     params = sum(p.numel() for p in model.parameters())
     assert abs(params - 220e6) <= 0.02 * 220e6, params
     assert official_head_keys(6, 10) == {k for k in model.state_dict() if not k.startswith("backbone.")}
+
+
+@pytest.mark.parametrize(
+    "config_file",
+    sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml") if not p.name.startswith("Base-")),
+)
+def test_every_config_builds_a_mask2former(config_file):
+    cfg = get_cfg()
+    cfg.merge_from_file(str(ROOT / config_file))
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert type(model).__name__ == "MaskFormer"
+    assert model.sem_seg_head.num_classes == cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+    assert model.sem_seg_head.predictor.num_queries == cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES
