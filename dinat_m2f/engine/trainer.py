@@ -190,11 +190,29 @@ class Trainer(DefaultTrainer):
         logging.getLogger("detectron2.trainer").info("Running inference with test-time augmentation ...")
         model = SemanticSegmentorWithTTA(cfg, model)
         evaluators = [
-            cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA"))
+            semantic_evaluators(
+                cls.build_evaluator(cfg, name, output_folder=os.path.join(cfg.OUTPUT_DIR, "inference_TTA")), name
+            )
             for name in cfg.DATASETS.TEST
         ]
         res = cls.test(cfg, model, evaluators)
         return OrderedDict({k + "_TTA": v for k, v in res.items()})
+
+
+def semantic_evaluators(evaluator: DatasetEvaluator, dataset_name: str) -> DatasetEvaluator:
+    """The semantic-segmentation part of ``evaluator`` (TTA produces only ``sem_seg``)."""
+    from detectron2.evaluation import CityscapesSemSegEvaluator as D2CityscapesSemSeg
+    from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
+
+    kinds = (SemSegEvaluator, D2CityscapesSemSeg)
+    parts = evaluator._evaluators if isinstance(evaluator, DatasetEvaluators) else [evaluator]
+    kept = [e for e in parts if isinstance(e, kinds)]
+    if not kept:
+        raise ValueError(
+            f"TEST.AUG.ENABLED: test-time augmentation is semantic only, and {dataset_name} has no "
+            "semantic evaluator (set MODEL.MASK_FORMER.TEST.SEMANTIC_ON True or turn TEST.AUG off)"
+        )
+    return kept[0] if len(kept) == 1 else DatasetEvaluators(kept)
 
 
 def evaluate(cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:
