@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -264,7 +265,8 @@ def ensure_synthetic_dataset(root: str, spec: SyntheticSpec | None = None) -> st
     if existing is not None and (spec is None or existing == spec):
         return root
     os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
-    with open(os.path.abspath(root) + ".lock", "w") as lock:
+    key = hashlib.sha1(os.path.abspath(root).encode()).hexdigest()[:16]
+    with open(os.path.join(tempfile.gettempdir(), f"dinat_m2f-synthetic-{key}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # other processes wait here, then find it generated
         existing = read_spec(root)
         if existing is None or (spec is not None and existing != spec):
