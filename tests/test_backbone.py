@@ -93,6 +93,21 @@ def test_attention_dropout_path_equals_fused_when_dropout_is_negligible():
     torch.testing.assert_close(unfused, fused, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("attn_drop", [0.0, 1e-12])  # fused and unfused paths
+def test_attention_under_cpu_autocast(attn_drop):
+    """bf16 autocast (the training engine's CPU AMP): q/k/v are bf16, rpb fp32; runs and stays close to fp32."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(16, 2, 3, 2, attn_drop=attn_drop).train()
+    x = torch.randn(2, 5, 9, 16)  # padded map
+    reference_out = attn(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference_out, rtol=0.05, atol=0.05)
+    out.float().sum().backward()
+    assert attn.rpb.grad is not None and attn.rpb.grad.dtype == torch.float32
+
+
 def test_attention_rejects_bad_arguments():
     with pytest.raises(ValueError, match="kernel_size must be an odd integer"):
         NeighborhoodAttention2D(8, 2, 4)

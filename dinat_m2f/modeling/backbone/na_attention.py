@@ -73,12 +73,15 @@ class NeighborhoodAttention2D(nn.Module):
         )
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Under autocast q, k, v come out of the Linear in bf16/fp16 while rpb stays fp32: the ops want one dtype
+        # (the cast is differentiable, so rpb keeps its fp32 gradient).
+        rpb = self.rpb.to(q.dtype)
         if self.attn_drop.p == 0.0 or not self.training:
-            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb, scale=self.scale)
+            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale)
         # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av.
-        attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=self.rpb)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        return ops.na2d_av(attn, v, self.kernel_size, self.dilation)
+        attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=rpb)
+        attn = attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32))  # softmax in >= fp32
+        return ops.na2d_av(self.attn_drop(attn).to(v.dtype), v, self.kernel_size, self.dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:
