@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> tuple[float, float, float]:
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    # One compute thread, the data-loader worker on the other core: on a small (or shared) machine, two spinning
+    # OpenMP threads next to the loader made each step several times slower. OMP_NUM_THREADS overrides this.
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.chdir(REPO)  # datasets/ and output/ live in the repository
 
     setup_logger(name="dinat_m2f")
