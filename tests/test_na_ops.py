@@ -32,8 +32,11 @@ CASES_2D = [
     (9, 1, (9, 12)),
     (11, 1, (11, 13)),
     (13, 1, (13, 14)),
+    # Dilation groups along W holding 16+ queries with unclamped windows: the CPU fused forward's query tiles.
+    (3, 1, (4, 20)),
+    (5, 2, (11, 42)),
 ]
-CASES_1D = [(3, 1, 3), (3, 5, 16), (5, 2, 11), (7, 3, 23), (9, 2, 19), (11, 1, 30), (13, 1, 13)]
+CASES_1D = [(3, 1, 3), (3, 5, 16), (5, 2, 11), (7, 3, 23), (9, 2, 19), (11, 1, 30), (13, 1, 13), (7, 1, 24), (3, 2, 37)]
 
 TOL = {torch.float64: dict(rtol=1e-7, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 

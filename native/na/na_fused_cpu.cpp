@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -60,42 +61,217 @@ inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale
   }
 }
 
+// Query tiles: kLanes consecutive queries of one dilation group along W whose windows are not clamped along W (the
+// "interior"). Their keys at window column kj are consecutive group columns (lane l: j'0 - kw/2 + kj + l), so with
+// k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous
+// loads: logits and the weighted sum become lane-parallel multiply-adds with no horizontal reductions.
+constexpr int64_t kLanes = 16;
+
+// k or v as [BH * H, D, W'] where W' lists the columns group by group (r = 0..dw-1, then r + dw, r + 2 dw, ...).
+struct GroupTransposed {
+  at::Tensor data;
+  std::vector<int64_t> group_offset;  // first W' column of each dilation group
+};
+
+GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
+  GroupTransposed t;
+  std::vector<int64_t> perm;
+  perm.reserve(p.width);
+  for (int64_t r = 0; r < p.dw && r < p.width; ++r) {
+    t.group_offset.push_back(static_cast<int64_t>(perm.size()));
+    for (int64_t j = r; j < p.width; j += p.dw) perm.push_back(j);
+  }
+  const at::Tensor index = at::tensor(perm, x.options().dtype(at::kLong));
+  t.data = x.view({p.batch_heads * p.height, p.width, p.dim}).index_select(1, index).transpose(1, 2).contiguous();
+  return t;
+}
+
+// True when some dilation group along W holds a full tile of interior queries.
+bool has_query_tiles(const Problem& p) {
+  const int64_t longest_group = (p.width + p.dw - 1) / p.dw;
+  return longest_group - 2 * (p.kw / 2) >= kLanes;
+}
+
+// kLanes values of T in one GCC vector (zmm registers with AVX-512, split into halves or quarters otherwise).
+template <typename T>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
+};
+template <typename T>
+using Lanes = typename LanesOf<T>::type;
+
+template <typename T>
+inline Lanes<T> load_lanes(const T* p) {
+  Lanes<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+template <typename T>
+inline void store_lanes(T* p, Lanes<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
+// degree-6 polynomial, 2^n built in the exponent bits).
+inline Lanes<float> exp_lanes(Lanes<float> x) {
+  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
+  x = x > 88.0f ? Lanes<float>{} + 88.0f : x;
+  const Lanes<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Lanes<float> r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Lanes<float> p = Lanes<float>{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3333519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
+  return p * (Lanes<float>)bits;  // same-size vector cast: reinterprets the bits
+}
+
+inline Lanes<double> exp_lanes(Lanes<double> x) {
+  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+template <typename T>
+struct TileScratch {
+  std::vector<Lanes<T>> qt, acc, probs;
+  TileScratch(int64_t dim, int64_t kw) : qt(dim), acc(dim), probs(kw) {}
+};
+
+// Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
+// lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
 template <typename T, int64_t kD>
-void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const Problem& p, T scale) {
-  const Windows win(p);
+void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
+                  int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
+                  TileScratch<T>& s) {
+  using V = Lanes<T>;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
+  const int64_t row = bh * H + i, h = bh % p.heads;
+  V* __restrict qt = s.qt.data();
+  V* __restrict acc = s.acc.data();
+  V* __restrict probs = s.probs.data();
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const T* qv = q + (row * W + r + p.dw * (jg0 + l)) * D;
+    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
+  V running_max = V{} - std::numeric_limits<T>::infinity();
+  V running_sum = V{};
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const int64_t key_row = bh * H + win.start_h[i] + ki * p.dh;
+    const T* krow = kt + key_row * D * W + col0;
+    const T* vrow = vt + key_row * D * W + col0;
+    // Interior windows along W all start at bias column kw / 2.
+    const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.bias_h[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
+    V new_max = running_max;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      V logit = V{} + (brow != nullptr ? brow[kj] : T(0));
+      const T* kcol = krow + kj;
+      for (int64_t d = 0; d < D; ++d) logit += qt[d] * load_lanes(kcol + d * W);
+      probs[kj] = logit;
+      new_max = logit > new_max ? logit : new_max;
+    }
+    const V factor = exp_lanes(running_max - new_max);  // rescale what was accumulated under the old max
+    running_max = new_max;
+    running_sum *= factor;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      probs[kj] = exp_lanes(probs[kj] - running_max);
+      running_sum += probs[kj];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      V a = acc[d] * factor;
+      const T* vd = vrow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) a += probs[kj] * load_lanes(vd + kj);
+      acc[d] = a;
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t token = row * W + r + p.dw * (jg0 + l);
+    const T inv = T(1) / running_sum[l];
+    T* o = out + token * D;
+    for (int64_t d = 0; d < D; ++d) o[d] = acc[d][l] * inv;
+    lse[token] = running_max[l] + std::log(running_sum[l]);
+  }
+}
+
+// Forward of one query, the window streamed one window row at a time (online softmax).
+template <typename T, int64_t kD>
+void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
+                   int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t row = bh * H + i, h = bh % p.heads;
+  const T* qv = q + (row * W + j) * D;
+  T running_max = -std::numeric_limits<T>::infinity();
+  T running_sum = 0;
+  std::fill(acc, acc + D, T(0));
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
+    const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
+    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits);
+    const T row_max = *std::max_element(logits, logits + p.kw);
+    if (row_max > running_max) {  // rescale what was accumulated under the old max
+      const T factor = exp_approx(running_max - row_max);
+      running_sum *= factor;
+      scale_inplace(factor, acc, D);
+      running_max = row_max;
+    }
+    exp_shifted(logits, running_max, probs, p.kw);
+    const T* vrow = v + key_row * D;
+    for (int64_t kj = 0; kj < p.kw; ++kj) {
+      running_sum += probs[kj];
+      axpy(probs[kj], vrow + (win.start_w[j] + kj * p.dw) * D, acc, D);
+    }
+  }
+  T* o = out + (row * W + j) * D;
+  const T inv = T(1) / running_sum;
+  for (int64_t d = 0; d < D; ++d) {
+    o[d] = acc[d] * inv;
+  }
+  lse[row * W + j] = running_max + std::log(running_sum);
+}
+
+// kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
+template <typename T, int64_t kD>
+void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const Problem& p, T scale,
+                    const T* kt, const T* vt, const std::vector<int64_t>& group_offset) {
+  const Windows win(p);
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
-    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
+    const int64_t bh = row / H, i = row % H;
     std::vector<T> acc(D), logits(p.kw), probs(p.kw);
-    for (int64_t j = 0; j < W; ++j) {
-      const T* qv = q + (row * W + j) * D;
-      T running_max = -std::numeric_limits<T>::infinity();
-      T running_sum = 0;
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
-        const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
-        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits.data());
-        const T row_max = *std::max_element(logits.begin(), logits.end());
-        if (row_max > running_max) {  // rescale what was accumulated under the old max
-          const T factor = exp_approx(running_max - row_max);
-          running_sum *= factor;
-          scale_inplace(factor, acc.data(), D);
-          running_max = row_max;
-        }
-        exp_shifted(logits.data(), running_max, probs.data(), p.kw);
-        const T* vrow = v + key_row * D;
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          running_sum += probs[kj];
-          axpy(probs[kj], vrow + (win.start_w[j] + kj * p.dw) * D, acc.data(), D);
+    if (kt == nullptr) {
+      for (int64_t j = 0; j < W; ++j) {
+        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), probs.data());
+      }
+      return;
+    }
+    TileScratch<T> scratch(D, p.kw);
+    for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+      const int64_t glen = group_length(r, W, p.dw);
+      const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
+      int64_t jg = 0;
+      while (jg < glen) {
+        if (jg >= half && jg + kLanes <= interior_end) {
+          forward_tile<T, kD>(q, kt, vt, rpb, out, lse, bh, i, r, jg, group_offset[r] + jg - half, p, win, scale,
+                              scratch);
+          jg += kLanes;
+        } else {
+          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(),
+                               logits.data(), probs.data());
+          ++jg;
         }
       }
-      T* o = out + (row * W + j) * D;
-      const T inv = T(1) / running_sum;
-      for (int64_t d = 0; d < D; ++d) {
-        o[d] = acc[d] * inv;
-      }
-      lse[row * W + j] = running_max + std::log(running_sum);
     }
   });
 }
@@ -201,12 +377,19 @@ void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
                    const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
   const at::Tensor qc = as_compute(q), kc = as_compute(k), vc = as_compute(v), oc = as_compute(out);
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
+  GroupTransposed kt, vt;
+  if (has_query_tiles(p)) {
+    kt = group_transpose(kc, p);
+    vt = group_transpose(vc, p);
+  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    forward_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                             vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                             oc.mutable_data_ptr<scalar_t>(), lse.mutable_data_ptr<scalar_t>(), p,
-                             static_cast<scalar_t>(scale));
+      forward_kernel<scalar_t, dim.value>(
+          qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.mutable_data_ptr<scalar_t>(),
+          lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
+          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
+          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
