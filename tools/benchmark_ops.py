@@ -115,7 +115,8 @@ def implementations(case: Case):
         return reference.na2d(q, key, v, k, d, rpb)
 
     def sdpa(q, key, v, rpb):
-        return torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3), key.flatten(2, 3), v.flatten(2, 3))
+        out = torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3), key.flatten(2, 3), v.flatten(2, 3))
+        return out.unflatten(2, q.shape[2:4])
 
     impls = [("fused", fused), ("unfused", unfused)]
     if case.with_reference:

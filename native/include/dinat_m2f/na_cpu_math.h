@@ -91,14 +91,22 @@ inline void dispatch_head_dim(int64_t dim, const F& fn) {
   }
 }
 
-// Parallel loop over [0, n) in chunks of at least `grain` items.
+// Parallel loop over [0, n) with OpenMP dynamic scheduling in chunks of `grain` items, on torch's thread count.
+// Dynamic rather than at::parallel_for's static split: on a shared machine a descheduled thread's remaining rows are
+// taken over by the others instead of stalling the whole op. Falls back to a serial loop inside a parallel region.
 template <typename F>
 inline void parallel(int64_t n, int64_t grain, const F& fn) {
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || n <= grain || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) {
       fn(i);
     }
-  });
+    return;
+  }
+#pragma omp parallel for schedule(dynamic, grain) num_threads(threads)
+  for (int64_t i = 0; i < n; ++i) {
+    fn(i);
+  }
 }
 
 }  // namespace dinat_m2f::na::cpu_math
