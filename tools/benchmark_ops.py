@@ -38,8 +38,9 @@ class Record:
     dilation: int
     dtype: str
     pass_: str
-    ms: float
+    ms: float  # median over the repeats
     gflops: float
+    ms_min: float  # fastest repeat: the least disturbed by other processes on a shared machine
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -73,7 +74,8 @@ FULL_CASES = QUICK_CASES + [
 ]
 
 
-def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """(median, min) wall time in ms."""
     for _ in range(warmup):
         fn()
     times = []
@@ -81,12 +83,12 @@ def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
         start = time.perf_counter()
         fn()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def matmul_gflops(repeats: int) -> float:
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    ms = time_ms(lambda: torch.mm(a, b), repeats, warmup=2)
+    _, ms = time_ms(lambda: torch.mm(a, b), repeats, warmup=2)
     return 2 * 1024**3 / (ms * 1e6)
 
 
@@ -133,13 +135,10 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int) -> list[Record]:
     records = []
     for impl, fn in implementations(case):
         flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
+        tag = ("na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:])
         with torch.no_grad():
-            ms = time_ms(lambda fn=fn: fn(q, key, v, rpb), repeats)
-        records.append(
-            Record(
-                "na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:], "fwd", ms, flops / ms / 1e6
-            )
-        )
+            ms, ms_min = time_ms(lambda fn=fn: fn(q, key, v, rpb), repeats)
+        records.append(Record(*tag, "fwd", ms, flops / ms / 1e6, ms_min))
         if impl == "sdpa" and not case.with_sdpa_backward:
             continue
         leaves = [t.clone().requires_grad_() for t in (q, key, v, rpb)]
@@ -149,36 +148,26 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int) -> list[Record]:
             out = fn(*leaves)
             out.backward(grad)
 
-        ms = time_ms(step, repeats)
-        records.append(
-            Record(
-                "na2d",
-                impl,
-                case.shape,
-                case.kernel_size,
-                case.dilation,
-                str(dtype)[6:],
-                "fwd+bwd",
-                ms,
-                3 * flops / ms / 1e6,
-            )
-        )
+        ms, ms_min = time_ms(step, repeats)
+        records.append(Record(*tag, "fwd+bwd", ms, 3 * flops / ms / 1e6, ms_min))
     return records
 
 
 def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
     print(f"float32 matmul (1024^3, {torch.get_num_threads()} threads): {matmul:.1f} GFLOP/s", file=file)
+    print("ms = median of the repeats, min = fastest; ref/this compares medians (and fastest repeats)", file=file)
     print(
-        f"{'shape':>18} {'k':>3} {'d':>3} {'pass':>8} {'impl':>10} {'ms':>10} {'GFLOP/s':>9} {'% mm':>6} {'ref/this':>9}",
+        f"{'shape':>18} {'k':>3} {'d':>3} {'pass':>8} {'impl':>10} {'ms':>9} {'min':>9} {'GFLOP/s':>8} {'% mm':>5} "
+        f"{'ref/this':>8} {'(min)':>6}",
         file=file,
     )
     by_key = {(r.shape, r.kernel_size, r.dilation, r.pass_, r.impl): r for r in records}
     for r in records:
         ref = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "reference"))
-        ratio = f"{ref.ms / r.ms:9.1f}" if ref is not None else f"{'-':>9}"
+        ratio = f"{ref.ms / r.ms:8.1f} {ref.ms_min / r.ms_min:6.1f}" if ref is not None else f"{'-':>8} {'-':>6}"
         print(
-            f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.pass_:>8} {r.impl:>10} {r.ms:10.2f} {r.gflops:9.2f} "
-            f"{100 * r.gflops / matmul:6.1f} {ratio}",
+            f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.pass_:>8} {r.impl:>10} {r.ms:9.2f} {r.ms_min:9.2f} "
+            f"{r.gflops:8.2f} {100 * r.gflops / matmul:5.1f} {ratio}",
             file=file,
         )
 
@@ -188,12 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="56x56 shapes only, few repeats (< 1 minute)")
     parser.add_argument("--json", action="store_true", help="print JSON records instead of a table")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (median)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="timed repeats per measurement (median and min reported)"
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    repeats = args.repeats or (5 if args.quick else 10)
+    repeats = args.repeats or (7 if args.quick else 10)
     dtype = getattr(torch, args.dtype)
     matmul = matmul_gflops(repeats)
     records = []
