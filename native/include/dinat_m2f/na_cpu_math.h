@@ -6,7 +6,9 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <bit>
+#include <exception>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -103,9 +105,25 @@ inline void parallel(int64_t n, int64_t grain, const F& fn) {
     }
     return;
   }
+  // An exception must not leave an OpenMP region (it would terminate the process): keep the first, rethrow after.
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
 #pragma omp parallel for schedule(dynamic, grain) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
-    fn(i);
+    if (failed.load(std::memory_order_relaxed)) {
+      continue;
+    }
+    try {
+      fn(i);
+    } catch (...) {
+#pragma omp critical(dinat_na_parallel_error)
+      if (!failed.exchange(true)) {
+        error = std::current_exception();
+      }
+    }
+  }
+  if (error) {
+    std::rethrow_exception(error);
   }
 }
 
