@@ -291,3 +291,28 @@ def test_prediction_guard_names_the_prediction_and_its_loss_terms():
         model.sem_seg_head(None)
     model.eval()
     model.sem_seg_head(None)  # inference is not guarded
+
+
+def test_rules_hit_the_real_model_parameters():
+    """On the real DiNAT-Mask2Former: every rpb is found, embeddings and norms are not decayed, the backbone is x0.1."""
+    import sys
+
+    from detectron2.modeling import build_model
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import train_net
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ade20k",
+                          "semantic-segmentation", "dinat", "maskformer2_dinat_mini_bs16_160k.yaml")  # fmt: skip
+    cfg = train_net.load_config(config, ["MODEL.DEVICE", "meta", "SOLVER.RPB_WEIGHT_DECAY", "0.0"])
+    with torch.device("meta"):
+        model = build_model(cfg)
+    table = {name: (lr, wd) for name, _, lr, wd in param_hyperparams(cfg, model)}
+    rpbs = [n for n in table if n.endswith(".rpb")]
+    assert len(rpbs) == sum(cfg.MODEL.DINAT.DEPTHS)  # one per NA layer
+    assert all(table[n] == (1e-5, 0.0) for n in rpbs)
+    for name in ("sem_seg_head.predictor.query_feat.weight", "sem_seg_head.predictor.query_embed.weight"):
+        assert table[name] == (1e-4, 0.0)
+    assert all(wd == 0.0 for n, (_, wd) in table.items() if ".norm" in n and n.startswith("backbone."))
+    assert all(lr == 1e-5 for n, (lr, _) in table.items() if n.startswith("backbone."))
+    assert all(lr == 1e-4 for n, (lr, _) in table.items() if n.startswith("sem_seg_head."))
