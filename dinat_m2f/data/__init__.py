@@ -1,6 +1,6 @@
 """Data: dataset registrations (run on import) and the Mask2Former training mappers."""
 
-from dinat_m2f.data import datasets  # noqa: F401  (registers the datasets)
+from dinat_m2f.data import datasets, synthetic  # noqa: F401  (registers the datasets and the demo set)
 from dinat_m2f.data.dataset_mappers import (
     MAPPERS,
     COCOInstanceNewBaselineDatasetMapper,

@@ -79,6 +79,12 @@ class HungarianMatcher(nn.Module):
             cost = self.cost_matrix(
                 outputs["pred_logits"][b], pred_masks, targets[b]["labels"], targets[b]["masks"], point_coords
             )
+            if not torch.isfinite(cost).all():
+                # scipy would only say "matrix contains invalid numeric entries": name the cause instead.
+                raise FloatingPointError(
+                    f"HungarianMatcher: the matching cost of image {b} in the batch is not finite "
+                    "(NaN/inf in pred_logits or pred_masks): the model's predictions diverged"
+                )
             rows, cols = linear_sum_assignment(cost.cpu())
             indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
