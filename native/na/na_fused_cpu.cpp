@@ -65,7 +65,6 @@ inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale
 // "interior"). Their keys at window column kj are consecutive group columns (lane l: j'0 - kw/2 + kj + l), so with
 // k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous
 // loads: logits and the weighted sum become lane-parallel multiply-adds with no horizontal reductions.
-constexpr int64_t kLanes = 16;
 
 // k or v as [BH * H, D, W'] where W' lists the columns group by group (r = 0..dw-1, then r + dw, r + 2 dw, ...).
 struct GroupTransposed {
@@ -90,57 +89,6 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
 bool has_query_tiles(const Problem& p) {
   const int64_t longest_group = (p.width + p.dw - 1) / p.dw;
   return longest_group - 2 * (p.kw / 2) >= kLanes;
-}
-
-// kLanes values of T in one GCC vector (zmm registers with AVX-512, split into halves or quarters otherwise).
-template <typename T>
-struct LanesOf;
-template <>
-struct LanesOf<float> {
-  typedef float type __attribute__((vector_size(kLanes * sizeof(float))));
-};
-template <>
-struct LanesOf<double> {
-  typedef double type __attribute__((vector_size(kLanes * sizeof(double))));
-};
-template <typename T>
-using Lanes = typename LanesOf<T>::type;
-
-template <typename T>
-inline Lanes<T> load_lanes(const T* p) {
-  Lanes<T> v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-template <typename T>
-inline void store_lanes(T* p, Lanes<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
-// Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
-// degree-6 polynomial, 2^n built in the exponent bits).
-inline Lanes<float> exp_lanes(Lanes<float> x) {
-  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
-  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
-  x = x > 88.0f ? Lanes<float>{} + 88.0f : x;
-  const Lanes<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  Lanes<float> r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  Lanes<float> p = Lanes<float>{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3333519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
-  return p * (Lanes<float>)bits;  // same-size vector cast: reinterprets the bits
-}
-
-inline Lanes<double> exp_lanes(Lanes<double> x) {
-  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
-  return x;
 }
 
 template <typename T>
