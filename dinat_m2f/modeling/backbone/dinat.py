@@ -170,7 +170,11 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> 
 
 
 class NATBlock(nn.Module):
-    """One level: ``depth`` NATLayers at a fixed resolution, then an optional ConvDownsampler."""
+    """One level: ``depth`` NATLayers at a fixed resolution, then an optional downsampler.
+
+    DiNAT downsamples with a ConvDownsampler; DiNAT_s passes ``downsampler=PatchMerging``. Both sit under the key
+    ``downsample`` in the official checkpoints.
+    """
 
     def __init__(
         self,
@@ -189,6 +193,7 @@ class NATBlock(nn.Module):
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         layer_scale: float | None = None,
         use_checkpoint: bool = False,
+        downsampler: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
         self.dim = dim
@@ -212,7 +217,8 @@ class NATBlock(nn.Module):
             )
             for i in range(depth)
         )
-        self.downsample = ConvDownsampler(dim, norm_layer=norm_layer) if downsample else None
+        downsampler = downsampler or ConvDownsampler
+        self.downsample = downsampler(dim, norm_layer=norm_layer) if downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (the level's output before downsampling, the input of the next level)."""
@@ -237,8 +243,9 @@ def build_levels(
     norm_layer: Callable[..., nn.Module],
     layer_scale: float | None,
     use_checkpoint: bool,
+    downsampler: Callable[..., nn.Module] | None = None,
 ) -> nn.ModuleList:
-    """The ``levels`` ModuleList shared by the classifier and the detectron2 backbone."""
+    """The ``levels`` ModuleList shared by the classifiers and the detectron2 backbones (DiNAT and DiNAT_s)."""
     if len(num_heads) != len(depths):
         raise ValueError(f"NUM_HEADS {list(num_heads)} must have one entry per stage of DEPTHS {list(depths)}")
     dilations = check_dilations(dilations, depths)
@@ -260,6 +267,7 @@ def build_levels(
             norm_layer=norm_layer,
             layer_scale=layer_scale,
             use_checkpoint=use_checkpoint,
+            downsampler=downsampler,
         )
         for i in range(len(depths))
     )

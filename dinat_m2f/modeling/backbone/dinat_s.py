@@ -12,15 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import (
-    NATLayer,
-    check_dilations,
-    init_weights,
-    run_blocks,
-    stochastic_depth_rates,
-)
+from dinat_m2f.modeling.backbone.dinat import build_levels, init_weights
 
-__all__ = ["BasicLayer", "DiNAT_s", "PatchEmbed", "PatchMerging", "build_layers"]
+__all__ = ["DiNAT_s", "PatchEmbed", "PatchMerging", "build_layers"]
 
 
 class PatchEmbed(nn.Module):
@@ -64,57 +58,6 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class BasicLayer(nn.Module):
-    """One stage: ``depth`` NATLayers, then an optional PatchMerging."""
-
-    def __init__(
-        self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        kernel_size: int,
-        dilations: Sequence[int],
-        downsample: bool,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: Sequence[float] = (),
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        use_checkpoint: bool = False,
-    ):
-        super().__init__()
-        self.dim = dim
-        self.depth = depth
-        self.use_checkpoint = use_checkpoint
-        drop_path = list(drop_path) or [0.0] * depth
-        self.blocks = nn.ModuleList(
-            NATLayer(
-                dim,
-                num_heads,
-                kernel_size,
-                dilation=dilations[i],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                drop=drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
-                norm_layer=norm_layer,
-            )
-            for i in range(depth)
-        )
-        self.downsample = PatchMerging(dim, norm_layer=norm_layer) if downsample else None
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (the stage's output before merging, the input of the next stage)."""
-        x = run_blocks(self.blocks, x, self.use_checkpoint)
-        if self.downsample is None:
-            return x, x
-        return x, self.downsample(x)
-
-
 def build_layers(
     embed_dim: int,
     depths: Sequence[int],
@@ -130,29 +73,23 @@ def build_layers(
     norm_layer: Callable[..., nn.Module],
     use_checkpoint: bool,
 ) -> nn.ModuleList:
-    """The ``layers`` ModuleList shared by the DiNAT_s classifier and the detectron2 backbone."""
-    if len(num_heads) != len(depths):
-        raise ValueError(f"NUM_HEADS {list(num_heads)} must have one entry per stage of DEPTHS {list(depths)}")
-    dilations = check_dilations(dilations, depths)
-    rates = stochastic_depth_rates(drop_path_rate, depths)
-    return nn.ModuleList(
-        BasicLayer(
-            dim=embed_dim * 2**i,
-            depth=depths[i],
-            num_heads=num_heads[i],
-            kernel_size=kernel_size,
-            dilations=dilations[i],
-            downsample=i < len(depths) - 1,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-            drop_path=rates[i],
-            norm_layer=norm_layer,
-            use_checkpoint=use_checkpoint,
-        )
-        for i in range(len(depths))
+    """The ``layers`` ModuleList of DiNAT_s: DiNAT's levels with PatchMerging and never layer scale."""
+    return build_levels(
+        embed_dim,
+        depths,
+        num_heads,
+        kernel_size,
+        dilations,
+        mlp_ratio,
+        qkv_bias,
+        qk_scale,
+        drop_rate,
+        attn_drop_rate,
+        drop_path_rate,
+        norm_layer,
+        layer_scale=None,
+        use_checkpoint=use_checkpoint,
+        downsampler=PatchMerging,
     )
 
 
