@@ -65,3 +65,19 @@ def test_missing_extension_error_says_how_to_rebuild(monkeypatch):
             _ext.load_extension()
     finally:
         _ext.load_extension.cache_clear()
+
+
+def test_extension_built_for_another_torch_is_refused(monkeypatch):
+    import types
+
+    from dinat_m2f import _ext
+
+    fake = types.SimpleNamespace(build_info=lambda: {"torch_version": "1.0.0"})
+    _ext.load_extension.cache_clear()
+    monkeypatch.setattr(dinat_m2f, "_C", fake, raising=False)
+    monkeypatch.setitem(__import__("sys").modules, "dinat_m2f._C", fake)
+    try:
+        with pytest.raises(_ext.ExtensionUnavailableError, match="built for torch 1.0.0 but torch .* is installed"):
+            _ext.load_extension()
+    finally:
+        _ext.load_extension.cache_clear()
