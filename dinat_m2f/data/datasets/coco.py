@@ -39,7 +39,9 @@ _COCO_STUFF_NAMES = (  # noqa: SIM905  (a compact table)
 ).split()
 assert len(_COCO_STUFF_NAMES) == 91
 
-# COCO-Stuff's 171 classes: the 80 COCO things (their instance ids) + the 91 stuff classes (ids 92..182).
+# COCO-Stuff's 171 classes: the 80 COCO things (their instance ids and detectron2's colours) + the 91 stuff classes
+# (ids 92..182). The reference COCO-Stuff-10k registration gives the stuff classes no colours, so they get a
+# deterministic generated palette.
 COCO_STUFF_171_CATEGORIES: list[dict] = [
     {"id": c["id"], "name": c["name"], "isthing": 1, "color": c["color"]} for c in COCO_CATEGORIES if c["isthing"]
 ] + [
