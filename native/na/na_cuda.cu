@@ -103,6 +103,9 @@ void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Pro
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_attn.scalar_type(), "na_rpb_grad_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_INTERNAL_ASSERT(grad_rpb.scalar_type() == c10::CppTypeToScalarType<acc_t>::value);
+    if (grad_rpb.numel() == 0) {
+      return;  // heads == 0: nothing to reduce, and a zero-block launch is an invalid configuration
+    }
     rpb_grad_kernel<scalar_t, acc_t><<<static_cast<unsigned int>(grad_rpb.numel()), kThreads, 0, stream>>>(
         grad_attn.const_data_ptr<scalar_t>(), grad_rpb.mutable_data_ptr<acc_t>(), p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

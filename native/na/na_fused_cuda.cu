@@ -214,7 +214,7 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         prob_ws.const_data_ptr<acc_t>(), grad_out.const_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
         p, acc_t(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (grad_rpb.defined()) {
+    if (grad_rpb.defined() && grad_rpb.numel() > 0) {  // heads == 0 would be a zero-block launch
       rpb_grad_kernel<acc_t, acc_t><<<static_cast<unsigned int>(grad_rpb.numel()), kThreads, 0, stream>>>(
           ds_ws.const_data_ptr<acc_t>(), grad_rpb.mutable_data_ptr<acc_t>(), p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
