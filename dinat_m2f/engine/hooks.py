@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
@@ -20,11 +21,10 @@ def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -
     raises at the same iteration instead of some of them waiting forever in the next all-reduce.
     """
     names = sorted(loss_dict)
-    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])
+    values = torch.stack([loss_dict[k].detach().float().reshape(()) for k in names])  # a new tensor: safe to reduce
     if comm.get_world_size() > 1:
-        values = values.clone()
         dist.all_reduce(values)
-    bad = [(k, v) for k, v in zip(names, values.tolist()) if not torch.isfinite(torch.tensor(v))]
+    bad = [(k, v) for k, v in zip(names, values.tolist()) if not math.isfinite(v)]
     if bad:
         terms = ", ".join(f"{k}={v}" for k, v in bad)
         where = " (summed over workers)" if comm.get_world_size() > 1 else ""
