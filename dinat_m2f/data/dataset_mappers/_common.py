@@ -24,6 +24,7 @@ __all__ = [
     "image_to_tensor",
     "instances_from_masks",
     "masks_from_annotations",
+    "transformed_instance_masks",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,3 +151,18 @@ def masks_from_annotations(annos: list[dict], image_shape: tuple[int, int], file
             raise CorruptSampleError(file_name, f"annotation mask of size {m.shape[:2]} for an image of {(h, w)}")
         masks.append(m.astype(bool))
     return masks
+
+
+def transformed_instance_masks(
+    dataset_dict: dict, transforms: T.Transform, image_shape: tuple[int, int]
+) -> tuple[list[int], list[np.ndarray]]:
+    """Pop ``annotations``, drop crowds, apply ``transforms`` and return (category ids, bool masks)."""
+    if "annotations" not in dataset_dict:
+        raise ValueError(f"{dataset_dict['file_name']}: an instance dataset dict needs 'annotations'")
+    annos = [
+        utils.transform_instance_annotations(obj, transforms, image_shape)
+        for obj in dataset_dict.pop("annotations")
+        if obj.get("iscrowd", 0) == 0
+    ]
+    masks = masks_from_annotations(annos, image_shape, dataset_dict["file_name"])
+    return [a["category_id"] for a in annos], masks

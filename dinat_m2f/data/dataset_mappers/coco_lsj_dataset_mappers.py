@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from detectron2.config import configurable
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from panopticapi.utils import rgb2id
 
@@ -17,9 +16,9 @@ from dinat_m2f.data.dataset_mappers._common import (
     flip_augmentations,
     image_to_tensor,
     instances_from_masks,
-    masks_from_annotations,
     read_image_checked,
     read_label_checked,
+    transformed_instance_masks,
 )
 
 __all__ = ["COCOInstanceNewBaselineDatasetMapper", "COCOPanopticNewBaselineDatasetMapper", "lsj_augmentations"]
@@ -75,18 +74,8 @@ class COCOInstanceNewBaselineDatasetMapper(_LSJMapper):
         if not self.is_train:
             dataset_dict.pop("annotations", None)
             return dataset_dict
-        if "annotations" not in dataset_dict:
-            raise ValueError(f"{dataset_dict['file_name']}: an instance dataset dict needs 'annotations'")
-        h, w = image.shape[:2]
-        annos = [
-            utils.transform_instance_annotations(obj, transforms, (h, w))
-            for obj in dataset_dict.pop("annotations")
-            if obj.get("iscrowd", 0) == 0
-        ]
-        masks = masks_from_annotations(annos, (h, w), dataset_dict["file_name"])
-        dataset_dict["instances"] = instances_from_masks(
-            (h, w), [a["category_id"] for a in annos], masks, with_boxes=True
-        )
+        classes, masks = transformed_instance_masks(dataset_dict, transforms, image.shape[:2])
+        dataset_dict["instances"] = instances_from_masks(image.shape[:2], classes, masks, with_boxes=True)
         return dataset_dict
 
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from dinat_m2f.data.dataset_mappers._common import (
     SkipCorruptMixin,
     image_to_tensor,
     instances_from_masks,
-    masks_from_annotations,
     pad_to_fixed_size,
     read_image_checked,
+    transformed_instance_masks,
 )
 from dinat_m2f.data.dataset_mappers.mask_former_semantic_dataset_mapper import semantic_augmentations
 
@@ -57,20 +56,12 @@ class MaskFormerInstanceDatasetMapper(SkipCorruptMixin):
 
     def map_sample(self, dataset_dict: dict) -> dict:
         image = read_image_checked(dataset_dict, self.image_format)
-        if "annotations" not in dataset_dict:
-            raise ValueError(f"{dataset_dict['file_name']}: an instance dataset dict needs 'annotations'")
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image
-        h, w = image.shape[:2]
-        annos = [
-            utils.transform_instance_annotations(obj, transforms, (h, w))
-            for obj in dataset_dict.pop("annotations")
-            if obj.get("iscrowd", 0) == 0
-        ]
-        masks = masks_from_annotations(annos, (h, w), dataset_dict["file_name"])
+        classes, masks = transformed_instance_masks(dataset_dict, transforms, image.shape[:2])
         image_t = image_to_tensor(image)
-        instances = instances_from_masks((h, w), [a["category_id"] for a in annos], masks, with_boxes=False)
+        instances = instances_from_masks(image.shape[:2], classes, masks, with_boxes=False)
         if self.size_divisibility > 0:
             image_t = pad_to_fixed_size(image_t, self.size_divisibility, 128)
             gt = pad_to_fixed_size(instances.gt_masks, self.size_divisibility, 0)
