@@ -198,9 +198,9 @@ def _write_split(root: str, split: str, count: int, seed: int, size: int) -> Non
         for seg in segments:
             mask = seg_ids == seg["id"]
             sem[mask] = contiguous[seg["category_id"]]
-            area = int(mask.sum())
+            area, bbox = int(mask.sum()), _bbox(mask)
             segments_info.append(
-                {"id": seg["id"], "category_id": seg["category_id"], "area": area, "bbox": _bbox(mask), "iscrowd": 0}
+                {"id": seg["id"], "category_id": seg["category_id"], "area": area, "bbox": bbox, "iscrowd": 0}
             )
             if seg["category_id"] <= len(THINGS):
                 rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
@@ -212,7 +212,7 @@ def _write_split(root: str, split: str, count: int, seed: int, size: int) -> Non
                         "category_id": seg["category_id"],
                         "segmentation": rle,
                         "area": area,
-                        "bbox": _bbox(mask),
+                        "bbox": bbox,
                         "iscrowd": 0,
                     }
                 )
