@@ -28,9 +28,8 @@ from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-# Registers the datasets, the model parts (meta-architecture, backbone, heads) and the synthetic data.
+# Registers the datasets (the synthetic demo set included) and the model parts (meta-architecture, backbone, heads).
 import dinat_m2f.data  # noqa: F401
-import dinat_m2f.data.synthetic  # noqa: F401
 import dinat_m2f.modeling  # noqa: F401
 from dinat_m2f.config import get_cfg
 from dinat_m2f.engine import AtomicCheckpointer, launch
