@@ -93,9 +93,10 @@ def _register_autograd(dim: int) -> None:
         grad_rpb = rpb_grad_op(grad_attn, ks, dil) if ctx.has_rpb and ctx.needs_input_grad[2] else None
         return grad_q, grad_k, grad_rpb, None, None
 
-    def av_setup(ctx, inputs, output):
-        attn, v, kernel_size, dilation = inputs
-        ctx.save_for_backward(attn, v)
+    def pair_setup(ctx, inputs, output):
+        # av(attn, v) and inverse(weights, x): two tensors and the window parameters.
+        first, second, kernel_size, dilation = inputs
+        ctx.save_for_backward(first, second)
         ctx.kernel_size, ctx.dilation = kernel_size, dilation
 
     def av_backward(ctx, grad_out):
@@ -120,11 +121,6 @@ def _register_autograd(dim: int) -> None:
 
     # inverse(w, x) is bilinear and rpb_grad linear: their gradients are again NA primitives, so the unfused ops
     # support double backward.
-    def inverse_setup(ctx, inputs, output):
-        weights, x, kernel_size, dilation = inputs
-        ctx.save_for_backward(weights, x)
-        ctx.kernel_size, ctx.dilation = kernel_size, dilation
-
     def inverse_backward(ctx, grad_out):
         weights, x = ctx.saved_tensors
         ks, dil = ctx.kernel_size, ctx.dilation
@@ -151,11 +147,11 @@ def _register_autograd(dim: int) -> None:
     def fused_backward_setup(ctx, inputs, output):
         pass
 
-    torch.library.register_autograd(f"{p}_inverse", inverse_backward, setup_context=inverse_setup)
+    torch.library.register_autograd(f"{p}_inverse", inverse_backward, setup_context=pair_setup)
     torch.library.register_autograd(f"{p}_rpb_grad", rpb_grad_backward, setup_context=rpb_grad_setup)
     torch.library.register_autograd(f"{p}_fused_backward", fused_double_backward, setup_context=fused_backward_setup)
     torch.library.register_autograd(f"{p}_qk", qk_backward, setup_context=qk_setup)
-    torch.library.register_autograd(f"{p}_av", av_backward, setup_context=av_setup)
+    torch.library.register_autograd(f"{p}_av", av_backward, setup_context=pair_setup)
     torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
 
 
@@ -165,6 +161,12 @@ for _dim in (1, 2):
 
 
 # ----------------------------------------------------------------------------------------------- public API
+
+
+def _fused(op, q, k, v, kernel_size: int, dilation: int, rpb, scale: float | None) -> torch.Tensor:
+    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
 
 
 def na1d_qk(
@@ -201,8 +203,7 @@ def na1d(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _OPS.na1d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
+    return _fused(_OPS.na1d_fused_forward, q, k, v, kernel_size, dilation, rpb, scale)
 
 
 def na2d(
@@ -215,5 +216,4 @@ def na2d(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _OPS.na2d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
+    return _fused(_OPS.na2d_fused_forward, q, k, v, kernel_size, dilation, rpb, scale)
