@@ -10,6 +10,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
+from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
@@ -17,6 +18,7 @@ from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 __all__ = [
     "CorruptSampleError",
     "SkipCorruptMixin",
+    "PaddedTrainingMapper",
     "read_image_checked",
     "read_label_checked",
     "flip_augmentations",
@@ -58,6 +60,38 @@ class SkipCorruptMixin:
             self.num_skipped += 1
             logger.warning(f"Skipping corrupt sample ({self.num_skipped} skipped so far by this worker): {e}")
             return None
+
+
+class PaddedTrainingMapper(SkipCorruptMixin):
+    """Base of the Mask2Former training mappers that pad to a fixed ``size_divisibility`` square: holds the
+    arguments they share, and ``from_config`` fills them (subclasses add ``augmentations`` and their own)."""
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: list[T.Augmentation],
+        image_format: str,
+        size_divisibility: int,
+        skip_corrupt: bool = False,
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.size_divisibility = size_divisibility
+        self.skip_corrupt = skip_corrupt
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True) -> dict:
+        if not is_train:
+            raise ValueError(f"{cls.__name__} is a training mapper; evaluation uses detectron2's DatasetMapper")
+        return {
+            "is_train": is_train,
+            "image_format": cfg.INPUT.FORMAT,
+            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "skip_corrupt": cfg.DATALOADER.get("SKIP_CORRUPT", False),
+        }
 
 
 def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:

@@ -3,12 +3,11 @@ segmentation: resize, plain random crop, SSD colour jitter, flip; one bool mask 
 
 from __future__ import annotations
 
-from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
 from dinat_m2f.data.dataset_mappers._common import (
-    SkipCorruptMixin,
+    PaddedTrainingMapper,
     image_to_tensor,
     instances_from_masks,
     pad_to_fixed_size,
@@ -20,39 +19,17 @@ from dinat_m2f.data.dataset_mappers.mask_former_semantic_dataset_mapper import s
 __all__ = ["MaskFormerInstanceDatasetMapper"]
 
 
-class MaskFormerInstanceDatasetMapper(SkipCorruptMixin):
+class MaskFormerInstanceDatasetMapper(PaddedTrainingMapper):
     """Read image + ``annotations`` (polygons, RLE or masks; crowds dropped), augment, pad to ``size_divisibility``
     (image 128, masks 0). Output keys: ``image``, ``instances`` (``gt_classes``, ``gt_masks``)."""
 
-    @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: list[T.Augmentation],
-        image_format: str,
-        size_divisibility: int,
-        skip_corrupt: bool = False,
-    ):
-        self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
-        self.size_divisibility = size_divisibility
-        self.skip_corrupt = skip_corrupt
-
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        if not is_train:
-            raise ValueError(f"{cls.__name__} is a training mapper; evaluation uses detectron2's DatasetMapper")
+        args = super().from_config(cfg, is_train)
         for name in cfg.DATASETS.TRAIN:
             MetadataCatalog.get(name)  # fail early on a typo'd name, like the other mappers
-        return {
-            "is_train": is_train,
-            "augmentations": semantic_augmentations(cfg, crop_with_category_constraint=False),
-            "image_format": cfg.INPUT.FORMAT,
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
-            "skip_corrupt": cfg.DATALOADER.get("SKIP_CORRUPT", False),
-        }
+        args["augmentations"] = semantic_augmentations(cfg, crop_with_category_constraint=False)
+        return args
 
     def map_sample(self, dataset_dict: dict) -> dict:
         image = read_image_checked(dataset_dict, self.image_format)

@@ -12,7 +12,7 @@ from detectron2.projects.point_rend import ColorAugSSDTransform
 
 from dinat_m2f.data.dataset_mappers._common import (
     CorruptSampleError,
-    SkipCorruptMixin,
+    PaddedTrainingMapper,
     flip_augmentations,
     image_to_tensor,
     instances_from_masks,
@@ -51,7 +51,7 @@ def semantic_augmentations(
     return augs
 
 
-class MaskFormerSemanticDatasetMapper(SkipCorruptMixin):
+class MaskFormerSemanticDatasetMapper(PaddedTrainingMapper):
     """Read image + ``sem_seg_file_name``, augment both, pad to ``size_divisibility`` (image 128, label
     ``ignore_label``), and build ``instances``: one bool mask per class in the label (``ignore_label`` excluded).
 
@@ -69,29 +69,24 @@ class MaskFormerSemanticDatasetMapper(SkipCorruptMixin):
         size_divisibility: int,
         skip_corrupt: bool = False,
     ):
-        self.is_train = is_train
-        self.augmentations = T.AugmentationList(augmentations)
-        self.image_format = image_format
+        super().__init__(
+            is_train,
+            augmentations=augmentations,
+            image_format=image_format,
+            size_divisibility=size_divisibility,
+            skip_corrupt=skip_corrupt,
+        )
         self.ignore_label = ignore_label
-        self.size_divisibility = size_divisibility
-        self.skip_corrupt = skip_corrupt
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
-        if not is_train:
-            raise ValueError(f"{cls.__name__} is a training mapper; evaluation uses detectron2's DatasetMapper")
+        args = super().from_config(cfg, is_train)
         if not cfg.DATASETS.TRAIN:
             raise ValueError("DATASETS.TRAIN is empty: the mapper reads ignore_label from its metadata")
         meta = MetadataCatalog.get(cfg.DATASETS.TRAIN[0])
-        ignore_label = meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
-        return {
-            "is_train": is_train,
-            "augmentations": semantic_augmentations(cfg, ignore_label=ignore_label),
-            "image_format": cfg.INPUT.FORMAT,
-            "ignore_label": ignore_label,
-            "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
-            "skip_corrupt": cfg.DATALOADER.get("SKIP_CORRUPT", False),
-        }
+        args["ignore_label"] = meta.get("ignore_label", cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE)
+        args["augmentations"] = semantic_augmentations(cfg, ignore_label=args["ignore_label"])
+        return args
 
     def _read_sem_seg(self, dataset_dict: dict, image_shape: tuple[int, int]) -> np.ndarray | None:
         path = dataset_dict.pop("sem_seg_file_name", None)
