@@ -137,11 +137,12 @@ class Trainer(DefaultTrainer):
             min_keypoints=0,
             proposal_files=None,
         )
-        sampler = ResumableTrainingSampler(len(dicts), seed=training_seed(cfg), yield_position=cfg.DETERMINISTIC)
+        seed = training_seed(cfg)  # once: with SEED < 0 each call is a collective drawing a new random seed
+        sampler = ResumableTrainingSampler(len(dicts), seed=seed, yield_position=cfg.DETERMINISTIC)
         dataset: Any = dicts
         if cfg.DETERMINISTIC:
             dataset = PositionedDataset(DatasetFromList(dicts, copy=False))  # serialized: no copy-on-read growth
-            mapper = SeededMapper(mapper, training_seed(cfg))
+            mapper = SeededMapper(mapper, seed)
         loader = build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
         loader.resumable_sampler = sampler
         return loader
