@@ -3,7 +3,6 @@ segmentation: resize, plain random crop, SSD colour jitter, flip; one bool mask 
 
 from __future__ import annotations
 
-from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 
 from dinat_m2f.data.dataset_mappers._common import (
@@ -26,8 +25,6 @@ class MaskFormerInstanceDatasetMapper(PaddedTrainingMapper):
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> dict:
         args = super().from_config(cfg, is_train)
-        for name in cfg.DATASETS.TRAIN:
-            MetadataCatalog.get(name)  # fail early on a typo'd name, like the other mappers
         args["augmentations"] = semantic_augmentations(cfg, crop_with_category_constraint=False)
         return args
 
