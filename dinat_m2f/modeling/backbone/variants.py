@@ -47,11 +47,30 @@ _TINY = dict(embed_dim=64, depths=_DEPTHS, num_heads=(2, 4, 8, 16), mlp_ratio=3.
 _SMALL = dict(embed_dim=96, depths=_DEPTHS, num_heads=(3, 6, 12, 24), mlp_ratio=2.0, drop_path_rate=0.3)
 _BASE = dict(embed_dim=128, depths=_DEPTHS, num_heads=(4, 8, 16, 32), mlp_ratio=2.0, drop_path_rate=0.5)
 _LARGE = dict(embed_dim=192, depths=_DEPTHS, num_heads=(6, 12, 24, 48), mlp_ratio=2.0, drop_path_rate=0.35)
-_S_COMMON = dict(depths=_S_DEPTHS, mlp_ratio=4.0, kernel_size=7)
 
 
 def _dinat(base: dict, dina: Sequence[int] = _DINA_224, **extra) -> dict:
     return dict(base, kernel_size=7, dilations=alternating_dilations(base["depths"], dina), **extra)
+
+
+def _dinat_s(
+    embed_dim: int,
+    num_heads: Sequence[int],
+    drop_path_rate: float,
+    depths: Sequence[int] = _S_DEPTHS,
+    dina: Sequence[int] = _DINA_224,
+    **extra,
+) -> dict:
+    return dict(
+        embed_dim=embed_dim,
+        depths=depths,
+        num_heads=num_heads,
+        mlp_ratio=4.0,
+        kernel_size=7,
+        drop_path_rate=drop_path_rate,
+        dilations=alternating_dilations(depths, dina),
+        **extra,
+    )
 
 
 VARIANTS: dict[str, Variant] = {
@@ -73,69 +92,12 @@ VARIANTS: dict[str, Variant] = {
     "nat_small": Variant(DiNAT, dict(_SMALL, kernel_size=7, layer_scale=1e-5)),
     "nat_base": Variant(DiNAT, dict(_BASE, kernel_size=7, layer_scale=1e-5)),
     # DiNAT_s (patchify stem, PatchMerging)
-    "dinat_s_tiny": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            depths=(2, 2, 6, 2),
-            embed_dim=96,
-            num_heads=(3, 6, 12, 24),
-            drop_path_rate=0.2,
-            dilations=alternating_dilations((2, 2, 6, 2), _DINA_224),
-        ),
-    ),
-    "dinat_s_small": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            embed_dim=96,
-            num_heads=(3, 6, 12, 24),
-            drop_path_rate=0.3,
-            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
-        ),
-    ),
-    "dinat_s_base": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            embed_dim=128,
-            num_heads=(4, 8, 16, 32),
-            drop_path_rate=0.5,
-            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
-        ),
-    ),
-    "dinat_s_large": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            embed_dim=192,
-            num_heads=(6, 12, 24, 48),
-            drop_path_rate=0.35,
-            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
-        ),
-    ),
-    "dinat_s_large_384": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            embed_dim=192,
-            num_heads=(6, 12, 24, 48),
-            drop_path_rate=0.35,
-            dilations=alternating_dilations(_S_DEPTHS, _DINA_384),
-        ),
-        384,
-    ),
-    "dinat_s_large_21k": Variant(
-        DiNAT_s,
-        dict(
-            _S_COMMON,
-            embed_dim=192,
-            num_heads=(6, 12, 24, 48),
-            drop_path_rate=0.2,
-            num_classes=21841,
-            dilations=alternating_dilations(_S_DEPTHS, _DINA_224),
-        ),
-    ),
+    "dinat_s_tiny": Variant(DiNAT_s, _dinat_s(96, (3, 6, 12, 24), 0.2, depths=(2, 2, 6, 2))),
+    "dinat_s_small": Variant(DiNAT_s, _dinat_s(96, (3, 6, 12, 24), 0.3)),
+    "dinat_s_base": Variant(DiNAT_s, _dinat_s(128, (4, 8, 16, 32), 0.5)),
+    "dinat_s_large": Variant(DiNAT_s, _dinat_s(192, (6, 12, 24, 48), 0.35)),
+    "dinat_s_large_384": Variant(DiNAT_s, _dinat_s(192, (6, 12, 24, 48), 0.35, dina=_DINA_384), 384),
+    "dinat_s_large_21k": Variant(DiNAT_s, _dinat_s(192, (6, 12, 24, 48), 0.2, num_classes=21841)),
     # Isotropic (ViT-like, 1/16 map, NA / DiNA alternating)
     "nat_iso_small": Variant(NATIsotropic, dict(embed_dim=384, num_heads=12, dilation=1, drop_path_rate=0.1)),
     "dinat_iso_small": Variant(NATIsotropic, dict(embed_dim=384, num_heads=12, dilation=2, drop_path_rate=0.1)),
