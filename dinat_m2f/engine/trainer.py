@@ -167,7 +167,9 @@ class Trainer(DefaultTrainer):
                     max_to_keep=self.cfg.CHECKPOINT.MAX_TO_KEEP,
                 )
             elif isinstance(h, hooks.PeriodicWriter):
-                ret[i] = hooks.PeriodicWriter(self.build_writers(), period=period)
+                # Keep the writers super() built (building them again would open metrics.json and a TensorBoard
+                # event file a second time); only the period changes.
+                ret[i] = hooks.PeriodicWriter(h._writers, period=period)
         return ret
 
     def build_writers(self) -> list:
