@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-__all__ = ["dataset_root", "register_dataset", "color_palette", "require_path"]
+__all__ = ["dataset_root", "register_dataset", "color_palette", "require_path", "panoptic_metadata"]
 
 
 def dataset_root(root: str | None = None) -> str:
@@ -27,6 +27,24 @@ def register_dataset(name: str, loader: Callable[[], list[dict]], **metadata) ->
         MetadataCatalog.remove(name)
     DatasetCatalog.register(name, loader)
     MetadataCatalog.get(name).set(**metadata)
+
+
+def panoptic_metadata(categories: list[dict]) -> dict:
+    """Panoptic metadata of ``categories`` (dicts with id/name/color/isthing), contiguous id = list position.
+
+    ``stuff_*`` cover ALL classes (so SemSegEvaluator scores things too) and ``thing_classes``/``thing_colors``
+    repeat the full lists, as detectron2's Visualizer indexes both by the same contiguous id.
+    """
+    names = [c["name"] for c in categories]
+    colors = [c["color"] for c in categories]
+    return {
+        "thing_classes": names,
+        "thing_colors": colors,
+        "stuff_classes": names,
+        "stuff_colors": colors,
+        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories) if c["isthing"]},
+        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(categories)},
+    }
 
 
 def require_path(path: str, hint: str = "") -> str:

@@ -16,7 +16,7 @@ import os
 
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from dinat_m2f.data.datasets._common import color_palette, dataset_root, register_dataset
+from dinat_m2f.data.datasets._common import color_palette, dataset_root, panoptic_metadata, register_dataset
 from dinat_m2f.data.datasets.loaders import load_coco_instances_mapped, load_panoptic_json, load_sem_seg_strict
 
 __all__ = [
@@ -77,22 +77,6 @@ ADE20K_FULL_CLASSES_FILE = "ADE20K_2021_17_01/ade20k_full_classes.json"
 _SPLITS = {"train": "training", "val": "validation"}
 
 
-def _ade20k_150_metadata() -> dict:
-    names = [c["name"] for c in ADE20K_150_CATEGORIES]
-    colors = [c["color"] for c in ADE20K_150_CATEGORIES]
-    # Thing ids stay at their 0..149 position (interleaved with stuff); "stuff" lists all 150 so that
-    # SemSegEvaluator scores every class. thing_* repeat the full lists, as detectron2's Visualizer indexes them
-    # with the same contiguous ids.
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: c["id"] for c in ADE20K_150_CATEGORIES},
-    }
-
-
 def _ade20k_instance_metadata() -> dict:
     things = [ADE20K_150_CATEGORIES[i] for i in sorted(ADE20K_THING_IDS)]
     return {
@@ -105,7 +89,8 @@ def _ade20k_instance_metadata() -> dict:
 def register_all_ade20k(root: str | None = None) -> None:
     """Register ``ade20k_sem_seg_*``, ``ade20k_panoptic_*`` and ``ade20k_instance_*`` under ``root``."""
     base = os.path.join(dataset_root(root), "ADEChallengeData2016")
-    meta150 = _ade20k_150_metadata()
+    # thing ids stay at their 0..149 position, interleaved with stuff (ADE20K_150_CATEGORIES ids are positions)
+    meta150 = panoptic_metadata(ADE20K_150_CATEGORIES)
     ins_meta = _ade20k_instance_metadata()
     for split, dirname in _SPLITS.items():
         image_dir = os.path.join(base, "images", dirname)

@@ -15,7 +15,13 @@ import os
 
 from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
 
-from dinat_m2f.data.datasets._common import color_palette, dataset_root, register_dataset, require_path
+from dinat_m2f.data.datasets._common import (
+    color_palette,
+    dataset_root,
+    panoptic_metadata,
+    register_dataset,
+    require_path,
+)
 from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
 
 __all__ = [
@@ -62,16 +68,7 @@ def coco_panoptic_metadata() -> dict:
     maps of prepare_coco_semantic_annos_from_panoptic_annos.py); ``thing_*`` lists repeat the full class list as
     detectron2's Visualizer indexes them by the same contiguous id.
     """
-    names = [c["name"] for c in COCO_CATEGORIES]
-    colors = [c["color"] for c in COCO_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(COCO_CATEGORIES) if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(COCO_CATEGORIES)},
-    }
+    return panoptic_metadata(COCO_CATEGORIES)
 
 
 def register_all_coco_instances(root: str | None = None) -> None:

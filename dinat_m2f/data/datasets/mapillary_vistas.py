@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from dinat_m2f.data.datasets._common import dataset_root, register_dataset
+from dinat_m2f.data.datasets._common import dataset_root, panoptic_metadata, register_dataset
 from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
 
 __all__ = ["MAPILLARY_VISTAS_CATEGORIES", "register_all_mapillary_vistas"]
@@ -53,25 +53,10 @@ MAPILLARY_VISTAS_IGNORE_LABEL = 65
 _SPLITS = {"train": "training", "val": "validation"}
 
 
-def _metadata() -> dict:
-    names = [c["name"] for c in MAPILLARY_VISTAS_CATEGORIES]
-    colors = [c["color"] for c in MAPILLARY_VISTAS_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {
-            c["id"]: i for i, c in enumerate(MAPILLARY_VISTAS_CATEGORIES) if c["isthing"]
-        },
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: i for i, c in enumerate(MAPILLARY_VISTAS_CATEGORIES)},
-    }
-
-
 def register_all_mapillary_vistas(root: str | None = None) -> None:
     """Register ``mapillary_vistas_sem_seg_{train,val}`` and ``mapillary_vistas_panoptic_{train,val}``."""
     base = os.path.join(dataset_root(root), "mapillary_vistas")
-    meta = _metadata()
+    meta = panoptic_metadata(MAPILLARY_VISTAS_CATEGORIES)
     for split, dirname in _SPLITS.items():
         image_dir = os.path.join(base, dirname, "images")
         sem_dir = os.path.join(base, dirname, "labels")
