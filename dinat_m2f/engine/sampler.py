@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from detectron2.data.samplers import TrainingSampler
 from detectron2.utils import comm
-from torch.utils.data.sampler import Sampler
 
 
-class ResumableTrainingSampler(Sampler):
+class ResumableTrainingSampler(TrainingSampler):
     """detectron2's TrainingSampler (an infinite, seeded, per-rank shuffled stream) that can start at ``start``.
 
     The stream of positions is a pure function of (size, shuffle, seed), so skipping the first ``start`` items of
@@ -24,29 +24,15 @@ class ResumableTrainingSampler(Sampler):
     def __init__(self, size: int, shuffle: bool = True, seed: int = 0, yield_position: bool = False) -> None:
         if size <= 0:
             raise ValueError(f"ResumableTrainingSampler: the training set is empty (size={size})")
-        self._size = size
-        self._shuffle = shuffle
-        self._seed = int(seed)
-        self._rank = comm.get_rank()
-        self._world_size = comm.get_world_size()
+        super().__init__(size, shuffle=shuffle, seed=seed)
         self.yield_position = yield_position
         self.start = 0  # items of this rank's stream to skip
 
     def __iter__(self) -> Iterator[int]:
-        stream = itertools.islice(self._infinite_indices(), self._rank, None, self._world_size)
-        for position, index in enumerate(stream):
-            if position < self.start:
-                continue
+        first = self._rank + self.start * self._world_size
+        stream = itertools.islice(self._infinite_indices(), first, None, self._world_size)
+        for position, index in enumerate(stream, start=self.start):
             yield position * self._size + index if self.yield_position else index
-
-    def _infinite_indices(self) -> Iterator[int]:
-        g = torch.Generator()
-        g.manual_seed(self._seed)
-        while True:
-            if self._shuffle:
-                yield from torch.randperm(self._size, generator=g).tolist()
-            else:
-                yield from range(self._size)
 
 
 class PositionedDataset(torch.utils.data.Dataset):
