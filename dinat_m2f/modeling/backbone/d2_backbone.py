@@ -8,7 +8,7 @@ so an official DiNAT-Mask2Former ``model_final.pkl`` loads without renaming.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 import torch
 from detectron2.config import CfgNode
@@ -16,7 +16,7 @@ from detectron2.modeling import BACKBONE_REGISTRY, Backbone, ShapeSpec
 from torch import nn
 
 from dinat_m2f.modeling.backbone.dinat import ConvTokenizer, build_levels, check_dilations, init_weights
-from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed, build_layers
+from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed, PatchMerging
 from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
 
 __all__ = ["D2DiNAT", "D2DiNATs", "dinat_kwargs_from_cfg"]
@@ -101,28 +101,56 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
 
 
 class _HierarchicalNABackbone(Backbone):
-    """What D2DiNAT and D2DiNATs share: output norms, shapes, stage freezing and the forward loop.
-
-    Subclasses build ``self.patch_embed`` and the ModuleList of 4 stages (each returning (pre-downsample output,
-    next input)), then call ``_finish``.
+    """What D2DiNAT and D2DiNATs share: construction from cfg/kwargs, output norms, shapes, stage freezing and the
+    forward loop. Subclasses name their stem, their downsampler and the attribute of their 4 stages (each stage
+    returns (pre-downsample output, next input)).
     """
 
     _stages_attr: str
+    _downsampler: Callable[..., nn.Module] | None = None  # None: the NATBlock default (ConvDownsampler)
 
-    def _finish(
-        self, embed_dim: int, num_stages: int, out_features: Sequence[str], frozen_stages: int, in_chans: int
-    ) -> None:
+    def __init__(self, cfg: CfgNode | None, input_shape: ShapeSpec | None, kwargs: dict):
+        super().__init__()
+        kwargs = _merge_kwargs(cfg, kwargs)
+        self._check_kwargs(kwargs)
+        in_chans = input_shape.channels if input_shape is not None and input_shape.channels else 3
         if in_chans != 3:
             raise ValueError(f"the DiNAT backbones take RGB images (3 channels), got {in_chans} input channels")
-        widths = [embed_dim * 2**i for i in range(num_stages)]
+        embed_dim = kwargs["embed_dim"]
+        self.patch_embed = self._build_stem(in_chans, embed_dim)
+        stages = build_levels(
+            embed_dim,
+            kwargs["depths"],
+            kwargs["num_heads"],
+            kwargs.get("kernel_size", 7),
+            kwargs.get("dilations"),
+            kwargs.get("mlp_ratio", 4.0),
+            kwargs.get("qkv_bias", True),
+            kwargs.get("qk_scale"),
+            kwargs.get("drop_rate", 0.0),
+            kwargs.get("attn_drop_rate", 0.0),
+            kwargs.get("drop_path_rate", 0.2),
+            nn.LayerNorm,
+            kwargs.get("layer_scale"),
+            kwargs.get("use_checkpoint", False),
+            downsampler=self._downsampler,
+        )
+        self.add_module(self._stages_attr, stages)
+        widths = [embed_dim * 2**i for i in range(len(stages))]
         for i, width in enumerate(widths):
             self.add_module(f"norm{i}", nn.LayerNorm(width))
-        self._out_features = list(out_features)
+        self._out_features = list(kwargs.get("out_features", _STAGE_NAMES))
         self._out_feature_strides = {name: 4 * 2**i for i, name in enumerate(_STAGE_NAMES)}
         self._out_feature_channels = {name: widths[i] for i, name in enumerate(_STAGE_NAMES)}
-        self.frozen_stages = frozen_stages
+        self.frozen_stages = kwargs.get("frozen_stages", -1)
         self.apply(init_weights)
         self._freeze_stages()
+
+    def _check_kwargs(self, kwargs: dict) -> None:
+        """Reject arguments this architecture cannot honour (none by default)."""
+
+    def _build_stem(self, in_chans: int, embed_dim: int) -> nn.Module:
+        raise NotImplementedError
 
     @property
     def stages(self) -> nn.ModuleList:
@@ -176,29 +204,10 @@ class D2DiNAT(_HierarchicalNABackbone):
 
     def __init__(self, cfg: CfgNode | None = None, input_shape: ShapeSpec | None = None, **kwargs):
         """Built from ``cfg`` by the registry, or from keyword arguments (those of ``dinat_kwargs_from_cfg``)."""
-        super().__init__()
-        kwargs = _merge_kwargs(cfg, kwargs)
-        in_chans = input_shape.channels if input_shape is not None and input_shape.channels else 3
-        out_features = kwargs.pop("out_features", _STAGE_NAMES)
-        frozen_stages = kwargs.pop("frozen_stages", -1)
-        self.patch_embed = ConvTokenizer(in_chans, kwargs["embed_dim"])
-        self.levels = build_levels(
-            kwargs["embed_dim"],
-            kwargs["depths"],
-            kwargs["num_heads"],
-            kwargs.get("kernel_size", 7),
-            kwargs.get("dilations"),
-            kwargs.get("mlp_ratio", 4.0),
-            kwargs.get("qkv_bias", True),
-            kwargs.get("qk_scale"),
-            kwargs.get("drop_rate", 0.0),
-            kwargs.get("attn_drop_rate", 0.0),
-            kwargs.get("drop_path_rate", 0.2),
-            nn.LayerNorm,
-            kwargs.get("layer_scale"),
-            kwargs.get("use_checkpoint", False),
-        )
-        self._finish(kwargs["embed_dim"], len(self.levels), out_features, frozen_stages, in_chans)
+        super().__init__(cfg, input_shape, kwargs)
+
+    def _build_stem(self, in_chans: int, embed_dim: int) -> nn.Module:
+        return ConvTokenizer(in_chans, embed_dim)
 
 
 @BACKBONE_REGISTRY.register()
@@ -209,29 +218,14 @@ class D2DiNATs(_HierarchicalNABackbone):
     """
 
     _stages_attr = "layers"
+    _downsampler = PatchMerging
 
     def __init__(self, cfg: CfgNode | None = None, input_shape: ShapeSpec | None = None, **kwargs):
-        super().__init__()
-        kwargs = _merge_kwargs(cfg, kwargs)
+        super().__init__(cfg, input_shape, kwargs)
+
+    def _check_kwargs(self, kwargs: dict) -> None:
         if kwargs.get("layer_scale") is not None:
             raise ValueError("D2DiNATs (DiNAT_s) has no layer scale; set MODEL.DINAT.LAYER_SCALE to None")
-        in_chans = input_shape.channels if input_shape is not None and input_shape.channels else 3
-        out_features = kwargs.pop("out_features", _STAGE_NAMES)
-        frozen_stages = kwargs.pop("frozen_stages", -1)
-        self.patch_embed = PatchEmbed(4, in_chans, kwargs["embed_dim"])
-        self.layers = build_layers(
-            kwargs["embed_dim"],
-            kwargs["depths"],
-            kwargs["num_heads"],
-            kwargs.get("kernel_size", 7),
-            kwargs.get("dilations"),
-            kwargs.get("mlp_ratio", 4.0),
-            kwargs.get("qkv_bias", True),
-            kwargs.get("qk_scale"),
-            kwargs.get("drop_rate", 0.0),
-            kwargs.get("attn_drop_rate", 0.0),
-            kwargs.get("drop_path_rate", 0.2),
-            nn.LayerNorm,
-            kwargs.get("use_checkpoint", False),
-        )
-        self._finish(kwargs["embed_dim"], len(self.layers), out_features, frozen_stages, in_chans)
+
+    def _build_stem(self, in_chans: int, embed_dim: int) -> nn.Module:
+        return PatchEmbed(4, in_chans, embed_dim)
