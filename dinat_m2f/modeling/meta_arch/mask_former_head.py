@@ -9,7 +9,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import SEM_SEG_HEADS_REGISTRY
 from torch import nn
 
-from dinat_m2f.modeling.pixel_decoder.msdeformattn import build_pixel_decoder
+from dinat_m2f.modeling.pixel_decoder.msdeformattn import build_pixel_decoder, in_feature_shapes
 from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder import build_transformer_decoder
 
 
@@ -55,15 +55,8 @@ class MaskFormerHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
-        in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
-        missing = [k for k in in_features if k not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not output "
-                f"(it outputs {sorted(input_shape)})"
-            )
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in in_features},
+            "input_shape": in_feature_shapes(cfg, input_shape),
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
             "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),

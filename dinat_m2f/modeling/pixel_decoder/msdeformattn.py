@@ -21,6 +21,18 @@ from dinat_m2f.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
 from dinat_m2f.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
 
 
+def in_feature_shapes(cfg, input_shape: dict[str, ShapeSpec]) -> dict[str, ShapeSpec]:
+    """The backbone outputs named by MODEL.SEM_SEG_HEAD.IN_FEATURES; a name the backbone lacks is a config error."""
+    in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
+    missing = [k for k in in_features if k not in input_shape]
+    if missing:
+        raise ValueError(
+            f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not output "
+            f"(it outputs {sorted(input_shape)})"
+        )
+    return {k: v for k, v in input_shape.items() if k in in_features}
+
+
 def build_pixel_decoder(cfg, input_shape: dict[str, ShapeSpec]) -> nn.Module:
     """Build the pixel decoder named by ``cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME``."""
     name = cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
@@ -236,15 +248,8 @@ class MSDeformAttnPixelDecoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
-        in_features = cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES
-        missing = [k for k in in_features if k not in input_shape]
-        if missing:
-            raise ValueError(
-                f"MODEL.SEM_SEG_HEAD.IN_FEATURES names {missing}, which the backbone does not output "
-                f"(it outputs {sorted(input_shape)})"
-            )
         return {
-            "input_shape": {k: v for k, v in input_shape.items() if k in in_features},
+            "input_shape": in_feature_shapes(cfg, input_shape),
             "conv_dim": cfg.MODEL.SEM_SEG_HEAD.CONVS_DIM,
             "mask_dim": cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             "norm": cfg.MODEL.SEM_SEG_HEAD.NORM,
