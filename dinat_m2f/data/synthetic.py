@@ -26,11 +26,12 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets.coco import load_coco_json
 from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from PIL import Image
 from pycocotools import mask as mask_util
+
+from dinat_m2f.data.datasets._common import register_dataset
 
 __all__ = [
     "CATEGORIES",
@@ -289,15 +290,6 @@ def synthetic_metadata() -> dict:
     }
 
 
-def _register(name: str, loader, **metadata) -> None:
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-    if name in MetadataCatalog.list():
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, loader)
-    MetadataCatalog.get(name).set(**metadata)
-
-
 def register_all_synthetic(datasets_root: str | None = None) -> None:
     """Register the synthetic dataset names for ``<datasets_root>/synthetic`` (generated when first loaded)."""
     if datasets_root is None:
@@ -347,8 +339,8 @@ def register_all_synthetic(datasets_root: str | None = None) -> None:
             "label_divisor": 1000,
             "evaluator_type": "coco_panoptic_seg",
         }
-        _register(f"synthetic_panoptic_{split}", load_panoptic, **common, **panoptic)
-        _register(
+        register_dataset(f"synthetic_panoptic_{split}", load_panoptic, **common, **panoptic)
+        register_dataset(
             f"synthetic_panoptic_{split}_with_sem_seg",
             lambda load=load_panoptic, sem_root=sem_root: load(sem_root=sem_root),
             **common,
@@ -359,7 +351,7 @@ def register_all_synthetic(datasets_root: str | None = None) -> None:
             "thing_colors": meta["thing_colors"],
             "thing_dataset_id_to_contiguous_id": meta["thing_dataset_id_to_contiguous_id"],
         }
-        _register(
+        register_dataset(
             f"synthetic_instance_{split}",
             load_instances,
             image_root=image_root,
@@ -367,7 +359,7 @@ def register_all_synthetic(datasets_root: str | None = None) -> None:
             evaluator_type="coco",
             **inst_meta,
         )
-        _register(
+        register_dataset(
             f"synthetic_sem_seg_{split}",
             load_sem_seg,
             image_root=image_root,
