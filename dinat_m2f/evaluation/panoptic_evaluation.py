@@ -13,7 +13,6 @@ import contextlib
 import io
 import itertools
 import json
-import logging
 import os
 import tempfile
 from collections import OrderedDict
@@ -22,12 +21,10 @@ from typing import Any
 import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
+from detectron2.evaluation.panoptic_evaluation import _print_panoptic_results
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
-from tabulate import tabulate
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["COCOPanopticEvaluator", "CityscapesPanopticEvaluator", "pq_results_to_dict"]
 
@@ -39,15 +36,6 @@ def pq_results_to_dict(pq_res: dict[str, Any]) -> dict[str, float]:
         for metric in ("pq", "sq", "rq"):
             res[metric.upper() + suffix] = 100 * pq_res[group][metric]
     return res
-
-
-def _log_pq_table(pq_res: dict[str, Any]) -> None:
-    rows = [
-        [name] + [pq_res[name][k] * 100 for k in ("pq", "sq", "rq")] + [pq_res[name]["n"]]
-        for name in ("All", "Things", "Stuff")
-    ]
-    table = tabulate(rows, headers=["", "PQ", "SQ", "RQ", "#categories"], tablefmt="pipe", floatfmt=".3f")
-    logger.info("Panoptic Evaluation Results:\n" + table)
 
 
 class COCOPanopticEvaluator(DatasetEvaluator):
@@ -193,7 +181,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
             pq_res = self._compute_pq(gt_json, pred_json, gt_folder, self._pred_dir)
         finally:
             self._cleanup()
-        _log_pq_table(pq_res)
+        _print_panoptic_results(pq_res)
         return OrderedDict({"panoptic_seg": pq_results_to_dict(pq_res)})
 
 
