@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import logging
 import os
 import sys
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> list[str]:
     else:
         stem = os.path.splitext(os.path.basename(args.video_input))[0]
         frames = video_frames(args.video_input)
-        sources = ((f"{stem}_{i:06d}", f) for i, f in enumerate(frames) if not args.max_frames or i < args.max_frames)
+        if args.max_frames:
+            frames = itertools.islice(frames, args.max_frames)  # stop decoding there, not just stop drawing
+        sources = ((f"{stem}_{i:06d}", f) for i, f in enumerate(frames))
     with torch.no_grad():
         for stem, image in sources:
             for task, overlay in overlayer(image, tasks).items():
