@@ -88,3 +88,25 @@ def test_loss_functions():
 def test_unknown_loss_is_rejected():
     with pytest.raises(ValueError, match="unknown losses"):
         SetCriterion(2, HungarianMatcher(1, 1, 1, 10), {}, 0.1, ["boxes"], 10, 3.0, 0.75)
+
+
+def test_matched_target_masks_follow_the_matching_and_pad_smaller_images():
+    from dinat_m2f.modeling.criterion import _matched_target_masks
+
+    g = torch.Generator().manual_seed(0)
+    targets = [
+        {"masks": torch.rand(3, 6, 5, generator=g) > 0.5},
+        {"masks": torch.rand(2, 4, 7, generator=g) > 0.5},
+        {"masks": torch.zeros(0, 6, 7, dtype=torch.bool)},
+    ]
+    indices = [(torch.tensor([4, 0]), torch.tensor([2, 0])), (torch.tensor([1]), torch.tensor([1]))]
+    indices.append((torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)))
+    out = _matched_target_masks(targets, indices, torch.zeros(1, dtype=torch.float64))
+    # reference: every target zero-padded into a [B, max T, max H, max W] batch, then the matched ones in order
+    ref = torch.zeros(3, 3, 6, 7, dtype=torch.float64)
+    for b, t in enumerate(targets):
+        m = t["masks"]
+        ref[b, : m.shape[0], : m.shape[1], : m.shape[2]] = m
+    expected = torch.stack([ref[0, 2], ref[0, 0], ref[1, 1]])
+    assert out.dtype == torch.float64 and out.shape == (3, 6, 7)
+    assert torch.equal(out, expected)

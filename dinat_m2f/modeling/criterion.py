@@ -40,15 +40,17 @@ def calculate_uncertainty(logits: torch.Tensor) -> torch.Tensor:
     return -torch.abs(logits)
 
 
-def _pad_stack(masks: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-image target masks [T_i, H_i, W_i] into [B, max T, max H, max W], zero-padded."""
-    h = max(m.shape[-2] for m in masks)
-    w = max(m.shape[-1] for m in masks)
-    t = max(m.shape[0] for m in masks)
-    out = masks[0].new_zeros((len(masks), t, h, w))
-    for i, m in enumerate(masks):
-        out[i, : m.shape[0], : m.shape[1], : m.shape[2]] = m
-    return out
+def _matched_target_masks(targets: list[dict], indices, like: torch.Tensor) -> torch.Tensor:
+    """The matched target masks [sum of matches, H, W] in the matcher's order, as ``like``'s dtype/device; images
+    of different sizes are zero-padded at the bottom/right to the largest. Only the matched masks are converted
+    and padded (this runs once per decoder layer)."""
+    h = max(t["masks"].shape[-2] for t in targets)
+    w = max(t["masks"].shape[-1] for t in targets)
+    matched = []
+    for t, (_, j) in zip(targets, indices):
+        m = t["masks"][j.to(t["masks"].device)].to(like)
+        matched.append(F.pad(m, (0, w - m.shape[-1], 0, h - m.shape[-2])))
+    return torch.cat(matched)
 
 
 class SetCriterion(nn.Module):
@@ -93,12 +95,6 @@ class SetCriterion(nn.Module):
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx, src_idx
 
-    @staticmethod
-    def _tgt_permutation_idx(indices):
-        batch_idx = torch.cat([torch.full_like(tgt, i) for i, (_, tgt) in enumerate(indices)])
-        tgt_idx = torch.cat([tgt for _, tgt in indices])
-        return batch_idx, tgt_idx
-
     def loss_labels(self, outputs: dict, targets: list[dict], indices, num_masks: float) -> dict:
         src_logits = outputs["pred_logits"].float()
         idx = self._src_permutation_idx(indices)
@@ -110,9 +106,8 @@ class SetCriterion(nn.Module):
 
     def loss_masks(self, outputs: dict, targets: list[dict], indices, num_masks: float) -> dict:
         src_idx = self._src_permutation_idx(indices)
-        tgt_idx = self._tgt_permutation_idx(indices)
         src_masks = outputs["pred_masks"][src_idx]
-        target_masks = _pad_stack([t["masks"] for t in targets]).to(src_masks)[tgt_idx]
+        target_masks = _matched_target_masks(targets, indices, src_masks)
         # no upsampling: predictions and targets are compared at the same normalised points
         src_masks = src_masks[:, None]
         target_masks = target_masks[:, None]
