@@ -23,6 +23,7 @@ __all__ = [
     "Mlp",
     "NATBlock",
     "NATLayer",
+    "PooledClassifier",
     "check_dilations",
     "init_weights",
     "stochastic_depth_rates",
@@ -273,7 +274,38 @@ def build_levels(
     )
 
 
-class DiNAT(nn.Module):
+class PooledClassifier(nn.Module):
+    """What the NAT/DiNAT classifiers share: final LayerNorm, global average pool, linear head, the official init.
+
+    Subclasses build their stem and layers, implement ``forward_map`` (image -> channels-last final map) and call
+    ``_add_head`` last (so the keys ``norm``/``head`` follow the layers', as in the official checkpoints).
+    """
+
+    def _add_head(self, num_features: int, num_classes: int, norm_layer: Callable[..., nn.Module]) -> None:
+        self.num_classes = num_classes
+        self.num_features = num_features
+        self.norm = norm_layer(num_features)
+        self.avgpool = nn.AdaptiveAvgPool1d(1)
+        self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(init_weights)
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set[str]:
+        return {"rpb"}
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image [B, 3, H, W] -> pooled features [B, num_features]."""
+        x = self.norm(self.forward_map(x)).flatten(1, 2)
+        return self.avgpool(x.transpose(1, 2)).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+class DiNAT(PooledClassifier):
     """The hierarchical NAT/DiNAT classifier (NAT when every dilation is 1)."""
 
     def __init__(
@@ -296,8 +328,6 @@ class DiNAT(nn.Module):
         use_checkpoint: bool = False,
     ):
         super().__init__()
-        self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
         self.levels = build_levels(
@@ -316,22 +346,10 @@ class DiNAT(nn.Module):
             layer_scale,
             use_checkpoint,
         )
-        self.norm = norm_layer(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
+        self._add_head(embed_dim * 2 ** (len(depths) - 1), num_classes, norm_layer)
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"rpb"}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Image [B, 3, H, W] -> pooled features [B, num_features]."""
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
         for level in self.levels:
             _, x = level(x)
-        x = self.norm(x).flatten(1, 2)
-        return self.avgpool(x.transpose(1, 2)).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return x

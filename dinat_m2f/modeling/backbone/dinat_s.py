@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import build_levels, init_weights
+from dinat_m2f.modeling.backbone.dinat import PooledClassifier, build_levels
 
 __all__ = ["DiNAT_s", "PatchEmbed", "PatchMerging", "build_layers"]
 
@@ -93,7 +93,7 @@ def build_layers(
     )
 
 
-class DiNAT_s(nn.Module):  # noqa: N801 (the paper's name)
+class DiNAT_s(PooledClassifier):  # noqa: N801 (the paper's name)
     """The DiNAT_s classifier."""
 
     def __init__(
@@ -116,8 +116,6 @@ class DiNAT_s(nn.Module):  # noqa: N801 (the paper's name)
         use_checkpoint: bool = False,
     ):
         super().__init__()
-        self.num_classes = num_classes
-        self.num_features = embed_dim * 2 ** (len(depths) - 1)
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
         self.layers = build_layers(
@@ -135,21 +133,10 @@ class DiNAT_s(nn.Module):  # noqa: N801 (the paper's name)
             norm_layer,
             use_checkpoint,
         )
-        self.norm = norm_layer(self.num_features)
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
+        self._add_head(embed_dim * 2 ** (len(depths) - 1), num_classes, norm_layer)
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"rpb"}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pos_drop(self.patch_embed(x))
         for layer in self.layers:
             _, x = layer(x)
-        x = self.norm(x).flatten(1, 2)
-        return self.avgpool(x.transpose(1, 2)).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        return x

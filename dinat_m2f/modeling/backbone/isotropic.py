@@ -11,14 +11,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import NATLayer, init_weights
+from dinat_m2f.modeling.backbone.dinat import NATLayer, PooledClassifier, stochastic_depth_rates
 from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed
 from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
 
 __all__ = ["NATIsotropic"]
 
 
-class NATIsotropic(nn.Module):
+class NATIsotropic(PooledClassifier):
     """``depth`` NATLayers on the 1/16 map; layer i uses dilation 1 if i is even, else ``dilation``."""
 
     def __init__(
@@ -41,11 +41,9 @@ class NATIsotropic(nn.Module):
     ):
         super().__init__()
         check_kernel_and_dilation(kernel_size, dilation)
-        self.num_classes = num_classes
-        self.num_features = embed_dim
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm_layer)
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        (rates,) = stochastic_depth_rates(drop_path_rate, [depth])
         self.layers = nn.Sequential(
             *(
                 NATLayer(
@@ -64,19 +62,7 @@ class NATIsotropic(nn.Module):
                 for i in range(depth)
             )
         )
-        self.norm = norm_layer(embed_dim)
-        self.avgpool = nn.AdaptiveAvgPool1d(1)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(init_weights)
+        self._add_head(embed_dim, num_classes, norm_layer)
 
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set[str]:
-        return {"rpb"}
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.layers(self.pos_drop(self.patch_embed(x)))
-        x = self.norm(x).flatten(1, 2)
-        return self.avgpool(x.transpose(1, 2)).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.pos_drop(self.patch_embed(x)))
