@@ -35,8 +35,9 @@ SPLITS = {"train": "training", "val": "validation"}
 def convert(job: tuple[str, str], catid_mapping: dict[int, int]) -> dict:
     image_file, ins_file = job
     stem = os.path.splitext(os.path.basename(image_file))[0]
-    instances = ade20k_instance_masks(ins_file, catid_mapping)
-    h, w = read_image_array(ins_file).shape[:2]
+    ins = read_image_array(ins_file, "RGB")  # read once: the masks and the image size both come from it
+    instances = ade20k_instance_masks(ins_file, catid_mapping, ins)
+    h, w = ins.shape[:2]
     anns = []
     for _, cat, mask in instances:
         rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))

@@ -119,13 +119,17 @@ def load_ade20k_catid_mapping(path: str | None) -> dict[int, int]:
     return mapping
 
 
-def ade20k_instance_masks(path: str, catid_mapping: dict[int, int]) -> list[tuple[int, int, np.ndarray]]:
+def ade20k_instance_masks(
+    path: str, catid_mapping: dict[int, int], ins: np.ndarray | None = None
+) -> list[tuple[int, int, np.ndarray]]:
     """``[(instance id, 0-based semantic class, bool mask)]`` from an ``annotations_instance`` PNG.
 
     The PNG's R channel is the instance-benchmark class (1..100), G the instance id (0 = none). An instance whose
-    pixels carry several classes, or a class outside the mapping, raises an error naming the file.
+    pixels carry several classes, or a class outside the mapping, raises an error naming the file. ``ins``: the
+    PNG already read as RGB (then ``path`` only names it in errors).
     """
-    ins = read_image_array(path, "RGB")
+    if ins is None:
+        ins = read_image_array(path, "RGB")
     cls, ids = ins[..., 0], ins[..., 1]
     out = []
     for inst_id in np.unique(ids):
