@@ -146,11 +146,12 @@ def main(argv: list[str] | None = None) -> list[str]:
             (os.path.splitext(os.path.basename(p))[0], read_image(p, format="BGR")) for p in list_images(args.input)
         )
     else:
-        stem = os.path.splitext(os.path.basename(args.video_input))[0]
+        # Its own name: the lazy generator below would otherwise read the loop's ``stem`` (v_000000_000001...).
+        video_stem = os.path.splitext(os.path.basename(args.video_input))[0]
         frames = video_frames(args.video_input)
         if args.max_frames:
             frames = itertools.islice(frames, args.max_frames)  # stop decoding there, not just stop drawing
-        sources = ((f"{stem}_{i:06d}", f) for i, f in enumerate(frames))
+        sources = ((f"{video_stem}_{i:06d}", f) for i, f in enumerate(frames))
     with torch.no_grad():
         for stem, image in sources:
             for task, overlay in overlayer(image, tasks).items():

@@ -88,6 +88,18 @@ def test_demo_writes_overlays_for_images_and_folders(tmp_path):
                          "--output", str(tmp_path / "o2"), *opts])  # fmt: skip
     assert len(written) == 4  # one semantic overlay per validation image of the tiny set
 
+    # a video: one PNG per frame up to --max-frames, named <video>_<frame number>_<task>.png
+    import cv2
+
+    video = str(tmp_path / "clip.avi")
+    writer = cv2.VideoWriter(video, cv2.VideoWriter_fourcc(*"MJPG"), 5, (64, 64))
+    for name in sorted(os.listdir(images)):
+        writer.write(cv2.imread(str(images / name)))
+    writer.release()
+    written = demo.main(["--config-file", train_helpers.DEMO_CONFIG, "--video-input", video, "--max-frames", "2",
+                         "--tasks", "semantic", "--output", str(tmp_path / "o4"), *opts])  # fmt: skip
+    assert [os.path.basename(p) for p in written] == ["clip_000000_semantic.png", "clip_000001_semantic.png"]
+
     with pytest.raises(FileNotFoundError, match="no such image file, folder or glob match"):
         demo.main(["--config-file", train_helpers.DEMO_CONFIG, "--input", str(tmp_path / "none.jpg"),
                    "--output", str(tmp_path / "o3"), *opts])  # fmt: skip
