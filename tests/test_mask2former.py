@@ -354,6 +354,13 @@ def test_wrong_transformer_in_feature_is_rejected():
         build_model(cfg)
 
 
+def test_in_feature_the_backbone_lacks_is_named():
+    cfg = tiny_cfg()
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res6"]
+    with pytest.raises(ValueError, match=r"IN_FEATURES names \['res6'\], which the backbone does not output"):
+        build_model(cfg)
+
+
 def test_tiny_dinat_mask2former_trains_and_infers():
     cfg = tiny_cfg(backbone="D2DiNAT", enc_layers=1, dec_layers=2)
     cfg.MODEL.DINAT.EMBED_DIM = 16
