@@ -87,18 +87,17 @@ class NeighborhoodAttention2D(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"NeighborhoodAttention2D expects [B, H, W, C] input, got shape {tuple(x.shape)}")
         batch, height, width, channels = x.shape
-        window = self.kernel_size * self.dilation
-        pad_b = max(0, window - height)
-        pad_r = max(0, window - width)
-        if pad_b or pad_r:
-            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
-        hp, wp = height + pad_b, width + pad_r
+        hp = padded_size(height, self.kernel_size, self.dilation)
+        wp = padded_size(width, self.kernel_size, self.dilation)
+        padded = (hp, wp) != (height, width)
+        if padded:
+            x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))
 
         qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
         # One copy into the ops' contiguous layout (q, k, v are then contiguous slices), not three inside the ops.
         q, k, v = qkv.contiguous().unbind(0)  # each [B, heads, Hp, Wp, head_dim]
         out = self._attention(q, k, v)
         out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
-        if pad_b or pad_r:
+        if padded:
             out = out[:, :height, :width, :]
         return self.proj_drop(self.proj(out))
