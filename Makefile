@@ -35,10 +35,9 @@ $(VENV)/.stamp-ext: $(VENV)/.stamp-d2 setup.py $(NATIVE_SOURCES)
 	touch $@
 
 # Rebuild the extension (incremental: ninja keeps its objects in build/temp).
-build: $(VENV)/.stamp-d2
-	mkdir -p build
-	flock build/.lock $(PIP) install -q -e . --no-build-isolation --no-deps
-	touch $(VENV)/.stamp-ext
+build:
+	rm -f $(VENV)/.stamp-ext
+	$(MAKE) setup
 
 lint: $(VENV)/.stamp-deps
 	$(VENV)/bin/ruff check .
