@@ -39,16 +39,15 @@ def check_losses_finite(loss_dict: Mapping[str, torch.Tensor], iteration: int) -
 _TERMS_OF_OUTPUT = {"pred_logits": "loss_ce", "pred_masks": "loss_mask, loss_dice"}
 
 
-def _nonfinite_counts(output: Mapping) -> dict[str, torch.Tensor]:
-    counts: dict[str, torch.Tensor] = {}
-    for key in _TERMS_OF_OUTPUT:
-        if key in output:
-            counts[key] = (~torch.isfinite(output[key].detach())).sum()
-    for i, aux in enumerate(output.get("aux_outputs") or []):
-        for key in _TERMS_OF_OUTPUT:
-            if key in aux:
-                counts[f"{key}_{i}"] = (~torch.isfinite(aux[key].detach())).sum()
-    return counts
+def _nonfinite_counts(output: Mapping) -> dict[tuple[str, str], torch.Tensor]:
+    """(label, prediction key) -> number of non-finite values, for the final and the auxiliary predictions."""
+    layers = [("", output)] + [(f"_{i}", aux) for i, aux in enumerate(output.get("aux_outputs") or [])]
+    return {
+        (f"{key}{suffix}", key): (~torch.isfinite(preds[key].detach())).sum()
+        for suffix, preds in layers
+        for key in _TERMS_OF_OUTPUT
+        if key in preds
+    }
 
 
 class PredictionGuard:
@@ -68,14 +67,13 @@ class PredictionGuard:
         counts = _nonfinite_counts(output)
         if not counts:
             return
-        names = list(counts)
         values = torch.stack(list(counts.values())).float()
         if comm.get_world_size() > 1:
             dist.all_reduce(values)  # every worker runs this hook each step, so they all raise together
-        bad = [(n, int(v)) for n, v in zip(names, values.tolist()) if v > 0]
+        bad = [(label, key, int(v)) for (label, key), v in zip(counts, values.tolist()) if v > 0]
         if bad:
-            terms = sorted({_TERMS_OF_OUTPUT[n.rsplit("_", 1)[0] if n[-1].isdigit() else n] for n, _ in bad})
-            detail = ", ".join(f"{n} ({c} values)" for n, c in bad)
+            terms = sorted({_TERMS_OF_OUTPUT[key] for _, key, _ in bad})
+            detail = ", ".join(f"{label} ({c} values)" for label, _, c in bad)
             raise NonFiniteLossError(
                 f"NaN guard: non-finite predictions at iteration {self.get_iteration()}: {detail}; "
                 f"they feed the loss terms {', '.join(terms)}. Stopping before the optimizer step; "
