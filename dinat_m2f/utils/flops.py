@@ -116,10 +116,8 @@ def variant_flops(name: str, input_size: tuple[int, int] | None = None) -> tuple
     """(parameters, FLOPs of one image, input size) of a classification variant (at its own size by default)."""
     from dinat_m2f.modeling.backbone.variants import VARIANTS, build_variant
 
-    if name not in VARIANTS:
-        raise KeyError(f"unknown DiNAT variant {name!r}; known: {', '.join(sorted(VARIANTS))}")
+    model = zero_model_for_counting(lambda: build_variant(name))  # build_variant rejects an unknown name
     size = tuple(input_size) if input_size else (VARIANTS[name].input_size,) * 2
-    model = zero_model_for_counting(lambda: build_variant(name))
     flops = dinat_flop_count_analysis(model, (torch.zeros(1, 3, *size),))
     flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
     with torch.no_grad():
