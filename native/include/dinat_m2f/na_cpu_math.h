@@ -88,11 +88,6 @@ inline Lanes<T> load_lanes(const T* p) {
   return v;
 }
 
-template <typename T>
-inline void store_lanes(T* p, Lanes<T> v) {
-  std::memcpy(p, &v, sizeof(v));
-}
-
 // Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
 // degree-6 polynomial, 2^n built in the exponent bits).
 inline Lanes<float> exp_lanes(Lanes<float> x) {
