@@ -52,7 +52,7 @@ def _backward_fake(value, spatial_shapes, level_start_index, sampling_locations,
     return (
         value.new_empty(value.shape),
         sampling_locations.new_empty(sampling_locations.shape),
-        (attention_weights.new_empty(attention_weights.shape)),
+        attention_weights.new_empty(attention_weights.shape),
     )
 
 
@@ -64,7 +64,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output):
     value, spatial_shapes, level_start_index, sampling_locations, attention_weights = ctx.saved_tensors
     grad_value, grad_loc, grad_attn = _OPS.ms_deform_attn_backward(
-        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output.contiguous()
+        value, spatial_shapes, level_start_index, sampling_locations, attention_weights, grad_output
     )
     needs = ctx.needs_input_grad
     return (
