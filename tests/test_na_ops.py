@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dinat_m2f import ops
+from dinat_m2f.ops import na as _na  # noqa: F401  (registers the fakes and autograd test_opcheck needs)
 from dinat_m2f.ops import reference as ref
 
 CUDA = pytest.param(
