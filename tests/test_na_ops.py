@@ -232,6 +232,8 @@ def test_opcheck(device):
         (lib.na2d_fused_forward, (q, key, v, rpb, 3, 2, 0.5)),
         (lib.na1d_qk, (q1, k1, rpb1, 3, 4)),
         (lib.na1d_av, (attn.flatten(2, 3)[..., :3], v1, 3, 4)),
+        (lib.na1d_inverse, (attn.flatten(2, 3)[..., :3], v1, 3, 4)),
+        (lib.na1d_rpb_grad, (attn.flatten(2, 3)[..., :3], 3, 4)),
         (lib.na1d_fused_forward, (q1, k1, v1, rpb1, 3, 4, 0.5)),
     ]:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
