@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 from types import ModuleType
 
 import torch
@@ -37,7 +38,15 @@ def load_extension() -> ModuleType:
         raise ExtensionUnavailableError(
             f"dinat_m2f._C was built for torch {built_for} but torch {torch.__version__} is installed. {REBUILD_HINT}"
         )
+    # The C++ side registers kernels only; fake kernels and autograd are registered in Python. Import those modules
+    # here so that torch.ops.dinat_m2f.* is complete (torch.compile, backward) whoever loads the extension first.
+    # (They call load_extension() themselves; a re-entrant call finds them already in sys.modules.)
+    for module in _PYTHON_REGISTRATIONS:
+        importlib.import_module(module)
     return _C
+
+
+_PYTHON_REGISTRATIONS = ("dinat_m2f.ops.na", "dinat_m2f.ops.ms_deform_attn")
 
 
 def build_info() -> dict:

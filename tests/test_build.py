@@ -81,3 +81,24 @@ def test_extension_built_for_another_torch_is_refused(monkeypatch):
             _ext.load_extension()
     finally:
         _ext.load_extension.cache_clear()
+
+
+def test_loading_the_extension_registers_autograd_and_fake_kernels():
+    """Whoever loads the extension first, torch.ops.dinat_m2f.* gets its Python-side autograd and fake kernels."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from dinat_m2f._ext import load_extension\n"
+        "load_extension()\n"
+        "q = torch.randn(1, 1, 5, 5, 4, requires_grad=True)\n"
+        "torch.ops.dinat_m2f.na2d_qk(q, q, None, 3, 1).sum().backward()\n"
+        "assert q.grad is not None\n"
+        "from torch._subclasses.fake_tensor import FakeTensorMode\n"
+        "with FakeTensorMode():\n"
+        "    out = torch.ops.dinat_m2f.na2d_qk(torch.empty(1, 1, 5, 5, 4), torch.empty(1, 1, 5, 5, 4), None, 3, 1)\n"
+        "assert tuple(out.shape) == (1, 1, 5, 5, 9), out.shape\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
