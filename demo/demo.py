@@ -17,32 +17,29 @@ import glob
 import itertools
 import logging
 import os
-import sys
 from collections.abc import Iterator
 
 import numpy as np
 import torch
+from detectron2.config import CfgNode
+from detectron2.data import MetadataCatalog
+from detectron2.data.detection_utils import read_image
+from detectron2.engine.defaults import DefaultPredictor
+from detectron2.utils.logger import setup_logger
+from detectron2.utils.visualizer import ColorMode, Visualizer
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for train_net
-
-from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine.defaults import DefaultPredictor  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
-
-import train_net  # noqa: E402  (registers datasets and model parts)
+import dinat_m2f  # noqa: F401  (registers datasets and model parts)
+from dinat_m2f.config import ConfigError, check_config, load_config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASKS = ("panoptic", "instance", "semantic")
 
 
 def setup_cfg(config_file: str, opts: list[str]) -> CfgNode:
-    cfg = train_net.load_config(config_file, opts)
-    train_net.check_config(cfg)
+    cfg = load_config(config_file, opts)
+    check_config(cfg)
     if not cfg.MODEL.WEIGHTS:
-        raise train_net.ConfigError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS /path/to/model.pth")
+        raise ConfigError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS /path/to/model.pth")
     return cfg
 
 
@@ -68,7 +65,7 @@ class Overlayer:
         # class names and colours: those of the test set, else of the training set
         names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
         if not names:
-            raise train_net.ConfigError("DATASETS.TEST and DATASETS.TRAIN are empty: the demo needs class names")
+            raise ConfigError("DATASETS.TEST and DATASETS.TRAIN are empty: the demo needs class names")
         self.metadata = MetadataCatalog.get(names[0])
         self.confidence_threshold = confidence_threshold
 

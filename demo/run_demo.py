@@ -17,16 +17,15 @@ import time
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.join(REPO, "demo"))
+sys.path.insert(0, os.path.join(REPO, "demo"))  # its sibling demo.py (already there when run as a script)
 
 from detectron2.data import DatasetCatalog  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import default_setup  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-import train_net  # noqa: E402
 from demo import Overlayer, write_png  # noqa: E402
+from dinat_m2f.config import check_config, load_config  # noqa: E402
 from dinat_m2f.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from dinat_m2f.engine.trainer import Trainer  # noqa: E402
 
@@ -78,8 +77,8 @@ def main(argv: list[str] | None = None) -> tuple[float, float, float]:
     ensure_synthetic_dataset(root)
     logger.info(f"demo: dataset ready ({time.perf_counter() - start:.0f}s)")
 
-    cfg = train_net.load_config(args.config_file, args.opts)
-    train_net.check_config(cfg)
+    cfg = load_config(args.config_file, args.opts)
+    check_config(cfg)
     default_setup(cfg, argparse.Namespace(config_file=args.config_file, eval_only=False, opts=args.opts))
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)

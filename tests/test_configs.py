@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 
 import pytest
 import torch
 from detectron2.modeling import build_model
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
+from dinat_m2f.config import ConfigError, check_config, load_config
 
-import train_net  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ALL_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "**", "*.yaml"), recursive=True))
 LEAF_CONFIGS = [c for c in ALL_CONFIGS if not os.path.basename(c).startswith("Base-")]
@@ -48,7 +46,7 @@ def test_the_paper_settings_are_all_there():
 
 @pytest.mark.parametrize("path", ALL_CONFIGS, ids=_rel)
 def test_config_loads(path):
-    cfg = train_net.load_config(path, [])
+    cfg = load_config(path, [])
     assert cfg.MODEL.META_ARCHITECTURE == "MaskFormer"
     # no python-eval YAML tags anywhere
     with open(path) as f:
@@ -57,7 +55,7 @@ def test_config_loads(path):
 
 @pytest.mark.parametrize("path", PAPER_L, ids=_rel)
 def test_paper_settings_match_the_paper(path):
-    cfg = train_net.load_config(path, [])
+    cfg = load_config(path, [])
     d = cfg.MODEL.DINAT
     assert (d.EMBED_DIM, list(d.DEPTHS), list(d.NUM_HEADS), d.KERNEL_SIZE) == (192, [3, 4, 18, 5], [6, 12, 24, 48], 11)
     assert d.DILATIONS == [[1, 14, 1], [1, 4, 1, 7], [1, 2, 1, 3] * 4 + [1, 3], [1, 1, 1, 1, 1]]
@@ -78,7 +76,7 @@ def test_paper_settings_match_the_paper(path):
 @pytest.mark.parametrize("path", LEAF_CONFIGS, ids=_rel)
 def test_config_builds_its_model(path):
     """Build on the meta device (no memory, no init time); check the backbone size against the analytic count."""
-    cfg = train_net.load_config(path, ["MODEL.DEVICE", "meta"])
+    cfg = load_config(path, ["MODEL.DEVICE", "meta"])
     with torch.device("meta"):
         model = build_model(cfg)
     backbone = sum(p.numel() for p in model.backbone.parameters()) / 1e6
@@ -93,17 +91,49 @@ def test_config_builds_its_model(path):
 def test_unknown_config_key_is_a_clear_error(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f'_BASE_: "{LEAF_CONFIGS[0]}"\nMODEL:\n  DINAT:\n    KERNEL_SIZ: 7\n')
-    with pytest.raises(train_net.ConfigError, match=r"bad.yaml: unknown config key: .*MODEL.DINAT.KERNEL_SIZ"):
-        train_net.load_config(str(bad), [])
-    with pytest.raises(train_net.ConfigError, match=r"override: unknown config key: .*SOLVER.BASE_LRR"):
-        train_net.load_config(LEAF_CONFIGS[0], ["SOLVER.BASE_LRR", "0.1"])
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key: .*MODEL.DINAT.KERNEL_SIZ"):
+        load_config(str(bad), [])
+    with pytest.raises(ConfigError, match=r"override: unknown config key: .*SOLVER.BASE_LRR"):
+        load_config(LEAF_CONFIGS[0], ["SOLVER.BASE_LRR", "0.1"])
 
 
 def test_missing_config_and_weights_files_are_clear_errors(tmp_path):
     from dinat_m2f.engine import MissingWeightsError
 
     with pytest.raises(FileNotFoundError, match="config file not found"):
-        train_net.load_config(str(tmp_path / "nope.yaml"), [])
-    cfg = train_net.load_config(PAPER_L[0], ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(tmp_path / "missing.pkl")])
+        load_config(str(tmp_path / "nope.yaml"), [])
+    cfg = load_config(PAPER_L[0], ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", str(tmp_path / "missing.pkl")])
     with pytest.raises(MissingWeightsError, match="MODEL.WEIGHTS file not found.*missing.pkl"):
-        train_net.check_config(cfg)
+        check_config(cfg)
+
+
+def test_default_config_names_only_buildable_parts():
+    """get_cfg()'s defaults build a DiNAT-Mask2Former once the model is chosen (detectron2's own defaults name
+    GeneralizedRCNN with a ResNet-FPN: the parts and the backbone features are the four keys set here)."""
+    from dinat_m2f.config import get_cfg
+
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "MaskFormer"
+    cfg.MODEL.BACKBONE.NAME = "D2DiNAT"
+    cfg.MODEL.SEM_SEG_HEAD.NAME = "MaskFormerHead"
+    cfg.MODEL.SEM_SEG_HEAD.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    cfg.MODEL.DEVICE = "meta"
+    with torch.device("meta"):
+        model = build_model(cfg)
+    assert type(model.sem_seg_head.pixel_decoder).__name__ == cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME
+    assert model.sem_seg_head.transformer_in_feature == cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE
+
+
+def test_config_functions_are_exported_as_mask2former_users_expect():
+    """``add_maskformer2_config`` / ``add_dinat_config`` on detectron2's own get_cfg(), as Mask2Former's scripts do."""
+    from detectron2.config import get_cfg as d2_get_cfg
+    from detectron2.projects.deeplab import add_deeplab_config
+
+    from dinat_m2f import add_dinat_config, add_maskformer2_config
+
+    cfg = d2_get_cfg()
+    add_deeplab_config(cfg)
+    add_maskformer2_config(cfg)
+    add_dinat_config(cfg)
+    assert cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE == "multi_scale_pixel_decoder"
+    assert cfg.MODEL.DINAT.EMBED_DIM == 192

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from mini_datasets import make_mapillary_vistas, registered_under
 from PIL import Image
 
 import dinat_m2f.data  # noqa: F401  (registers)
+from dinat_m2f.config import load_config
 from dinat_m2f.data import MaskFormerPanopticDatasetMapper, MaskFormerSemanticDatasetMapper, build_train_mapper
 
 NAMES = {
@@ -187,8 +187,6 @@ def test_every_paper_config_maps_a_prepared_sample(tmp_path):
     np.random.seed(seed)
     random.seed(seed)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, repo)
-    import train_net
 
     root = str(tmp_path)
     for split in ("training", "validation"):
@@ -205,7 +203,7 @@ def test_every_paper_config_maps_a_prepared_sample(tmp_path):
     assert len(configs) == 8
     with registered_under(root):
         for path in configs:
-            cfg = train_net.load_config(path, [])
+            cfg = load_config(path, [])
             out = build_train_mapper(cfg)(DatasetCatalog.get(cfg.DATASETS.TRAIN[0])[0])
             h, w = out["image"].shape[-2:]
             if cfg.INPUT.DATASET_MAPPER_NAME.endswith("_lsj"):

@@ -13,6 +13,7 @@ import torch
 import train_helpers
 from PIL import Image
 
+from dinat_m2f.config import load_config
 from dinat_m2f.data.synthetic import CATEGORIES, SyntheticSpec, generate_synthetic_dataset
 
 SPEC = SyntheticSpec(num_train=6, num_val=3, size=64, seed=3)
@@ -60,7 +61,6 @@ def test_synthetic_formats_agree(tmp_path):
 def test_demo_writes_overlays_for_images_and_folders(tmp_path):
     from detectron2.modeling import build_model
 
-    import train_net
     from dinat_m2f.engine import AtomicCheckpointer
 
     sys.path.insert(0, os.path.join(train_helpers.REPO, "demo"))
@@ -68,7 +68,7 @@ def test_demo_writes_overlays_for_images_and_folders(tmp_path):
 
     datasets = tmp_path / "datasets"
     train_helpers.make_tiny_dataset(str(datasets))
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     torch.manual_seed(0)
     AtomicCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("tiny")
     images = datasets / "synthetic" / "images" / "val"

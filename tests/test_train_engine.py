@@ -295,16 +295,13 @@ def test_prediction_guard_names_the_prediction_and_its_loss_terms():
 
 def test_rules_hit_the_real_model_parameters():
     """On the real DiNAT-Mask2Former: every rpb is found, embeddings and norms are not decayed, the backbone is x0.1."""
-    import sys
-
     from detectron2.modeling import build_model
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import train_net
+    from dinat_m2f.config import load_config
 
     config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "ade20k",
                           "semantic-segmentation", "dinat", "maskformer2_dinat_mini_bs16_160k.yaml")  # fmt: skip
-    cfg = train_net.load_config(config, ["MODEL.DEVICE", "meta", "SOLVER.RPB_WEIGHT_DECAY", "0.0"])
+    cfg = load_config(config, ["MODEL.DEVICE", "meta", "SOLVER.RPB_WEIGHT_DECAY", "0.0"])
     with torch.device("meta"):
         model = build_model(cfg)
     table = {name: (lr, wd) for name, _, lr, wd in param_hyperparams(cfg, model)}

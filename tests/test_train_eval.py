@@ -11,10 +11,11 @@ def test_eval_only_with_semantic_tta(tmp_path):
     from detectron2.modeling import build_model
 
     import train_net
+    from dinat_m2f.config import load_config
     from dinat_m2f.engine import AtomicCheckpointer
 
     train_helpers.make_tiny_dataset(str(tmp_path / "datasets"))
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     torch.manual_seed(0)
     AtomicCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("tiny")
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import train_helpers
 
+from dinat_m2f.config import load_config
 from dinat_m2f.engine import launch
 
 # Uniform point sampling with many points, so the point-sampled mask losses barely depend on the random draw.
@@ -42,9 +43,7 @@ def test_two_gloo_workers_agree_and_match_one_process(tmp_path):
     # one process, same initial weights, both images in one batch: the same loss as the mean over the workers
     from detectron2.modeling import build_model
 
-    import train_net
-
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS + OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS + OPTS)
     model = build_model(cfg)
     model.load_state_dict(init)
     model.train()

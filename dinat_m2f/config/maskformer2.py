@@ -1,7 +1,9 @@
 """Mask2Former config keys (spec section 2), with the defaults of the official ``add_maskformer2_config``.
 
 The defaults are MaskFormer-v1 values; every Mask2Former YAML overrides the important ones (CLASS/MASK/DICE
-weights 2/5/5, DEC_LAYERS 10, DROPOUT 0.0, MSDeformAttnPixelDecoder with 6 encoder layers, thresholds 0.8).
+weights 2/5/5, DEC_LAYERS 10, DROPOUT 0.0, MSDeformAttnPixelDecoder with 6 encoder layers, thresholds 0.8). Two
+defaults differ from the official ones so that every name the defaults give can be built here: the pixel decoder
+(``MSDeformAttnPixelDecoder``) and the transformer input feature (``multi_scale_pixel_decoder``).
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.PRE_NORM = False
     cfg.MODEL.MASK_FORMER.HIDDEN_DIM = 256
     cfg.MODEL.MASK_FORMER.NUM_OBJECT_QUERIES = 100
-    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "res5"
+    # The only feature MaskFormerHead accepts (the official default "res5" belongs to MaskFormer v1's head).
+    cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE = "multi_scale_pixel_decoder"
     cfg.MODEL.MASK_FORMER.ENFORCE_INPUT_PROJ = False
     cfg.MODEL.MASK_FORMER.TRANSFORMER_DECODER_NAME = "MultiScaleMaskedTransformerDecoder"
     # inference
@@ -66,7 +69,8 @@ def add_maskformer2_config(cfg: CN) -> None:
     # pixel decoder
     cfg.MODEL.SEM_SEG_HEAD.MASK_DIM = 256
     cfg.MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS = 0
-    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "BasePixelDecoder"
+    # The only pixel decoder of this project (the official default "BasePixelDecoder" is MaskFormer v1's).
+    cfg.MODEL.SEM_SEG_HEAD.PIXEL_DECODER_NAME = "MSDeformAttnPixelDecoder"
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_IN_FEATURES = ["res3", "res4", "res5"]
     # kept for config compatibility: the official pixel decoder never reads these two (it uses 4 points, NHEADS)
     cfg.MODEL.SEM_SEG_HEAD.DEFORMABLE_TRANSFORMER_ENCODER_N_POINTS = 4
