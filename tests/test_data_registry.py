@@ -156,7 +156,9 @@ def test_coco_stuff_10k_prep_registration_and_mapper(tmp_path):
 
 
 def test_build_train_mapper_by_name():
-    from dinat_m2f.config import get_cfg
+    from detectron2.data import DatasetMapper
+
+    from dinat_m2f.config import ConfigError, get_cfg
 
     cfg = get_cfg()
     cfg.DATASETS.TRAIN = ("ade20k_sem_seg_train",)
@@ -170,8 +172,12 @@ def test_build_train_mapper_by_name():
     for name, cls in expected.items():
         cfg.INPUT.DATASET_MAPPER_NAME = name
         assert type(build_train_mapper(cfg)).__name__ == cls
+    cfg.INPUT.DATASET_MAPPER_NAME = "default"
+    assert type(build_train_mapper(cfg)) is DatasetMapper
     cfg.INPUT.DATASET_MAPPER_NAME = "detectron2_default"
-    assert build_train_mapper(cfg) is None
+    with pytest.raises(ConfigError, match=r"INPUT.DATASET_MAPPER_NAME: unknown mapper 'detectron2_default'; known: .*"
+                       r"coco_instance_lsj, .*default, .*mask_former_semantic"):  # fmt: skip
+        build_train_mapper(cfg)
 
 
 def test_every_paper_config_maps_a_prepared_sample(tmp_path):

@@ -15,40 +15,18 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetFromList, DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import DatasetFromList, build_detection_train_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from dinat_m2f.data import build_train_mapper
 from dinat_m2f.engine.checkpoint import AtomicCheckpointer
 from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
 from dinat_m2f.engine.optimizer import build_optimizer
 from dinat_m2f.engine.sampler import PositionedDataset, ResumableTrainingSampler, SeededMapper
 from dinat_m2f.engine.train_loop import MaskFormerTrainLoop, resolve_amp_dtype
-
-# INPUT.DATASET_MAPPER_NAME -> name of the mapper class in dinat_m2f.data.dataset_mappers
-TRAIN_MAPPERS = {
-    "mask_former_semantic": "MaskFormerSemanticDatasetMapper",
-    "mask_former_panoptic": "MaskFormerPanopticDatasetMapper",
-    "mask_former_instance": "MaskFormerInstanceDatasetMapper",
-    "coco_panoptic_lsj": "COCOPanopticNewBaselineDatasetMapper",
-    "coco_instance_lsj": "COCOInstanceNewBaselineDatasetMapper",
-}
-
-
-def build_train_mapper(cfg: CfgNode):
-    """The training mapper named by INPUT.DATASET_MAPPER_NAME ("default": detectron2's DatasetMapper)."""
-    name = cfg.INPUT.DATASET_MAPPER_NAME
-    if name == "default":
-        return DatasetMapper(cfg, True)
-    if name not in TRAIN_MAPPERS:
-        raise ValueError(
-            f"INPUT.DATASET_MAPPER_NAME: unknown mapper {name!r} (expected one of {sorted(TRAIN_MAPPERS)} or 'default')"
-        )
-    import dinat_m2f.data.dataset_mappers as mappers
-
-    return getattr(mappers, TRAIN_MAPPERS[name])(cfg, True)
 
 
 def training_seed(cfg: CfgNode) -> int:
@@ -228,4 +206,4 @@ def evaluate(cfg: CfgNode, model: torch.nn.Module) -> OrderedDict:
     return res
 
 
-__all__ = ["TRAIN_MAPPERS", "Trainer", "build_train_mapper", "evaluate"]
+__all__ = ["Trainer", "evaluate"]

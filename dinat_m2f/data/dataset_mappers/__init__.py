@@ -7,8 +7,19 @@
 | ``mask_former_instance`` | :class:`MaskFormerInstanceDatasetMapper` |
 | ``coco_instance_lsj``    | :class:`COCOInstanceNewBaselineDatasetMapper` |
 | ``coco_panoptic_lsj``    | :class:`COCOPanopticNewBaselineDatasetMapper` |
+| ``default``              | detectron2's ``DatasetMapper``            |
+
+This is the one mapper registry of the project (the trainer builds its loader through ``build_train_mapper``).
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from detectron2.config import CfgNode
+from detectron2.data import DatasetMapper
+
+from dinat_m2f.config import ConfigError
 from dinat_m2f.data.dataset_mappers._common import CorruptSampleError
 from dinat_m2f.data.dataset_mappers.coco_lsj_dataset_mappers import (
     COCOInstanceNewBaselineDatasetMapper,
@@ -18,19 +29,23 @@ from dinat_m2f.data.dataset_mappers.mask_former_instance_dataset_mapper import M
 from dinat_m2f.data.dataset_mappers.mask_former_panoptic_dataset_mapper import MaskFormerPanopticDatasetMapper
 from dinat_m2f.data.dataset_mappers.mask_former_semantic_dataset_mapper import MaskFormerSemanticDatasetMapper
 
-MAPPERS = {
+# INPUT.DATASET_MAPPER_NAME -> mapper class (each is built as ``cls(cfg, is_train)``)
+MAPPERS: dict[str, Callable[[CfgNode, bool], Callable[[dict], dict]]] = {
     "mask_former_semantic": MaskFormerSemanticDatasetMapper,
     "mask_former_panoptic": MaskFormerPanopticDatasetMapper,
     "mask_former_instance": MaskFormerInstanceDatasetMapper,
     "coco_instance_lsj": COCOInstanceNewBaselineDatasetMapper,
     "coco_panoptic_lsj": COCOPanopticNewBaselineDatasetMapper,
+    "default": DatasetMapper,
 }
 
 
-def build_train_mapper(cfg):
-    """The mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``, or None (detectron2's default DatasetMapper)."""
-    cls = MAPPERS.get(cfg.INPUT.DATASET_MAPPER_NAME)
-    return cls(cfg, True) if cls is not None else None
+def build_train_mapper(cfg: CfgNode) -> Callable[[dict], dict]:
+    """The training mapper named by ``cfg.INPUT.DATASET_MAPPER_NAME``; an unknown name is a ConfigError."""
+    name = cfg.INPUT.DATASET_MAPPER_NAME
+    if name not in MAPPERS:
+        raise ConfigError(f"INPUT.DATASET_MAPPER_NAME: unknown mapper {name!r}; known: {', '.join(sorted(MAPPERS))}")
+    return MAPPERS[name](cfg, True)
 
 
 __all__ = [
