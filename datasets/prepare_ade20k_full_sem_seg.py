@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import shutil
 import sys
 from functools import partial
 
@@ -38,6 +37,7 @@ from dinat_m2f.data.preparation import (
     save_image_atomic,
     save_json_atomic,
 )
+from dinat_m2f.utils.file_io import atomic_copy
 
 IGNORE = 65535
 SPLITS = ("training", "validation")
@@ -95,9 +95,7 @@ def convert(job: tuple[str, str, str, str], lut: np.ndarray, max_short: int, ove
         label = np.asarray(Image.fromarray(label.astype(np.int32)).resize((w, h), Image.NEAREST)).astype(np.uint16)
         save_image_atomic(image, image_dst)
     else:  # keep the original JPEG bytes rather than re-encoding
-        os.makedirs(os.path.dirname(image_dst), exist_ok=True)
-        shutil.copyfile(image_src, image_dst + ".tmp")
-        os.replace(image_dst + ".tmp", image_dst)
+        atomic_copy(image_src, image_dst)
     save_image_atomic(label, label_dst)
 
 

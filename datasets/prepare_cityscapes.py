@@ -18,6 +18,7 @@ import sys
 from functools import partial
 
 from dinat_m2f.data.preparation import base_parser, parallel_map, require_dir
+from dinat_m2f.utils.file_io import atomic_write
 
 SPLITS = ("train", "val", "test")
 
@@ -28,12 +29,10 @@ def make_train_ids(polygons_json: str, overwrite: bool = False) -> bool:
     dst = polygons_json.replace("_polygons.json", "_labelTrainIds.png")
     if not overwrite and os.path.exists(dst):
         return False
-    tmp = os.path.join(os.path.dirname(dst), ".tmp-" + os.path.basename(dst))
     try:
-        json2labelImg(polygons_json, tmp, "trainIds")
+        atomic_write(dst, lambda f: json2labelImg(polygons_json, f, "trainIds"))  # PIL: PNG from dst's extension
     except Exception as e:
         raise OSError(f"Cannot convert {polygons_json}: {e}") from e
-    os.replace(tmp, dst)
     return True
 
 

@@ -12,7 +12,6 @@ classes as 0..170 (80 things then 91 stuff, in id order) and 255 = ignore.
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from functools import partial
 
@@ -21,6 +20,7 @@ import scipy.io
 
 from dinat_m2f.data.datasets.coco import COCO_STUFF_171_CATEGORIES
 from dinat_m2f.data.preparation import base_parser, parallel_map, require_dir, require_file, save_image_atomic
+from dinat_m2f.utils.file_io import atomic_copy
 
 SPLITS = ("train", "test")
 LUT = np.full(256, 255, dtype=np.uint8)
@@ -42,9 +42,7 @@ def convert(job: tuple[str, str, str, str], overwrite: bool = False) -> None:
         save_image_atomic(LUT[label.astype(np.int64)], label_dst)
     if overwrite or not os.path.exists(image_dst):
         require_file(image_src)
-        os.makedirs(os.path.dirname(image_dst), exist_ok=True)
-        shutil.copyfile(image_src, image_dst + ".tmp")
-        os.replace(image_dst + ".tmp", image_dst)
+        atomic_copy(image_src, image_dst)
 
 
 def main(argv: list[str] | None = None) -> None:

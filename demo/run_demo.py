@@ -26,8 +26,10 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from demo import Overlayer, write_png  # noqa: E402
 from dinat_m2f.config import check_config, load_config  # noqa: E402
+from dinat_m2f.data.datasets import dataset_root  # noqa: E402
 from dinat_m2f.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from dinat_m2f.engine.trainer import Trainer  # noqa: E402
+from dinat_m2f.utils.d2_compat import last_eval_results  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo", "maskformer2_dinat_demo.yaml")
 
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float, float]:
 
     setup_logger(name="dinat_m2f")
     logger = logging.getLogger("dinat_m2f.demo")
-    root = os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic")
+    root = os.path.join(dataset_root(), "synthetic")
     logger.info(f"demo: preparing the synthetic dataset in {root} ...")
     ensure_synthetic_dataset(root)
     logger.info(f"demo: dataset ready ({time.perf_counter() - start:.0f}s)")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float, float]:
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()  # ends with an evaluation on DATASETS.TEST (detectron2's EvalHook)
-    pq, ap, miou = summarize(trainer._last_eval_results)
+    pq, ap, miou = summarize(last_eval_results(trainer))
 
     final = os.path.join(cfg.OUTPUT_DIR, "model_final.pth")
     overlays = write_overlays(cfg, final, cfg.OUTPUT_DIR, args.num_overlays)

@@ -7,13 +7,15 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from dinat_m2f.data.datasets._common import dataset_root
+from dinat_m2f.utils.file_io import atomic_write, atomic_write_text
 
 __all__ = [
     "require_dir",
@@ -51,29 +53,13 @@ def read_image_array(path: str, mode: str | None = None) -> np.ndarray:
         raise OSError(f"Cannot read image {path}: {e}") from e
 
 
-def _save_atomic(path: str, write: Callable[[str], None]) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=suffix, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)  # a killed run never leaves a half-written file that looks finished
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
+# Atomic, so that a killed run never leaves a half-written file that looks finished (finished files are skipped).
 def save_image_atomic(array: np.ndarray, path: str) -> None:
-    _save_atomic(path, lambda tmp: Image.fromarray(array).save(tmp))
+    atomic_write(path, Image.fromarray(array).save)  # the format follows the extension of ``path``
 
 
 def save_json_atomic(obj: Any, path: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(obj, f)
-
-    _save_atomic(path, write)
+    atomic_write_text(path, json.dumps(obj))
 
 
 def parallel_map(fn: Callable, jobs: Iterable, workers: int, desc: str) -> list:
@@ -90,7 +76,7 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--root",
-        default=os.getenv("DETECTRON2_DATASETS", "datasets"),
+        default=dataset_root(),
         help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)",
     )
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // 2), help="worker processes")

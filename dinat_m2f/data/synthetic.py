@@ -31,7 +31,7 @@ from detectron2.data.datasets.coco_panoptic import load_coco_panoptic_json
 from PIL import Image
 from pycocotools import mask as mask_util
 
-from dinat_m2f.data.datasets._common import register_dataset
+from dinat_m2f.data.datasets._common import dataset_root, register_dataset
 
 __all__ = [
     "CATEGORIES",
@@ -292,9 +292,7 @@ def synthetic_metadata() -> dict:
 
 def register_all_synthetic(datasets_root: str | None = None) -> None:
     """Register the synthetic dataset names for ``<datasets_root>/synthetic`` (generated when first loaded)."""
-    if datasets_root is None:
-        datasets_root = os.getenv("DETECTRON2_DATASETS", "datasets")
-    root = os.path.join(datasets_root, "synthetic")
+    root = os.path.join(dataset_root(datasets_root), "synthetic")
     meta = synthetic_metadata()
     for split in ("train", "val"):
         image_root = os.path.join(root, "images", split)
@@ -376,7 +374,7 @@ register_all_synthetic()
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic panoptic dataset.")
-    parser.add_argument("--root", default=os.path.join(os.getenv("DETECTRON2_DATASETS", "datasets"), "synthetic"))
+    parser.add_argument("--root", default=os.path.join(dataset_root(), "synthetic"))
     parser.add_argument("--num-train", type=int, default=SyntheticSpec.num_train)
     parser.add_argument("--num-val", type=int, default=SyntheticSpec.num_val)
     parser.add_argument("--size", type=int, default=SyntheticSpec.size)

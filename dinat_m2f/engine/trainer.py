@@ -27,6 +27,7 @@ from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
 from dinat_m2f.engine.optimizer import build_optimizer
 from dinat_m2f.engine.sampler import PositionedDataset, ResumableTrainingSampler, SeededMapper
 from dinat_m2f.engine.train_loop import MaskFormerTrainLoop, resolve_amp_dtype
+from dinat_m2f.utils.d2_compat import evaluator_parts, periodic_writer_writers
 
 
 def training_seed(cfg: CfgNode) -> int:
@@ -147,7 +148,7 @@ class Trainer(DefaultTrainer):
             elif isinstance(h, hooks.PeriodicWriter):
                 # Keep the writers super() built (building them again would open metrics.json and a TensorBoard
                 # event file a second time); only the period changes.
-                ret[i] = hooks.PeriodicWriter(h._writers, period=period)
+                ret[i] = hooks.PeriodicWriter(periodic_writer_writers(h), period=period)
         return ret
 
     def build_writers(self) -> list:
@@ -186,8 +187,7 @@ def semantic_evaluators(evaluator: DatasetEvaluator, dataset_name: str) -> Datas
     from detectron2.evaluation import DatasetEvaluators, SemSegEvaluator
 
     kinds = (SemSegEvaluator, D2CityscapesSemSeg)
-    parts = evaluator._evaluators if isinstance(evaluator, DatasetEvaluators) else [evaluator]
-    kept = [e for e in parts if isinstance(e, kinds)]
+    kept = [e for e in evaluator_parts(evaluator) if isinstance(e, kinds)]
     if not kept:
         raise ValueError(
             f"TEST.AUG.ENABLED: test-time augmentation is semantic only, and {dataset_name} has no "

@@ -38,8 +38,9 @@ def build_evaluator(cfg, dataset_name: str, output_folder: str | None = None) ->
     """The evaluator(s) of ``dataset_name``, chosen by ``MetadataCatalog.get(dataset_name).evaluator_type``.
 
     Panoptic datasets add PQ / mask AP / mIoU according to ``MODEL.MASK_FORMER.TEST.{PANOPTIC,INSTANCE,SEMANTIC}_ON``.
-    Several evaluators come back wrapped in ``DatasetEvaluators``. Mask AP is evaluated for "segm" only: Mask2Former
-    predicts no boxes (its ``pred_boxes`` are zeros), so a box AP would be a meaningless 0.
+    Several evaluators come back wrapped in ``DatasetEvaluators``. Instance results are scored as mask AP ("segm") only,
+    the metric of the paper: the ``pred_boxes`` MaskFormer gives are the tight boxes of its masks, so a box AP would
+    only restate the masks.
     """
     if output_folder is None:
         output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")

@@ -1,1 +1,2 @@
-"""Utilities: fvcore FLOP counting of the neighborhood-attention ops (dinat_m2f.utils.flops)."""
+"""Utilities: atomic file writes (``file_io``), the detectron2 internals this project relies on (``d2_compat``),
+fvcore FLOP counting of the neighborhood-attention ops (``flops``)."""

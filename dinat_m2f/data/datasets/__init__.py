@@ -41,6 +41,7 @@ register_all()
 
 __all__ = [
     "current_root",
+    "dataset_root",
     "register_all",
     "register_all_ade20k",
     "register_all_ade20k_full",

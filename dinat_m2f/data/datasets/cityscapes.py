@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 
-from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES, _get_builtin_metadata
+from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 
 from dinat_m2f.data.datasets._common import dataset_root, register_dataset, require_path
+from dinat_m2f.utils.d2_compat import builtin_metadata
 
 __all__ = ["cityscapes_panoptic_metadata", "load_cityscapes_panoptic", "register_all_cityscapes"]
 
@@ -102,7 +103,7 @@ def _checked(loader, *dirs):
 def register_all_cityscapes(root: str | None = None) -> None:
     """Register ``cityscapes_fine_{instance_seg,sem_seg}_{train,val,test}`` and ``cityscapes_fine_panoptic_*``."""
     root = dataset_root(root)
-    meta = _get_builtin_metadata("cityscapes")
+    meta = builtin_metadata("cityscapes")
     for split in ("train", "val", "test"):
         image_dir = os.path.join(root, "cityscapes", "leftImg8bit", split)
         gt_dir = os.path.join(root, "cityscapes", "gtFine", split)

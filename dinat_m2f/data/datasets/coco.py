@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES, _get_builtin_metadata
+from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
 from dinat_m2f.data.datasets._common import (
     color_palette,
@@ -23,6 +23,7 @@ from dinat_m2f.data.datasets._common import (
     require_path,
 )
 from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
+from dinat_m2f.utils.d2_compat import builtin_metadata
 
 __all__ = [
     "COCO_STUFF_171_CATEGORIES",
@@ -76,7 +77,7 @@ def register_all_coco_instances(root: str | None = None) -> None:
     from detectron2.data.datasets.coco import load_coco_json
 
     root = dataset_root(root)
-    meta = _get_builtin_metadata("coco")
+    meta = builtin_metadata("coco")
     for split in ("train", "val"):
         name = f"coco_2017_{split}"
         json_file = os.path.join(root, f"coco/annotations/instances_{split}2017.json")
@@ -99,7 +100,7 @@ def register_all_coco_panoptic(root: str | None = None) -> None:
     """
     root = dataset_root(root)
     meta = coco_panoptic_metadata()
-    std_meta = _get_builtin_metadata("coco_panoptic_standard")
+    std_meta = builtin_metadata("coco_panoptic_standard")
     for split, (image_dir, pan_dir, pan_json) in _PANOPTIC_SPLITS.items():
         image_dir, pan_dir, pan_json = (os.path.join(root, p) for p in (image_dir, pan_dir, pan_json))
         sem_dir = os.path.join(root, f"coco/panoptic_semseg_{split}2017")
