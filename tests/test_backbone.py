@@ -288,7 +288,7 @@ def test_variants_hyper_parameters():
     assert dilations == [[1, 8, 1], [1, 4, 1, 4], [1, 2] * 9, [1] * 5]
     large_384 = VARIANTS["dinat_large_384"]
     assert large_384.input_size == 384
-    assert large_384.kwargs["dilations"][:2] == [[1, 13, 1], [1, 6, 1, 6]]
+    assert large_384.spec.dilations[:2] == ((1, 13, 1), (1, 6, 1, 6))
     assert all(blk.attn.dilation == 1 for level in nat.levels for blk in level.blocks)
     assert [layer.attn.dilation for layer in iso.layers] == [1, 2] * 6
     with pytest.raises(KeyError, match="unknown DiNAT variant"):

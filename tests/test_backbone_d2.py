@@ -205,3 +205,49 @@ def test_classification_weights_fill_the_d2_backbone():
     assert not result.unexpected_keys
     assert sorted(result.missing_keys) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
     assert isinstance(D2DiNATs(**{**kwargs, "kernel_size": 3}), D2DiNATs)
+
+
+def test_d2_backbone_is_the_classifier_trunk_from_one_spec():
+    """A D2 backbone built from a classification variant's spec has the classifier's trunk (same names, same maps)."""
+    import dataclasses
+
+    from dinat_m2f.modeling.backbone import VARIANTS, DiNAT, HierarchicalSpec
+
+    spec = VARIANTS["dinat_mini"].spec.replace(embed_dim=16, num_heads=(1, 2, 2, 4), drop_path_rate=0.0)
+    assert spec.layer.mlp_ratio == 3.0 and spec.dilations[0] == (1, 8, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.embed_dim = 32
+    with pytest.raises(TypeError, match=r"unknown HierarchicalSpec setting\(s\) \['kernal_size'\]"):
+        spec.replace(kernal_size=3)
+    assert (
+        HierarchicalSpec.from_kwargs(**{"embed_dim": 16, "depths": [1] * 4, "num_heads": [1] * 4}).dilations
+        == ((1,),) * 4
+    )
+
+    torch.manual_seed(0)
+    classifier = DiNAT(spec, num_classes=10).eval()
+    backbone = D2DiNAT(spec=spec).eval()
+    trunk = {k: v for k, v in classifier.state_dict().items() if not k.startswith(("head.", "norm."))}
+    result = backbone.load_state_dict(trunk, strict=False)
+    assert not result.unexpected_keys
+    assert sorted(result.missing_keys) == sorted(f"norm{i}.{p}" for i in range(4) for p in ("weight", "bias"))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        features = backbone(x)
+        maps = classifier.stage_outputs(classifier.patch_embed(x))
+    for i, name in enumerate(("res2", "res3", "res4", "res5")):
+        expected = getattr(backbone, f"norm{i}")(maps[i]).permute(0, 3, 1, 2)
+        torch.testing.assert_close(features[name], expected, rtol=0, atol=0)
+
+
+def test_every_spec_setting_has_its_config_key():
+    """The backbone reads each spec setting from MODEL.DINAT.<NAME>: a new setting needs its field and its default."""
+    from dinat_m2f.modeling.backbone import HierarchicalSpec
+    from dinat_m2f.modeling.backbone.d2_backbone import dinat_kwargs_from_cfg
+
+    cfg = small_cfg(KERNEL_SIZE=5, MLP_RATIO=3.0, QK_SCALE=0.5, ATTN_DROP_RATE=0.1, USE_CHECKPOINT=True)
+    kwargs = dinat_kwargs_from_cfg(cfg)
+    assert set(kwargs) == set(HierarchicalSpec.flat_names()) | {"out_features", "frozen_stages"}
+    spec = build_backbone(cfg).spec
+    assert (spec.layer.kernel_size, spec.layer.mlp_ratio, spec.layer.qk_scale) == (5, 3.0, 0.5)
+    assert (spec.layer.attn_drop_rate, spec.use_checkpoint, spec.embed_dim) == (0.1, True, 16)

@@ -7,7 +7,9 @@ Module names follow the official checkpoints (``patch_embed.proj.0``, ``levels.i
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.utils.checkpoint as cp
@@ -15,55 +17,30 @@ from timm.layers import DropPath
 from torch import nn
 
 from dinat_m2f.modeling.backbone.na_attention import NeighborhoodAttention2D
+from dinat_m2f.modeling.backbone.spec import (
+    HierarchicalSpec,
+    LayerSpec,
+    StageSpec,
+    check_dilations,
+    stochastic_depth_rates,
+)
 
 __all__ = [
+    "DINAT_LAYOUT",
     "ConvDownsampler",
     "ConvTokenizer",
     "DiNAT",
+    "HierarchicalTrunk",
     "Mlp",
     "NATBlock",
     "NATLayer",
     "PooledClassifier",
+    "TrunkLayout",
     "check_dilations",
     "init_weights",
+    "resolve_spec",
     "stochastic_depth_rates",
 ]
-
-
-def check_dilations(dilations: object, depths: Sequence[int], name: str = "dilations") -> list[list[int]]:
-    """Validate ``dilations[stage][layer]`` against ``depths``; ``None`` means every dilation is 1 (plain NA).
-
-    Raises ValueError naming the stage/layer at fault (wrong number of stages or layers, zero, negative, non-int).
-    """
-    if dilations is None:
-        return [[1] * depth for depth in depths]
-    if not isinstance(dilations, (list, tuple)) or len(dilations) != len(depths):
-        raise ValueError(
-            f"{name} must be a list of {len(depths)} per-stage lists (one per entry of DEPTHS={list(depths)}), "
-            f"got {dilations!r}"
-        )
-    checked = []
-    for stage, (stage_dilations, depth) in enumerate(zip(dilations, depths)):
-        if not isinstance(stage_dilations, (list, tuple)) or len(stage_dilations) != depth:
-            raise ValueError(
-                f"{name}[{stage}] must list one dilation per layer of stage {stage} (depth {depth}), "
-                f"got {stage_dilations!r}"
-            )
-        for layer, dilation in enumerate(stage_dilations):
-            if isinstance(dilation, bool) or not isinstance(dilation, int) or dilation < 1:
-                raise ValueError(f"{name}[{stage}][{layer}] must be an integer >= 1, got {dilation!r}")
-        checked.append(list(stage_dilations))
-    return checked
-
-
-def stochastic_depth_rates(drop_path_rate: float, depths: Sequence[int]) -> list[list[float]]:
-    """Linearly increasing drop-path rates over all layers of all stages, split per stage."""
-    rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-    out, start = [], 0
-    for depth in depths:
-        out.append(rates[start : start + depth])
-        start += depth
-    return out
 
 
 def init_weights(module: nn.Module) -> None:
@@ -119,40 +96,26 @@ class Mlp(nn.Module):
 class NATLayer(nn.Module):
     """Pre-norm transformer layer: x + DropPath(gamma1 * NA(norm1(x))), then x + DropPath(gamma2 * MLP(norm2(x)))."""
 
-    def __init__(
-        self,
-        dim: int,
-        num_heads: int,
-        kernel_size: int = 7,
-        dilation: int = 1,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        layer_scale: float | None = None,
-    ):
+    def __init__(self, dim: int, num_heads: int, dilation: int, drop_path: float, layer: LayerSpec):
         super().__init__()
-        self.norm1 = norm_layer(dim)
+        self.norm1 = nn.LayerNorm(dim)
         self.attn = NeighborhoodAttention2D(
             dim,
             num_heads,
-            kernel_size,
+            layer.kernel_size,
             dilation=dilation,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            attn_drop=attn_drop,
-            proj_drop=drop,
+            qkv_bias=layer.qkv_bias,
+            qk_scale=layer.qk_scale,
+            attn_drop=layer.attn_drop_rate,
+            proj_drop=layer.drop_rate,
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
-        self.layer_scale = layer_scale is not None
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * layer.mlp_ratio), drop=layer.drop_rate)
+        self.layer_scale = layer.layer_scale is not None
         if self.layer_scale:
-            self.gamma1 = nn.Parameter(layer_scale * torch.ones(dim))
-            self.gamma2 = nn.Parameter(layer_scale * torch.ones(dim))
+            self.gamma1 = nn.Parameter(layer.layer_scale * torch.ones(dim))
+            self.gamma2 = nn.Parameter(layer.layer_scale * torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.layer_scale:
@@ -171,55 +134,25 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> 
 
 
 class NATBlock(nn.Module):
-    """One level: ``depth`` NATLayers at a fixed resolution, then an optional downsampler.
-
-    DiNAT downsamples with a ConvDownsampler; DiNAT_s passes ``downsampler=PatchMerging``. Both sit under the key
-    ``downsample`` in the official checkpoints.
-    """
+    """One level: ``stage.depth`` NATLayers at a fixed resolution, then the layout's downsampler (not after the last
+    level). Both DiNAT's ConvDownsampler and DiNAT_s's PatchMerging sit under the key ``downsample``."""
 
     def __init__(
         self,
-        dim: int,
-        depth: int,
-        num_heads: int,
-        kernel_size: int,
-        dilations: Sequence[int],
-        downsample: bool = True,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: Sequence[float] = (),
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        layer_scale: float | None = None,
+        stage: StageSpec,
+        layer: LayerSpec,
+        downsampler: Callable[[int], nn.Module],
         use_checkpoint: bool = False,
-        downsampler: Callable[..., nn.Module] | None = None,
     ):
         super().__init__()
-        self.dim = dim
-        self.depth = depth
+        self.dim = stage.dim
+        self.depth = stage.depth
         self.use_checkpoint = use_checkpoint
-        drop_path = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList(
-            NATLayer(
-                dim,
-                num_heads,
-                kernel_size,
-                dilation=dilations[i],
-                mlp_ratio=mlp_ratio,
-                qkv_bias=qkv_bias,
-                qk_scale=qk_scale,
-                drop=drop,
-                attn_drop=attn_drop,
-                drop_path=drop_path[i],
-                norm_layer=norm_layer,
-                layer_scale=layer_scale,
-            )
-            for i in range(depth)
+            NATLayer(stage.dim, stage.num_heads, dilation, drop_path, layer)
+            for dilation, drop_path in zip(stage.dilations, stage.drop_path)
         )
-        downsampler = downsampler or ConvDownsampler
-        self.downsample = downsampler(dim, norm_layer=norm_layer) if downsample else None
+        self.downsample = downsampler(stage.dim) if stage.downsample else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (the level's output before downsampling, the input of the next level)."""
@@ -229,49 +162,61 @@ class NATBlock(nn.Module):
         return x, self.downsample(x)
 
 
-def build_levels(
-    embed_dim: int,
-    depths: Sequence[int],
-    num_heads: Sequence[int],
-    kernel_size: int,
-    dilations: object,
-    mlp_ratio: float,
-    qkv_bias: bool,
-    qk_scale: float | None,
-    drop_rate: float,
-    attn_drop_rate: float,
-    drop_path_rate: float,
-    norm_layer: Callable[..., nn.Module],
-    layer_scale: float | None,
-    use_checkpoint: bool,
-    downsampler: Callable[..., nn.Module] | None = None,
-) -> nn.ModuleList:
-    """The ``levels`` ModuleList shared by the classifiers and the detectron2 backbones (DiNAT and DiNAT_s)."""
-    if len(num_heads) != len(depths):
-        raise ValueError(f"NUM_HEADS {list(num_heads)} must have one entry per stage of DEPTHS {list(depths)}")
-    dilations = check_dilations(dilations, depths)
-    rates = stochastic_depth_rates(drop_path_rate, depths)
-    return nn.ModuleList(
-        NATBlock(
-            dim=embed_dim * 2**i,
-            depth=depths[i],
-            num_heads=num_heads[i],
-            kernel_size=kernel_size,
-            dilations=dilations[i],
-            downsample=i < len(depths) - 1,
-            mlp_ratio=mlp_ratio,
-            qkv_bias=qkv_bias,
-            qk_scale=qk_scale,
-            drop=drop_rate,
-            attn_drop=attn_drop_rate,
-            drop_path=rates[i],
-            norm_layer=norm_layer,
-            layer_scale=layer_scale,
-            use_checkpoint=use_checkpoint,
-            downsampler=downsampler,
+@dataclass(frozen=True)
+class TrunkLayout:
+    """How a hierarchical trunk is assembled; the attribute names are those of the official checkpoints."""
+
+    name: str  # the architecture, for messages
+    stem: Callable[[int, int], nn.Module]  # (in_chans, embed_dim) -> image [B, C, H, W] to [B, H/4, W/4, embed_dim]
+    downsampler: Callable[[int], nn.Module]  # dim -> halves the map, doubles the width (channels-last)
+    stages_attr: str  # "levels" (DiNAT) or "layers" (DiNAT_s)
+    has_layer_scale: bool = True
+
+
+DINAT_LAYOUT = TrunkLayout("DiNAT", ConvTokenizer, ConvDownsampler, "levels")
+
+
+class HierarchicalTrunk(nn.Module):
+    """The stem and the four levels of a hierarchical NAT / DiNAT / DiNAT_s, built from a :class:`HierarchicalSpec`.
+
+    The classifiers (+ pos_drop, final norm, head) and the detectron2 backbones (+ one output norm per stage) are both
+    trunks, so their shared parameters have the same names (``patch_embed.*``, ``levels.i.*`` / ``layers.i.*``).
+    """
+
+    layout: ClassVar[TrunkLayout]
+
+    def _build_stem(self, spec: HierarchicalSpec, in_chans: int) -> None:
+        if spec.layer.layer_scale is not None and not self.layout.has_layer_scale:
+            raise ValueError(
+                f"{type(self).__name__}: {self.layout.name} has no layer scale; set layer_scale "
+                "(MODEL.DINAT.LAYER_SCALE) to None"
+            )
+        self.patch_embed = self.layout.stem(in_chans, spec.embed_dim)
+
+    def _build_stages(self, spec: HierarchicalSpec) -> None:
+        stages = nn.ModuleList(
+            NATBlock(stage, spec.layer, self.layout.downsampler, spec.use_checkpoint) for stage in spec.stages()
         )
-        for i in range(len(depths))
-    )
+        self.add_module(self.layout.stages_attr, stages)
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        return getattr(self, self.layout.stages_attr)
+
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each level's output before its downsampler, channels-last (the last one is the final map)."""
+        outputs = []
+        for stage in self.stages:
+            out, x = stage(x)
+            outputs.append(out)
+        return outputs
+
+
+def resolve_spec(spec: Any, spec_kwargs: dict[str, Any], spec_type: type = HierarchicalSpec) -> Any:
+    """``spec`` with the flat keyword overrides applied, or a new spec from the keywords alone."""
+    if spec is None:
+        return spec_type.from_kwargs(**spec_kwargs)
+    return spec.replace(**spec_kwargs) if spec_kwargs else spec
 
 
 class PooledClassifier(nn.Module):
@@ -281,10 +226,10 @@ class PooledClassifier(nn.Module):
     ``_add_head`` last (so the keys ``norm``/``head`` follow the layers', as in the official checkpoints).
     """
 
-    def _add_head(self, num_features: int, num_classes: int, norm_layer: Callable[..., nn.Module]) -> None:
+    def _add_head(self, num_features: int, num_classes: int) -> None:
         self.num_classes = num_classes
         self.num_features = num_features
-        self.norm = norm_layer(num_features)
+        self.norm = nn.LayerNorm(num_features)
         self.avgpool = nn.AdaptiveAvgPool1d(1)
         self.head = nn.Linear(num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.apply(init_weights)
@@ -305,51 +250,32 @@ class PooledClassifier(nn.Module):
         return self.head(self.forward_features(x))
 
 
-class DiNAT(PooledClassifier):
-    """The hierarchical NAT/DiNAT classifier (NAT when every dilation is 1)."""
+class DiNAT(HierarchicalTrunk, PooledClassifier):
+    """The hierarchical NAT/DiNAT classifier (NAT when every dilation is 1).
+
+    Built from a :class:`HierarchicalSpec` or from its flat keywords (``DiNAT(embed_dim=64, depths=..., ...)``);
+    keywords given with a spec override its settings.
+    """
+
+    layout = DINAT_LAYOUT
+    _default_spec_kwargs: ClassVar[dict[str, Any]] = {}
 
     def __init__(
         self,
-        embed_dim: int,
-        depths: Sequence[int],
-        num_heads: Sequence[int],
-        kernel_size: int = 7,
-        dilations: Sequence[Sequence[int]] | None = None,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        layer_scale: float | None = None,
-        in_chans: int = 3,
+        spec: HierarchicalSpec | None = None,
+        *,
         num_classes: int = 1000,
-        use_checkpoint: bool = False,
+        in_chans: int = 3,
+        **spec_kwargs: Any,
     ):
         super().__init__()
-        self.patch_embed = ConvTokenizer(in_chans, embed_dim, norm_layer=norm_layer)
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.levels = build_levels(
-            embed_dim,
-            depths,
-            num_heads,
-            kernel_size,
-            dilations,
-            mlp_ratio,
-            qkv_bias,
-            qk_scale,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            norm_layer,
-            layer_scale,
-            use_checkpoint,
-        )
-        self._add_head(embed_dim * 2 ** (len(depths) - 1), num_classes, norm_layer)
+        if spec is None:
+            spec_kwargs = {**self._default_spec_kwargs, **spec_kwargs}
+        self.spec = spec = resolve_spec(spec, spec_kwargs)
+        self._build_stem(spec, in_chans)
+        self.pos_drop = nn.Dropout(spec.layer.drop_rate)
+        self._build_stages(spec)
+        self._add_head(spec.widths[-1], num_classes)
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
-        for level in self.levels:
-            _, x = level(x)
-        return x
+        return self.stage_outputs(self.pos_drop(self.patch_embed(x)))[-1]

@@ -6,15 +6,16 @@ DiNAT, never layer scale), ``layers.i.downsample.{norm,reduction}``, ``norm``, `
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import PooledClassifier, build_levels
+from dinat_m2f.modeling.backbone.dinat import DiNAT, TrunkLayout
 
-__all__ = ["DiNAT_s", "PatchEmbed", "PatchMerging", "build_layers"]
+__all__ = ["DINAT_S_LAYOUT", "DiNAT_s", "PatchEmbed", "PatchMerging"]
 
 
 class PatchEmbed(nn.Module):
@@ -58,85 +59,15 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-def build_layers(
-    embed_dim: int,
-    depths: Sequence[int],
-    num_heads: Sequence[int],
-    kernel_size: int,
-    dilations: object,
-    mlp_ratio: float,
-    qkv_bias: bool,
-    qk_scale: float | None,
-    drop_rate: float,
-    attn_drop_rate: float,
-    drop_path_rate: float,
-    norm_layer: Callable[..., nn.Module],
-    use_checkpoint: bool,
-) -> nn.ModuleList:
-    """The ``layers`` ModuleList of DiNAT_s: DiNAT's levels with PatchMerging and never layer scale."""
-    return build_levels(
-        embed_dim,
-        depths,
-        num_heads,
-        kernel_size,
-        dilations,
-        mlp_ratio,
-        qkv_bias,
-        qk_scale,
-        drop_rate,
-        attn_drop_rate,
-        drop_path_rate,
-        norm_layer,
-        layer_scale=None,
-        use_checkpoint=use_checkpoint,
-        downsampler=PatchMerging,
-    )
+def _patchify_stem(in_chans: int, embed_dim: int) -> PatchEmbed:
+    return PatchEmbed(4, in_chans, embed_dim)
 
 
-class DiNAT_s(PooledClassifier):  # noqa: N801 (the paper's name)
-    """The DiNAT_s classifier."""
+DINAT_S_LAYOUT = TrunkLayout("DiNAT_s", _patchify_stem, PatchMerging, "layers", has_layer_scale=False)
 
-    def __init__(
-        self,
-        embed_dim: int = 96,
-        depths: Sequence[int] = (2, 2, 6, 2),
-        num_heads: Sequence[int] = (3, 6, 12, 24),
-        kernel_size: int = 7,
-        dilations: Sequence[Sequence[int]] | None = None,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.2,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        patch_size: int = 4,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        use_checkpoint: bool = False,
-    ):
-        super().__init__()
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm_layer)
-        self.pos_drop = nn.Dropout(drop_rate)
-        self.layers = build_layers(
-            embed_dim,
-            depths,
-            num_heads,
-            kernel_size,
-            dilations,
-            mlp_ratio,
-            qkv_bias,
-            qk_scale,
-            drop_rate,
-            attn_drop_rate,
-            drop_path_rate,
-            norm_layer,
-            use_checkpoint,
-        )
-        self._add_head(embed_dim * 2 ** (len(depths) - 1), num_classes, norm_layer)
 
-    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pos_drop(self.patch_embed(x))
-        for layer in self.layers:
-            _, x = layer(x)
-        return x
+class DiNAT_s(DiNAT):  # noqa: N801 (the paper's name)
+    """The DiNAT_s classifier: DiNAT's classifier on the Swin-like layout (no layer scale)."""
+
+    layout = DINAT_S_LAYOUT
+    _default_spec_kwargs: ClassVar[dict[str, Any]] = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))

@@ -6,63 +6,47 @@ NATLayers), ``norm``, ``head``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from dinat_m2f.modeling.backbone.dinat import NATLayer, PooledClassifier, stochastic_depth_rates
+from dinat_m2f.modeling.backbone.dinat import NATLayer, PooledClassifier, resolve_spec
 from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed
 from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
+from dinat_m2f.modeling.backbone.spec import IsotropicSpec, stochastic_depth_rates
 
 __all__ = ["NATIsotropic"]
 
 
 class NATIsotropic(PooledClassifier):
-    """``depth`` NATLayers on the 1/16 map; layer i uses dilation 1 if i is even, else ``dilation``."""
+    """``depth`` NATLayers on the 1/16 map; layer i uses dilation 1 if i is even, else ``dilation``.
+
+    Built from an :class:`IsotropicSpec` or from its flat keywords; keywords given with a spec override it.
+    """
 
     def __init__(
         self,
-        embed_dim: int = 384,
-        depth: int = 12,
-        num_heads: int = 12,
-        kernel_size: int = 7,
-        dilation: int = 2,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = True,
-        qk_scale: float | None = None,
-        drop_rate: float = 0.0,
-        attn_drop_rate: float = 0.0,
-        drop_path_rate: float = 0.1,
-        norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
-        patch_size: int = 16,
-        in_chans: int = 3,
+        spec: IsotropicSpec | None = None,
+        *,
         num_classes: int = 1000,
+        in_chans: int = 3,
+        patch_size: int = 16,
+        **spec_kwargs: Any,
     ):
         super().__init__()
-        check_kernel_and_dilation(kernel_size, dilation)
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, norm_layer=norm_layer)
-        self.pos_drop = nn.Dropout(drop_rate)
-        (rates,) = stochastic_depth_rates(drop_path_rate, [depth])
+        self.spec = spec = resolve_spec(spec, spec_kwargs, IsotropicSpec)
+        check_kernel_and_dilation(spec.layer.kernel_size, spec.dilation)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, spec.embed_dim)
+        self.pos_drop = nn.Dropout(spec.layer.drop_rate)
+        (rates,) = stochastic_depth_rates(spec.drop_path_rate, [spec.depth])
         self.layers = nn.Sequential(
             *(
-                NATLayer(
-                    embed_dim,
-                    num_heads,
-                    kernel_size,
-                    dilation=1 if i % 2 == 0 else dilation,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    qk_scale=qk_scale,
-                    drop=drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=rates[i],
-                    norm_layer=norm_layer,
-                )
-                for i in range(depth)
+                NATLayer(spec.embed_dim, spec.num_heads, dilation, rate, spec.layer)
+                for dilation, rate in zip(spec.dilations(), rates)
             )
         )
-        self._add_head(embed_dim, num_classes, norm_layer)
+        self._add_head(spec.embed_dim, num_classes)
 
     def forward_map(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(self.pos_drop(self.patch_embed(x)))
