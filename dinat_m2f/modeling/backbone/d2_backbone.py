@@ -78,11 +78,14 @@ class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
 
     def __init__(
         self,
-        cfg: CfgNode | None,
-        input_shape: ShapeSpec | None,
-        spec: HierarchicalSpec | None,
-        kwargs: dict[str, Any],
+        cfg: CfgNode | None = None,
+        input_shape: ShapeSpec | None = None,
+        *,
+        spec: HierarchicalSpec | None = None,
+        **kwargs: Any,
     ):
+        """Built from ``cfg`` by the registry, from a ``spec`` (e.g. a classification variant's), or from keyword
+        arguments (those of ``dinat_kwargs_from_cfg``); keywords override the cfg or the spec."""
         super().__init__()
         kwargs = _merge_kwargs(cfg, kwargs)
         out_features = kwargs.pop("out_features", _STAGE_NAMES)
@@ -150,18 +153,6 @@ class D2DiNAT(_HierarchicalNABackbone):
 
     layout = DINAT_LAYOUT
 
-    def __init__(
-        self,
-        cfg: CfgNode | None = None,
-        input_shape: ShapeSpec | None = None,
-        *,
-        spec: HierarchicalSpec | None = None,
-        **kwargs: Any,
-    ):
-        """Built from ``cfg`` by the registry, from a ``spec`` (e.g. a classification variant's), or from keyword
-        arguments (those of ``dinat_kwargs_from_cfg``); keywords override the cfg or the spec."""
-        super().__init__(cfg, input_shape, spec, kwargs)
-
 
 @BACKBONE_REGISTRY.register()
 class D2DiNATs(_HierarchicalNABackbone):
@@ -171,13 +162,3 @@ class D2DiNATs(_HierarchicalNABackbone):
     """
 
     layout = DINAT_S_LAYOUT
-
-    def __init__(
-        self,
-        cfg: CfgNode | None = None,
-        input_shape: ShapeSpec | None = None,
-        *,
-        spec: HierarchicalSpec | None = None,
-        **kwargs: Any,
-    ):
-        super().__init__(cfg, input_shape, spec, kwargs)
