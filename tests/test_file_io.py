@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinat_m2f.utils.file_io import atomic_copy, atomic_write, atomic_write_text
+from dinat_m2f.utils.file_io import atomic_copy, atomic_write, atomic_write_text, make_temp_dir_beside
 
 
 @pytest.fixture
@@ -73,3 +73,17 @@ def test_atomic_copy(tmp_path):
     src.write_bytes(bytes(range(256)) * 10)
     atomic_copy(src, tmp_path / "out" / "dst.jpg")
     assert (tmp_path / "out" / "dst.jpg").read_bytes() == src.read_bytes()
+
+
+@pytest.mark.parametrize("mask, expected", [(0o022, 0o755), (0o077, 0o700)])
+def test_temp_dir_gets_the_mode_of_the_umask(tmp_path, umask, mask, expected):
+    """A tree built in the folder and renamed into place (the synthetic dataset) keeps the folder's mode."""
+    from dinat_m2f.data.synthetic import SyntheticSpec, generate_synthetic_dataset
+
+    umask(mask)
+    tmp = make_temp_dir_beside(tmp_path / "tree")
+    assert os.path.dirname(tmp) == str(tmp_path) and os.listdir(tmp) == []
+    assert _mode(tmp) == expected
+    root = generate_synthetic_dataset(str(tmp_path / "synthetic"), SyntheticSpec(num_train=1, num_val=1, size=64))
+    assert _mode(root) == expected
+    assert _mode(os.path.join(root, "spec.json")) == expected & 0o666

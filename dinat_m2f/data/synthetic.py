@@ -32,6 +32,7 @@ from PIL import Image
 from pycocotools import mask as mask_util
 
 from dinat_m2f.data.datasets._common import dataset_root, register_dataset
+from dinat_m2f.utils.file_io import make_temp_dir_beside
 
 __all__ = [
     "CATEGORIES",
@@ -235,9 +236,7 @@ def generate_synthetic_dataset(root: str, spec: SyntheticSpec = SyntheticSpec())
 
     Writes into a temporary sibling folder and renames it into place, so an interrupted run leaves no half dataset.
     """
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".synthetic-", dir=parent)
+    tmp = make_temp_dir_beside(root)
     try:
         _write_split(tmp, "train", spec.num_train, spec.seed * 2 + 0, spec.size)
         _write_split(tmp, "val", spec.num_val, spec.seed * 2 + 1, spec.size)

@@ -10,7 +10,7 @@ import shutil
 from collections.abc import Callable
 from typing import BinaryIO
 
-__all__ = ["atomic_copy", "atomic_write", "atomic_write_text"]
+__all__ = ["atomic_copy", "atomic_write", "atomic_write_text", "make_temp_dir_beside"]
 
 
 def _create_temp_sibling(path: str) -> tuple[str, BinaryIO]:
@@ -50,6 +50,23 @@ def atomic_write(path: str | os.PathLike, write_fn: Callable[[BinaryIO], object]
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def make_temp_dir_beside(path: str | os.PathLike) -> str:
+    """A new empty hidden folder next to ``path``, to build a tree in and then rename into place.
+
+    Made with ``os.mkdir`` (mode 0o777 less the umask, like any new folder) rather than ``tempfile.mkdtemp`` (always
+    0700, which the renamed tree would keep).
+    """
+    parent, name = os.path.split(os.path.abspath(os.fspath(path)))
+    os.makedirs(parent, exist_ok=True)
+    while True:
+        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.mkdir(tmp)
+            return tmp
+        except FileExistsError:
+            continue
 
 
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> None:
