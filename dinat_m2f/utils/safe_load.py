@@ -126,7 +126,9 @@ def _torch_safe_globals() -> list[Any]:
 
 def _refused_global(message: str) -> str | None:
     match = re.search(r"GLOBAL (\S+)", message)
-    return match.group(1) if match else None
+    if not match:
+        return None
+    return match.group(1) if "." in match.group(1) else f"builtins.{match.group(1)}"  # torch drops "builtins."
 
 
 def _load_torch_file(path: str, local: str, trust: bool) -> Any:
