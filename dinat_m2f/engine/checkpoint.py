@@ -243,7 +243,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
         fit = match_weights(model_shapes, file_shapes, heuristics)
         # as detectron2: shared parameters loaded under another name, and pixel_mean/std (set from the config)
-        fit.missing = [k for k in _filter_reused_missing_keys(self.model, fit.missing) if k not in _FROM_CONFIG]
+        unloaded = set(_filter_reused_missing_keys(self.model, fit.missing)) - set(_FROM_CONFIG)
+        fit.missing = [k for k in fit.missing if k in unloaded]  # model order
         for line in check_weights_fit(fit, self._loading or "the weight file", self.weights_reinit):
             self.logger.info(line)
         self._allowed_unloaded = set(fit.missing) | {k for k, _, _ in fit.misshaped}

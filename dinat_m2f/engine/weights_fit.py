@@ -149,14 +149,14 @@ def check_weights_fit(fit: WeightsFit, source: str, reinit: Sequence[str] = ()) 
     hints = []
     if any(_is_rpb_of_another_kernel(*m) for m in misshaped):
         hints.append(
-            "relative-position biases of another kernel size: convert the ImageNet checkpoint for this config with "
+            "Relative-position biases of another kernel size: convert the ImageNet checkpoint for this config with "
             "`tools/convert_dinat_checkpoint.py IN.pth OUT.pth --config-file CONFIG` (resizes them), or declare "
             "them re-initialisable with MODEL.WEIGHTS_REINIT \"['backbone.*.rpb']\""
         )
     if fit.unexpected and not backbone_only:
-        hints.append(f"the file has {len(fit.unexpected)} tensors that fit nothing: {_first(fit.unexpected)}")
+        hints.append(f"The file has {len(fit.unexpected)} tensors that fit nothing: {_first(fit.unexpected)}")
     hints.append(
-        "if these tensors are meant to start from their init (e.g. another number of classes), list them "
+        "If these tensors are meant to start from their init (e.g. another number of classes), list them "
         "(fnmatch patterns) in MODEL.WEIGHTS_REINIT"
     )
     kind = "backbone-only file" if backbone_only else "full-model file"

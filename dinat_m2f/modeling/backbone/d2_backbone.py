@@ -39,6 +39,7 @@ _KWARGS = frozenset(
         "out_features",
         "frozen_stages",
         "use_checkpoint",
+        "trunc_normal_init",
     ]
 )
 
@@ -97,6 +98,7 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
         out_features=out_features,
         frozen_stages=c.FROZEN_STAGES,
         use_checkpoint=c.USE_CHECKPOINT,
+        trunc_normal_init=c.TRUNC_NORMAL_INIT,
     )
 
 
@@ -143,7 +145,8 @@ class _HierarchicalNABackbone(Backbone):
         self._out_feature_strides = {name: 4 * 2**i for i, name in enumerate(_STAGE_NAMES)}
         self._out_feature_channels = {name: widths[i] for i, name in enumerate(_STAGE_NAMES)}
         self.frozen_stages = kwargs.get("frozen_stages", -1)
-        self.apply(init_weights)
+        if kwargs.get("trunc_normal_init", False):
+            self.apply(init_weights)  # the official D2DiNAT defines this init but never applies it (the default)
         self._freeze_stages()
 
     def _check_kwargs(self, kwargs: dict) -> None:
