@@ -22,7 +22,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.checkpoint.c2_model_loading import convert_c2_detectron_names
 from fvcore.common.checkpoint import _filter_reused_missing_keys
 
-from dinat_m2f.engine.weights_fit import WeightsMismatchError, check_weights_fit, match_weights
+from dinat_m2f.engine.weights_fit import (
+    WeightsMismatchError,
+    check_weights_fit,
+    fit_from_incompatible,
+    match_weights,
+)
 from dinat_m2f.utils.safe_load import CorruptWeightsError, load_weights_file
 
 
@@ -91,7 +96,6 @@ class AtomicCheckpointer(DetectionCheckpointer):
         self.trust_weights = trust_weights
         self.weights_reinit = tuple(weights_reinit)
         self._loading: str = ""  # the file being loaded, for error messages
-        self._allowed_unloaded: set[str] = set()
 
     @classmethod
     def from_config(cls, cfg, model: torch.nn.Module, save_dir: str = "", **checkpointables: Any) -> AtomicCheckpointer:
@@ -208,43 +212,41 @@ class AtomicCheckpointer(DetectionCheckpointer):
     # ---- fitting the model ---------------------------------------------------------------------------------------
 
     def _load_model(self, checkpoint: dict[str, Any]):
-        self._check_fit(checkpoint)
+        """Load, then raise WeightsMismatchError unless the file fits (``dinat_m2f.engine.weights_fit``).
+
+        The fit is judged on what was really loaded: a file by exact names goes through ``load_state_dict``, whose
+        hooks rename legacy keys (``static_query``); with ``matching_heuristics`` detectron2 drops mis-shaped tensors
+        silently, so those are found by its own longest-suffix rule (``match_weights``).
+        """
+        file_shapes = self._file_shapes(checkpoint)  # before detectron2 renames / drops entries
+        heuristics = bool(checkpoint.get("matching_heuristics", False))
         incompatible = super()._load_model(checkpoint)
-        # detectron2's own account must agree with the check (nothing unloaded beyond what it allowed)
-        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys)
-        unforeseen = sorted(set(missing) - self._allowed_unloaded) + sorted(
-            k for k, _, _ in incompatible.incorrect_shapes if k not in self._allowed_unloaded
-        )
-        if unforeseen:
-            raise WeightsMismatchError(
-                f"{self._loading or 'the weight file'}: {len(unforeseen)} model tensors were not loaded: "
-                f"{unforeseen[:10]}"
-            )
+        model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
+        unloaded = set(_filter_reused_missing_keys(self.model, incompatible.missing_keys)) - set(_FROM_CONFIG)
+        if heuristics:
+            fit = match_weights(model_shapes, file_shapes, heuristics=True)
+            misshaped = {k for k, _, _ in fit.misshaped}
+            unforeseen = sorted(unloaded - set(fit.missing) - misshaped)
+            if unforeseen:  # detectron2 left out tensors its own rule should have paired: say so, never ignore it
+                raise WeightsMismatchError(f"{self._loading}: {len(unforeseen)} tensors were not loaded: {unforeseen}")
+        else:
+            fit = fit_from_incompatible(model_shapes, incompatible)
+        fit.missing = [k for k in fit.missing if k in unloaded]  # as detectron2: shared params, pixel_mean/std
+        for line in check_weights_fit(fit, self._loading or "the weight file", self.weights_reinit):
+            self.logger.info(line)
         return incompatible
 
-    def _check_fit(self, checkpoint: dict[str, Any]) -> None:
-        """Raise WeightsMismatchError if the file does not fit (``dinat_m2f.engine.weights_fit``); log the rest."""
+    def _file_shapes(self, checkpoint: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the file's tensors, as detectron2 will match them."""
         state = checkpoint["model"]
         if not isinstance(state, dict):
             raise WeightsMismatchError(f"{self._loading}: 'model' holds {type(state).__name__}, not a dict of tensors")
-        file_shapes = {}
-        for key, value in state.items():
-            if not hasattr(value, "shape"):
-                raise WeightsMismatchError(
-                    f"{self._loading}: model entry {key!r} is a {type(value).__name__}, not a tensor or array"
-                )
-            file_shapes[key] = tuple(value.shape)
-        heuristics = checkpoint.get("matching_heuristics", False)
-        if heuristics and checkpoint.get("__author__") == "Caffe2":
-            renamed, _ = convert_c2_detectron_names({k: v for k, v in state.items()})
-            file_shapes = {k: tuple(v.shape) for k, v in renamed.items()}
-        if file_shapes and all(k.startswith("module.") for k in file_shapes):  # fvcore drops DataParallel's prefix
-            file_shapes = {k[len("module.") :]: v for k, v in file_shapes.items()}
-        model_shapes = {k: tuple(v.shape) for k, v in self.model.state_dict().items()}
-        fit = match_weights(model_shapes, file_shapes, heuristics)
-        # as detectron2: shared parameters loaded under another name, and pixel_mean/std (set from the config)
-        unloaded = set(_filter_reused_missing_keys(self.model, fit.missing)) - set(_FROM_CONFIG)
-        fit.missing = [k for k in fit.missing if k in unloaded]  # model order
-        for line in check_weights_fit(fit, self._loading or "the weight file", self.weights_reinit):
-            self.logger.info(line)
-        self._allowed_unloaded = set(fit.missing) | {k for k, _, _ in fit.misshaped}
+        bad = [k for k, v in state.items() if not hasattr(v, "shape")]
+        if bad:
+            raise WeightsMismatchError(f"{self._loading}: 'model' entries that are not tensors or arrays: {bad[:10]}")
+        if checkpoint.get("matching_heuristics", False) and checkpoint.get("__author__") == "Caffe2":
+            state, _ = convert_c2_detectron_names(dict(state))
+        shapes = {k: tuple(v.shape) for k, v in state.items()}
+        if shapes and all(k.startswith("module.") for k in shapes):  # fvcore drops DataParallel's prefix
+            shapes = {k[len("module.") :]: v for k, v in shapes.items()}
+        return shapes

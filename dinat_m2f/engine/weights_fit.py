@@ -32,6 +32,7 @@ __all__ = [
     "WeightsFit",
     "WeightsMismatchError",
     "check_weights_fit",
+    "fit_from_incompatible",
     "match_weights",
 ]
 
@@ -81,6 +82,20 @@ def match_weights(
     used = set(fit.matched.values())
     fit.unexpected = [k for k in file_shapes if k not in used]
     return fit
+
+
+def fit_from_incompatible(model_shapes: Mapping[str, Shape], incompatible) -> WeightsFit:
+    """The fit of a file loaded by exact names, from fvcore's ``_IncompatibleKeys`` (after the model's load hooks,
+    which rename legacy keys). fvcore drops mis-shaped tensors before loading, so they are also in ``missing_keys``."""
+    misshaped = [(k, tuple(a), tuple(b)) for k, a, b in incompatible.incorrect_shapes]
+    skipped, unloaded = {k for k, _, _ in misshaped}, set(incompatible.missing_keys)
+    missing = [k for k in model_shapes if k in unloaded and k not in skipped]
+    return WeightsFit(
+        matched={k: k for k in model_shapes if k not in unloaded or k in skipped},
+        misshaped=misshaped,
+        missing=missing,
+        unexpected=list(incompatible.unexpected_keys),
+    )
 
 
 def _first(names: Sequence[str]) -> str:
