@@ -205,7 +205,7 @@ def test_resume_from_truncated_last_checkpoint_names_it_and_the_previous_good_on
     message = str(err.value)
     assert f"the last checkpoint {last} (named by {tmp_path / 'last_checkpoint'}) is unreadable" in message
     assert f"the newest intact one is {tmp_path / 'model_0000001.pth'}" in message
-    assert f"printf '%s' 'model_0000001.pth' > '{tmp_path / 'last_checkpoint'}'" in message
+    assert f"printf '%s' model_0000001.pth > {tmp_path / 'last_checkpoint'}" in message
     # following the advice resumes
     (tmp_path / "last_checkpoint").write_text("model_0000001.pth")
     assert AtomicCheckpointer(Tiny(), save_dir=str(tmp_path)).resume_or_load("", resume=True)["iteration"] == 1

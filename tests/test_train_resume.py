@@ -88,4 +88,4 @@ def test_resume_cleans_killed_saves_and_names_a_truncated_last_checkpoint(tmp_pa
     assert not stale.exists()
     assert f"{final}: cannot read this weight file, it is truncated or corrupt" in proc.stderr
     assert f"the newest intact one is {run / 'model_0000008.pth'}" in proc.stderr
-    assert f"printf '%s' 'model_0000008.pth' > '{run / 'last_checkpoint'}'" in proc.stderr
+    assert f"printf '%s' model_0000008.pth > {run / 'last_checkpoint'}" in proc.stderr

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import tempfile
 import zipfile
 from collections.abc import Sequence
@@ -170,8 +171,8 @@ class AtomicCheckpointer(DetectionCheckpointer):
         good = intact[0]
         return (
             f"{exc}. --resume: the last checkpoint {bad} (named by {tag}) is unreadable; the newest intact one is "
-            f"{good}. To resume from it: printf '%s' {os.path.basename(good)!r} > {tag!r} and run the same command "
-            "with --resume again"
+            f"{good}. To resume from it: printf '%s' {shlex.quote(os.path.basename(good))} > {shlex.quote(tag)} and "
+            "run the same command with --resume again"
         )
 
     # ---- reading files -------------------------------------------------------------------------------------------
