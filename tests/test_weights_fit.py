@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 
 import pytest
@@ -239,3 +240,23 @@ def test_legacy_key_names_renamed_by_the_model_still_fit(tmp_path):
     dst = build_model(cfg)
     AtomicCheckpointer(dst).load(str(tmp_path / "legacy.pth"))
     _assert_same(src, dst)
+
+
+def test_official_script_pkl_with_the_classifier_head_starts_the_real_model(tmp_path):
+    """The official convert-pretrained-dinat-model-to-d2.py keeps head.* and norm.*; the classifier's norm.weight is a
+    suffix of the decoders' *.norm.weight (another width, skipped by detectron2): still a backbone-only file."""
+    from detectron2.modeling import build_model
+
+    import train_net
+
+    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    c = cfg.MODEL.DINAT
+    classifier = DiNAT(c.EMBED_DIM, c.DEPTHS, c.NUM_HEADS, kernel_size=c.KERNEL_SIZE, dilations=c.DILATIONS,
+                       mlp_ratio=c.MLP_RATIO, num_classes=10)  # fmt: skip
+    path = tmp_path / "dinat_official_script.pkl"
+    with open(path, "wb") as f:
+        pickle.dump({"model": classifier.state_dict(), "__author__": "third_party", "matching_heuristics": True}, f)
+    model = build_model(cfg)
+    assert any(k.endswith(".norm.weight") and not k.startswith("backbone.") for k in model.state_dict())
+    AtomicCheckpointer(model).load(str(path))
+    assert torch.equal(model.backbone.levels[3].blocks[0].mlp.fc2.weight, classifier.levels[3].blocks[0].mlp.fc2.weight)

@@ -66,15 +66,23 @@ def match_weights(
     model_shapes: Mapping[str, Shape], file_shapes: Mapping[str, Shape], heuristics: bool = False
 ) -> WeightsFit:
     """Pair each model tensor with the file's tensor of the same name, or (``heuristics``) the longest file name
-    that is a dotted suffix of it, as detectron2's ``align_and_update_state_dicts`` does."""
+    that is a dotted suffix of it, as detectron2's ``align_and_update_state_dicts`` does.
+
+    A classifier's ``norm.weight`` is a suffix of every ``*.norm.weight`` of the decoders too; where its shape does
+    not fit (detectron2 then skips it), that is no pairing but the unused classifier head.
+    """
     fit = WeightsFit()
     for model_key in model_shapes:
         if model_key in file_shapes:
             fit.matched[model_key] = model_key
         elif heuristics:
             candidates = [k for k in file_shapes if _suffix_match(model_key, k)]
-            if candidates:
-                fit.matched[model_key] = max(candidates, key=len)
+            best = max(candidates, key=len) if candidates else None
+            if best is None:
+                continue
+            if best.startswith(CLASSIFIER_PREFIXES) and tuple(file_shapes[best]) != tuple(model_shapes[model_key]):
+                continue
+            fit.matched[model_key] = best
     for model_key, file_key in fit.matched.items():
         if tuple(file_shapes[file_key]) != tuple(model_shapes[model_key]):
             fit.misshaped.append((model_key, tuple(file_shapes[file_key]), tuple(model_shapes[model_key])))
