@@ -40,6 +40,8 @@ def setup(args) -> CfgNode:
     opts = list(args.opts)
     if getattr(args, "device", "auto") == "cpu":
         opts += ["MODEL.DEVICE", "cpu"]
+    if getattr(args, "trust_weights", False):
+        opts += ["MODEL.TRUST_WEIGHTS", "True"]
     cfg = load_config(args.config_file, opts)
     check_config(cfg, resume=args.resume)
     default_setup(cfg, args)
@@ -56,7 +58,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
+        AtomicCheckpointer.from_config(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return evaluate(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)
@@ -70,6 +72,12 @@ def argument_parser():
         default="auto",
         choices=["auto", "cuda", "cpu"],
         help="where the --num-gpus worker processes run: 'auto' = CUDA with NCCL if available, else CPU with gloo",
+    )
+    parser.add_argument(
+        "--trust-weights",
+        action="store_true",
+        help="unpickle weight files fully (MODEL.TRUST_WEIGHTS True): this can run code from the file, use it only "
+        "for files you trust; by default only tensors, arrays, containers, strings and numbers are read",
     )
     return parser
 

@@ -30,6 +30,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer
 
 import dinat_m2f  # noqa: F401  (registers datasets and model parts)
 from dinat_m2f.config import ConfigError, check_config, load_config
+from dinat_m2f.engine import AtomicCheckpointer
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASKS = ("panoptic", "instance", "semantic")
@@ -61,7 +62,13 @@ class Overlayer:
     """Runs the model on one BGR image and draws each of its outputs with detectron2's Visualizer."""
 
     def __init__(self, cfg: CfgNode, confidence_threshold: float = 0.5) -> None:
-        self.predictor = DefaultPredictor(cfg)
+        # DefaultPredictor would read MODEL.WEIGHTS with plain pickle and load whatever fits: build it without
+        # weights, then load them safely and strictly (MODEL.TRUST_WEIGHTS, MODEL.WEIGHTS_REINIT).
+        no_weights = cfg.clone()
+        no_weights.defrost()
+        no_weights.MODEL.WEIGHTS = ""
+        self.predictor = DefaultPredictor(no_weights)
+        AtomicCheckpointer.from_config(cfg, self.predictor.model).load(cfg.MODEL.WEIGHTS)
         # class names and colours: those of the test set, else of the training set
         names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
         if not names:
@@ -126,6 +133,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which overlays to write")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
     parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames (0 = all)")
+    parser.add_argument(
+        "--trust-weights",
+        action="store_true",
+        help="unpickle MODEL.WEIGHTS fully (MODEL.TRUST_WEIGHTS True): can run code from the file; trusted files only",
+    )
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser
 
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = get_parser().parse_args(argv)
     setup_logger(name="dinat_m2f")
     logger = logging.getLogger("dinat_m2f.demo")
-    cfg = setup_cfg(args.config_file, args.opts)
+    cfg = setup_cfg(args.config_file, args.opts + (["MODEL.TRUST_WEIGHTS", "True"] if args.trust_weights else []))
     overlayer = Overlayer(cfg, args.confidence_threshold)
     tasks = tuple(args.tasks)
     written: list[str] = []

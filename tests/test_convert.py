@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -40,7 +41,7 @@ def _ramp(heads: int, size: int, dtype=torch.float64) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("k_from,k_to", [(7, 11), (3, 5), (11, 7), (7, 7)])
 def test_rpb_resize_is_exact_on_a_linear_ramp(k_from, k_to):
     rpb, _ = _ramp(3, 2 * k_from - 1)
-    out = resize_rpb(rpb, k_to)
+    out = resize_rpb(rpb, k_to, method="keys")
     assert out.shape == (3, 2 * k_to - 1, 2 * k_to - 1)
     # offsets +-(k-1) map onto +-(k'-1): new index j sits at old index j * (2k-2) / (2k'-2)
     pos = torch.arange(2 * k_to - 1, dtype=torch.float64) * (2 * k_from - 2) / (2 * k_to - 2)
@@ -54,8 +55,8 @@ def test_rpb_resize_is_exact_on_quadratics_and_keeps_dtype():
     quad = (idx[:, None] - 4.0) ** 2 + 0.25 * idx[None, :] ** 2
     pos = torch.arange(21, dtype=torch.float64) * 12 / 20
     expected = (pos[:, None] - 4.0) ** 2 + 0.25 * pos[None, :] ** 2
-    torch.testing.assert_close(resize_rpb(quad[None], 11)[0], expected, rtol=0, atol=1e-11)
-    assert resize_rpb(quad[None].float(), 11).dtype == torch.float32
+    torch.testing.assert_close(resize_rpb(quad[None], 11, method="keys")[0], expected, rtol=0, atol=1e-11)
+    assert resize_rpb(quad[None].float(), 11, method="keys").dtype == torch.float32
     torch.testing.assert_close(cubic_resize_matrix(13, 21).sum(1), torch.ones(21, dtype=torch.float64))
 
 
@@ -125,18 +126,18 @@ class _Wrapper(nn.Module):
 
 def test_cli_converts_resizes_and_loads_into_d2dinat(tmp_path, caplog):
     pth, official = _official_pth(tmp_path, wrap=True)
-    out = tmp_path / "converted.pkl"
+    out = tmp_path / "converted.pth"
+    config = str(_write_config(tmp_path, 5))
     with caplog.at_level(logging.INFO):
-        rc = convert_dinat_checkpoint.main([str(pth), str(out), "--config-file", str(_write_config(tmp_path, 5))])
+        rc = convert_dinat_checkpoint.main([str(pth), str(out), "--config-file", config, "--rpb-resize", "keys"])
     assert rc == 0
     assert "resized levels.0.blocks.0.attn.rpb: (1, 5, 5) -> (1, 9, 9)" in caplog.text
-    with open(out, "rb") as f:
-        payload = pickle.load(f)
+    payload = torch.load(out, weights_only=True)
     assert payload["matching_heuristics"] is True and "__author__" in payload
     assert not any(k.startswith(("head.", "norm.")) for k in payload["model"])
     pos = torch.arange(9, dtype=torch.float64) * 4 / 8
     torch.testing.assert_close(
-        torch.from_numpy(payload["model"]["levels.2.blocks.0.attn.rpb"]).double(),
+        payload["model"]["levels.2.blocks.0.attn.rpb"].double(),
         torch.arange(1, 3, dtype=torch.float64)[:, None, None] * (2.0 * pos[:, None] - 0.5 * pos[None, :]) + 3.0,
         rtol=0,
         atol=1e-5,
@@ -161,7 +162,7 @@ def test_cli_reports_mismatches_by_name_and_writes_nothing(tmp_path, caplog):
     state["levels.9.extra"] = torch.zeros(1)  # unknown tensor
     del state["levels.0.downsample.reduction.weight"]  # missing tensor
     torch.save(state, pth)
-    out = tmp_path / "converted.pkl"
+    out = tmp_path / "converted.pth"
     rc = convert_dinat_checkpoint.main([str(pth), str(out), "--config-file", str(_write_config(tmp_path, 3))])
     assert rc == 2 and not out.exists()
     assert "shape mismatch levels.1.blocks.0.mlp.fc1.weight" in caplog.text
@@ -170,7 +171,7 @@ def test_cli_reports_mismatches_by_name_and_writes_nothing(tmp_path, caplog):
 
 
 def test_cli_errors_on_bad_files_and_contradictions(tmp_path, caplog):
-    out = tmp_path / "o.pkl"
+    out = tmp_path / "o.pth"
     assert convert_dinat_checkpoint.main([str(tmp_path / "absent.pth"), str(out)]) == 2
     assert "no checkpoint at" in caplog.text
     corrupt = tmp_path / "corrupt.pth"
@@ -190,8 +191,39 @@ def test_cli_errors_on_bad_files_and_contradictions(tmp_path, caplog):
 
 def test_cli_kernel_size_only(tmp_path):
     pth, _ = _official_pth(tmp_path)
-    out = tmp_path / "k7.pkl"
+    out = tmp_path / "k7.pth"
     assert convert_dinat_checkpoint.main([str(pth), str(out), "--kernel-size", "7"]) == 0
-    with open(out, "rb") as f:
-        weights = pickle.load(f)["model"]
+    weights = torch.load(out, weights_only=True)["model"]
     assert weights["levels.3.blocks.0.attn.rpb"].shape == (4, 13, 13)
+
+
+def test_cli_default_resize_is_swin_style_bicubic(tmp_path):
+    """The default resize is the official 11x11interp file's: F.interpolate(bicubic), not Keys (exact on ramps)."""
+    pth, official = _official_pth(tmp_path)
+    out = tmp_path / "default.pth"
+    assert convert_dinat_checkpoint.main([str(pth), str(out), "--kernel-size", "5"]) == 0
+    weights = torch.load(out, weights_only=True)["model"]
+    rpb = official["levels.1.blocks.0.attn.rpb"]
+    swin = F.interpolate(rpb[None].double(), size=(9, 9), mode="bicubic", align_corners=False)[0].float()
+    torch.testing.assert_close(weights["levels.1.blocks.0.attn.rpb"], swin)
+    keys = resize_rpb(rpb, 5, method="keys")
+    assert not torch.allclose(weights["levels.1.blocks.0.attn.rpb"], keys, atol=1e-4)
+
+
+def test_cli_writes_a_torch_file_and_refuses_a_pkl_name(tmp_path, caplog):
+    pth, _ = _official_pth(tmp_path)
+    assert convert_dinat_checkpoint.main([str(pth), str(tmp_path / "out.pkl"), "--kernel-size", "3"]) == 2
+    assert "must end in .pth" in caplog.text and not (tmp_path / "out.pkl").exists()
+    out = tmp_path / "out.pth"
+    assert convert_dinat_checkpoint.main([str(pth), str(out), "--kernel-size", "3"]) == 0
+    payload = torch.load(out, weights_only=True)  # plain tensors: loads without unpickling code
+    assert all(isinstance(v, torch.Tensor) for v in payload["model"].values())
+    # a detectron2 .pkl (numpy arrays, the old output) is still a valid input
+    legacy = tmp_path / "legacy.pkl"
+    with open(legacy, "wb") as f:
+        pickle.dump({"model": {k: v.numpy() for k, v in payload["model"].items()}, "__author__": "x"}, f)
+    again = tmp_path / "again.pth"
+    assert convert_dinat_checkpoint.main([str(legacy), str(again), "--kernel-size", "3"]) == 0
+    assert os.path.getsize(again) > 0
+    assert torch.equal(torch.load(again, weights_only=True)["model"]["levels.0.blocks.0.attn.rpb"],
+                       payload["model"]["levels.0.blocks.0.attn.rpb"])  # fmt: skip

@@ -68,3 +68,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
     # not trivially equal: training moved the weights after the checkpoint it resumed from
     c = _weights(killed / "model_0000005.pth")["model"]
     assert any(not torch.equal(c[k], b["model"][k]) for k in c)
+
+
+@pytest.mark.slow
+def test_resume_cleans_killed_saves_and_names_a_truncated_last_checkpoint(tmp_path):
+    """train_net.py --resume: a killed save's temporary is removed; a truncated last checkpoint is an error naming it
+    and the newest intact checkpoint (not a bare zip error)."""
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "datasets"), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    _run(run, env)
+    assert (run / "last_checkpoint").read_text() == "model_final.pth"
+    stale = run / ".model_0000011.pth.x7_k2abc.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    final = run / "model_final.pth"
+    final.write_bytes(final.read_bytes()[:1000])
+
+    proc = subprocess.run(_cmd(run, "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert not stale.exists()
+    assert f"{final}: cannot read this weight file, it is truncated or corrupt" in proc.stderr
+    assert f"the newest intact one is {run / 'model_0000008.pth'}" in proc.stderr
+    assert f"printf '%s' model_0000008.pth > {run / 'last_checkpoint'}" in proc.stderr

@@ -27,3 +27,6 @@ def add_dinat_config(cfg: CfgNode) -> None:
     cfg.MODEL.DINAT.FROZEN_STAGES = -1
     # Activation checkpointing (torch.utils.checkpoint) of every transformer layer while training.
     cfg.MODEL.DINAT.USE_CHECKPOINT = False
+    # Apply the classification model's init (trunc-normal Linear weights, zero biases). False, as the official
+    # detectron2 backbone (it defines this init but never applies it): layers keep PyTorch's default init.
+    cfg.MODEL.DINAT.TRUNC_NORMAL_INIT = False

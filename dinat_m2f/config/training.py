@@ -29,6 +29,14 @@ def add_training_config(cfg: CN) -> None:
     # stopping the run. False = raise a clear error naming the file.
     cfg.DATALOADER.SKIP_CORRUPT = False
 
+    # Weight files (MODEL.WEIGHTS, --resume, the demo) are read without running code from them: only tensors, numpy
+    # arrays, containers, strings and numbers. True unpickles fully (can run code): only for a file you trust.
+    cfg.MODEL.TRUST_WEIGHTS = False
+    # fnmatch patterns of model tensors that may be missing from MODEL.WEIGHTS or mis-shaped in it (they keep their
+    # init; logged), e.g. ["sem_seg_head.predictor.class_embed.*", "criterion.empty_weight"] for another class
+    # count. Any other missing or mis-shaped tensor is an error (see dinat_m2f/engine/weights_fit.py).
+    cfg.MODEL.WEIGHTS_REINIT = []
+
     # Checkpointing (detectron2's SOLVER.CHECKPOINT_PERIOD keeps its meaning).
     cfg.CHECKPOINT = CN()
     # How many periodic checkpoints to keep on disk (None = all).

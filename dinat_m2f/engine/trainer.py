@@ -63,9 +63,7 @@ class Trainer(DefaultTrainer):
             seed=training_seed(cfg) if cfg.DETERMINISTIC else None,
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = AtomicCheckpointer(
-            model, cfg.OUTPUT_DIR, atomic=cfg.CHECKPOINT.ATOMIC, trainer=weakref.proxy(self)
-        )
+        self.checkpointer = AtomicCheckpointer.from_config(cfg, model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg

@@ -12,7 +12,13 @@ from typing import Any
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.evaluation import DatasetEvaluator, DatasetEvaluators
 
-__all__ = ["builtin_metadata", "evaluator_parts", "last_eval_results", "periodic_writer_writers"]
+__all__ = [
+    "builtin_metadata",
+    "evaluator_parts",
+    "last_eval_results",
+    "periodic_writer_writers",
+    "really_missing_keys",
+]
 
 
 def periodic_writer_writers(hook: hooks.PeriodicWriter) -> Sequence[Any]:
@@ -39,3 +45,10 @@ def builtin_metadata(dataset_name: str) -> dict:
     from detectron2.data.datasets.builtin_meta import _get_builtin_metadata
 
     return _get_builtin_metadata(dataset_name)
+
+
+def really_missing_keys(model: Any, missing_keys: Sequence[str]) -> list[str]:
+    """``missing_keys`` less the names of parameters shared with a loaded one (fvcore's own filter for its warning)."""
+    from fvcore.common.checkpoint import _filter_reused_missing_keys
+
+    return list(_filter_reused_missing_keys(model, list(missing_keys)))

@@ -1,11 +1,12 @@
 """Official NAT/DiNAT ImageNet checkpoints -> detectron2 backbone weights (used by tools/convert_dinat_checkpoint.py).
 
 - The classification head (``head.*``) and final norm (``norm.*``) are dropped: the backbone has ``norm0..3``.
-- A relative-position bias ``[heads, 2k-1, 2k-1]`` is resized to the target kernel by bicubic convolution
-  (Keys, a = -0.5) along each axis with the extreme offsets mapped onto each other (offset +-(k-1) -> +-(k'-1)), and
-  Keys' boundary rule (cubic extrapolation of the two missing taps), so linear (and quadratic) biases are resized
-  exactly. Note: ``torch.nn.functional.interpolate(mode="bicubic")`` (a = -0.75, clamped borders) is not exact on
-  a linear ramp; ``method="torch"`` reproduces the Swin-style F.interpolate call instead.
+- A relative-position bias ``[heads, 2k-1, 2k-1]`` is resized to the target kernel Swin-style by default
+  (``method="torch"``: ``F.interpolate(mode="bicubic", align_corners=False)``), the resize behind the official
+  ``dinat_large_in22k_224_11x11interp.pth``. ``method="keys"`` is bicubic convolution (Keys, a = -0.5) along each
+  axis with the extreme offsets mapped onto each other (offset +-(k-1) -> +-(k'-1)) and Keys' boundary rule (cubic
+  extrapolation of the two missing taps): exact on linear (and quadratic) biases, which F.interpolate (a = -0.75,
+  clamped borders) is not.
 - Against a target model, every unexpected, missing or mis-shaped tensor is reported by name (an error), never
   silently skipped.
 """
@@ -16,6 +17,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -77,7 +79,7 @@ def cubic_resize_matrix(n_in: int, n_out: int) -> torch.Tensor:
     return matrix
 
 
-def resize_rpb(rpb: torch.Tensor, kernel_size: int, method: str = "keys") -> torch.Tensor:
+def resize_rpb(rpb: torch.Tensor, kernel_size: int, method: str = "torch") -> torch.Tensor:
     """Resize a bias ``[heads, 2k-1, 2k-1]`` to ``[heads, 2K-1, 2K-1]`` for ``kernel_size`` K (same dtype)."""
     if rpb.dim() != 3 or rpb.shape[1] != rpb.shape[2] or rpb.shape[1] % 2 == 0:
         raise ValueError(f"a relative-position bias must be [heads, 2k-1, 2k-1], got shape {tuple(rpb.shape)}")
@@ -93,7 +95,8 @@ def resize_rpb(rpb: torch.Tensor, kernel_size: int, method: str = "keys") -> tor
 
 
 def unwrap_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
-    """The tensor dict inside an official checkpoint (a bare state dict, or under "model" / "state_dict")."""
+    """The tensor dict inside an official checkpoint (a bare state dict, or under "model" / "state_dict"); numpy
+    arrays (detectron2 .pkl files) become tensors."""
     if isinstance(checkpoint, Mapping):
         for key in ("model", "state_dict"):
             if isinstance(checkpoint.get(key), Mapping):
@@ -101,14 +104,14 @@ def unwrap_state_dict(checkpoint: object) -> dict[str, torch.Tensor]:
                 break
     if not isinstance(checkpoint, Mapping) or not checkpoint:
         raise ValueError("the checkpoint holds no state dict (expected a dict of tensors, or one under 'model')")
-    bad = [k for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    bad = [k for k, v in checkpoint.items() if not isinstance(v, (torch.Tensor, np.ndarray))]
     if bad:
         raise ValueError(f"the checkpoint's state dict has non-tensor entries: {bad[:10]}")
-    return dict(checkpoint)
+    return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in checkpoint.items()}
 
 
 def convert_state_dict(
-    state_dict: Mapping[str, torch.Tensor], kernel_size: int | None = None, method: str = "keys"
+    state_dict: Mapping[str, torch.Tensor], kernel_size: int | None = None, method: str = "torch"
 ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Drop the classification head and resize every rpb to ``kernel_size`` (None: keep). Returns (weights, log)."""
     out, log = {}, []

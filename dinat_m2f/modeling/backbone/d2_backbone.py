@@ -24,7 +24,7 @@ __all__ = ["D2DiNAT", "D2DiNATs", "dinat_kwargs_from_cfg"]
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 # Keywords of the backbone itself; every other keyword is a HierarchicalSpec setting (``MODEL.DINAT.<NAME>``).
-_BACKBONE_KWARGS = ("out_features", "frozen_stages")
+_BACKBONE_KWARGS = ("out_features", "frozen_stages", "trunc_normal_init")
 
 
 def _merge_kwargs(cfg: CfgNode | None, kwargs: dict) -> dict:
@@ -68,7 +68,7 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
         raise ValueError(f"MODEL.DINAT.OUT_FEATURES must be a non-empty subset of {_STAGE_NAMES}, got {out_features}")
     if not -1 <= c.FROZEN_STAGES <= 4:
         raise ValueError(f"MODEL.DINAT.FROZEN_STAGES must be in [-1, 4], got {c.FROZEN_STAGES}")
-    return dict(kwargs, out_features=out_features, frozen_stages=c.FROZEN_STAGES)
+    return dict(kwargs, out_features=out_features, frozen_stages=c.FROZEN_STAGES, trunc_normal_init=c.TRUNC_NORMAL_INIT)
 
 
 class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
@@ -90,6 +90,7 @@ class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
         kwargs = _merge_kwargs(cfg, kwargs)
         out_features = kwargs.pop("out_features", _STAGE_NAMES)
         frozen_stages = kwargs.pop("frozen_stages", -1)
+        trunc_normal_init = kwargs.pop("trunc_normal_init", False)
         if spec is None:
             for required in ("embed_dim", "depths", "num_heads"):
                 if required not in kwargs:
@@ -106,7 +107,8 @@ class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
         self._out_feature_strides = {name: 4 * 2**i for i, name in enumerate(_STAGE_NAMES)}
         self._out_feature_channels = {name: spec.widths[i] for i, name in enumerate(_STAGE_NAMES)}
         self.frozen_stages = frozen_stages
-        self.apply(init_weights)
+        if trunc_normal_init:
+            self.apply(init_weights)  # the official D2DiNAT defines this init but never applies it (the default)
         self._freeze_stages()
 
     @property
