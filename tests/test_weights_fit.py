@@ -17,6 +17,7 @@ import torch
 import train_helpers
 from torch import nn
 
+from dinat_m2f.config import load_config
 from dinat_m2f.engine import AtomicCheckpointer
 from dinat_m2f.engine.weights_fit import WeightsMismatchError, check_weights_fit, match_weights
 from dinat_m2f.modeling.backbone import D2DiNAT, DiNAT
@@ -189,7 +190,7 @@ def test_eval_only_refuses_a_checkpoint_that_does_not_fit(tmp_path):
 
     import train_net
 
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     state = build_model(cfg).state_dict()
     path = tmp_path / "renamed.pth"
     torch.save({"model": {"module_" + k: v for k, v in state.items()}}, path)
@@ -203,12 +204,10 @@ def test_converted_backbone_starts_the_real_model(tmp_path, caplog):
     """MaskFormer built from the tiny config takes a converted ImageNet DiNAT: backbone filled, decoders fresh."""
     from detectron2.modeling import build_model
 
-    import train_net
-
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     c = cfg.MODEL.DINAT
     torch.manual_seed(2)
-    classifier = DiNAT(c.EMBED_DIM, c.DEPTHS, c.NUM_HEADS, kernel_size=c.KERNEL_SIZE, dilations=c.DILATIONS,
+    classifier = DiNAT(embed_dim=c.EMBED_DIM, depths=c.DEPTHS, num_heads=c.NUM_HEADS, kernel_size=c.KERNEL_SIZE, dilations=c.DILATIONS,
                        mlp_ratio=c.MLP_RATIO, num_classes=10)  # fmt: skip
     source, config = tmp_path / "in1k.pth", tmp_path / "tiny.yaml"
     torch.save({"model": classifier.state_dict()}, source)
@@ -229,9 +228,7 @@ def test_legacy_key_names_renamed_by_the_model_still_fit(tmp_path):
     """Judged on what was loaded: the decoder's load hook renames an old checkpoint's ``static_query``."""
     from detectron2.modeling import build_model
 
-    import train_net
-
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     torch.manual_seed(3)
     src = build_model(cfg)
     legacy = {k.replace("query_feat", "static_query"): v for k, v in src.state_dict().items()}  # no version metadata
@@ -247,11 +244,9 @@ def test_official_script_pkl_with_the_classifier_head_starts_the_real_model(tmp_
     suffix of the decoders' *.norm.weight (another width, skipped by detectron2): still a backbone-only file."""
     from detectron2.modeling import build_model
 
-    import train_net
-
-    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    cfg = load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
     c = cfg.MODEL.DINAT
-    classifier = DiNAT(c.EMBED_DIM, c.DEPTHS, c.NUM_HEADS, kernel_size=c.KERNEL_SIZE, dilations=c.DILATIONS,
+    classifier = DiNAT(embed_dim=c.EMBED_DIM, depths=c.DEPTHS, num_heads=c.NUM_HEADS, kernel_size=c.KERNEL_SIZE, dilations=c.DILATIONS,
                        mlp_ratio=c.MLP_RATIO, num_classes=10)  # fmt: skip
     path = tmp_path / "dinat_official_script.pkl"
     with open(path, "wb") as f:
