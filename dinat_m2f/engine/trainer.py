@@ -22,6 +22,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dinat_m2f.engine.checkpoint import AtomicCheckpointer
+from dinat_m2f.engine.hooks import FiniteWeightsPeriodicCheckpointer
 from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
 from dinat_m2f.engine.optimizer import build_optimizer
 from dinat_m2f.engine.sampler import PositionedDataset, ResumableTrainingSampler, SeededMapper
@@ -160,7 +161,7 @@ class Trainer(DefaultTrainer):
         period = self.cfg.SOLVER.LOG_PERIOD
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = hooks.PeriodicCheckpointer(
+                ret[i] = FiniteWeightsPeriodicCheckpointer(  # never saves NaN/inf weights
                     self.checkpointer,
                     self.cfg.SOLVER.CHECKPOINT_PERIOD,
                     max_iter=self.max_iter,
