@@ -138,6 +138,8 @@ class Trainer(DefaultTrainer):
             min_keypoints=0,
             proposal_files=None,
         )
+        if hasattr(mapper, "dataset_size"):
+            mapper.dataset_size = len(dicts)  # so SKIP_CORRUPT can say "no sample could be read" (SkipCorruptMixin)
         seed = training_seed(cfg)  # once: with SEED < 0 each call is a collective drawing a new random seed
         sampler = ResumableTrainingSampler(len(dicts), seed=seed, yield_position=cfg.DETERMINISTIC)
         dataset: Any = dicts

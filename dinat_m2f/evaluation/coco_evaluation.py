@@ -15,17 +15,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import json
 import logging
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator as D2COCOEvaluator
 from detectron2.evaluation.coco_evaluation import COCOevalMaxDets, instances_to_coco_json
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from dinat_m2f.data.datasets._common import DatasetFileError, invalid_json_message
 from dinat_m2f.evaluation.spool import PredictionSpool, SpooledRecords, write_json_array
 
 logger = logging.getLogger(__name__)
@@ -124,6 +127,13 @@ class COCOEvaluator(D2COCOEvaluator):
     Same constructor as detectron2's (``dataset_name, tasks, distributed, output_dir, max_dets_per_image,
     use_fast_impl``). Keypoints are not supported (no keypoint model in this project).
     """
+
+    def __init__(self, dataset_name: str, *args, **kwargs) -> None:
+        try:
+            super().__init__(dataset_name, *args, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # pycocotools' parse error names no file
+            json_file = MetadataCatalog.get(dataset_name).get("json_file")
+            raise DatasetFileError(invalid_json_message(json_file, e, f"ground truth of {dataset_name!r}")) from e
 
     def _unmap_category_ids(self, coco_results: list[dict[str, Any]]) -> None:
         """Contiguous training ids -> dataset category ids, in place (detectron2's rule: ids are 0..N-1)."""
