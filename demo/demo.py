@@ -7,7 +7,8 @@ maskformer2_dinat_large_IN21k_bs16_100ep.yaml --input photos/*.jpg --output out/
     python demo/demo.py --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS ... MODEL.DEVICE cpu
 
 Each input gives ``<stem>_<task>.png`` per task the model produces (panoptic, instance, semantic), drawn with
-detectron2's Visualizer; video frames give ``<video stem>_<frame>_<task>.png``.
+detectron2's Visualizer; video frames give ``<video stem>_<frame>_<task>.png``. 16-bit images are scaled to 8
+bits; an unreadable image stops the run naming it, or with ``--skip-bad-images`` is skipped and listed at the end.
 """
 
 from __future__ import annotations
