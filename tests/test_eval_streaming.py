@@ -180,6 +180,7 @@ def _two_worker_evaluation(out_dir: str, data_dir: str) -> None:
     comm.synchronize()
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_process(tmp_path):
     """Each worker spools its half; rank 0 reads both: the same metrics as one process over all images (the
     order of the records differs, which COCOeval and the confusion matrix do not see)."""

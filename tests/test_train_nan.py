@@ -210,6 +210,7 @@ def _two_worker_nan_on_rank1(out_dir: str) -> None:
     comm.synchronize()  # both done before the process group is torn down (gloo can abort a peer otherwise)
 
 
+@pytest.mark.slow
 def test_all_workers_stop_when_one_has_a_nan_gradient(tmp_path):
     from dinat_m2f.engine import launch
 
