@@ -60,22 +60,23 @@ def _blob_masks(rng, n: int, h: int, w: int, coarse: tuple[int, int] = (6, 8)):
     return torch.nn.functional.interpolate(noise, size=(h, w), mode="bilinear", align_corners=False)[:, 0] > 0
 
 
-def _register_instances(root: str, n: int) -> tuple[str, list[dict]]:
+def _register_instances(root: str, n: int, pool: list[dict]) -> tuple[str, list[dict]]:
+    """Ground truth of image i: 3 of the masks predicted for it (so the AP is not 0), with the predicted class."""
     from detectron2.data import DatasetCatalog, MetadataCatalog
     from pycocotools import mask as mask_util
 
-    rng = np.random.default_rng(0)
     images, anns = [], []
     for i in range(n):
         images.append({"id": i + 1, "file_name": f"{i}.jpg", "height": H, "width": W})
-        for m in _blob_masks(rng, 3, H, W).numpy():
+        predicted = pool[i % len(pool)]["instances"]
+        for m, c in zip(predicted.pred_masks[i % 7 : i % 7 + 3].numpy(), predicted.pred_classes[i % 7 : i % 7 + 3]):
             if not m.any():
                 continue
             r = mask_util.encode(np.asfortranarray(m.astype(np.uint8)))
             box = [float(v) for v in mask_util.toBbox(r)]
             r["counts"] = r["counts"].decode("ascii")
             anns.append(
-                {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(rng.integers(1, NUM_THINGS + 1)),
+                {"id": len(anns) + 1, "image_id": i + 1, "category_id": int(c) + 1,
                  "segmentation": r, "area": int(m.sum()), "bbox": box, "iscrowd": 0}
             )  # fmt: skip
     categories = [{"id": k, "name": f"thing{k}"} for k in range(1, NUM_THINGS + 1)]
@@ -145,18 +146,17 @@ def run_child(kind: str, num_images: int) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="eval_memory_") as root:
         out_dir = os.path.join(root, "inference")
-        if kind == "instance":
-            name, inputs = _register_instances(root, num_images)
-            evaluator = evaluation.COCOEvaluator(name, tasks=("segm",), distributed=True, output_dir=out_dir)
-            make_output = _instance_output
-        else:
-            name, inputs = _register_semantic(root, num_images)
-            evaluator = evaluation.SemSegEvaluator(name, distributed=True, output_dir=out_dir)
-            make_output = _semantic_output
         # A few distinct predictions, made before the measurement and fed in turn: the evaluator converts each
         # one afresh (new RLE strings per image), and the feeding loop costs only the evaluator's own work.
         rng = np.random.default_rng(1)
-        pool = [make_output(rng) for _ in range(POOL_SIZE)]
+        if kind == "instance":
+            pool = [_instance_output(rng) for _ in range(POOL_SIZE)]
+            name, inputs = _register_instances(root, num_images, pool)
+            evaluator = evaluation.COCOEvaluator(name, tasks=("segm",), distributed=True, output_dir=out_dir)
+        else:
+            pool = [_semantic_output(rng) for _ in range(POOL_SIZE)]
+            name, inputs = _register_semantic(root, num_images)
+            evaluator = evaluation.SemSegEvaluator(name, distributed=True, output_dir=out_dir)
         evaluator.reset()
         start_rss = _status_mib("VmRSS")
         hwm_reset = _reset_peak()
