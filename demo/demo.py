@@ -7,7 +7,8 @@ maskformer2_dinat_large_IN21k_bs16_100ep.yaml --input photos/*.jpg --output out/
     python demo/demo.py --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS ... MODEL.DEVICE cpu
 
 Each input gives ``<stem>_<task>.png`` per task the model produces (panoptic, instance, semantic), drawn with
-detectron2's Visualizer; video frames give ``<video stem>_<frame>_<task>.png``.
+detectron2's Visualizer; video frames give ``<video stem>_<frame>_<task>.png``. 16-bit images are scaled to 8
+bits; an unreadable image stops the run naming it, or with ``--skip-bad-images`` is skipped and listed at the end.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import glob
 import itertools
 import logging
 import os
+import sys
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 from detectron2.config import CfgNode
 from detectron2.data import MetadataCatalog
-from detectron2.data.detection_utils import read_image
 from detectron2.engine.defaults import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
@@ -56,6 +57,52 @@ def list_images(inputs: list[str]) -> list[str]:
             raise FileNotFoundError(f"--input {item!r}: no such image file, folder or glob match")
         paths.extend(found)
     return paths
+
+
+class ImageReadError(OSError):
+    """An input image is missing, truncated or not an image; the message names the file."""
+
+
+def image_to_rgb8(image) -> np.ndarray:
+    """A PIL image -> HxWx3 uint8 RGB. 16-bit images (grayscale PNG/TIFF: modes I;16*, or I holding 16-bit values)
+    are scaled by 255/65535; PIL's own ``convert("RGB")`` would clip them to 255, an almost white image."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image).astype(np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(f"a {image.mode} image with values outside 0..65535 (not a 16-bit image)")
+        gray = np.rint(values * (255.0 / 65535.0)).astype(np.uint8)
+        return np.repeat(gray[:, :, None], 3, axis=2)
+    if image.mode == "F":
+        raise ValueError("a floating-point (mode F) image: convert it to 8 or 16 bits first")
+    return np.asarray(image.convert("RGB"))  # 8-bit modes; PIL reads 16-bit-per-channel RGB as 8-bit RGB
+
+
+def read_image_bgr(path: str) -> np.ndarray:
+    """Read ``path`` as HxWx3 uint8 BGR (EXIF orientation applied, as detectron2's ``read_image``); a missing,
+    truncated or undecodable file raises ImageReadError naming it."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            rgb = image_to_rgb8(ImageOps.exif_transpose(image))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ImageReadError(f"{path}: cannot read this image ({type(e).__name__}: {e})") from e
+    return np.ascontiguousarray(rgb[:, :, ::-1])
+
+
+def readable_images(paths: list[str], skip_bad: bool, skipped: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(stem, BGR image) of each path; with ``skip_bad`` an unreadable one is logged, appended to ``skipped``
+    and left out, otherwise its ImageReadError propagates."""
+    for path in paths:
+        try:
+            image = read_image_bgr(path)
+        except ImageReadError as e:
+            if not skip_bad:
+                raise
+            logging.getLogger("dinat_m2f.demo").warning(f"skipping {e}")
+            skipped.append(str(e))
+            continue
+        yield os.path.splitext(os.path.basename(path))[0], image
 
 
 class Overlayer:
@@ -138,6 +185,11 @@ def get_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="unpickle MODEL.WEIGHTS fully (MODEL.TRUST_WEIGHTS True): can run code from the file; trusted files only",
     )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="skip input images that cannot be read (listed at the end) instead of stopping at the first",
+    )
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser
 
@@ -150,10 +202,10 @@ def main(argv: list[str] | None = None) -> list[str]:
     overlayer = Overlayer(cfg, args.confidence_threshold)
     tasks = tuple(args.tasks)
     written: list[str] = []
+    skipped: list[str] = []
     if args.input:
-        sources = (
-            (os.path.splitext(os.path.basename(p))[0], read_image(p, format="BGR")) for p in list_images(args.input)
-        )
+        paths = list_images(args.input)
+        sources = readable_images(paths, args.skip_bad_images, skipped)
     else:
         # Its own name: the lazy generator below would otherwise read the loop's ``stem`` (v_000000_000001...).
         video_stem = os.path.splitext(os.path.basename(args.video_input))[0]
@@ -168,6 +220,10 @@ def main(argv: list[str] | None = None) -> list[str]:
                 write_png(path, overlay)
                 written.append(path)
             logger.info(f"{stem}: done ({len(written)} PNGs so far)")
+    if skipped:
+        print(f"Skipped {len(skipped)} unreadable image(s):\n  " + "\n  ".join(skipped), file=sys.stderr)
+        if len(skipped) == len(paths):
+            raise ImageReadError(f"none of the {len(paths)} input images could be read")
     if not written:
         raise RuntimeError(f"the model produced none of the requested outputs {tasks} (check MODEL.MASK_FORMER.TEST.*)")
     return written

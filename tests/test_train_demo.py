@@ -103,3 +103,65 @@ def test_demo_writes_overlays_for_images_and_folders(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such image file, folder or glob match"):
         demo.main(["--config-file", train_helpers.DEMO_CONFIG, "--input", str(tmp_path / "none.jpg"),
                    "--output", str(tmp_path / "o3"), *opts])  # fmt: skip
+
+
+def _demo_module():
+    sys.path.insert(0, os.path.join(train_helpers.REPO, "demo"))
+    import demo
+
+    return demo
+
+
+def test_demo_scales_16bit_images_instead_of_clipping(tmp_path):
+    import cv2
+
+    demo = _demo_module()
+    gray = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16)  # 8-bit equivalents 0, 64, 128, 255
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    bgr = demo.read_image_bgr(str(tmp_path / "gray16.png"))
+    assert bgr.dtype == np.uint8 and bgr.shape == (1, 4, 3)
+    assert bgr[0, :, 0].tolist() == bgr[0, :, 2].tolist() == [0, 64, 128, 255]
+
+    colour = np.zeros((2, 2, 3), dtype=np.uint16)
+    colour[..., 0] = 65535  # OpenCV order: full blue, half green, no red
+    colour[..., 1] = 32768
+    cv2.imwrite(str(tmp_path / "bgr48.png"), colour)
+    assert demo.read_image_bgr(str(tmp_path / "bgr48.png"))[0, 0].tolist() == [255, 128, 0]
+
+
+def test_demo_names_unreadable_images_and_skips_them_with_the_flag(tmp_path, capsys):
+    from detectron2.modeling import build_model
+
+    import train_net
+    from dinat_m2f.engine import AtomicCheckpointer
+
+    demo = _demo_module()
+    datasets = tmp_path / "datasets"
+    train_helpers.make_tiny_dataset(str(datasets))
+    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, train_helpers.TINY_OPTS)
+    torch.manual_seed(0)
+    AtomicCheckpointer(build_model(cfg), save_dir=str(tmp_path)).save("tiny")
+    opts = ["--opts", *train_helpers.TINY_OPTS, "MODEL.WEIGHTS", str(tmp_path / "tiny.pth")]
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    good = (datasets / "synthetic" / "images" / "val" / "000001.jpg").read_bytes()
+    (inputs / "a_good.jpg").write_bytes(good)
+    (inputs / "b_truncated.jpg").write_bytes(good[: len(good) // 2])
+    (inputs / "c_not_an_image.png").write_bytes(b"hello")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(inputs / "d_gray16.png")
+    argv = ["--config-file", train_helpers.DEMO_CONFIG, "--input", str(inputs), "--tasks", "semantic",
+            "--output", str(tmp_path / "out"), *opts]  # fmt: skip
+
+    with pytest.raises(demo.ImageReadError, match=r"b_truncated\.jpg: cannot read this image"):
+        demo.main(argv)
+    written = demo.main([*argv[: -len(opts)], "--skip-bad-images", *opts])
+    assert [os.path.basename(p) for p in written] == ["a_good_semantic.png", "d_gray16_semantic.png"]
+    report = capsys.readouterr().err
+    assert "Skipped 2 unreadable image(s)" in report
+    assert "b_truncated.jpg" in report and "c_not_an_image.png" in report
+
+    for name in ("a_good.jpg", "d_gray16.png"):
+        os.remove(inputs / name)
+    with pytest.raises(demo.ImageReadError, match="none of the 2 input images could be read"):
+        demo.main([*argv[: -len(opts)], "--skip-bad-images", *opts])

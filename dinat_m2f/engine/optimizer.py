@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -65,13 +65,27 @@ def build_param_groups(cfg: CfgNode, model: nn.Module) -> list[dict[str, Any]]:
     return list(groups.values())
 
 
+def total_grad_norm(params: Iterable[torch.Tensor], norm_type: float = 2.0) -> torch.Tensor:
+    """The ``norm_type`` norm of all gradients together, as a 0-d tensor on their device (no host sync): one
+    ``torch._foreach_norm`` per device and dtype. NaN/inf if any gradient holds a NaN/inf."""
+    return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], norm_type)
+
+
 def _with_full_model_clipping(optim_cls: type[torch.optim.Optimizer], max_norm: float, norm_type: float):
-    """A subclass of ``optim_cls`` that clips the gradient norm of all its parameters together before each step."""
+    """A subclass of ``optim_cls`` that clips the gradient norm of all its parameters together before each step.
+
+    ``step(grad_norm=...)`` takes a total norm the caller already computed (the NaN guard of the training loop
+    does, with the same ``norm_type``), so the norm is computed once per step.
+    """
 
     class FullModelGradientClippingOptimizer(optim_cls):
-        def step(self, closure=None):
-            all_params = itertools.chain(*[g["params"] for g in self.param_groups])
-            torch.nn.utils.clip_grad_norm_(all_params, max_norm, norm_type=norm_type)
+        clip_norm_type = norm_type
+
+        def step(self, closure=None, grad_norm: torch.Tensor | None = None):
+            params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+            if grad_norm is None:
+                grad_norm = total_grad_norm(params, norm_type)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, grad_norm)
             return super().step(closure=closure)
 
     FullModelGradientClippingOptimizer.__name__ = f"FullModelGradientClipping{optim_cls.__name__}"

@@ -10,7 +10,8 @@ import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils import comm
 
-from dinat_m2f.engine.hooks import check_losses_finite, install_prediction_guard
+from dinat_m2f.engine.hooks import check_gradients_finite, check_losses_finite, install_prediction_guard
+from dinat_m2f.engine.optimizer import total_grad_norm
 
 
 def resolve_amp_dtype(name: str, device_type: str) -> torch.dtype:
@@ -38,7 +39,10 @@ class MaskFormerTrainLoop(SimpleTrainer):
     """One training step per call. Differences from detectron2's SimpleTrainer / AMPTrainer:
 
     - AMP works on CPU (bfloat16) and GPU (float16, with a GradScaler); AMPTrainer requires CUDA;
-    - the NaN guard checks every loss term before backward and stops with the iteration and the term named;
+    - the NaN guard checks every loss term before backward and stops with the iteration and the term named, and
+      checks the gradients before the optimizer step (one fused norm, shared with full-model clipping) and stops
+      with the iteration and the first non-finite parameter named, so a NaN never reaches the weights. (With the
+      float16 GradScaler a non-finite gradient is the scaler's business: it skips that step and lowers the scale.)
     - with ``seed`` set (deterministic mode), the RNGs are re-seeded from (seed, iteration, rank) before each step,
       so random point sampling, drop-path etc. do not depend on where a run was resumed.
     """
@@ -60,8 +64,33 @@ class MaskFormerTrainLoop(SimpleTrainer):
         self.seed = seed
         if nan_guard:
             install_prediction_guard(model, lambda: self.iter)
+        self._named_params = self._optimized_named_params(model, optimizer)
         use_scaler = amp_dtype == torch.float16 and self.device_type == "cuda"
         self.grad_scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    @staticmethod
+    def _optimized_named_params(
+        model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ) -> list[tuple[str, torch.nn.Parameter]]:
+        """The optimizer's parameters with their names in the model (without DDP's ``module.`` prefix)."""
+        inner = model.module if hasattr(model, "module") else model
+        names = {id(p): name for name, p in inner.named_parameters()}
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return [(names.get(id(p), f"<optimizer parameter {i}>"), p) for i, p in enumerate(params)]
+
+    def _optimizer_step(self) -> None:
+        """Step, after checking the gradients are finite (NaN guard). The norm computed for the check is handed to
+        full-model clipping (same norm type), which would otherwise compute it again."""
+        clip_norm_type = getattr(self.optimizer, "clip_norm_type", None)
+        if not self.nan_guard:
+            self.optimizer.step()
+            return
+        grad_norm = total_grad_norm((p for _, p in self._named_params), clip_norm_type or 2.0)
+        check_gradients_finite(grad_norm, self.iter, self._named_params)
+        if clip_norm_type is None:
+            self.optimizer.step()
+        else:
+            self.optimizer.step(grad_norm=grad_norm)
 
     def reset_data_loader(self) -> None:
         """Start a new iterator over the data loader (after its sampler was moved to the resumed position)."""
@@ -99,7 +128,7 @@ class MaskFormerTrainLoop(SimpleTrainer):
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
-            self.optimizer.step()
+            self._optimizer_step()
 
     def state_dict(self):
         ret = super().state_dict()

@@ -23,6 +23,7 @@ from detectron2.utils.logger import setup_logger
 
 from dinat_m2f.data import build_train_mapper
 from dinat_m2f.engine.checkpoint import AtomicCheckpointer
+from dinat_m2f.engine.hooks import FiniteWeightsPeriodicCheckpointer
 from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
 from dinat_m2f.engine.optimizer import build_optimizer
 from dinat_m2f.engine.sampler import PositionedDataset, ResumableTrainingSampler, SeededMapper
@@ -114,6 +115,8 @@ class Trainer(DefaultTrainer):
             min_keypoints=0,
             proposal_files=None,
         )
+        if hasattr(mapper, "dataset_size"):
+            mapper.dataset_size = len(dicts)  # so SKIP_CORRUPT can say "no sample could be read" (SkipCorruptMixin)
         seed = training_seed(cfg)  # once: with SEED < 0 each call is a collective drawing a new random seed
         sampler = ResumableTrainingSampler(len(dicts), seed=seed, yield_position=cfg.DETERMINISTIC)
         dataset: Any = dicts
@@ -137,7 +140,7 @@ class Trainer(DefaultTrainer):
         period = self.cfg.SOLVER.LOG_PERIOD
         for i, h in enumerate(ret):
             if isinstance(h, hooks.PeriodicCheckpointer):
-                ret[i] = hooks.PeriodicCheckpointer(
+                ret[i] = FiniteWeightsPeriodicCheckpointer(  # never saves NaN/inf weights
                     self.checkpointer,
                     self.cfg.SOLVER.CHECKPOINT_PERIOD,
                     max_iter=self.max_iter,

@@ -4,8 +4,10 @@ detectron2's ``COCOEvaluator(use_fast_impl=True)`` runs ``COCOeval_opt``, which 
 extension cannot be built on today's stack. Here the fast path is faster-coco-eval's ``COCOeval_faster`` (a C++
 COCOeval that gives the same numbers as pycocotools) and the slow path the official pycocotools ``COCOeval``.
 
-Predictions are kept per image as COCO json with RLE-compressed masks (what detectron2 does), so the memory held
-for a whole dataset is a few hundred bytes per predicted instance, not a bitmap per instance.
+Predictions are COCO json with RLE-compressed masks (as in detectron2), but streamed per image to a file of the
+output folder (:mod:`dinat_m2f.evaluation.spool`) instead of a list in memory that ``evaluate()`` pickles to rank 0
+and copies several times over: while the dataset runs the memory stays that of one image, and ``evaluate()`` holds
+one copy of the results (the one COCOeval needs).
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import itertools
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from detectron2.data import MetadataCatalog
 from detectron2.evaluation import COCOEvaluator as D2COCOEvaluator
-from detectron2.evaluation.coco_evaluation import COCOevalMaxDets
-from detectron2.utils.file_io import PathManager
+from detectron2.evaluation.coco_evaluation import COCOevalMaxDets, instances_to_coco_json
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from dinat_m2f.data.datasets._common import DatasetFileError, invalid_json_message
+from dinat_m2f.evaluation.spool import PredictionSpool, SpooledRecords, write_json_array
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +78,14 @@ def evaluate_predictions_on_coco(
     use_fast_impl: bool = True,
     img_ids: Sequence[int] | None = None,
     max_dets_per_image: Sequence[int] | None = None,
+    copy_results: bool = True,
 ):
     """Run COCOeval (``iou_type`` "bbox" or "segm") and return the evaluated object (``.stats``, ``.eval``).
 
     ``use_fast_impl`` picks faster-coco-eval; otherwise pycocotools. Both report the 12 COCO summary numbers
-    with AP, AP50, AP75, APs, APm, APl first.
+    with AP, AP50, AP75, APs, APm, APl first. COCOeval annotates the result dicts in place; with the default
+    ``copy_results`` it works on a deep copy, ``copy_results=False`` is for a caller that made the list for this
+    call only (the evaluator: the results of a whole dataset are the one big thing held in ``evaluate()``).
     """
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
@@ -87,9 +95,10 @@ def evaluate_predictions_on_coco(
     if len(max_dets_per_image) < 3:
         raise ValueError(f"max_dets_per_image needs at least 3 entries (COCOeval), got {max_dets_per_image}")
 
+    if copy_results:
+        coco_results = copy.deepcopy(coco_results)
     if iou_type == "segm":
         # With a "bbox" in the results, COCO would use the box area (not the mask area) for small/medium/large.
-        coco_results = copy.deepcopy(coco_results)
         for c in coco_results:
             c.pop("bbox", None)
 
@@ -118,6 +127,13 @@ class COCOEvaluator(D2COCOEvaluator):
     Same constructor as detectron2's (``dataset_name, tasks, distributed, output_dir, max_dets_per_image,
     use_fast_impl``). Keypoints are not supported (no keypoint model in this project).
     """
+
+    def __init__(self, dataset_name: str, *args, **kwargs) -> None:
+        try:
+            super().__init__(dataset_name, *args, **kwargs)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:  # pycocotools' parse error names no file
+            json_file = MetadataCatalog.get(dataset_name).get("json_file")
+            raise DatasetFileError(invalid_json_message(json_file, e, f"ground truth of {dataset_name!r}")) from e
 
     def _unmap_category_ids(self, coco_results: list[dict[str, Any]]) -> None:
         """Contiguous training ids -> dataset category ids, in place (detectron2's rule: ids are 0..N-1)."""
@@ -151,18 +167,62 @@ class COCOEvaluator(D2COCOEvaluator):
         """
         return [c["name"] for c in self._coco_api.loadCats(sorted(self._coco_api.getCatIds()))]
 
-    def _eval_predictions(self, predictions, img_ids=None):
-        coco_results = list(itertools.chain(*[x["instances"] for x in predictions]))
-        tasks = self._tasks or self._tasks_from_predictions(coco_results)
+    # ---- per image: stream to the spool --------------------------------------------------------------------------
+    def reset(self) -> None:
+        if not hasattr(self, "_spool"):
+            self._spool = PredictionSpool("coco_instances_", self._output_dir, self._distributed)
+        self._spool.reset()
+        self._predictions = []  # detectron2's list; stays empty
+
+    def process(self, inputs, outputs) -> None:
+        for input, output in zip(inputs, outputs):
+            if "proposals" in output:
+                raise ValueError("COCOEvaluator: proposal (box recall) evaluation is not supported by dinat_m2f")
+            if "instances" in output:
+                instances = output["instances"].to(self._cpu_device)
+                image_id = input["image_id"]
+                self._spool.write({"image_id": image_id, "instances": instances_to_coco_json(instances, image_id)})
+
+    # ---- whole dataset -------------------------------------------------------------------------------------------
+    def evaluate(self, img_ids=None):
+        """detectron2's COCOEvaluator.evaluate on the spooled records (rank 0 returns the results, others {})."""
+        spooled = self._spool.finish()
+        if spooled is None:
+            return {}
+        try:
+            if spooled.is_empty():
+                self._logger.warning("[COCOEvaluator] Did not receive valid predictions.")
+                return {}
+            self._results = OrderedDict()
+            self._eval_predictions(spooled, img_ids=img_ids)
+        finally:
+            self._spool.cleanup()
+        return copy.deepcopy(self._results)
+
+    def _coco_results(self, spooled: SpooledRecords, drop_bbox: bool = False) -> Iterator[dict[str, Any]]:
+        """The COCO-format results of every image, with dataset category ids, read back one image at a time."""
+        for record in spooled:
+            results = record["instances"]
+            self._unmap_category_ids(results)
+            for result in results:
+                if drop_bbox:
+                    result.pop("bbox", None)
+                yield result
+
+    def _tasks_of(self, spooled: SpooledRecords) -> list[str]:
+        if self._tasks:
+            return list(self._tasks)
+        return self._tasks_from_predictions(result for record in spooled for result in record["instances"])
+
+    def _eval_predictions(self, spooled: SpooledRecords, img_ids=None) -> None:
+        tasks = self._tasks_of(spooled)
         if "keypoints" in tasks:
             raise ValueError("keypoint evaluation is not supported by dinat_m2f's COCOEvaluator")
-        self._unmap_category_ids(coco_results)
 
         if self._output_dir:
             file_path = os.path.join(self._output_dir, "coco_instances_results.json")
             self._logger.info(f"Saving results to {file_path}")
-            with PathManager.open(file_path, "w") as f:
-                f.write(json.dumps(coco_results))
+            write_json_array(file_path, self._coco_results(spooled))
 
         if not self._do_evaluation:
             self._logger.info("Annotations are not available for evaluation.")
@@ -172,6 +232,8 @@ class COCOEvaluator(D2COCOEvaluator):
             "Evaluating predictions with {} ...".format("faster-coco-eval" if self._use_fast_impl else "pycocotools")
         )
         for task in sorted(tasks):
+            # Read afresh for each task: COCOeval annotates the dicts in place, and "segm" drops the boxes.
+            coco_results = list(self._coco_results(spooled, drop_bbox=task == "segm"))
             coco_eval = (
                 evaluate_predictions_on_coco(
                     self._coco_api,
@@ -180,10 +242,12 @@ class COCOEvaluator(D2COCOEvaluator):
                     use_fast_impl=self._use_fast_impl,
                     img_ids=img_ids,
                     max_dets_per_image=self._max_dets_per_image,
+                    copy_results=False,
                 )
                 if len(coco_results) > 0
                 else None  # COCOeval does not handle empty results
             )
+            del coco_results
             self._results[task] = self._derive_coco_results(coco_eval, task, class_names=self._class_names())
 
 

@@ -17,6 +17,7 @@ from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
 __all__ = [
     "CorruptSampleError",
+    "NoReadableSampleError",
     "SkipCorruptMixin",
     "PaddedTrainingMapper",
     "read_image_checked",
@@ -40,26 +41,55 @@ class CorruptSampleError(OSError):
         super().__init__(f"{path}: {reason}")
 
 
+class NoReadableSampleError(RuntimeError):
+    """With DATALOADER.SKIP_CORRUPT, every sample of the training set failed to load."""
+
+
 class SkipCorruptMixin:
     """``__call__`` runs ``self.map_sample`` on a copy of the dict. With ``skip_corrupt``, a
     :class:`CorruptSampleError` is logged and counted, and ``None`` is returned: detectron2's MapDataset then
-    draws another sample. Without it the error propagates (naming the file)."""
+    draws another sample. Without it the error propagates (naming the file).
+
+    MapDataset draws the replacement among the samples that have not failed since they last loaded, and raises a
+    bare ``IndexError`` once there is none. Given ``dataset_size`` (the trainer sets it), the mapper keeps the same
+    account and raises :class:`NoReadableSampleError` instead, saying that no sample could be read.
+    """
 
     skip_corrupt: bool = False
     num_skipped: int = 0  # per mapper object (and per data-loader worker process)
+    dataset_size: int | None = None
 
     def map_sample(self, dataset_dict: dict) -> dict:
         raise NotImplementedError
 
     def __call__(self, dataset_dict: dict) -> dict | None:
+        key = (dataset_dict.get("file_name"), dataset_dict.get("image_id"))
         try:
-            return self.map_sample(copy.deepcopy(dataset_dict))
+            mapped = self.map_sample(copy.deepcopy(dataset_dict))
         except CorruptSampleError as e:
             if not self.skip_corrupt:
                 raise
             self.num_skipped += 1
+            self._note_unreadable(key, e)
             logger.warning(f"Skipping corrupt sample ({self.num_skipped} skipped so far by this worker): {e}")
             return None
+        if self.skip_corrupt:
+            self._unreadable_samples().pop(key, None)
+        return mapped
+
+    def _unreadable_samples(self) -> dict[tuple, str]:
+        """(file name, image id) -> error, of the samples that failed since they last loaded (per worker)."""
+        return self.__dict__.setdefault("_unreadable", {})
+
+    def _note_unreadable(self, key: tuple, error: CorruptSampleError) -> None:
+        unreadable = self._unreadable_samples()
+        unreadable[key] = str(error)
+        if self.dataset_size is not None and len(unreadable) >= self.dataset_size:
+            examples = "; ".join(list(unreadable.values())[:3])
+            raise NoReadableSampleError(
+                f"DATALOADER.SKIP_CORRUPT: none of the {self.dataset_size} training samples could be read "
+                f"(e.g. {examples}); check the dataset files and DETECTRON2_DATASETS"
+            )
 
 
 class PaddedTrainingMapper(SkipCorruptMixin):

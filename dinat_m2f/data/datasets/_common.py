@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
+from typing import Any
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.utils.file_io import PathManager
 
-__all__ = ["dataset_root", "register_dataset", "color_palette", "require_path", "panoptic_metadata"]
+__all__ = [
+    "DatasetFileError",
+    "dataset_root",
+    "register_dataset",
+    "color_palette",
+    "require_path",
+    "panoptic_metadata",
+    "load_json",
+]
+
+
+class DatasetFileError(ValueError):
+    """A dataset file (annotation JSON) exists but cannot be parsed; the message names it."""
 
 
 def dataset_root(root: str | None = None) -> str:
@@ -53,6 +68,22 @@ def require_path(path: str, hint: str = "") -> str:
         msg = f"Dataset file or folder not found: {path}"
         raise FileNotFoundError(msg + (f". {hint}" if hint else ""))
     return path
+
+
+def load_json(path: str, hint: str = "") -> Any:
+    """``json.load`` of ``path``; a truncated or non-JSON file raises DatasetFileError naming it (json's own error
+    gives only a line and column)."""
+    try:
+        with PathManager.open(path, "rb") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFileError(invalid_json_message(path, e, hint)) from e
+
+
+def invalid_json_message(path: str, error: Exception, hint: str = "") -> str:
+    return f"{path} is not valid JSON ({error}): the file is truncated or corrupt; download or regenerate it" + (
+        f" ({hint})" if hint else ""
+    )
 
 
 def color_palette(num: int) -> list[list[int]]:

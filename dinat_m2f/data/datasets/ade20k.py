@@ -11,12 +11,11 @@ Layout (under the datasets root, see ``datasets/README.md``)::
 
 from __future__ import annotations
 
-import json
 import os
 
 from detectron2.data.datasets.builtin_meta import ADE20K_SEM_SEG_CATEGORIES
 
-from dinat_m2f.data.datasets._common import color_palette, dataset_root, panoptic_metadata, register_dataset
+from dinat_m2f.data.datasets._common import color_palette, dataset_root, load_json, panoptic_metadata, register_dataset
 from dinat_m2f.data.datasets.loaders import load_coco_instances_mapped, load_panoptic_json, load_sem_seg_strict
 
 __all__ = [
@@ -141,8 +140,7 @@ def _ade20k_full_classes(base_root: str) -> list[str] | None:
     path = os.path.join(base_root, ADE20K_FULL_CLASSES_FILE)
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        names = json.load(f)
+    names = load_json(path)
     return [str(n) for n in names]
 
 

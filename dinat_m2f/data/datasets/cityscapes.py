@@ -10,13 +10,12 @@ Layout::
 
 from __future__ import annotations
 
-import json
 import os
 
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 
-from dinat_m2f.data.datasets._common import dataset_root, register_dataset, require_path
+from dinat_m2f.data.datasets._common import dataset_root, load_json, register_dataset, require_path
 from dinat_m2f.utils.d2_compat import builtin_metadata
 
 __all__ = ["cityscapes_panoptic_metadata", "load_cityscapes_panoptic", "register_all_cityscapes"]
@@ -48,8 +47,7 @@ def load_cityscapes_panoptic(image_dir: str, gt_dir: str, gt_json: str, meta: di
     require_path(image_dir)
     require_path(gt_json, _PREPARE)
     require_path(gt_dir, _PREPARE)
-    with open(gt_json) as f:
-        info = json.load(f)
+    info = load_json(gt_json)
     images = {}
     for city in sorted(os.listdir(image_dir)):
         for name in os.listdir(os.path.join(image_dir, city)):

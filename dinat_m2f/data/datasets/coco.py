@@ -20,9 +20,8 @@ from dinat_m2f.data.datasets._common import (
     dataset_root,
     panoptic_metadata,
     register_dataset,
-    require_path,
 )
-from dinat_m2f.data.datasets.loaders import load_panoptic_json, load_sem_seg_strict
+from dinat_m2f.data.datasets.loaders import load_coco_json_checked, load_panoptic_json, load_sem_seg_strict
 from dinat_m2f.utils.d2_compat import builtin_metadata
 
 __all__ = [
@@ -74,8 +73,6 @@ def coco_panoptic_metadata() -> dict:
 
 def register_all_coco_instances(root: str | None = None) -> None:
     """(Re-)register detectron2's ``coco_2017_{train,val}`` instance datasets under ``root``."""
-    from detectron2.data.datasets.coco import load_coco_json
-
     root = dataset_root(root)
     meta = builtin_metadata("coco")
     for split in ("train", "val"):
@@ -84,7 +81,7 @@ def register_all_coco_instances(root: str | None = None) -> None:
         image_root = os.path.join(root, f"coco/{split}2017")
         register_dataset(
             name,
-            lambda j=json_file, x=image_root, n=name: load_coco_json(require_path(j), require_path(x), n),
+            lambda j=json_file, x=image_root, n=name: load_coco_json_checked(j, x, n),
             json_file=json_file,
             image_root=image_root,
             evaluator_type="coco",

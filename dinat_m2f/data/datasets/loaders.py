@@ -9,11 +9,9 @@ from __future__ import annotations
 import json
 import os
 
-from detectron2.utils.file_io import PathManager
+from dinat_m2f.data.datasets._common import DatasetFileError, invalid_json_message, load_json, require_path
 
-from dinat_m2f.data.datasets._common import require_path
-
-__all__ = ["load_sem_seg_strict", "load_panoptic_json"]
+__all__ = ["load_sem_seg_strict", "load_panoptic_json", "load_coco_json_checked", "load_coco_instances_mapped"]
 
 
 def _stems(folder: str, ext: str) -> dict[str, str]:
@@ -96,8 +94,7 @@ def load_panoptic_json(
     require_path(panoptic_dir, prepare_hint)
     if sem_seg_dir is not None:
         require_path(sem_seg_dir, sem_seg_hint)
-    with PathManager.open(json_file) as f:
-        info = json.load(f)
+    info = load_json(json_file, prepare_hint)
     _check_categories(info.get("categories", []), meta, json_file)
     ret = []
     for ann in info["annotations"]:
@@ -121,6 +118,16 @@ def load_panoptic_json(
     return ret
 
 
+def load_coco_json_checked(json_file: str, image_root: str, dataset_name: str | None = None, **kwargs) -> list[dict]:
+    """detectron2's ``load_coco_json``, with a missing or truncated JSON named (pycocotools' parse error is not)."""
+    from detectron2.data.datasets.coco import load_coco_json
+
+    try:
+        return load_coco_json(require_path(json_file), require_path(image_root), dataset_name, **kwargs)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetFileError(invalid_json_message(json_file, e)) from e
+
+
 def load_coco_instances_mapped(json_file: str, image_root: str, meta: dict, prepare_hint: str = "") -> list[dict]:
     """COCO-format instances with ``category_id`` mapped through ``meta["thing_dataset_id_to_contiguous_id"]``.
 
@@ -128,9 +135,7 @@ def load_coco_instances_mapped(json_file: str, image_root: str, meta: dict, prep
     metadata, so a JSON whose names are spelled differently (e.g. made by Mask2Former's script from ADE20K's
     ``imgCatIds.json``) still loads; an id outside the registered classes raises, naming the file.
     """
-    from detectron2.data.datasets.coco import load_coco_json
-
-    dicts = load_coco_json(require_path(json_file, prepare_hint), require_path(image_root))
+    dicts = load_coco_json_checked(require_path(json_file, prepare_hint), image_root)
     id_map = meta["thing_dataset_id_to_contiguous_id"]
     for d in dicts:
         for ann in d.get("annotations", []):

@@ -55,10 +55,17 @@ class MaskFormerHead(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict:
+        num_classes = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            # 0 would build a model whose only class is "no object" (and whose panoptic/instance output is empty)
+            raise ValueError(
+                f"MODEL.SEM_SEG_HEAD.NUM_CLASSES must be the number of classes of the dataset (>= 1, without the "
+                f"no-object class), got {num_classes!r}"
+            )
         return {
             "input_shape": in_feature_shapes(cfg, input_shape),
             "ignore_value": cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE,
-            "num_classes": cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
+            "num_classes": num_classes,
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),
             "loss_weight": cfg.MODEL.SEM_SEG_HEAD.LOSS_WEIGHT,
             "transformer_in_feature": cfg.MODEL.MASK_FORMER.TRANSFORMER_IN_FEATURE,
