@@ -18,7 +18,8 @@ def add_training_config(cfg: CN) -> None:
         cfg.SOLVER.OPTIMIZER = "ADAMW"
     if not hasattr(cfg.SOLVER, "BACKBONE_MULTIPLIER"):
         cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
-    # Stop the run (with the iteration and the loss term named) as soon as a loss is NaN or infinite.
+    # Stop the run as soon as a loss or the gradient is NaN or infinite (naming the iteration and the loss term or the
+    # first parameter with a non-finite gradient), before the optimizer step.
     cfg.SOLVER.NAN_GUARD = True
     # AMP dtype: "auto" = float16 on CUDA, bfloat16 on CPU; or "float16" / "bfloat16".
     cfg.SOLVER.AMP.DTYPE = "auto"
