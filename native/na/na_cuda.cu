@@ -2,13 +2,13 @@
 // float32/float64/float16/bfloat16 with float32 (float64 for float64) accumulation. Kernel size and dilation are
 // runtime values: one instantiation per dtype keeps the build short. One thread per output element; the window and
 // bias index math is the host/device code of na_common.h shared with the CPU kernels.
-#include "dinat_m2f/na_cuda_utils.h"
+#include "dinat_m2f/na_cuda_kernels.cuh"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cuda {
 namespace {
 
-using namespace cuda_utils;
+using namespace cuda_kernels;
 
 // attn[token, n] = q_token . k_{N(token)_n} + rpb: one thread per (token, window slot).
 template <typename scalar_t, typename acc_t>

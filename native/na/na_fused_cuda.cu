@@ -5,16 +5,16 @@
 // rescaled when the running max grows; nothing but the row logsumexp is written besides the output.
 // Backward: the same warp-per-query pass recomputes P = exp(logit - lse) and dS = P (dO . v - delta), writes both to a
 // float workspace and accumulates dQ; dK and dV are then gathered over the inverse neighborhood and d-rpb reduced per
-// bias entry (shared kernels of na_cuda_utils.h): no atomics, deterministic.
+// bias entry (shared kernels of na_cuda_kernels.cuh): no atomics, deterministic.
 #include <limits>
 
-#include "dinat_m2f/na_cuda_utils.h"
+#include "dinat_m2f/na_cuda_kernels.cuh"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cuda {
 namespace {
 
-using namespace cuda_utils;
+using namespace cuda_kernels;
 
 constexpr int kMaxChunks = 8;  // head_dim <= 256
 constexpr int kWarpsPerBlock = 4;

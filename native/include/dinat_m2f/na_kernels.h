@@ -41,4 +41,21 @@ DINAT_NA_DECLARE_KERNELS(cuda)
 
 #undef DINAT_NA_DECLARE_KERNELS
 
+// The kernels of one device; the op entry points (na_ops.h) run them after checking the inputs.
+struct DeviceKernels {
+  decltype(&cpu::qk) qk;
+  decltype(&cpu::av) av;
+  decltype(&cpu::inverse) inverse;
+  decltype(&cpu::rpb_grad) rpb_grad;
+  decltype(&cpu::fused_forward) fused_forward;
+  decltype(&cpu::fused_backward) fused_backward;
+};
+
+inline constexpr DeviceKernels kCpuKernels{&cpu::qk,       &cpu::av,           &cpu::inverse,
+                                           &cpu::rpb_grad, &cpu::fused_forward, &cpu::fused_backward};
+#if defined(DINAT_M2F_WITH_CUDA)
+inline constexpr DeviceKernels kCudaKernels{&cuda::qk,       &cuda::av,           &cuda::inverse,
+                                            &cuda::rpb_grad, &cuda::fused_forward, &cuda::fused_backward};
+#endif
+
 }  // namespace dinat_m2f::na

@@ -1,17 +1,16 @@
-// Neighborhood-attention ops: schemas (namespace dinat_m2f), input checks, and the device dispatch.
-//
-// Every op is registered for the CPU and CUDA dispatch keys with one entry point that validates the inputs with
-// clear messages, makes them contiguous, shapes 1D problems as 2D ones with a single row, allocates the outputs and
-// calls the device kernels of native/na/na*_cpu.cpp or native/na/na*_cuda.cu. Fake kernels and autograd are
-// registered from Python (dinat_m2f/ops/na.py).
+// Neighborhood-attention op entry points (declared in dinat_m2f/na_ops.h): input checks with clear messages, the
+// contiguous 2D views the kernels expect (1D problems get a single row), output allocation, and the call of the
+// kernels of the device the entry point is registered for. Sizes are checked without overflowing int64: a wrapped
+// product would let a check pass, and messages print the true values.
+#include "dinat_m2f/na_ops.h"
+
 #include <ATen/ATen.h>
-#include <torch/library.h>
 
 #include <sstream>
 #include <string>
 
+#include "dinat_m2f/exact_int.h"
 #include "dinat_m2f/na_common.h"
-#include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na {
 namespace {
@@ -23,14 +22,6 @@ std::string shape_str(const Tensor& t) {
   os << t.sizes();
   return os.str();
 }
-
-// The checked description of one call: which op, 1D or 2D, kernel size and dilation.
-struct Call {
-  const char* op;
-  int dims;  // 1 or 2
-  int64_t kernel_size;
-  int64_t dilation;
-};
 
 void check_kernel_and_dilation(const Call& c) {
   TORCH_CHECK(c.kernel_size > 1 && c.kernel_size % 2 == 1, c.op,
@@ -47,11 +38,6 @@ void check_dtype_and_device(const Call& c, const Tensor& t, const char* name) {
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, c.op,
                 ": CPU kernels support float32, float64 and bfloat16, but ", name, " has dtype ", dt, ".");
   } else {
-#if !defined(DINAT_M2F_WITH_CUDA)
-    TORCH_CHECK(false, c.op, ": ", name,
-                " is a CUDA tensor but dinat_m2f._C was built without CUDA kernels. Rebuild it with a CUDA "
-                "toolchain (`make build`, FORCE_CUDA=1).");
-#endif
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, c.op,
                 ": CUDA kernels support float32, float64, float16 and bfloat16, but ", name, " has dtype ", dt,
                 ".");
@@ -72,12 +58,13 @@ Problem token_problem(const Call& c, const Tensor& t, const char* name) {
   const int64_t want_dim = c.dims + 3;
   TORCH_CHECK(t.dim() == want_dim, c.op, ": ", name, " must be a ", want_dim, "-D tensor ",
               c.dims == 2 ? "[B, heads, H, W, D]" : "[B, heads, L, D]", ", got shape ", shape_str(t), ".");
-  const int64_t span = c.kernel_size * c.dilation;
   const char* axis_names[2] = {c.dims == 2 ? "H" : "L", "W"};
   for (int a = 0; a < c.dims; ++a) {
     const int64_t size = t.size(2 + a);
-    TORCH_CHECK(size >= span, c.op, ": the ", axis_names[a], " axis of ", name, " has size ", size,
-                ", smaller than kernel_size * dilation = ", c.kernel_size, " * ", c.dilation, " = ", span,
+    // size >= kernel_size * dilation, written so that nothing overflows (kernel_size > 1 and dilation >= 1 here).
+    TORCH_CHECK(c.dilation <= size / c.kernel_size, c.op, ": the ", axis_names[a], " axis of ", name, " has size ",
+                size, ", smaller than kernel_size * dilation = ", c.kernel_size, " * ", c.dilation, " = ",
+                to_decimal(exact_product(c.kernel_size, c.dilation)),
                 ". Each spatial axis must be at least kernel_size * dilation.");
   }
   Problem p{};
@@ -102,17 +89,18 @@ void check_same_shape(const Call& c, const Tensor& t, const char* name, const Te
 // attn must be [*tokens.shape[:-1], kernel_size ** dims].
 void check_weights(const Call& c, const Tensor& w, const char* name, const Tensor& tokens, const char* tokens_name) {
   check_same(c, w, name, tokens, tokens_name);
-  const int64_t window = c.dims == 2 ? c.kernel_size * c.kernel_size : c.kernel_size;
+  const Int128 window = c.dims == 2 ? exact_product(c.kernel_size, c.kernel_size) : c.kernel_size;
   TORCH_CHECK(w.dim() == tokens.dim(), c.op, ": ", name, " must be a ", tokens.dim(), "-D tensor, got shape ",
               shape_str(w), ".");
   TORCH_CHECK(w.size(-1) == window, c.op, ": the last dimension of ", name, " must be the window size ",
-              c.dims == 2 ? "kernel_size**2 = " : "kernel_size = ", window, ", got ", w.size(-1), ".");
+              c.dims == 2 ? "kernel_size**2 = " : "kernel_size = ", to_decimal(window), ", got ", w.size(-1), ".");
   for (int64_t i = 0; i + 1 < tokens.dim(); ++i) {
     TORCH_CHECK(w.size(i) == tokens.size(i), c.op, ": ", name, " has shape ", shape_str(w), " but ",
                 tokens_name, " has shape ", shape_str(tokens), "; they must agree in every dimension but the last.");
   }
 }
 
+// After token_problem: kernel_size <= a tensor size, so 2 * kernel_size - 1 fits.
 void check_rpb(const Call& c, const Tensor& rpb, const Tensor& q) {
   check_same(c, rpb, "rpb", q, "q");
   const int64_t width = 2 * c.kernel_size - 1;
@@ -139,16 +127,6 @@ Tensor from2d(const Call& c, const Tensor& t) { return c.dims == 2 ? t : t.squee
 
 at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-bool on_cuda(const Tensor& t) { return t.device().is_cuda(); }
-
-// Calls the kernel of the input's device: cpu::name(...) or cuda::name(...).
-#if defined(DINAT_M2F_WITH_CUDA)
-#define DINAT_NA_DISPATCH(ref, name, ...) \
-  (on_cuda(ref) ? cuda::name(__VA_ARGS__) : cpu::name(__VA_ARGS__))
-#else
-#define DINAT_NA_DISPATCH(ref, name, ...) cpu::name(__VA_ARGS__)
-#endif
-
 std::optional<Tensor> optional_rpb(const Call& c, const std::optional<Tensor>& rpb) {
   if (!rpb.has_value()) {
     return std::nullopt;
@@ -158,7 +136,9 @@ std::optional<Tensor> optional_rpb(const Call& c, const std::optional<Tensor>& r
 
 // ----------------------------------------------------------------------------------------------- ops
 
-Tensor qk_op(const Call& c, const Tensor& q_in, const Tensor& k_in, const std::optional<Tensor>& rpb_in) {
+}  // namespace
+
+Tensor qk_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, const Tensor& k_in, const std::optional<Tensor>& rpb_in) {
   const Problem p = token_problem(c, q_in, "q");
   check_same_shape(c, k_in, "k", q_in, "q");
   if (rpb_in.has_value()) {
@@ -167,46 +147,46 @@ Tensor qk_op(const Call& c, const Tensor& q_in, const Tensor& k_in, const std::o
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in);
   const auto rpb = optional_rpb(c, rpb_in);
   Tensor attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), p.window()}, q.options());
-  DINAT_NA_DISPATCH(q, qk, q, k, rpb, attn, p);
+  kernels.qk(q, k, rpb, attn, p);
   return from2d(c, attn);
 }
 
-Tensor av_op(const Call& c, const Tensor& attn_in, const Tensor& v_in) {
+Tensor av_op(const DeviceKernels& kernels, const Call& c, const Tensor& attn_in, const Tensor& v_in) {
   const Problem p = token_problem(c, v_in, "v");
   check_weights(c, attn_in, "attn", v_in, "v");
   const Tensor attn = as2d(c, attn_in), v = as2d(c, v_in);
   Tensor out = at::empty_like(v);
-  DINAT_NA_DISPATCH(v, av, attn, v, out, p);
+  kernels.av(attn, v, out, p);
   return from2d(c, out);
 }
 
-Tensor inverse_op(const Call& c, const Tensor& w_in, const Tensor& x_in) {
+Tensor inverse_op(const DeviceKernels& kernels, const Call& c, const Tensor& w_in, const Tensor& x_in) {
   const Problem p = token_problem(c, x_in, "x");
   check_weights(c, w_in, "weights", x_in, "x");
   const Tensor w = as2d(c, w_in), x = as2d(c, x_in);
   Tensor out = at::empty_like(x);
-  DINAT_NA_DISPATCH(x, inverse, w, x, out, p);
+  kernels.inverse(w, x, out, p);
   return from2d(c, out);
 }
 
-Tensor rpb_grad_op(const Call& c, const Tensor& g_in) {
+Tensor rpb_grad_op(const DeviceKernels& kernels, const Call& c, const Tensor& g_in) {
   check_kernel_and_dilation(c);
   check_dtype_and_device(c, g_in, "grad_attn");
   TORCH_CHECK(g_in.dim() == c.dims + 3, c.op, ": grad_attn must be a ", c.dims + 3, "-D tensor, got shape ",
               shape_str(g_in), ".");
   // The token shape is grad_attn's without the window axis; check it as a token tensor.
   const Problem p = token_problem(c, g_in.narrow(-1, 0, 1), "grad_attn");
-  const int64_t window = c.dims == 2 ? c.kernel_size * c.kernel_size : c.kernel_size;
+  const int64_t window = p.window();
   TORCH_CHECK(g_in.size(-1) == window, c.op, ": the last dimension of grad_attn must be the window size ", window,
               ", got ", g_in.size(-1), ".");
   const Tensor g = as2d(c, g_in);
   Tensor acc = at::zeros({p.heads, p.rpb_h(), p.rpb_w()}, g.options().dtype(acc_type(g.scalar_type())));
-  DINAT_NA_DISPATCH(g, rpb_grad, g, acc, p);
+  kernels.rpb_grad(g, acc, p);
   Tensor out = acc.to(g.scalar_type());
   return c.dims == 2 ? out : out.squeeze(1);
 }
 
-std::tuple<Tensor, Tensor> fused_forward_op(const Call& c, const Tensor& q_in, const Tensor& k_in,
+std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, const Tensor& k_in,
                                             const Tensor& v_in, const std::optional<Tensor>& rpb_in, double scale) {
   const Problem p = token_problem(c, q_in, "q");
   check_same_shape(c, k_in, "k", q_in, "q");
@@ -218,11 +198,11 @@ std::tuple<Tensor, Tensor> fused_forward_op(const Call& c, const Tensor& q_in, c
   const auto rpb = optional_rpb(c, rpb_in);
   Tensor out = at::empty_like(q);
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc_type(q.scalar_type())));
-  DINAT_NA_DISPATCH(q, fused_forward, q, k, v, rpb, out, lse, p, scale);
+  kernels.fused_forward(q, k, v, rpb, out, lse, p, scale);
   return {from2d(c, out), c.dims == 2 ? lse : lse.squeeze(2)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const Call& c, const Tensor& grad_out_in,
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels& kernels, const Call& c, const Tensor& grad_out_in,
                                                              const Tensor& q_in, const Tensor& k_in,
                                                              const Tensor& v_in, const std::optional<Tensor>& rpb_in,
                                                              const Tensor& out_in, const Tensor& lse_in,
@@ -249,79 +229,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const Call& c, cons
   if (rpb.has_value()) {
     grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(lse_dtype));
   }
-  DINAT_NA_DISPATCH(q, fused_backward, grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p,
+  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p,
                     scale);
   Tensor grad_rpb = rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes())
                                     : at::empty({0}, q.options());
   return {from2d(c, grad_q), from2d(c, grad_k), from2d(c, grad_v), grad_rpb};
 }
 
-// ----------------------------------------------------------------------------------------------- entry points
-
-#define DINAT_NA_ENTRY_POINTS(D)                                                                                  \
-  Tensor na##D##d_qk(const Tensor& q, const Tensor& k, const std::optional<Tensor>& rpb, int64_t kernel_size,    \
-                     int64_t dilation) {                                                                          \
-    return qk_op({"na" #D "d_qk", D, kernel_size, dilation}, q, k, rpb);                                          \
-  }                                                                                                               \
-  Tensor na##D##d_av(const Tensor& attn, const Tensor& v, int64_t kernel_size, int64_t dilation) {               \
-    return av_op({"na" #D "d_av", D, kernel_size, dilation}, attn, v);                                            \
-  }                                                                                                               \
-  Tensor na##D##d_inverse(const Tensor& weights, const Tensor& x, int64_t kernel_size, int64_t dilation) {       \
-    return inverse_op({"na" #D "d_inverse", D, kernel_size, dilation}, weights, x);                               \
-  }                                                                                                               \
-  Tensor na##D##d_rpb_grad(const Tensor& grad_attn, int64_t kernel_size, int64_t dilation) {                     \
-    return rpb_grad_op({"na" #D "d_rpb_grad", D, kernel_size, dilation}, grad_attn);                              \
-  }                                                                                                               \
-  std::tuple<Tensor, Tensor> na##D##d_fused_forward(const Tensor& q, const Tensor& k, const Tensor& v,           \
-                                                    const std::optional<Tensor>& rpb, int64_t kernel_size,       \
-                                                    int64_t dilation, double scale) {                            \
-    return fused_forward_op({"na" #D "d", D, kernel_size, dilation}, q, k, v, rpb, scale);                        \
-  }                                                                                                               \
-  std::tuple<Tensor, Tensor, Tensor, Tensor> na##D##d_fused_backward(                                            \
-      const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& rpb, \
-      const Tensor& out, const Tensor& lse, int64_t kernel_size, int64_t dilation, double scale) {                \
-    return fused_backward_op({"na" #D "d_fused_backward", D, kernel_size, dilation}, grad_out, q, k, v, rpb, out,  \
-                             lse, scale);                                                                         \
-  }
-
-DINAT_NA_ENTRY_POINTS(1)
-DINAT_NA_ENTRY_POINTS(2)
-
-}  // namespace
 }  // namespace dinat_m2f::na
-
-TORCH_LIBRARY_FRAGMENT(dinat_m2f, m) {
-  for (const char* d : {"1", "2"}) {
-    const std::string p = std::string("na") + d + "d";
-    m.def((p + "_qk(Tensor q, Tensor k, Tensor? rpb, int kernel_size, int dilation) -> Tensor").c_str());
-    m.def((p + "_av(Tensor attn, Tensor v, int kernel_size, int dilation) -> Tensor").c_str());
-    m.def((p + "_inverse(Tensor weights, Tensor x, int kernel_size, int dilation) -> Tensor").c_str());
-    m.def((p + "_rpb_grad(Tensor grad_attn, int kernel_size, int dilation) -> Tensor").c_str());
-    m.def((p + "_fused_forward(Tensor q, Tensor k, Tensor v, Tensor? rpb, int kernel_size, int dilation, "
-               "float scale) -> (Tensor, Tensor)")
-              .c_str());
-    m.def((p + "_fused_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, "
-               "int kernel_size, int dilation, float scale) -> (Tensor, Tensor, Tensor, Tensor)")
-              .c_str());
-  }
-}
-
-// One entry point per op serves both devices: it checks the inputs and calls the kernels of the input's device (a
-// CUDA tensor in a build without CUDA kernels gets an error saying so).
-#define DINAT_NA_IMPL(m)                                              \
-  m.impl("na1d_qk", &dinat_m2f::na::na1d_qk);                         \
-  m.impl("na1d_av", &dinat_m2f::na::na1d_av);                         \
-  m.impl("na1d_inverse", &dinat_m2f::na::na1d_inverse);               \
-  m.impl("na1d_rpb_grad", &dinat_m2f::na::na1d_rpb_grad);             \
-  m.impl("na1d_fused_forward", &dinat_m2f::na::na1d_fused_forward);   \
-  m.impl("na1d_fused_backward", &dinat_m2f::na::na1d_fused_backward); \
-  m.impl("na2d_qk", &dinat_m2f::na::na2d_qk);                         \
-  m.impl("na2d_av", &dinat_m2f::na::na2d_av);                         \
-  m.impl("na2d_inverse", &dinat_m2f::na::na2d_inverse);               \
-  m.impl("na2d_rpb_grad", &dinat_m2f::na::na2d_rpb_grad);             \
-  m.impl("na2d_fused_forward", &dinat_m2f::na::na2d_fused_forward);   \
-  m.impl("na2d_fused_backward", &dinat_m2f::na::na2d_fused_backward);
-
-TORCH_LIBRARY_IMPL(dinat_m2f, CPU, m) { DINAT_NA_IMPL(m) }
-
-TORCH_LIBRARY_IMPL(dinat_m2f, CUDA, m) { DINAT_NA_IMPL(m) }
