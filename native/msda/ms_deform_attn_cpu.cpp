@@ -19,14 +19,8 @@ namespace dinat_m2f::msda::cpu {
 namespace {
 
 template <typename scalar_t>
-void forward_kernel(
-    const Sizes& z,
-    const scalar_t* value,
-    const int64_t* shapes,
-    const int64_t* starts,
-    const scalar_t* locations,
-    const scalar_t* weights,
-    scalar_t* output) {
+void forward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                    const scalar_t* locations, const scalar_t* weights, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = z.M * z.D;  // stride of one spatial position in value
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, z.M * z.L * z.P * z.D));
@@ -70,17 +64,9 @@ void forward_kernel(
 }
 
 template <typename scalar_t>
-void backward_kernel(
-    const Sizes& z,
-    const scalar_t* value,
-    const int64_t* shapes,
-    const int64_t* starts,
-    const scalar_t* locations,
-    const scalar_t* weights,
-    const scalar_t* grad_output,
-    scalar_t* grad_value,
-    scalar_t* grad_locations,
-    scalar_t* grad_weights) {
+void backward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                     const scalar_t* locations, const scalar_t* weights, const scalar_t* grad_output,
+                     scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = z.M * z.D;
   at::parallel_for(0, z.N * z.M, 1, [&](int64_t begin, int64_t end) {
@@ -105,10 +91,9 @@ void backward_kernel(
             SampleGrads<acc_t> grads;
             for (int64_t d = 0; d < z.D; ++d) {
               scalar_t* grad_level_d = grad_level + d;
-              backward_sample_channel(s, level + d, row, static_cast<acc_t>(top[d]), w, grads,
-                                      [&](int64_t corner, acc_t amount) {
-                                        grad_level_d[corner] += static_cast<scalar_t>(amount);
-                                      });
+              backward_sample_channel(
+                  s, level + d, row, static_cast<acc_t>(top[d]), w, grads,
+                  [&](int64_t corner, acc_t amount) { grad_level_d[corner] += static_cast<scalar_t>(amount); });
             }
             store_sample_grads(grads, w, H, W, i, grad_locations, grad_weights);
           }
@@ -136,13 +121,12 @@ void backward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial
               const at::Tensor& grad_sampling_locations, const at::Tensor& grad_attention_weights) {
   grad_value.zero_();  // scattered into
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-    backward_kernel<scalar_t>(z, value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
-                              level_start_index.const_data_ptr<int64_t>(),
-                              sampling_locations.const_data_ptr<scalar_t>(),
-                              attention_weights.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
-                              grad_value.mutable_data_ptr<scalar_t>(),
-                              grad_sampling_locations.mutable_data_ptr<scalar_t>(),
-                              grad_attention_weights.mutable_data_ptr<scalar_t>());
+    backward_kernel<scalar_t>(
+        z, value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
+        level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<scalar_t>(),
+        attention_weights.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+        grad_value.mutable_data_ptr<scalar_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
+        grad_attention_weights.mutable_data_ptr<scalar_t>());
   });
 }
 

@@ -25,14 +25,9 @@ using cuda_launch::kWarp;
 using cuda_launch::warp_sum;
 
 template <typename scalar_t, typename acc_t>
-__global__ void forward_kernel(
-    Sizes z,
-    const scalar_t* __restrict__ value,
-    const int64_t* __restrict__ shapes,
-    const int64_t* __restrict__ starts,
-    const scalar_t* __restrict__ locations,
-    const scalar_t* __restrict__ weights,
-    scalar_t* __restrict__ output) {
+__global__ void forward_kernel(Sizes z, const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                               const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+                               const scalar_t* __restrict__ weights, scalar_t* __restrict__ output) {
   const int64_t total = z.N * z.Lq * z.M * z.D;
   const int64_t row = z.M * z.D;
   for (int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
@@ -49,8 +44,8 @@ __global__ void forward_kernel(
       for (int64_t p = 0; p < z.P; ++p) {
         const int64_t i = sample_index(n, q, m, l, p, z.Lq, z.M, z.L, z.P);
         BilinearSample<acc_t> s;
-        if (!make_bilinear_sample<acc_t>(
-                static_cast<acc_t>(locations[2 * i]), static_cast<acc_t>(locations[2 * i + 1]), H, W, s)) {
+        if (!make_bilinear_sample<acc_t>(static_cast<acc_t>(locations[2 * i]), static_cast<acc_t>(locations[2 * i + 1]),
+                                         H, W, s)) {
           continue;
         }
         const acc_t w = static_cast<acc_t>(weights[i]);
@@ -67,17 +62,11 @@ __global__ void forward_kernel(
 }
 
 template <typename scalar_t, typename acc_t>
-__global__ void backward_kernel(
-    Sizes z,
-    const scalar_t* __restrict__ value,
-    const int64_t* __restrict__ shapes,
-    const int64_t* __restrict__ starts,
-    const scalar_t* __restrict__ locations,
-    const scalar_t* __restrict__ weights,
-    const scalar_t* __restrict__ grad_output,
-    acc_t* __restrict__ grad_value,
-    scalar_t* __restrict__ grad_locations,
-    scalar_t* __restrict__ grad_weights) {
+__global__ void backward_kernel(Sizes z, const scalar_t* __restrict__ value, const int64_t* __restrict__ shapes,
+                                const int64_t* __restrict__ starts, const scalar_t* __restrict__ locations,
+                                const scalar_t* __restrict__ weights, const scalar_t* __restrict__ grad_output,
+                                acc_t* __restrict__ grad_value, scalar_t* __restrict__ grad_locations,
+                                scalar_t* __restrict__ grad_weights) {
   const int64_t samples = z.N * z.Lq * z.M * z.L * z.P;
   const int64_t row = z.M * z.D;
   const int lane = threadIdx.x % kWarp;
@@ -92,8 +81,8 @@ __global__ void backward_kernel(
     const int64_t H = shapes[2 * l];
     const int64_t W = shapes[2 * l + 1];
     BilinearSample<acc_t> s;
-    if (!make_bilinear_sample<acc_t>(
-            static_cast<acc_t>(locations[2 * i]), static_cast<acc_t>(locations[2 * i + 1]), H, W, s)) {
+    if (!make_bilinear_sample<acc_t>(static_cast<acc_t>(locations[2 * i]), static_cast<acc_t>(locations[2 * i + 1]), H,
+                                     W, s)) {
       continue;  // uniform across the warp; the gradients stay zero
     }
     const acc_t w = static_cast<acc_t>(weights[i]);
@@ -140,11 +129,11 @@ void backward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial
               const at::Tensor& attention_weights, const at::Tensor& grad_output, const at::Tensor& grad_value,
               const at::Tensor& grad_sampling_locations, const at::Tensor& grad_attention_weights) {
   const c10::cuda::CUDAGuard guard(value.device());
-  // value's gradient is scattered with atomicAdd into an opmath (float/double) buffer, cast to value's dtype at the end.
+  // value's gradient is scattered with atomicAdd into an opmath (float/double) buffer, cast to value's dtype at the
+  // end.
   const auto opmath = at::toOpMathType(value.scalar_type());
-  const at::Tensor grad_value_acc = opmath == value.scalar_type()
-                                        ? grad_value.zero_()
-                                        : at::zeros(value.sizes(), value.options().dtype(opmath));
+  const at::Tensor grad_value_acc =
+      opmath == value.scalar_type() ? grad_value.zero_() : at::zeros(value.sizes(), value.options().dtype(opmath));
   const int64_t samples = attention_weights.numel();
   if (samples == 0 || z.D == 0) {
     grad_value.zero_();

@@ -30,8 +30,8 @@ void check_device_and_dtype(const char* op, const at::Tensor& value) {
 void check_float_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& value) {
   TORCH_CHECK(t.scalar_type() == value.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
               " but value has dtype ", value.scalar_type(), "; all floating inputs must share one dtype");
-  TORCH_CHECK(t.device() == value.device(), op, ": ", name, " is on ", t.device(), " but value is on ",
-              value.device(), "; all inputs must be on one device");
+  TORCH_CHECK(t.device() == value.device(), op, ": ", name, " is on ", t.device(), " but value is on ", value.device(),
+              "; all inputs must be on one device");
 }
 
 // spatial_shapes and level_start_index: int64, on value's device or on the CPU (sizes the caller knows on the host).
@@ -63,8 +63,8 @@ void check_levels(const char* op, const Sizes& s, const at::Tensor& spatial_shap
                 l + 1 < s.L ? "[:" + std::to_string(l + 1) + "] already" : std::string(),
                 " add up to sum(H * W) = ", to_decimal(total));
   }
-  TORCH_CHECK(total == s.S, op, ": value has S = ", s.S, " positions but spatial_shapes add up to sum(H * W) = ",
-              to_decimal(total));
+  TORCH_CHECK(total == s.S, op, ": value has S = ", s.S,
+              " positions but spatial_shapes add up to sum(H * W) = ", to_decimal(total));
 }
 
 }  // namespace
@@ -82,8 +82,7 @@ Sizes check_inputs(const char* op, const at::Tensor& value, const at::Tensor& sp
               ": sampling_locations must be [N, queries, heads, levels, points, 2], got shape ",
               sampling_locations.sizes());
   TORCH_CHECK(attention_weights.dim() == 5, op,
-              ": attention_weights must be [N, queries, heads, levels, points], got shape ",
-              attention_weights.sizes());
+              ": attention_weights must be [N, queries, heads, levels, points], got shape ", attention_weights.sizes());
   check_device_and_dtype(op, value);
 
   Sizes s{};
@@ -131,8 +130,8 @@ at::Tensor index_on_device(const at::Tensor& t, const at::Tensor& value) {
 at::Tensor forward_op(const DeviceKernels& kernels, const at::Tensor& value, const at::Tensor& spatial_shapes,
                       const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                       const at::Tensor& attention_weights) {
-  const Sizes z = check_inputs("ms_deform_attn_forward", value, spatial_shapes, level_start_index,
-                               sampling_locations, attention_weights);
+  const Sizes z = check_inputs("ms_deform_attn_forward", value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights);
   at::Tensor output = at::empty({z.N, z.Lq, z.M * z.D}, value.options());
   kernels.forward(z, value.contiguous(), index_on_device(spatial_shapes, value),
                   index_on_device(level_start_index, value), sampling_locations.contiguous(),
@@ -146,16 +145,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_op(const DeviceKernels& 
                                                            const at::Tensor& sampling_locations,
                                                            const at::Tensor& attention_weights,
                                                            const at::Tensor& grad_output) {
-  const Sizes z = check_inputs("ms_deform_attn_backward", value, spatial_shapes, level_start_index,
-                               sampling_locations, attention_weights, &grad_output);
+  const Sizes z = check_inputs("ms_deform_attn_backward", value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights, &grad_output);
   const at::Tensor loc = sampling_locations.contiguous();
   const at::Tensor attn = attention_weights.contiguous();
   at::Tensor grad_value = at::empty(value.sizes(), value.options());  // the kernels zero it (or fill it)
   at::Tensor grad_loc = at::zeros_like(loc);
   at::Tensor grad_attn = at::zeros_like(attn);
   kernels.backward(z, value.contiguous(), index_on_device(spatial_shapes, value),
-                   index_on_device(level_start_index, value), loc, attn, grad_output.contiguous(), grad_value,
-                   grad_loc, grad_attn);
+                   index_on_device(level_start_index, value), loc, attn, grad_output.contiguous(), grad_value, grad_loc,
+                   grad_attn);
   return {grad_value, grad_loc, grad_attn};
 }
 

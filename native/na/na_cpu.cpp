@@ -133,8 +133,9 @@ void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor
   const at::Tensor out = as_compute(attn);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_qk_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                        rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), p);
+      qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+                                     rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                     out.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!out.is_same(attn)) attn.copy_(out);
@@ -144,8 +145,8 @@ void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, cons
   const at::Tensor ac = as_compute(attn), vc = as_compute(v), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "na_av_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), oc.mutable_data_ptr<scalar_t>(),
-                        p);
+      av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                                     oc.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
@@ -155,8 +156,8 @@ void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& o
   const at::Tensor wc = as_compute(weights), xc = as_compute(x), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "na_inverse_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                             oc.mutable_data_ptr<scalar_t>(), p);
+      inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                          oc.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);

@@ -39,8 +39,8 @@ __global__ void qk_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
 
 // out[token, d] = sum_n attn[token, n] v[N(token)_n, d]: one thread per (token, channel), coalesced over channels.
 template <typename scalar_t, typename acc_t>
-__global__ void av_kernel(const scalar_t* __restrict__ attn, const scalar_t* __restrict__ v,
-                          scalar_t* __restrict__ out, Problem p) {
+__global__ void av_kernel(const scalar_t* __restrict__ attn, const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                          Problem p) {
   const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
   DINAT_CUDA_LOOP(idx, p.batch_heads * H * W * D) {
     const int64_t d = idx % D;

@@ -79,9 +79,8 @@ struct TileScratch {
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
 // lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
 template <typename T, int64_t kD>
-void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
-                  int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
-                  TileScratch<T>& s) {
+void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t r,
+                  int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale, TileScratch<T>& s) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
   const int64_t row = bh * H + i, h = bh % p.heads;
@@ -134,8 +133,8 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
 
 // Forward of one query, the window streamed one window row at a time (online softmax).
 template <typename T, int64_t kD>
-void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
-                   int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
+void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
+                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
   const int64_t row = bh * H + i, h = bh % p.heads;
   const T* qv = q + (row * W + j) * D;
@@ -194,8 +193,8 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
                               scratch);
           jg += kLanes;
         } else {
-          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(),
-                               logits.data(), probs.data());
+          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
+                               probs.data());
           ++jg;
         }
       }
@@ -246,8 +245,7 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
 template <typename T, int64_t kD>
 void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T* ds_ws, T* grad_k, T* grad_v,
-                       int64_t s0, int64_t s1, const Problem& p, const Windows& win,
-                       T scale) {
+                       int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
@@ -287,7 +285,7 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
     backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
-                        scale);
+                               scale);
     backward_key_pass<T, kD>(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>(ds_ws.data(), s0, s1, grad_rpb, p);
@@ -328,13 +326,12 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    backward_kernel<scalar_t, dim.value>(goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
-                              kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-                              rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.const_data_ptr<scalar_t>(),
-                              lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
-                              gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
-                              grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
-                              static_cast<scalar_t>(scale));
+      backward_kernel<scalar_t, dim.value>(
+          goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+          vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+          oc.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
+          gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
+          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale));
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);

@@ -39,16 +39,15 @@ void check_dtype_and_device(const Call& c, const Tensor& t, const char* name) {
                 ": CPU kernels support float32, float64 and bfloat16, but ", name, " has dtype ", dt, ".");
   } else {
     TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, c.op,
-                ": CUDA kernels support float32, float64, float16 and bfloat16, but ", name, " has dtype ", dt,
-                ".");
+                ": CUDA kernels support float32, float64, float16 and bfloat16, but ", name, " has dtype ", dt, ".");
   }
 }
 
 void check_same(const Call& c, const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
   TORCH_CHECK(t.device() == ref.device(), c.op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
               ref.device(), "; all inputs must be on the same device.");
-  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), c.op, ": ", name, " has dtype ", t.scalar_type(), " but ",
-              ref_name, " has dtype ", ref.scalar_type(), "; all inputs must have the same dtype.");
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), c.op, ": ", name, " has dtype ", t.scalar_type(), " but ", ref_name,
+              " has dtype ", ref.scalar_type(), "; all inputs must have the same dtype.");
 }
 
 // Checks a token tensor ([B, heads, H, W, D] or [B, heads, L, D]) and returns the problem it defines.
@@ -82,8 +81,8 @@ Problem token_problem(const Call& c, const Tensor& t, const char* name) {
 
 void check_same_shape(const Call& c, const Tensor& t, const char* name, const Tensor& ref, const char* ref_name) {
   check_same(c, t, name, ref, ref_name);
-  TORCH_CHECK(t.sizes() == ref.sizes(), c.op, ": ", name, " must have the shape of ", ref_name, " ",
-              shape_str(ref), ", got ", shape_str(t), ".");
+  TORCH_CHECK(t.sizes() == ref.sizes(), c.op, ": ", name, " must have the shape of ", ref_name, " ", shape_str(ref),
+              ", got ", shape_str(t), ".");
 }
 
 // attn must be [*tokens.shape[:-1], kernel_size ** dims].
@@ -95,8 +94,8 @@ void check_weights(const Call& c, const Tensor& w, const char* name, const Tenso
   TORCH_CHECK(w.size(-1) == window, c.op, ": the last dimension of ", name, " must be the window size ",
               c.dims == 2 ? "kernel_size**2 = " : "kernel_size = ", to_decimal(window), ", got ", w.size(-1), ".");
   for (int64_t i = 0; i + 1 < tokens.dim(); ++i) {
-    TORCH_CHECK(w.size(i) == tokens.size(i), c.op, ": ", name, " has shape ", shape_str(w), " but ",
-                tokens_name, " has shape ", shape_str(tokens), "; they must agree in every dimension but the last.");
+    TORCH_CHECK(w.size(i) == tokens.size(i), c.op, ": ", name, " has shape ", shape_str(w), " but ", tokens_name,
+                " has shape ", shape_str(tokens), "; they must agree in every dimension but the last.");
   }
 }
 
@@ -104,12 +103,11 @@ void check_weights(const Call& c, const Tensor& w, const char* name, const Tenso
 void check_rpb(const Call& c, const Tensor& rpb, const Tensor& q) {
   check_same(c, rpb, "rpb", q, "q");
   const int64_t width = 2 * c.kernel_size - 1;
-  const bool ok = c.dims == 2 ? (rpb.dim() == 3 && rpb.size(0) == q.size(1) && rpb.size(1) == width &&
-                                 rpb.size(2) == width)
-                              : (rpb.dim() == 2 && rpb.size(0) == q.size(1) && rpb.size(1) == width);
-  TORCH_CHECK(ok, c.op, ": rpb must have shape [heads, ", c.dims == 2 ? "2k-1, 2k-1" : "2k-1", "] = [", q.size(1),
-              ", ", width, c.dims == 2 ? (", " + std::to_string(width)) : std::string(), "], got ", shape_str(rpb),
-              ".");
+  const bool ok = c.dims == 2
+                      ? (rpb.dim() == 3 && rpb.size(0) == q.size(1) && rpb.size(1) == width && rpb.size(2) == width)
+                      : (rpb.dim() == 2 && rpb.size(0) == q.size(1) && rpb.size(1) == width);
+  TORCH_CHECK(ok, c.op, ": rpb must have shape [heads, ", c.dims == 2 ? "2k-1, 2k-1" : "2k-1", "] = [", q.size(1), ", ",
+              width, c.dims == 2 ? (", " + std::to_string(width)) : std::string(), "], got ", shape_str(rpb), ".");
 }
 
 // Contiguous 2D views: tokens [B, heads, H, W, X] (1D inputs get H = 1), bias [heads, 2kh-1, 2kw-1].
@@ -138,7 +136,8 @@ std::optional<Tensor> optional_rpb(const Call& c, const std::optional<Tensor>& r
 
 }  // namespace
 
-Tensor qk_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, const Tensor& k_in, const std::optional<Tensor>& rpb_in) {
+Tensor qk_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, const Tensor& k_in,
+             const std::optional<Tensor>& rpb_in) {
   const Problem p = token_problem(c, q_in, "q");
   check_same_shape(c, k_in, "k", q_in, "q");
   if (rpb_in.has_value()) {
@@ -186,8 +185,9 @@ Tensor rpb_grad_op(const DeviceKernels& kernels, const Call& c, const Tensor& g_
   return c.dims == 2 ? out : out.squeeze(1);
 }
 
-std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, const Tensor& k_in,
-                                            const Tensor& v_in, const std::optional<Tensor>& rpb_in, double scale) {
+std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in,
+                                            const Tensor& k_in, const Tensor& v_in, const std::optional<Tensor>& rpb_in,
+                                            double scale) {
   const Problem p = token_problem(c, q_in, "q");
   check_same_shape(c, k_in, "k", q_in, "q");
   check_same_shape(c, v_in, "v", q_in, "q");
@@ -202,11 +202,11 @@ std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const 
   return {from2d(c, out), c.dims == 2 ? lse : lse.squeeze(2)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels& kernels, const Call& c, const Tensor& grad_out_in,
-                                                             const Tensor& q_in, const Tensor& k_in,
-                                                             const Tensor& v_in, const std::optional<Tensor>& rpb_in,
-                                                             const Tensor& out_in, const Tensor& lse_in,
-                                                             double scale) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels& kernels, const Call& c,
+                                                             const Tensor& grad_out_in, const Tensor& q_in,
+                                                             const Tensor& k_in, const Tensor& v_in,
+                                                             const std::optional<Tensor>& rpb_in, const Tensor& out_in,
+                                                             const Tensor& lse_in, double scale) {
   const Problem p = token_problem(c, q_in, "q");
   check_same_shape(c, k_in, "k", q_in, "q");
   check_same_shape(c, v_in, "v", q_in, "q");
@@ -229,10 +229,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels
   if (rpb.has_value()) {
     grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(lse_dtype));
   }
-  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p,
-                    scale);
-  Tensor grad_rpb = rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes())
-                                    : at::empty({0}, q.options());
+  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p, scale);
+  Tensor grad_rpb =
+      rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
   return {from2d(c, grad_q), from2d(c, grad_k), from2d(c, grad_v), grad_rpb};
 }
 

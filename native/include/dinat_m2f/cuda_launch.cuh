@@ -42,6 +42,6 @@ __device__ __forceinline__ T warp_sum(T x) {
 }  // namespace dinat_m2f::cuda_launch
 
 // Grid-stride loop over [0, n).
-#define DINAT_CUDA_LOOP(i, n)                                                                            \
+#define DINAT_CUDA_LOOP(i, n)                                                            \
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
        i += static_cast<int64_t>(blockDim.x) * gridDim.x)

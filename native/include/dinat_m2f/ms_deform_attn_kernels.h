@@ -23,15 +23,15 @@ struct Sizes {
 
 #define DINAT_MSDA_DECLARE_KERNELS(ns)                                                                            \
   namespace ns {                                                                                                  \
-  /* output[n, q, m * D + d] = sum over levels and points of weight * bilinear sample of value */                \
-  void forward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,                        \
-               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,                        \
-               const at::Tensor& attention_weights, const at::Tensor& output);                                   \
-  /* Gradients of forward given grad_output. */                        \
-  void backward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,                       \
-                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,                       \
+  /* output[n, q, m * D + d] = sum over levels and points of weight * bilinear sample of value */                 \
+  void forward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,                         \
+               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,                         \
+               const at::Tensor& attention_weights, const at::Tensor& output);                                    \
+  /* Gradients of forward given grad_output. */                                                                   \
+  void backward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,                        \
+                const at::Tensor& level_start_index, const at::Tensor& sampling_locations,                        \
                 const at::Tensor& attention_weights, const at::Tensor& grad_output, const at::Tensor& grad_value, \
-                const at::Tensor& grad_sampling_locations, const at::Tensor& grad_attention_weights);            \
+                const at::Tensor& grad_sampling_locations, const at::Tensor& grad_attention_weights);             \
   }
 
 DINAT_MSDA_DECLARE_KERNELS(cpu)

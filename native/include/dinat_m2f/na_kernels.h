@@ -12,26 +12,26 @@
 
 namespace dinat_m2f::na {
 
-#define DINAT_NA_DECLARE_KERNELS(ns)                                                                             \
-  namespace ns {                                                                                                 \
-  /* attn[i, n] = q_i . k_{N(i)_n} (+ rpb) */                                                                    \
+#define DINAT_NA_DECLARE_KERNELS(ns)                                                                              \
+  namespace ns {                                                                                                  \
+  /* attn[i, n] = q_i . k_{N(i)_n} (+ rpb) */                                                                     \
   void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb, const at::Tensor& attn, \
-          const Problem& p);                                                                                     \
-  /* out_i = sum_n attn[i, n] v_{N(i)_n} */                                                                      \
-  void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, const Problem& p);                 \
-  /* out_x = sum_{i : x in N(i)} weights[i, slot_i(x)] x_i (gradient of k in QK, of v in AV) */                 \
-  void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& out, const Problem& p);        \
-  /* grad_rpb[h, a, b] = sum over batch and queries of grad_attn at the slots whose bias index is (a, b) */      \
-  void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Problem& p);                     \
-  /* out = softmax(scale q.k + rpb) v with online softmax; lse = row logsumexp of the logits */                 \
-  void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                            \
-                     const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,        \
-                     const Problem& p, double scale);                                                            \
-  /* Gradients of fused_forward, recomputing the weights from q, k and lse. grad_rpb may be undefined. */        \
-  void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, \
-                      const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,       \
-                      const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,             \
-                      const at::Tensor& grad_rpb, const Problem& p, double scale);                              \
+          const Problem& p);                                                                                      \
+  /* out_i = sum_n attn[i, n] v_{N(i)_n} */                                                                       \
+  void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, const Problem& p);                  \
+  /* out_x = sum_{i : x in N(i)} weights[i, slot_i(x)] x_i (gradient of k in QK, of v in AV) */                   \
+  void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& out, const Problem& p);          \
+  /* grad_rpb[h, a, b] = sum over batch and queries of grad_attn at the slots whose bias index is (a, b) */       \
+  void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Problem& p);                       \
+  /* out = softmax(scale q.k + rpb) v with online softmax; lse = row logsumexp of the logits */                   \
+  void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                               \
+                     const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,          \
+                     const Problem& p, double scale);                                                             \
+  /* Gradients of fused_forward, recomputing the weights from q, k and lse. grad_rpb may be undefined. */         \
+  void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,  \
+                      const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,         \
+                      const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,               \
+                      const at::Tensor& grad_rpb, const Problem& p, double scale);                                \
   }
 
 DINAT_NA_DECLARE_KERNELS(cpu)
@@ -51,11 +51,11 @@ struct DeviceKernels {
   decltype(&cpu::fused_backward) fused_backward;
 };
 
-inline constexpr DeviceKernels kCpuKernels{&cpu::qk,       &cpu::av,           &cpu::inverse,
-                                           &cpu::rpb_grad, &cpu::fused_forward, &cpu::fused_backward};
+inline constexpr DeviceKernels kCpuKernels{
+    &cpu::qk, &cpu::av, &cpu::inverse, &cpu::rpb_grad, &cpu::fused_forward, &cpu::fused_backward};
 #if defined(DINAT_M2F_WITH_CUDA)
-inline constexpr DeviceKernels kCudaKernels{&cuda::qk,       &cuda::av,           &cuda::inverse,
-                                            &cuda::rpb_grad, &cuda::fused_forward, &cuda::fused_backward};
+inline constexpr DeviceKernels kCudaKernels{
+    &cuda::qk, &cuda::av, &cuda::inverse, &cuda::rpb_grad, &cuda::fused_forward, &cuda::fused_backward};
 #endif
 
 }  // namespace dinat_m2f::na

@@ -55,9 +55,9 @@ struct Ops {
     return rpb_grad_op(kKernels, {k2d ? "na2d_rpb_grad" : "na1d_rpb_grad", kDims, kernel_size, dilation}, grad_attn);
   }
   // Named after the public op (na1d / na2d): its messages are the ones users see.
-  static std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const std::optional<at::Tensor>& rpb,
-                                                          int64_t kernel_size, int64_t dilation, double scale) {
+  static std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                          int64_t dilation, double scale) {
     return fused_forward_op(kKernels, {k2d ? "na2d" : "na1d", kDims, kernel_size, dilation}, q, k, v, rpb, scale);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
