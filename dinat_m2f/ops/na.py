@@ -1,8 +1,9 @@
 """Python front end of the native neighborhood-attention ops (torch.ops.dinat_m2f.na*).
 
-The C++/CUDA kernels (native/na/) are registered with TORCH_LIBRARY_FRAGMENT(dinat_m2f, ...) and validate their
-inputs. This module adds what torch.compile and autograd need: fake (meta) kernels and backward formulas, both
-registered through torch.library, so a module using these ops compiles with fullgraph=True.
+The C++/CUDA kernels (native/na/) are registered per device (native/cpu_registration.cpp,
+native/cuda_registration.cpp) under the schemas of native/include/dinat_m2f/op_schemas.h, and validate their inputs.
+This module adds what torch.compile and autograd need: fake (meta) kernels, which refuse what the kernels refuse, and
+backward formulas, both registered through torch.library, so a module using these ops compiles with fullgraph=True.
 
 Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)

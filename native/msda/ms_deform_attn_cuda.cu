@@ -73,7 +73,6 @@ __global__ void backward_kernel(Sizes z, const scalar_t* __restrict__ value, con
   const int64_t warps_per_grid = int64_t(gridDim.x) * (blockDim.x / kWarp);
   // The loop bound is uniform across the warp, so every lane takes part in the shuffles.
   for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp; i < samples; i += warps_per_grid) {
-    const int64_t p = i % z.P;
     const int64_t l = (i / z.P) % z.L;
     const int64_t m = (i / (z.P * z.L)) % z.M;
     const int64_t q = (i / (z.P * z.L * z.M)) % z.Lq;

@@ -1,4 +1,4 @@
-// Device kernels of the neighborhood-attention ops. The op entry points (native/na/na_registration.cpp) check the
+// Device kernels of the neighborhood-attention ops. The op entry points (native/na/na_ops.cpp) check the
 // inputs, make them contiguous and shape them as 2D problems (1D: H = 1) before calling these, so every kernel may
 // assume: contiguous tensors, tokens [BH, H, W, D], weights [BH, H, W, kh * kw], bias [heads, 2 kh - 1, 2 kw - 1],
 // logsumexp [BH, H, W] in the accumulation type (float64 for float64 inputs, float32 otherwise), outputs allocated.
