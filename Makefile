@@ -42,6 +42,7 @@ build:
 lint: $(VENV)/.stamp-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(NATIVE_SOURCES)
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)

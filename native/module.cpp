@@ -1,5 +1,6 @@
-// The Python module `dinat_m2f._C`. The ops themselves are registered with TORCH_LIBRARY_FRAGMENT(dinat_m2f, ...)
-// in their own files and reached through torch.ops.dinat_m2f; this module only reports how it was built.
+// The Python module `dinat_m2f._C`. The ops are defined by native/registration.cpp (TORCH_LIBRARY(dinat_m2f, ...)),
+// their kernels registered per device, and reached through torch.ops.dinat_m2f; this module only reports how it was
+// built.
 #include <torch/extension.h>
 
 #include "dinat_m2f_build_config.h"

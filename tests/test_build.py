@@ -102,3 +102,48 @@ def test_loading_the_extension_registers_autograd_and_fake_kernels():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------- op registration
+
+_OPS = [
+    *(f"na{d}d_{op}" for d in (1, 2) for op in ("qk", "av", "inverse", "rpb_grad", "fused_forward", "fused_backward")),
+    "ms_deform_attn_forward",
+    "ms_deform_attn_backward",
+]
+
+
+def _op_names() -> list[str]:
+    import dinat_m2f.ops  # noqa: F401  (fake kernels and autograd)
+
+    return [f"dinat_m2f::{name}" for name in _OPS]
+
+
+@pytest.mark.parametrize("key", ["CPU", "CUDA", "Meta", "Autograd"])
+def test_every_op_has_a_kernel_for_every_dispatch_key(key):
+    """CPU and CUDA kernels for both op families (an error kernel for CUDA in a CPU-only build), fakes, autograd."""
+    missing = [name for name in _op_names() if not torch._C._dispatch_has_kernel_for_dispatch_key(name, key)]
+    assert not missing, f"no {key} kernel for {missing}"
+
+
+def test_ops_are_defined_in_one_library():
+    """One TORCH_LIBRARY(dinat_m2f, ...) owns every schema; device files only add kernels."""
+    import re
+    from pathlib import Path
+
+    native = Path(__file__).resolve().parent.parent / "native"
+    sources = [p for p in native.rglob("*") if p.suffix in {".cpp", ".cu", ".h", ".cuh"}]
+    owners = [p.name for p in sources if re.search(r"^TORCH_LIBRARY\(dinat_m2f", p.read_text(), re.M)]
+    fragments = [p.name for p in sources if re.search(r"^TORCH_LIBRARY_FRAGMENT\(", p.read_text(), re.M)]
+    assert owners == ["registration.cpp"] and not fragments, (owners, fragments)
+
+
+@pytest.mark.skipif("cuda" in dinat_m2f.build_info()["backends"], reason="this build has CUDA kernels")
+@pytest.mark.parametrize("name", _OPS)
+def test_cuda_kernel_of_a_cpu_only_build_says_how_to_fix_it(name):
+    """What a CUDA input meets in a build without CUDA kernels: the op's name and the fix, for both op families."""
+    op = getattr(torch.ops.dinat_m2f, name).default
+    args = [torch.zeros(1) if arg.type.kind() in ("TensorType", "OptionalType") else 1 for arg in op._schema.arguments]
+    cuda_only = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    with pytest.raises(RuntimeError, match=rf"dinat_m2f::{name}: .* built without CUDA kernels\. Rebuild it"):
+        op.redispatch(cuda_only, *args)

@@ -76,6 +76,14 @@ def test_gradcheck_float64():
     )
 
 
+def test_double_backward_says_it_is_unsupported():
+    value, ss, lsi, loc, attn = make_inputs(8, [(4, 3)], n=1, heads=1, channels=2, queries=2, points=2)
+    value.requires_grad_()
+    (grad_value,) = torch.autograd.grad(ms_deform_attn(value, ss, lsi, loc, attn).sum(), [value], create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward of ms_deform_attn is not supported"):
+        grad_value.sum().backward()
+
+
 def test_points_outside_read_zero_and_get_no_gradient():
     value, ss, lsi, loc, attn = make_inputs(3, [(4, 4), (2, 3)], n=1, heads=2, channels=3, queries=4, points=2)
     # all locations at least one pixel outside every level's map
@@ -172,6 +180,75 @@ def test_bad_inputs_raise_clear_errors(mutate, match):
         ms_deform_attn(*args)
 
 
+# Metadata the fake kernels can check too (the level sizes inside spatial_shapes are data: real kernels only).
+FAKE_CHECKED = [
+    (lambda a: a.__setitem__(0, a[0][0]), r"value must be \[N, S, heads, channels\]"),
+    (lambda a: a.__setitem__(1, a[1].int()), "spatial_shapes must be int64, got Int"),
+    (lambda a: a.__setitem__(1, a[1].flatten()), r"spatial_shapes must be \[levels, 2\]"),
+    (lambda a: a.__setitem__(2, torch.tensor([0])), r"level_start_index must be \[levels\]"),
+    (lambda a: a.__setitem__(3, a[3][..., :1]), "sampling_locations must be"),
+    (lambda a: a.__setitem__(3, a[3][:, :, :1]), "sampling_locations has shape"),
+    (lambda a: a.__setitem__(4, a[4][..., :1]), "attention_weights has shape"),
+    (lambda a: a.__setitem__(3, a[3].double()), "sampling_locations has dtype Double but value has dtype Float"),
+    (lambda a: a.__setitem__(0, a[0].long()), "value must be a floating tensor, got Long"),
+    (lambda a: [a.__setitem__(i, a[i].half()) for i in (0, 3, 4)], "CPU kernel supports float32 and float64, got Half"),
+    (lambda a: a.__setitem__(4, a[4].to("meta")), "attention_weights is on meta but value is on cpu"),
+    (lambda a: a.__setitem__(1, a[1].to("meta")), "spatial_shapes is on meta but value is on cpu"),
+]
+
+
+@pytest.mark.parametrize("mutate,match", FAKE_CHECKED)
+def test_fake_kernel_refuses_what_the_real_kernel_refuses(mutate, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _good()
+    mutate(args)
+    with pytest.raises(RuntimeError, match=match):  # real kernel (a meta input: the fake one)
+        ms_deform_attn(*args)
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match=match):
+        ms_deform_attn(*args)
+
+
+def test_fake_backward_checks_grad_output():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    value, ss, lsi, loc, attn = _good()
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match="grad_output has shape"):
+        torch.ops.dinat_m2f.ms_deform_attn_backward(value, ss, lsi, loc, attn, torch.zeros(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "shapes,starts,positions,match",
+    [
+        # H * W = 2**64 wraps to 0 in int64: it must not pass for a value with S = 0 (the kernel would read far
+        # outside value).
+        (
+            [(2**32, 2**32)],
+            [0],
+            0,
+            r"value has S = 0 positions but spatial_shapes add up to sum\(H \* W\) = "
+            "18446744073709551616",
+        ),
+        (
+            [(2**62, 4), (3, 4)],
+            [0, 0],
+            12,
+            r"spatial_shapes\[:1\] already add up to sum\(H \* W\) = "
+            "18446744073709551616",
+        ),
+        ([(3, 4), (2**31, 2**31)], [0, 12], 12, r"add up to sum\(H \* W\) = 4611686018427387916"),
+    ],
+)
+def test_level_sizes_are_summed_without_overflow(shapes, starts, positions, match):
+    value = torch.zeros(1, positions, 1, 2)
+    ss = torch.tensor(shapes, dtype=torch.int64)
+    lsi = torch.tensor(starts, dtype=torch.int64)
+    loc = torch.full((1, 1, 1, len(shapes), 1, 2), 0.5)
+    attn = torch.ones(1, 1, 1, len(shapes), 1)
+    with pytest.raises(RuntimeError, match=match):
+        ms_deform_attn(value, ss, lsi, loc, attn)
+
+
 def test_bad_grad_output_raises():
     value, ss, lsi, loc, attn = _good()
     with pytest.raises(RuntimeError, match="grad_output has shape"):
@@ -210,6 +287,21 @@ def test_cuda_matches_reference(dtype, tol):
         assert a.dtype == dtype
         # location gradients scale with the map size: compare relative to their magnitude
         torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device and a CUDA build")
+def test_cuda_with_level_sizes_on_the_cpu():
+    """spatial_shapes / level_start_index may stay on the host (no device sync to check them): same results."""
+    value, ss, lsi, loc, attn = make_inputs(23, [(9, 7), (5, 4)], dtype=torch.float32, device="cuda")
+    inputs = [t.requires_grad_() for t in (value, loc, attn)]
+    on_device = ms_deform_attn(value, ss, lsi, loc, attn)
+    on_host = ms_deform_attn(value, ss.cpu(), lsi.cpu(), loc, attn)
+    torch.testing.assert_close(on_host, on_device, rtol=0, atol=0)
+    grads_device = torch.autograd.grad(on_device.sum(), inputs)
+    grads_host = torch.autograd.grad(on_host.sum(), inputs)
+    for a, b in zip(grads_host, grads_device):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.cuda

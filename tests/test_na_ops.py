@@ -303,6 +303,42 @@ def _bad_calls():
         ("attn shape", lambda: ops.na2d_av(attn[:, :, :6], v, 3), "they must agree in every dimension but the last"),
         ("half on cpu", lambda: ops.na2d(q.half(), key.half(), v.half(), 3), "CPU kernels support float32"),
         ("int dtype", lambda: ops.na2d_qk(q.int(), key.int(), 3), "CPU kernels support float32"),
+        # One input on the meta device sends the call to the fake kernel, which must refuse it like the real one.
+        (
+            "rpb on meta",
+            lambda: ops.na2d_qk(q, key, 3, 1, rpb.to("meta")),
+            "rpb is on meta but q is on cpu; all inputs must be on the same device",
+        ),
+        ("fused rpb on meta", lambda: ops.na2d(q, key, v, 3, 1, rpb.to("meta")), "rpb is on meta but q is on cpu"),
+        ("attn on meta", lambda: ops.na2d_av(attn.to("meta"), v, 3), "attn is on meta but v is on cpu"),
+        (
+            "1d weights on meta",
+            lambda: torch.ops.dinat_m2f.na1d_inverse(attn[:, :, 0, :, :3].to("meta"), v[:, :, 0], 3, 1),
+            "weights is on meta but x is on cpu",
+        ),
+        (
+            "lse on meta",
+            lambda: torch.ops.dinat_m2f.na2d_fused_backward(
+                q, q, key, v, None, v, torch.zeros(2, 3, 7, 9, device="meta"), 3, 1, 0.5
+            ),
+            r"lse must be a Float tensor of shape q.shape\[:-1\] on q's device, got Float \[2, 3, 7, 9\] on meta",
+        ),
+        # kernel_size * dilation past int64: the size check must not wrap, and messages print the true product.
+        (
+            "dilation 2**62",
+            lambda: ops.na2d_qk(q, key, 3, 2**62),
+            r"smaller than kernel_size \* dilation = 3 \* 4611686018427387904 = 13835058055282163712",
+        ),
+        (
+            "1d dilation 2**62",
+            lambda: ops.na1d(q[:, :, 0], key[:, :, 0], v[:, :, 0], 3, 2**62),
+            r"= 3 \* 4611686018427387904 = 13835058055282163712\.",
+        ),
+        (
+            "kernel 2**33+1",
+            lambda: ops.na2d_av(attn, v, 2**33 + 1, 2**31),
+            r"= 8589934593 \* 2147483648 = 18446744075857035264\.",
+        ),
     ]
 
 
@@ -310,6 +346,24 @@ def _bad_calls():
 def test_bad_inputs_raise_clear_errors(name, call, message):
     with pytest.raises(RuntimeError, match=message):
         call()
+
+
+@pytest.mark.parametrize("name,call,message", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_fake_kernels_refuse_what_real_kernels_refuse(name, call, message):
+    """Traced (fake) calls get the real kernels' errors instead of an output shape for inputs the kernels refuse."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), pytest.raises(RuntimeError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("op", [ops.na1d, ops.na2d])
+def test_head_dim_zero_with_default_scale_raises_clear_error(op):
+    shape = (5, 6) if op is ops.na2d else (6,)
+    q, key, v = (t[..., :0] for t in _inputs(shape, 4, torch.float32, "cpu"))
+    name = op.__name__
+    with pytest.raises(ValueError, match=rf"{name}: q has head_dim 0 .* pass scale= explicitly"):
+        op(q, key, v, 3)
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -1,8 +1,9 @@
 """Python front end of the native neighborhood-attention ops (torch.ops.dinat_m2f.na*).
 
-The C++/CUDA kernels (native/na/) are registered with TORCH_LIBRARY_FRAGMENT(dinat_m2f, ...) and validate their
-inputs. This module adds what torch.compile and autograd need: fake (meta) kernels and backward formulas, both
-registered through torch.library, so a module using these ops compiles with fullgraph=True.
+The C++/CUDA kernels (native/na/) are registered per device (native/cpu_registration.cpp,
+native/cuda_registration.cpp) under the schemas of native/include/dinat_m2f/op_schemas.h, and validate their inputs.
+This module adds what torch.compile and autograd need: fake (meta) kernels, which refuse what the kernels refuse, and
+backward formulas, both registered through torch.library, so a module using these ops compiles with fullgraph=True.
 
 Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from dinat_m2f._ext import load_extension
+from dinat_m2f.ops._checks import c10_dtype, require, shape_text
 
 __all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]
 
@@ -36,34 +38,174 @@ def _rpb_width(kernel_size: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- fake kernels
-# Shapes only; the real kernels check the inputs and raise with a message.
+# The fake (meta) kernels refuse what the native entry points refuse (native/na/na_ops.cpp), with the same messages:
+# otherwise a mixed-device call that lands on the Meta key, or a traced call, would return uninitialised memory for
+# inputs the real kernels reject. Sizes may be symbolic, so size conditions go through torch._check.
+
+_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+_DTYPES["meta"] = _DTYPES["cuda"]  # plain meta tensors (shape inference): whatever some device supports
+_DTYPE_TEXT = {
+    "cpu": "CPU kernels support float32, float64 and bfloat16",
+    "cuda": "CUDA kernels support float32, float64, float16 and bfloat16",
+}
+
+
+def _check_kernel_and_dilation(op: str, kernel_size: int, dilation: int) -> None:
+    require(
+        kernel_size > 1 and kernel_size % 2 == 1,
+        op,
+        f"kernel_size must be an odd integer greater than 1, got {kernel_size}.",
+    )
+    require(dilation >= 1, op, f"dilation must be an integer >= 1, got {dilation}.")
+
+
+def _check_device_and_dtype(op: str, t: torch.Tensor, name: str) -> None:
+    device = t.device.type
+    require(device in _DTYPES, op, f"{name} must be a CPU or CUDA tensor, got device {t.device}.")
+    require(t.layout == torch.strided, op, f"{name} must be a dense (strided) tensor.")
+    if device != "meta":
+        require(t.dtype in _DTYPES[device], op, f"{_DTYPE_TEXT[device]}, but {name} has dtype {c10_dtype(t.dtype)}.")
+
+
+def _check_same(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    require(
+        t.device == ref.device,
+        op,
+        f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must be on the same device.",
+    )
+    require(
+        t.dtype == ref.dtype,
+        op,
+        f"{name} has dtype {c10_dtype(t.dtype)} but {ref_name} has dtype {c10_dtype(ref.dtype)}; "
+        "all inputs must have the same dtype.",
+    )
+
+
+def _check_tokens(op: str, dims: int, t: torch.Tensor, name: str, kernel_size: int, dilation: int) -> None:
+    _check_kernel_and_dilation(op, kernel_size, dilation)
+    _check_device_and_dtype(op, t, name)
+    layout = "[B, heads, H, W, D]" if dims == 2 else "[B, heads, L, D]"
+    require(t.dim() == dims + 3, op, f"{name} must be a {dims + 3}-D tensor {layout}, got shape {shape_text(t)}.")
+    for axis, axis_name in zip(range(dims), ("H", "W") if dims == 2 else ("L",)):
+        size = t.shape[2 + axis]
+        require(
+            size >= kernel_size * dilation,
+            op,
+            f"the {axis_name} axis of {name} has size {size}, smaller than kernel_size * dilation = {kernel_size} "
+            f"* {dilation} = {kernel_size * dilation}. Each spatial axis must be at least kernel_size * dilation.",
+        )
+
+
+def _check_sameshape_text(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    _check_same(op, t, name, ref, ref_name)
+    require(
+        t.shape == ref.shape, op, f"{name} must have the shape of {ref_name} {shape_text(ref)}, got {shape_text(t)}."
+    )
+
+
+def _check_weights(
+    op: str, dims: int, w: torch.Tensor, name: str, tokens: torch.Tensor, tokens_name: str, kernel_size: int
+) -> None:
+    _check_same(op, w, name, tokens, tokens_name)
+    window = kernel_size**dims
+    require(w.dim() == tokens.dim(), op, f"{name} must be a {tokens.dim()}-D tensor, got shape {shape_text(w)}.")
+    what = "kernel_size**2" if dims == 2 else "kernel_size"
+    require(
+        w.shape[-1] == window,
+        op,
+        f"the last dimension of {name} must be the window size {what} = {window}, got {w.shape[-1]}.",
+    )
+    require(
+        w.shape[:-1] == tokens.shape[:-1],
+        op,
+        f"{name} has shape {shape_text(w)} but {tokens_name} has shape {shape_text(tokens)}; they must agree in every "
+        "dimension but the last.",
+    )
+
+
+def _check_rpb(op: str, dims: int, rpb: torch.Tensor | None, q: torch.Tensor, kernel_size: int) -> None:
+    if rpb is None:
+        return
+    _check_same(op, rpb, "rpb", q, "q")
+    want = (q.shape[1],) + (_rpb_width(kernel_size),) * dims
+    require(
+        rpb.shape == want,
+        op,
+        f"rpb must have shape [heads, {', '.join(['2k-1'] * dims)}] = [{', '.join(str(s) for s in want)}], "
+        f"got {shape_text(rpb)}.",
+    )
 
 
 def _register_fakes(dim: int) -> None:
     p = f"dinat_m2f::na{dim}d"
+    name = f"na{dim}d"
 
     @torch.library.register_fake(f"{p}_qk")
     def _qk(q, k, rpb, kernel_size, dilation):
+        op = f"{name}_qk"
+        _check_tokens(op, dim, q, "q", kernel_size, dilation)
+        _check_sameshape_text(op, k, "k", q, "q")
+        _check_rpb(op, dim, rpb, q, kernel_size)
         return q.new_empty((*q.shape[:-1], kernel_size**dim))
 
     @torch.library.register_fake(f"{p}_av")
     def _av(attn, v, kernel_size, dilation):
+        op = f"{name}_av"
+        _check_tokens(op, dim, v, "v", kernel_size, dilation)
+        _check_weights(op, dim, attn, "attn", v, "v", kernel_size)
         return v.new_empty(v.shape)
 
     @torch.library.register_fake(f"{p}_inverse")
     def _inverse(weights, x, kernel_size, dilation):
+        op = f"{name}_inverse"
+        _check_tokens(op, dim, x, "x", kernel_size, dilation)
+        _check_weights(op, dim, weights, "weights", x, "x", kernel_size)
         return x.new_empty(x.shape)
 
     @torch.library.register_fake(f"{p}_rpb_grad")
     def _rpb_grad(grad_attn, kernel_size, dilation):
+        op = f"{name}_rpb_grad"
+        _check_kernel_and_dilation(op, kernel_size, dilation)
+        _check_device_and_dtype(op, grad_attn, "grad_attn")
+        require(
+            grad_attn.dim() == dim + 3,
+            op,
+            f"grad_attn must be a {dim + 3}-D tensor, got shape {shape_text(grad_attn)}.",
+        )
+        _check_tokens(op, dim, grad_attn[..., :1], "grad_attn", kernel_size, dilation)
+        require(
+            grad_attn.shape[-1] == kernel_size**dim,
+            op,
+            f"the last dimension of grad_attn must be the window size {kernel_size**dim}, got {grad_attn.shape[-1]}.",
+        )
         return grad_attn.new_empty((grad_attn.shape[1],) + (_rpb_width(kernel_size),) * dim)
 
     @torch.library.register_fake(f"{p}_fused_forward")
     def _fused_forward(q, k, v, rpb, kernel_size, dilation, scale):
+        op = name
+        _check_tokens(op, dim, q, "q", kernel_size, dilation)
+        _check_sameshape_text(op, k, "k", q, "q")
+        _check_sameshape_text(op, v, "v", q, "q")
+        _check_rpb(op, dim, rpb, q, kernel_size)
         return v.new_empty(v.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
     @torch.library.register_fake(f"{p}_fused_backward")
     def _fused_backward(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, scale):
+        op = f"{name}_fused_backward"
+        _check_tokens(op, dim, q, "q", kernel_size, dilation)
+        for t, t_name in ((k, "k"), (v, "v"), (out, "out"), (grad_out, "grad_out")):
+            _check_sameshape_text(op, t, t_name, q, "q")
+        _check_rpb(op, dim, rpb, q, kernel_size)
+        lse_dtype = _lse_dtype(q.dtype)
+        require(
+            lse.dtype == lse_dtype and lse.device == q.device and lse.shape == q.shape[:-1],
+            op,
+            f"lse must be a {c10_dtype(lse_dtype)} tensor of shape q.shape[:-1] on q's device, got "
+            f"{c10_dtype(lse.dtype)} {shape_text(lse)} on {lse.device}.",
+        )
         grad_rpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_rpb
 
@@ -163,9 +305,21 @@ for _dim in (1, 2):
 # ----------------------------------------------------------------------------------------------- public API
 
 
+def _default_scale(op, q: torch.Tensor) -> float:
+    head_dim = q.shape[-1]
+    if head_dim == 0:
+        # op is torch.ops.dinat_m2f.na{1,2}d_fused_forward; the message names the public op (na1d / na2d).
+        name = op.__name__.removesuffix("_fused_forward")
+        raise ValueError(
+            f"{name}: q has head_dim 0 (shape {tuple(q.shape)}), so the default scale head_dim**-0.5 is undefined; "
+            "give q a non-empty last dimension or pass scale= explicitly."
+        )
+    return head_dim**-0.5
+
+
 def _fused(op, q, k, v, kernel_size: int, dilation: int, rpb, scale: float | None) -> torch.Tensor:
     # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _default_scale(op, q) if scale is None else float(scale)
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
 
 

@@ -8,26 +8,19 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
 #include "dinat_m2f/ms_deform_attn_common.h"
-#include "ms_deform_attn.h"
+#include "dinat_m2f/ms_deform_attn_kernels.h"
 
-namespace dinat_m2f::msda {
+namespace dinat_m2f::msda::cpu {
 
 namespace {
 
 template <typename scalar_t>
-void forward_kernel(
-    const Sizes& z,
-    const scalar_t* value,
-    const int64_t* shapes,
-    const int64_t* starts,
-    const scalar_t* locations,
-    const scalar_t* weights,
-    scalar_t* output) {
+void forward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                    const scalar_t* locations, const scalar_t* weights, scalar_t* output) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = z.M * z.D;  // stride of one spatial position in value
   const int64_t grain = std::max<int64_t>(1, 2048 / std::max<int64_t>(1, z.M * z.L * z.P * z.D));
@@ -71,17 +64,9 @@ void forward_kernel(
 }
 
 template <typename scalar_t>
-void backward_kernel(
-    const Sizes& z,
-    const scalar_t* value,
-    const int64_t* shapes,
-    const int64_t* starts,
-    const scalar_t* locations,
-    const scalar_t* weights,
-    const scalar_t* grad_output,
-    scalar_t* grad_value,
-    scalar_t* grad_locations,
-    scalar_t* grad_weights) {
+void backward_kernel(const Sizes& z, const scalar_t* value, const int64_t* shapes, const int64_t* starts,
+                     const scalar_t* locations, const scalar_t* weights, const scalar_t* grad_output,
+                     scalar_t* grad_value, scalar_t* grad_locations, scalar_t* grad_weights) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t row = z.M * z.D;
   at::parallel_for(0, z.N * z.M, 1, [&](int64_t begin, int64_t end) {
@@ -103,28 +88,14 @@ void backward_kernel(
               continue;  // outside the map: zero output, zero gradients (already zero-initialised)
             }
             const acc_t w = weights[i];
-            acc_t grad_w = 0, grad_h_im = 0, grad_w_im = 0;
+            SampleGrads<acc_t> grads;
             for (int64_t d = 0; d < z.D; ++d) {
-              acc_t v[4];
-              for (int c = 0; c < 4; ++c) {
-                v[c] = s.valid[c] ? static_cast<acc_t>(level[s.pos[c] * row + d]) : acc_t(0);
-              }
-              acc_t sample, d_h, d_w;
-              bilinear_value_and_grad(s, v, sample, d_h, d_w);
-              const acc_t g = static_cast<acc_t>(top[d]);
-              grad_w += g * sample;
-              grad_h_im += g * d_h;
-              grad_w_im += g * d_w;
-              const acc_t gw = g * w;
-              for (int c = 0; c < 4; ++c) {
-                if (s.valid[c]) {
-                  grad_level[s.pos[c] * row + d] += static_cast<scalar_t>(gw * s.weight[c]);
-                }
-              }
+              scalar_t* grad_level_d = grad_level + d;
+              backward_sample_channel(
+                  s, level + d, row, static_cast<acc_t>(top[d]), w, grads,
+                  [&](int64_t corner, acc_t amount) { grad_level_d[corner] += static_cast<scalar_t>(amount); });
             }
-            grad_weights[i] = static_cast<scalar_t>(grad_w);
-            grad_locations[2 * i] = static_cast<scalar_t>(w * grad_w_im * static_cast<acc_t>(W));
-            grad_locations[2 * i + 1] = static_cast<scalar_t>(w * grad_h_im * static_cast<acc_t>(H));
+            store_sample_grads(grads, w, H, W, i, grad_locations, grad_weights);
           }
         }
       }
@@ -132,72 +103,31 @@ void backward_kernel(
   });
 }
 
-void check_cpu(const char* op, const at::Tensor& value) {
-  TORCH_CHECK(value.device().is_cpu(), op, ": the CPU kernel got a tensor on ", value.device());
-  TORCH_CHECK(
-      value.scalar_type() == at::kFloat || value.scalar_type() == at::kDouble,
-      op, ": the CPU kernel supports float32 and float64, got ", value.scalar_type(),
-      " (under autocast, run the deformable attention in float32)");
-}
-
 }  // namespace
 
-at::Tensor ms_deform_attn_forward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights) {
-  constexpr const char* op = "ms_deform_attn_forward";
-  const Sizes z = check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  check_cpu(op, value);
-  const at::Tensor v = value.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor attn = attention_weights.contiguous();
-  at::Tensor output = at::empty({z.N, z.Lq, z.M * z.D}, value.options());
+void forward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,
+             const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+             const at::Tensor& attention_weights, const at::Tensor& output) {
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
-    forward_kernel<scalar_t>(
-        z, v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
+    forward_kernel<scalar_t>(z, value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
+                             level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<scalar_t>(),
+                             attention_weights.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>());
   });
-  return output;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
-    const at::Tensor& value,
-    const at::Tensor& spatial_shapes,
-    const at::Tensor& level_start_index,
-    const at::Tensor& sampling_locations,
-    const at::Tensor& attention_weights,
-    const at::Tensor& grad_output) {
-  constexpr const char* op = "ms_deform_attn_backward";
-  const Sizes z =
-      check_inputs(op, value, spatial_shapes, level_start_index, sampling_locations, attention_weights, &grad_output);
-  check_cpu(op, value);
-  const at::Tensor v = value.contiguous();
-  const at::Tensor shapes = spatial_shapes.contiguous();
-  const at::Tensor starts = level_start_index.contiguous();
-  const at::Tensor loc = sampling_locations.contiguous();
-  const at::Tensor attn = attention_weights.contiguous();
-  const at::Tensor grad = grad_output.contiguous();
-  at::Tensor grad_value = at::zeros_like(v);
-  at::Tensor grad_loc = at::zeros_like(loc);
-  at::Tensor grad_attn = at::zeros_like(attn);
+void backward(const Sizes& z, const at::Tensor& value, const at::Tensor& spatial_shapes,
+              const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+              const at::Tensor& attention_weights, const at::Tensor& grad_output, const at::Tensor& grad_value,
+              const at::Tensor& grad_sampling_locations, const at::Tensor& grad_attention_weights) {
+  grad_value.zero_();  // scattered into
   AT_DISPATCH_FLOATING_TYPES(value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
     backward_kernel<scalar_t>(
-        z, v.const_data_ptr<scalar_t>(), shapes.const_data_ptr<int64_t>(), starts.const_data_ptr<int64_t>(),
-        loc.const_data_ptr<scalar_t>(), attn.const_data_ptr<scalar_t>(), grad.const_data_ptr<scalar_t>(),
-        grad_value.mutable_data_ptr<scalar_t>(), grad_loc.mutable_data_ptr<scalar_t>(),
-        grad_attn.mutable_data_ptr<scalar_t>());
+        z, value.const_data_ptr<scalar_t>(), spatial_shapes.const_data_ptr<int64_t>(),
+        level_start_index.const_data_ptr<int64_t>(), sampling_locations.const_data_ptr<scalar_t>(),
+        attention_weights.const_data_ptr<scalar_t>(), grad_output.const_data_ptr<scalar_t>(),
+        grad_value.mutable_data_ptr<scalar_t>(), grad_sampling_locations.mutable_data_ptr<scalar_t>(),
+        grad_attention_weights.mutable_data_ptr<scalar_t>());
   });
-  return {grad_value, grad_loc, grad_attn};
 }
 
-}  // namespace dinat_m2f::msda
-
-TORCH_LIBRARY_IMPL(dinat_m2f, CPU, m) {
-  m.impl("ms_deform_attn_forward", &dinat_m2f::msda::ms_deform_attn_forward_cpu);
-  m.impl("ms_deform_attn_backward", &dinat_m2f::msda::ms_deform_attn_backward_cpu);
-}
+}  // namespace dinat_m2f::msda::cpu

@@ -10,6 +10,7 @@
 
 #include "dinat_m2f/na_common.h"
 #include "dinat_m2f/na_cpu_math.h"
+#include "dinat_m2f/na_cpu_windows.h"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cpu {
@@ -17,27 +18,9 @@ namespace {
 
 using namespace cpu_math;
 
-// Window start and bias start of every position along one axis.
-struct AxisTable {
-  std::vector<int64_t> start;
-  std::vector<int64_t> bias;
-  AxisTable(int64_t length, int64_t kernel, int64_t dilation) : start(length), bias(length) {
-    for (int64_t i = 0; i < length; ++i) {
-      start[i] = window_start(i, length, kernel, dilation);
-      bias[i] = bias_start(i, start[i], kernel, dilation);
-    }
-  }
-};
-
-// Grain for parallel loops over rows: a row is W * window * D multiply-adds.
-int64_t row_grain(const Problem& p) {
-  const int64_t work = p.width * p.window() * p.dim;
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
-}
-
 template <typename T, int64_t kD>
 void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) {
-  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
@@ -46,13 +29,13 @@ void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) 
       const T* qv = q + (row * W + j) * D;
       T* out = attn + (row * W + j) * KK;
       for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t ki_pos = th.start[i] + ki * p.dh;
+        const int64_t ki_pos = win.h.start[i] + ki * p.dh;
         const T* krow = k + ((bh * H + ki_pos) * W) * D;
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          out[ki * p.kw + kj] = dot(qv, krow + (tw.start[j] + kj * p.dw) * D, D);
+          out[ki * p.kw + kj] = dot(qv, krow + (win.w.start[j] + kj * p.dw) * D, D);
         }
         if (rpb != nullptr) {
-          const T* brow = rpb + (h * RH + th.bias[i] + ki) * RW + tw.bias[j];
+          const T* brow = rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j];
           for (int64_t kj = 0; kj < p.kw; ++kj) {
             out[ki * p.kw + kj] += brow[kj];
           }
@@ -64,7 +47,7 @@ void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) 
 
 template <typename T, int64_t kD>
 void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
-  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
@@ -73,9 +56,9 @@ void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
       const T* a = attn + (row * W + j) * KK;
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const T* vrow = v + ((bh * H + th.start[i] + ki * p.dh) * W) * D;
+        const T* vrow = v + ((bh * H + win.h.start[i] + ki * p.dh) * W) * D;
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          axpy(a[ki * p.kw + kj], vrow + (tw.start[j] + kj * p.dw) * D, acc.data(), D);
+          axpy(a[ki * p.kw + kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc.data(), D);
         }
       }
       std::copy(acc.begin(), acc.end(), out + (row * W + j) * D);
@@ -86,20 +69,17 @@ void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
 template <typename T, int64_t kD>
 void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
-  std::vector<InverseRange> rh(H), rw(W);
-  for (int64_t i = 0; i < H; ++i) rh[i] = inverse_range(i, H, p.kh, p.dh);
-  for (int64_t j = 0; j < W; ++j) rw[j] = inverse_range(j, W, p.kw, p.dw);
-  const AxisTable th(H, p.kh, p.dh), tw(W, p.kw, p.dw);
+  const Windows win(p);
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, xi = row % H;
     std::vector<T> acc(D);
     for (int64_t xj = 0; xj < W; ++xj) {
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t i = rh[xi].begin; i < rh[xi].end; i += p.dh) {
-        const int64_t ki = (xi - th.start[i]) / p.dh;
+      for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
+        const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
         const int64_t base = (bh * H + i) * W;
-        for (int64_t j = rw[xj].begin; j < rw[xj].end; j += p.dw) {
-          const int64_t kj = (xj - tw.start[j]) / p.dw;
+        for (int64_t j = win.w.inverse[xj].begin; j < win.w.inverse[xj].end; j += p.dw) {
+          const int64_t kj = window_slot(xj, win.w.start[j], p.dw);
           axpy(w[(base + j) * KK + ki * p.kw + kj], x + (base + j) * D, acc.data(), D);
         }
       }
@@ -114,7 +94,7 @@ void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
 // g of slices [slice_begin, slice_end) (g points at slice_begin). Parallel over (head, bias row): race-free.
 template <typename T, typename Acc>
 void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p) {
-  const AxisTable th(p.height, p.kh, p.dh), tw(p.width, p.kw, p.dw);
+  const Windows win(p);
   const int64_t H = p.height, W = p.width, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.heads * RH, 1, [&](int64_t task) {
     const int64_t h = task / RH, a = task % RH;
@@ -122,13 +102,13 @@ void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* gr
     int64_t first = slice_begin + ((h - slice_begin % p.heads) % p.heads + p.heads) % p.heads;
     for (int64_t bh = first; bh < slice_end; bh += p.heads) {
       for (int64_t i = 0; i < H; ++i) {
-        const int64_t ki = a - th.bias[i];
+        const int64_t ki = a - win.h.bias[i];
         if (ki < 0 || ki >= p.kh) {
           continue;
         }
         const T* grow = g + ((bh - slice_begin) * H + i) * W * KK + ki * p.kw;
         for (int64_t j = 0; j < W; ++j) {
-          Acc* dst = acc.data() + tw.bias[j];
+          Acc* dst = acc.data() + win.w.bias[j];
           const T* src = grow + j * KK;
           for (int64_t kj = 0; kj < p.kw; ++kj) {
             dst[kj] += static_cast<Acc>(src[kj]);
@@ -153,8 +133,9 @@ void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor
   const at::Tensor out = as_compute(attn);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_qk_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                        rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), p);
+      qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+                                     rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                     out.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!out.is_same(attn)) attn.copy_(out);
@@ -164,8 +145,8 @@ void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, cons
   const at::Tensor ac = as_compute(attn), vc = as_compute(v), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "na_av_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(), oc.mutable_data_ptr<scalar_t>(),
-                        p);
+      av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
+                                     oc.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
@@ -175,8 +156,8 @@ void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& o
   const at::Tensor wc = as_compute(weights), xc = as_compute(x), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "na_inverse_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                             oc.mutable_data_ptr<scalar_t>(), p);
+      inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
+                                          oc.mutable_data_ptr<scalar_t>(), p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);

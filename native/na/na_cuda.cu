@@ -2,13 +2,13 @@
 // float32/float64/float16/bfloat16 with float32 (float64 for float64) accumulation. Kernel size and dilation are
 // runtime values: one instantiation per dtype keeps the build short. One thread per output element; the window and
 // bias index math is the host/device code of na_common.h shared with the CPU kernels.
-#include "dinat_m2f/na_cuda_utils.h"
+#include "dinat_m2f/na_cuda_kernels.cuh"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cuda {
 namespace {
 
-using namespace cuda_utils;
+using namespace cuda_kernels;
 
 // attn[token, n] = q_token . k_{N(token)_n} + rpb: one thread per (token, window slot).
 template <typename scalar_t, typename acc_t>
@@ -39,8 +39,8 @@ __global__ void qk_kernel(const scalar_t* __restrict__ q, const scalar_t* __rest
 
 // out[token, d] = sum_n attn[token, n] v[N(token)_n, d]: one thread per (token, channel), coalesced over channels.
 template <typename scalar_t, typename acc_t>
-__global__ void av_kernel(const scalar_t* __restrict__ attn, const scalar_t* __restrict__ v,
-                          scalar_t* __restrict__ out, Problem p) {
+__global__ void av_kernel(const scalar_t* __restrict__ attn, const scalar_t* __restrict__ v, scalar_t* __restrict__ out,
+                          Problem p) {
   const int64_t H = p.height, W = p.width, D = p.dim, KK = p.window();
   DINAT_CUDA_LOOP(idx, p.batch_heads * H * W * D) {
     const int64_t d = idx % D;

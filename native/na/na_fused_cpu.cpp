@@ -15,35 +15,14 @@
 
 #include "dinat_m2f/na_common.h"
 #include "dinat_m2f/na_cpu_math.h"
+#include "dinat_m2f/na_cpu_windows.h"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cpu {
 
-template <typename T, typename Acc>
-void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p);
-
 namespace {
 
 using namespace cpu_math;
-
-struct Windows {
-  std::vector<int64_t> start_h, bias_h, start_w, bias_w;
-  explicit Windows(const Problem& p) : start_h(p.height), bias_h(p.height), start_w(p.width), bias_w(p.width) {
-    for (int64_t i = 0; i < p.height; ++i) {
-      start_h[i] = window_start(i, p.height, p.kh, p.dh);
-      bias_h[i] = bias_start(i, start_h[i], p.kh, p.dh);
-    }
-    for (int64_t j = 0; j < p.width; ++j) {
-      start_w[j] = window_start(j, p.width, p.kw, p.dw);
-      bias_w[j] = bias_start(j, start_w[j], p.kw, p.dw);
-    }
-  }
-};
-
-int64_t row_grain(const Problem& p) {
-  const int64_t work = p.width * p.window() * p.dim;
-  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
-}
 
 // Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
 template <typename T, int64_t kD>
@@ -87,7 +66,7 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
 
 // True when some dilation group along W holds a full tile of interior queries.
 bool has_query_tiles(const Problem& p) {
-  const int64_t longest_group = (p.width + p.dw - 1) / p.dw;
+  const int64_t longest_group = group_length(0, p.width, p.dw);
   return longest_group - 2 * (p.kw / 2) >= kLanes;
 }
 
@@ -100,9 +79,8 @@ struct TileScratch {
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
 // lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
 template <typename T, int64_t kD>
-void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
-                  int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
-                  TileScratch<T>& s) {
+void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t r,
+                  int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale, TileScratch<T>& s) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
   const int64_t row = bh * H + i, h = bh % p.heads;
@@ -117,11 +95,11 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   V running_max = V{} - std::numeric_limits<T>::infinity();
   V running_sum = V{};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = bh * H + win.start_h[i] + ki * p.dh;
+    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
     // Interior windows along W all start at bias column kw / 2.
-    const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.bias_h[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
+    const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
     V new_max = running_max;
     for (int64_t kj = 0; kj < KW; ++kj) {
       V logit = V{} + (brow != nullptr ? brow[kj] : T(0));
@@ -155,8 +133,8 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
 
 // Forward of one query, the window streamed one window row at a time (online softmax).
 template <typename T, int64_t kD>
-void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i,
-                   int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
+void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
+                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
   const int64_t row = bh * H + i, h = bh % p.heads;
   const T* qv = q + (row * W + j) * D;
@@ -164,9 +142,9 @@ void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* 
   T running_sum = 0;
   std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
-    const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
-    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, logits);
+    const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
+    const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
+    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, logits);
     const T row_max = *std::max_element(logits, logits + p.kw);
     if (row_max > running_max) {  // rescale what was accumulated under the old max
       const T factor = exp_approx(running_max - row_max);
@@ -178,7 +156,7 @@ void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* 
     const T* vrow = v + key_row * D;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
       running_sum += probs[kj];
-      axpy(probs[kj], vrow + (win.start_w[j] + kj * p.dw) * D, acc, D);
+      axpy(probs[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
     }
   }
   T* o = out + (row * W + j) * D;
@@ -215,8 +193,8 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
                               scratch);
           jg += kLanes;
         } else {
-          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(),
-                               logits.data(), probs.data());
+          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
+                               probs.data());
           ++jg;
         }
       }
@@ -244,13 +222,13 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
       T* dsw = ds_ws + (local_row * W + j) * KK;
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t key_row = (bh * H + win.start_h[i] + ki * p.dh) * W;
-        const T* brow = rpb != nullptr ? rpb + (h * RH + win.bias_h[i] + ki) * RW + win.bias_w[j] : nullptr;
+        const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
+        const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
         T* prow = pw + ki * p.kw;
-        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.start_w[j], p, prow);
+        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, prow);
         exp_shifted(prow, row_lse, prow, p.kw);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t key = key_row + win.start_w[j] + kj * p.dw;
+          const int64_t key = key_row + win.w.start[j] + kj * p.dw;
           const T ds = prow[kj] * (dot(go, v + key * D, D) - delta);
           dsw[ki * p.kw + kj] = ds;
           axpy(ds, k + key * D, acc.data(), D);
@@ -267,8 +245,7 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
 template <typename T, int64_t kD>
 void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T* ds_ws, T* grad_k, T* grad_v,
-                       int64_t s0, int64_t s1, const Problem& p, const Windows& win,
-                       const std::vector<InverseRange>& inv_h, const std::vector<InverseRange>& inv_w, T scale) {
+                       int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
@@ -277,12 +254,12 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
     for (int64_t xj = 0; xj < W; ++xj) {
       std::fill(acc_k.begin(), acc_k.end(), T(0));
       std::fill(acc_v.begin(), acc_v.end(), T(0));
-      for (int64_t i = inv_h[xi].begin; i < inv_h[xi].end; i += p.dh) {
-        const int64_t ki = (xi - win.start_h[i]) / p.dh;
+      for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
+        const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
         const int64_t local_base = ((bh - s0) * H + i) * W;
         const int64_t base = (bh * H + i) * W;
-        for (int64_t j = inv_w[xj].begin; j < inv_w[xj].end; j += p.dw) {
-          const int64_t slot = ki * p.kw + (xj - win.start_w[j]) / p.dw;
+        for (int64_t j = win.w.inverse[xj].begin; j < win.w.inverse[xj].end; j += p.dw) {
+          const int64_t slot = ki * p.kw + window_slot(xj, win.w.start[j], p.dw);
           axpy(ds_ws[(local_base + j) * KK + slot], q + (base + j) * D, acc_k.data(), D);
           axpy(prob_ws[(local_base + j) * KK + slot], grad_out + (base + j) * D, acc_v.data(), D);
         }
@@ -300,9 +277,6 @@ template <typename T, int64_t kD>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
                      T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale) {
   const Windows win(p);
-  std::vector<InverseRange> inv_h(p.height), inv_w(p.width);
-  for (int64_t i = 0; i < p.height; ++i) inv_h[i] = inverse_range(i, p.height, p.kh, p.dh);
-  for (int64_t j = 0; j < p.width; ++j) inv_w[j] = inverse_range(j, p.width, p.kw, p.dw);
   // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
   const int64_t slice_elems = p.tokens() * p.window();
   const int64_t budget = (int64_t{64} << 20) / (2 * static_cast<int64_t>(sizeof(T)));
@@ -311,8 +285,8 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
     backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
-                        scale);
-    backward_key_pass<T, kD>(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, inv_h, inv_w, scale);
+                               scale);
+    backward_key_pass<T, kD>(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>(ds_ws.data(), s0, s1, grad_rpb, p);
     }
@@ -352,13 +326,12 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-    backward_kernel<scalar_t, dim.value>(goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(),
-                              kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-                              rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.const_data_ptr<scalar_t>(),
-                              lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
-                              gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
-                              grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
-                              static_cast<scalar_t>(scale));
+      backward_kernel<scalar_t, dim.value>(
+          goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
+          vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+          oc.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
+          gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
+          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale));
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);

@@ -5,16 +5,16 @@
 // rescaled when the running max grows; nothing but the row logsumexp is written besides the output.
 // Backward: the same warp-per-query pass recomputes P = exp(logit - lse) and dS = P (dO . v - delta), writes both to a
 // float workspace and accumulates dQ; dK and dV are then gathered over the inverse neighborhood and d-rpb reduced per
-// bias entry (shared kernels of na_cuda_utils.h): no atomics, deterministic.
+// bias entry (shared kernels of na_cuda_kernels.cuh): no atomics, deterministic.
 #include <limits>
 
-#include "dinat_m2f/na_cuda_utils.h"
+#include "dinat_m2f/na_cuda_kernels.cuh"
 #include "dinat_m2f/na_kernels.h"
 
 namespace dinat_m2f::na::cuda {
 namespace {
 
-using namespace cuda_utils;
+using namespace cuda_kernels;
 
 constexpr int kMaxChunks = 8;  // head_dim <= 256
 constexpr int kWarpsPerBlock = 4;
@@ -63,15 +63,14 @@ __device__ __forceinline__ acc_t warp_dot(const acc_t (&r)[kMaxChunks], const sc
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ acc_t bias_at(const scalar_t* rpb, const QueryIndex& qi, int64_t ki, int64_t kj,
                                          const Problem& p) {
-  return rpb == nullptr ? acc_t(0)
-                        : static_cast<acc_t>(rpb[(qi.h * p.rpb_h() + qi.bi + ki) * p.rpb_w() + qi.bj + kj]);
+  return rpb == nullptr ? acc_t(0) : static_cast<acc_t>(rpb[(qi.h * p.rpb_h() + qi.bi + ki) * p.rpb_w() + qi.bj + kj]);
 }
 
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
-    fused_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k,
-                         const scalar_t* __restrict__ v, const scalar_t* __restrict__ rpb, scalar_t* __restrict__ out,
-                         acc_t* __restrict__ lse, Problem p, acc_t scale) {
+    fused_forward_kernel(const scalar_t* __restrict__ q, const scalar_t* __restrict__ k, const scalar_t* __restrict__ v,
+                         const scalar_t* __restrict__ rpb, scalar_t* __restrict__ out, acc_t* __restrict__ lse,
+                         Problem p, acc_t scale) {
   const int lane = threadIdx.x % kWarp;
   const int64_t D = p.dim, W = p.width, H = p.height;
   const int64_t queries = p.batch_heads * p.tokens();
@@ -165,8 +164,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock* kWarp)
 }
 
 void check_head_dim(const Problem& p) {
-  TORCH_CHECK(p.dim <= kMaxChunks * kWarp, "fused neighborhood attention on CUDA supports head_dim <= ",
-              kMaxChunks * kWarp, ", got ", p.dim, ". Use na*_qk / softmax / na*_av for larger heads.");
+  TORCH_CHECK(p.dim <= kMaxChunks * kWarp,
+              "fused neighborhood attention on CUDA supports head_dim <= ", kMaxChunks * kWarp, ", got ", p.dim,
+              ". Use na*_qk / softmax / na*_av for larger heads.");
 }
 
 }  // namespace
@@ -211,8 +211,8 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
         ds_ws.const_data_ptr<acc_t>(), q.const_data_ptr<scalar_t>(), grad_k.mutable_data_ptr<scalar_t>(), p, s);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     inverse_kernel<acc_t, scalar_t, acc_t><<<blocks_for(grad_v.numel()), kThreads, 0, stream>>>(
-        prob_ws.const_data_ptr<acc_t>(), grad_out.const_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(),
-        p, acc_t(1));
+        prob_ws.const_data_ptr<acc_t>(), grad_out.const_data_ptr<scalar_t>(), grad_v.mutable_data_ptr<scalar_t>(), p,
+        acc_t(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (grad_rpb.defined() && grad_rpb.numel() > 0) {  // heads == 0 would be a zero-block launch
       rpb_grad_kernel<acc_t, acc_t><<<static_cast<unsigned int>(grad_rpb.numel()), kThreads, 0, stream>>>(

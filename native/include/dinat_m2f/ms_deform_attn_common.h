@@ -40,10 +40,10 @@ DINAT_M2F_HOST_DEVICE acc_t floor_value(acc_t v) {
 // The four corners of one bilinear sample: top-left, top-right, bottom-left, bottom-right.
 template <typename acc_t>
 struct BilinearSample {
-  int64_t pos[4];  // spatial index h * W + w of each corner inside its level
-  bool valid[4];   // corner inside the map (an outside corner reads as zero)
-  acc_t lh, lw;    // fractional offsets from the top-left corner
-  acc_t weight[4]; // bilinear weights (1-lh)(1-lw), (1-lh)lw, lh(1-lw), lh lw
+  int64_t pos[4];   // spatial index h * W + w of each corner inside its level
+  bool valid[4];    // corner inside the map (an outside corner reads as zero)
+  acc_t lh, lw;     // fractional offsets from the top-left corner
+  acc_t weight[4];  // bilinear weights (1-lh)(1-lw), (1-lh)lw, lh(1-lw), lh lw
 };
 
 // Fills `s` for the normalised location (x, y) on an H x W map. Returns false when the sample lies entirely
@@ -88,12 +88,8 @@ DINAT_M2F_HOST_DEVICE bool make_bilinear_sample(acc_t x, acc_t y, int64_t H, int
 // Bilinear value from the four corner values v (zero for invalid corners) and its derivatives with respect
 // to the pixel coordinates h_im and w_im (multiply by H, W for the normalised coordinates).
 template <typename acc_t>
-DINAT_M2F_HOST_DEVICE void bilinear_value_and_grad(
-    const BilinearSample<acc_t>& s,
-    const acc_t v[4],
-    acc_t& value,
-    acc_t& d_h,
-    acc_t& d_w) {
+DINAT_M2F_HOST_DEVICE void bilinear_value_and_grad(const BilinearSample<acc_t>& s, const acc_t v[4], acc_t& value,
+                                                   acc_t& d_h, acc_t& d_w) {
   const acc_t hh = acc_t(1) - s.lh;
   const acc_t hw = acc_t(1) - s.lw;
   value = s.weight[0] * v[0] + s.weight[1] * v[1] + s.weight[2] * v[2] + s.weight[3] * v[3];
@@ -101,9 +97,51 @@ DINAT_M2F_HOST_DEVICE void bilinear_value_and_grad(
   d_w = -hh * v[0] + hh * v[1] - s.lh * v[2] + s.lh * v[3];
 }
 
+// Gradients of one sample with respect to its attention weight and its pixel coordinates, summed over channels.
+template <typename acc_t>
+struct SampleGrads {
+  acc_t weight = 0;
+  acc_t h_im = 0;
+  acc_t w_im = 0;
+};
+
+// Channel d of one sample's backward, shared by the CPU and CUDA kernels. value_d points at channel d of the sample's
+// level and head (corner c reads value_d[pos[c] * row]), g is grad_output at channel d and w the sample's attention
+// weight. Adds to `grads` and hands each corner's value gradient to scatter(offset from value_d, amount): a plain add
+// on the CPU, atomicAdd on CUDA.
+template <typename scalar_t, typename acc_t, typename Scatter>
+DINAT_M2F_HOST_DEVICE void backward_sample_channel(const BilinearSample<acc_t>& s, const scalar_t* value_d, int64_t row,
+                                                   acc_t g, acc_t w, SampleGrads<acc_t>& grads,
+                                                   const Scatter& scatter) {
+  acc_t v[4];
+  for (int c = 0; c < 4; ++c) {
+    v[c] = s.valid[c] ? static_cast<acc_t>(value_d[s.pos[c] * row]) : acc_t(0);
+  }
+  acc_t sample, d_h, d_w;
+  bilinear_value_and_grad(s, v, sample, d_h, d_w);
+  grads.weight += g * sample;
+  grads.h_im += g * d_h;
+  grads.w_im += g * d_w;
+  const acc_t gw = g * w;
+  for (int c = 0; c < 4; ++c) {
+    if (s.valid[c]) {
+      scatter(s.pos[c] * row, gw * s.weight[c]);
+    }
+  }
+}
+
+// Stores sample i's gradients: of its weight, and of its normalised location (x, y) = (w_im, h_im) / (W, H).
+template <typename scalar_t, typename acc_t>
+DINAT_M2F_HOST_DEVICE void store_sample_grads(const SampleGrads<acc_t>& grads, acc_t w, int64_t H, int64_t W, int64_t i,
+                                              scalar_t* grad_locations, scalar_t* grad_weights) {
+  grad_weights[i] = static_cast<scalar_t>(grads.weight);
+  grad_locations[2 * i] = static_cast<scalar_t>(w * grads.w_im * static_cast<acc_t>(W));
+  grad_locations[2 * i + 1] = static_cast<scalar_t>(w * grads.h_im * static_cast<acc_t>(H));
+}
+
 // Flat index of (n, q, m, l, p) in attention_weights (times 2 for sampling_locations).
-DINAT_M2F_HOST_DEVICE int64_t
-sample_index(int64_t n, int64_t q, int64_t m, int64_t l, int64_t p, int64_t Lq, int64_t M, int64_t L, int64_t P) {
+DINAT_M2F_HOST_DEVICE int64_t sample_index(int64_t n, int64_t q, int64_t m, int64_t l, int64_t p, int64_t Lq, int64_t M,
+                                           int64_t L, int64_t P) {
   return (((n * Lq + q) * M + m) * L + l) * P + p;
 }
 

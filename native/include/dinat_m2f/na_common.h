@@ -27,7 +27,7 @@ DINAT_HOST_DEVICE int64_t group_length(int64_t i, int64_t length, int64_t dilati
 // First key position of the window of query i (the window is start, start + d, ..., start + (k - 1) d).
 DINAT_HOST_DEVICE int64_t window_start(int64_t i, int64_t length, int64_t kernel, int64_t dilation) {
   const int64_t r = i % dilation;
-  const int64_t glen = (length - r + dilation - 1) / dilation;
+  const int64_t glen = group_length(i, length, dilation);
   int64_t s = i / dilation - kernel / 2;
   s = s < 0 ? 0 : s;
   s = s > glen - kernel ? glen - kernel : s;
@@ -51,17 +51,15 @@ struct InverseRange {
 DINAT_HOST_DEVICE InverseRange inverse_range(int64_t x, int64_t length, int64_t kernel, int64_t dilation) {
   const int64_t r = x % dilation;
   const int64_t xg = x / dilation;
-  const int64_t glen = (length - r + dilation - 1) / dilation;
+  const int64_t glen = group_length(x, length, dilation);
   const int64_t half = kernel / 2;
   const int64_t gb = xg < kernel ? 0 : xg - half;
   const int64_t ge = xg >= glen - kernel ? glen : xg + half + 1;
   return {gb * dilation + r, ge * dilation + r};
 }
 
-// Window slot of key x in the window of query i (x must be in that window).
-DINAT_HOST_DEVICE int64_t window_slot(int64_t x, int64_t i, int64_t length, int64_t kernel, int64_t dilation) {
-  return (x - window_start(i, length, kernel, dilation)) / dilation;
-}
+// Window slot of key x in a window starting at `start` (window_start of the query; x must be in that window).
+DINAT_HOST_DEVICE int64_t window_slot(int64_t x, int64_t start, int64_t dilation) { return (x - start) / dilation; }
 
 // Shape of one neighborhood-attention problem, seen as 2D: [BH = batch * heads, H, W, D] tokens, attention weights
 // [BH, H, W, kh * kw], bias [heads, 2 kh - 1, 2 kw - 1]. For 1D: H = 1, kh = 1, dh = 1.

@@ -6,13 +6,13 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <bit>
-#include <exception>
 #include <cmath>
-#include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <limits>
 #include <type_traits>
 
@@ -123,9 +123,7 @@ inline void exp_shifted(const T* in, T shift, T* out, int64_t n) {
 }
 
 // Runs `fn` on float32 copies of bfloat16 tensors (the kernels accumulate in float32) and copies results back.
-inline at::Tensor as_compute(const at::Tensor& t) {
-  return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t;
-}
+inline at::Tensor as_compute(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
 
 // Calls fn(std::integral_constant<int64_t, D>{}) for the common head dims, so the loops over channels get constant
 // trip counts and unroll fully, and fn(std::integral_constant<int64_t, 0>{}) (use the runtime size) otherwise.

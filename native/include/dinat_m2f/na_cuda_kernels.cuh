@@ -1,46 +1,30 @@
-// Device helpers shared by the CUDA neighborhood-attention kernels (native/na/*_cuda.cu); include only from .cu files.
+// CUDA kernels and device helpers shared by the unfused neighborhood-attention ops (native/na/na_cuda.cu) and the
+// fused backward (native/na/na_fused_cuda.cu); include only from .cu files.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <cstdint>
 
+#include "dinat_m2f/cuda_launch.cuh"
 #include "dinat_m2f/na_common.h"
 
-namespace dinat_m2f::na::cuda_utils {
+namespace dinat_m2f::na::cuda_kernels {
 
-constexpr int kThreads = 256;
-constexpr int kWarp = 32;
-
-inline unsigned int blocks_for(int64_t items, int64_t per_block = kThreads) {
-  const int64_t blocks = (items + per_block - 1) / per_block;
-  return static_cast<unsigned int>(std::max<int64_t>(1, std::min<int64_t>(blocks, int64_t{1} << 30)));
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T x) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
-    x += __shfl_xor_sync(0xffffffffu, x, offset);
-  }
-  return x;
-}
+using cuda_launch::blocks_for;
+using cuda_launch::kThreads;
+using cuda_launch::kWarp;
+using cuda_launch::warp_sum;
 
 __device__ __forceinline__ float exp_acc(float x) { return __expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return __logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
-
-// Grid-stride loop over [0, n).
-#define DINAT_CUDA_LOOP(i, n)                                                                               \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n);                   \
-       i += static_cast<int64_t>(blockDim.x) * gridDim.x)
 
 // ----------------------------------------------------------------------------------------------- shared kernels
 // Used by both the unfused ops (weights in the input dtype) and the fused backward (weights in the float workspace).
@@ -59,10 +43,10 @@ __global__ void inverse_kernel(const w_t* __restrict__ w, const scalar_t* __rest
     const InverseRange rw = inverse_range(xj, W, p.kw, p.dw);
     acc_t acc = 0;
     for (int64_t i = rh.begin; i < rh.end; i += p.dh) {
-      const int64_t ki = (xi - window_start(i, H, p.kh, p.dh)) / p.dh;
+      const int64_t ki = window_slot(xi, window_start(i, H, p.kh, p.dh), p.dh);
       const int64_t base = (bh * H + i) * W;
       for (int64_t j = rw.begin; j < rw.end; j += p.dw) {
-        const int64_t kj = (xj - window_start(j, W, p.kw, p.dw)) / p.dw;
+        const int64_t kj = window_slot(xj, window_start(j, W, p.kw, p.dw), p.dw);
         acc += static_cast<acc_t>(w[(base + j) * KK + ki * p.kw + kj]) * static_cast<acc_t>(x[(base + j) * D + d]);
       }
     }
@@ -101,4 +85,4 @@ __global__ void rpb_grad_kernel(const g_t* __restrict__ g, acc_t* __restrict__ g
   }
 }
 
-}  // namespace dinat_m2f::na::cuda_utils
+}  // namespace dinat_m2f::na::cuda_kernels

@@ -1,0 +1,92 @@
+// Entry points of the neighborhood-attention ops, one code path for every device (native/na/na_ops.cpp): they check
+// the inputs with clear messages, make them contiguous, shape 1D problems as 2D ones with a single row, allocate the
+// outputs and run the kernels of the device they are registered for (native/cpu_registration.cpp,
+// native/cuda_registration.cpp). Schemas: dinat_m2f/op_schemas.h.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+#include "dinat_m2f/na_kernels.h"
+
+namespace dinat_m2f::na {
+
+// One call: the op's name (for messages), 1D or 2D, kernel size and dilation.
+struct Call {
+  const char* op;
+  int dims;  // 1 or 2
+  int64_t kernel_size;
+  int64_t dilation;
+};
+
+at::Tensor qk_op(const DeviceKernels& kernels, const Call& c, const at::Tensor& q, const at::Tensor& k,
+                 const std::optional<at::Tensor>& rpb);
+at::Tensor av_op(const DeviceKernels& kernels, const Call& c, const at::Tensor& attn, const at::Tensor& v);
+at::Tensor inverse_op(const DeviceKernels& kernels, const Call& c, const at::Tensor& weights, const at::Tensor& x);
+at::Tensor rpb_grad_op(const DeviceKernels& kernels, const Call& c, const at::Tensor& grad_attn);
+std::tuple<at::Tensor, at::Tensor> fused_forward_op(const DeviceKernels& kernels, const Call& c, const at::Tensor& q,
+                                                    const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& rpb, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_op(
+    const DeviceKernels& kernels, const Call& c, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+    const at::Tensor& v, const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+    double scale);
+
+// The ops of one dimensionality with the signatures of their schemas, running the kernels `kKernels`.
+template <int kDims, const DeviceKernels& kKernels>
+struct Ops {
+  static constexpr bool k2d = kDims == 2;
+
+  static at::Tensor qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb,
+                       int64_t kernel_size, int64_t dilation) {
+    return qk_op(kKernels, {k2d ? "na2d_qk" : "na1d_qk", kDims, kernel_size, dilation}, q, k, rpb);
+  }
+  static at::Tensor av(const at::Tensor& attn, const at::Tensor& v, int64_t kernel_size, int64_t dilation) {
+    return av_op(kKernels, {k2d ? "na2d_av" : "na1d_av", kDims, kernel_size, dilation}, attn, v);
+  }
+  static at::Tensor inverse(const at::Tensor& weights, const at::Tensor& x, int64_t kernel_size, int64_t dilation) {
+    return inverse_op(kKernels, {k2d ? "na2d_inverse" : "na1d_inverse", kDims, kernel_size, dilation}, weights, x);
+  }
+  static at::Tensor rpb_grad(const at::Tensor& grad_attn, int64_t kernel_size, int64_t dilation) {
+    return rpb_grad_op(kKernels, {k2d ? "na2d_rpb_grad" : "na1d_rpb_grad", kDims, kernel_size, dilation}, grad_attn);
+  }
+  // Named after the public op (na1d / na2d): its messages are the ones users see.
+  static std::tuple<at::Tensor, at::Tensor> fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                          const std::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                          int64_t dilation, double scale) {
+    return fused_forward_op(kKernels, {k2d ? "na2d" : "na1d", kDims, kernel_size, dilation}, q, k, v, rpb, scale);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, int64_t kernel_size,
+      int64_t dilation, double scale) {
+    return fused_backward_op(kKernels,
+                             {k2d ? "na2d_fused_backward" : "na1d_fused_backward", kDims, kernel_size, dilation},
+                             grad_out, q, k, v, rpb, out, lse, scale);
+  }
+};
+
+// Registers the neighborhood-attention ops for one dispatch key (call inside its TORCH_LIBRARY_IMPL block).
+template <const DeviceKernels& kKernels>
+void register_ops(torch::Library& m) {
+  using Ops1d = Ops<1, kKernels>;
+  using Ops2d = Ops<2, kKernels>;
+  m.impl("na1d_qk", TORCH_FN(Ops1d::qk));
+  m.impl("na1d_av", TORCH_FN(Ops1d::av));
+  m.impl("na1d_inverse", TORCH_FN(Ops1d::inverse));
+  m.impl("na1d_rpb_grad", TORCH_FN(Ops1d::rpb_grad));
+  m.impl("na1d_fused_forward", TORCH_FN(Ops1d::fused_forward));
+  m.impl("na1d_fused_backward", TORCH_FN(Ops1d::fused_backward));
+  m.impl("na2d_qk", TORCH_FN(Ops2d::qk));
+  m.impl("na2d_av", TORCH_FN(Ops2d::av));
+  m.impl("na2d_inverse", TORCH_FN(Ops2d::inverse));
+  m.impl("na2d_rpb_grad", TORCH_FN(Ops2d::rpb_grad));
+  m.impl("na2d_fused_forward", TORCH_FN(Ops2d::fused_forward));
+  m.impl("na2d_fused_backward", TORCH_FN(Ops2d::fused_backward));
+}
+
+}  // namespace dinat_m2f::na
