@@ -150,7 +150,7 @@ if triton is not None:
         K,
         V,
         RPB,
-        O,
+        OUT,
         LSE,
         scale,
         heads,
@@ -222,8 +222,8 @@ if triton is not None:
         l_safe = tl.where(q_ok, l_i, 1.0)
         out = acc / l_safe[:, None]
         tl.store(
-            O + base + q_tok[:, None] * D + offs_d[None, :],
-            out.to(O.dtype.element_ty),
+            OUT + base + q_tok[:, None] * D + offs_d[None, :],
+            out.to(OUT.dtype.element_ty),
             mask=q_ok[:, None] & d_ok[None, :],
         )
         tl.store(LSE + bh * H * W + q_tok, m_i + tl.log(l_safe), mask=q_ok)
