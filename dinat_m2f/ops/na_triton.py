@@ -41,7 +41,6 @@ which is how CI proves these kernels without a GPU.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -635,11 +634,8 @@ def _define_ops(dim: int):
     return forward_op
 
 
-@functools.cache
-def _ops(dim: int):
-    if triton is None:
-        raise RuntimeError(f"the Triton neighborhood-attention backend needs triton: {_TRITON_IMPORT_ERROR}")
-    return _define_ops(dim)
+# Defined at import (not lazily): torch.compile traces calls to these ops, never their definition.
+_FORWARD_OPS = {dim: _define_ops(dim) for dim in (1, 2)}
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:
@@ -648,9 +644,9 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
 
 def na1d(q, k, v, kernel_size: int, dilation: int = 1, rpb=None, scale: float | None = None) -> torch.Tensor:
     """Triton softmax(scale * q.k + rpb) v over 1D neighborhoods; q, k, v: [B, heads, L, D], rpb: [heads, 2k-1]."""
-    return _ops(1)(q, k, v, rpb, kernel_size, dilation, _scale(q, scale))[0]
+    return _FORWARD_OPS[1](q, k, v, rpb, kernel_size, dilation, _scale(q, scale))[0]
 
 
 def na2d(q, k, v, kernel_size: int, dilation: int = 1, rpb=None, scale: float | None = None) -> torch.Tensor:
     """Triton softmax(scale * q.k + rpb) v over 2D neighborhoods; q, k, v: [B, heads, H, W, D]."""
-    return _ops(2)(q, k, v, rpb, kernel_size, dilation, _scale(q, scale))[0]
+    return _FORWARD_OPS[2](q, k, v, rpb, kernel_size, dilation, _scale(q, scale))[0]
