@@ -27,3 +27,6 @@ def add_dinat_config(cfg: CfgNode) -> None:
     cfg.MODEL.DINAT.FROZEN_STAGES = -1
     # Activation checkpointing (torch.utils.checkpoint) of every transformer layer while training.
     cfg.MODEL.DINAT.USE_CHECKPOINT = False
+    # Neighborhood-attention backend: "" = automatic (DINAT_M2F_NA_BACKEND, else the default for the device and
+    # dtype), or "native", "triton" (fused attention only), "reference" (slow pure PyTorch); see dinat_m2f.ops.backends.
+    cfg.MODEL.DINAT.NA_BACKEND = ""

@@ -17,7 +17,7 @@ from torch import nn
 
 from dinat_m2f.modeling.backbone.dinat import ConvTokenizer, build_levels, check_dilations, init_weights
 from dinat_m2f.modeling.backbone.dinat_s import PatchEmbed, PatchMerging
-from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
+from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation, set_na_backend
 
 __all__ = ["D2DiNAT", "D2DiNATs", "dinat_kwargs_from_cfg"]
 
@@ -39,6 +39,7 @@ _KWARGS = frozenset(
         "out_features",
         "frozen_stages",
         "use_checkpoint",
+        "na_backend",
     ]
 )
 
@@ -97,6 +98,7 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
         out_features=out_features,
         frozen_stages=c.FROZEN_STAGES,
         use_checkpoint=c.USE_CHECKPOINT,
+        na_backend=c.NA_BACKEND or None,
     )
 
 
@@ -144,6 +146,7 @@ class _HierarchicalNABackbone(Backbone):
         self._out_feature_channels = {name: widths[i] for i, name in enumerate(_STAGE_NAMES)}
         self.frozen_stages = kwargs.get("frozen_stages", -1)
         self.apply(init_weights)
+        set_na_backend(self, kwargs.get("na_backend"))
         self._freeze_stages()
 
     def _check_kwargs(self, kwargs: dict) -> None:
