@@ -96,9 +96,7 @@ if triton is not None:
         return tl.where(x < K, 0, x - K // 2)
 
     @triton.jit
-    def _tile_origin(
-        pid, H, W, tiles_h, tiles_w, DH: tl.constexpr, DW: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr
-    ):
+    def _tile_origin(pid, H, W, tiles_h, tiles_w, DH, DW, TH: tl.constexpr, TW: tl.constexpr):
         # Program -> (dilation group rh, rw; first tile row/col in group coordinates; group sizes).
         tile_w = pid % tiles_w
         rest = pid // tiles_w
@@ -160,8 +158,8 @@ if triton is not None:
         tiles_w,
         KH: tl.constexpr,
         KW: tl.constexpr,
-        DH: tl.constexpr,
-        DW: tl.constexpr,
+        DH,
+        DW,
         TH: tl.constexpr,
         TW: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -247,8 +245,8 @@ if triton is not None:
         tiles_w,
         KH: tl.constexpr,
         KW: tl.constexpr,
-        DH: tl.constexpr,
-        DW: tl.constexpr,
+        DH,
+        DW,
         TH: tl.constexpr,
         TW: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -332,8 +330,8 @@ if triton is not None:
         tiles_w,
         KH: tl.constexpr,
         KW: tl.constexpr,
-        DH: tl.constexpr,
-        DW: tl.constexpr,
+        DH,
+        DW,
         TH: tl.constexpr,
         TW: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -434,7 +432,8 @@ class _Problem:
     def common_args(self) -> tuple:
         return (self.heads, self.height, self.width, self.head_dim, self.tiles_h, self.tiles_w)
 
-    def constexprs(self) -> dict:
+    def kernel_kwargs(self) -> dict:
+        # Kernel sizes and tiles are constexprs (they size the halo); dilations are runtime (one compile for all).
         return dict(
             KH=self.kh,
             KW=self.kw,
@@ -506,7 +505,7 @@ def _forward_impl(q, k, v, rpb, kernel_size: int, dilation: int, scale: float):
         lse,
         scale,
         *prob.common_args(),
-        **prob.constexprs(),
+        **prob.kernel_kwargs(),
         HAS_RPB=rpb is not None,
         PRECISION=_precision(q.dtype),
     )
@@ -550,7 +549,7 @@ def _backward_impl(grad_out, q, k, v, rpb, out, lse, kernel_size: int, dilation:
         else lse  # never written when STORE_DS is False
     )
     rpb_arg = rpb.contiguous() if rpb is not None else q
-    common = dict(**prob.constexprs(), HAS_RPB=rpb is not None, PRECISION=_precision(q.dtype))
+    common = dict(**prob.kernel_kwargs(), HAS_RPB=rpb is not None, PRECISION=_precision(q.dtype))
     _na_backward_query_kernel[prob.grid()](
         q, k, v, rpb_arg, grad_out, lse, delta, dq, ds, scale, *prob.common_args(), STORE_DS=store_ds, **common
     )
