@@ -35,9 +35,11 @@ CASES_2D = [
     (5, 2, (11, 10)),
     (7, 1, (7, 7)),  # smallest legal map: every window is the whole map
     (3, 1, (19, 10)),  # several 8x8 tiles, the last ones partial
+    (9, 1, (9, 10)),
+    (11, 1, (12, 11)),
     (13, 1, (13, 14)),
 ]
-CASES_1D = [(3, 1, 7), (5, 2, 23), (7, 3, 40), (13, 1, 70)]
+CASES_1D = [(3, 1, 7), (5, 2, 23), (7, 3, 40), (9, 2, 19), (11, 1, 30), (13, 1, 70)]
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-2, atol=2e-2)}
 LOW_PRECISION = [
     torch.float16,
@@ -103,6 +105,10 @@ def test_na1d_low_precision(dtype):
 
 def test_without_bias_and_odd_head_dim():
     _check_against_reference(2, (8, 11), 5, 1, torch.float32, head_dim=20, with_rpb=False)
+
+
+def test_head_dim_128():
+    _check_against_reference(1, (12,), 5, 2, torch.float32, head_dim=128)
 
 
 def test_backward_is_deterministic():
