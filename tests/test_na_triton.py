@@ -5,7 +5,9 @@ triton is imported, so CI runs this file in its own pytest process (`make test-t
 
     TRITON_INTERPRET=1 python -m pytest tests/test_na_triton.py
 
-Without a CUDA device and without the interpreter, every test here is skipped with that instruction. Problems are
+Without a CUDA device and without the interpreter, those tests are skipped with that instruction; what runs then
+is the ahead-of-time compilation of every kernel for Hopper (sm_90), which needs no GPU and catches what the
+interpreter does not check (types, constexpr rules, register/shared-memory limits at ptxas). Problems are
 tiny (the interpreter runs each program in numpy) but cover odd and non-square maps, sides that are not multiples
 of the tile (8x8 in 2D, 64 in 1D) or of the dilation, every border, batch and heads > 1 and head_dim not a power of
 two. Gradients of q, k, v and rpb are compared with autograd through the reference in float64.
@@ -23,7 +25,7 @@ from dinat_m2f.ops import reference as ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
-pytestmark = pytest.mark.skipif(
+needs_a_runner = pytest.mark.skipif(
     not INTERPRET and not torch.cuda.is_available(),
     reason="needs a CUDA device or the Triton interpreter: TRITON_INTERPRET=1 python -m pytest tests/test_na_triton.py",
 )
@@ -81,36 +83,43 @@ def _check_against_reference(dims, shape, kernel_size, dilation, dtype, head_dim
         torch.testing.assert_close(got.double(), want, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@needs_a_runner
 @pytest.mark.parametrize("case", CASES_2D, ids=lambda c: f"k{c[0]}-d{c[1]}-{c[2]}")
 def test_na2d_float32(case):
     kernel_size, dilation, shape = case
     _check_against_reference(2, shape, kernel_size, dilation, torch.float32)
 
 
+@needs_a_runner
 @pytest.mark.parametrize("case", CASES_1D, ids=lambda c: f"k{c[0]}-d{c[1]}-L{c[2]}")
 def test_na1d_float32(case):
     kernel_size, dilation, length = case
     _check_against_reference(1, (length,), kernel_size, dilation, torch.float32)
 
 
+@needs_a_runner
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_na2d_low_precision(dtype):
     _check_against_reference(2, (9, 13), 3, 3, dtype, head_dim=24)
 
 
+@needs_a_runner
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 def test_na1d_low_precision(dtype):
     _check_against_reference(1, (40,), 13, 1, dtype)
 
 
+@needs_a_runner
 def test_without_bias_and_odd_head_dim():
     _check_against_reference(2, (8, 11), 5, 1, torch.float32, head_dim=20, with_rpb=False)
 
 
+@needs_a_runner
 def test_head_dim_128():
     _check_against_reference(1, (12,), 5, 2, torch.float32, head_dim=128)
 
 
+@needs_a_runner
 def test_backward_is_deterministic():
     q, k, v, rpb = _problem((11, 10), 5, 2, torch.float32)
 
@@ -122,6 +131,7 @@ def test_backward_is_deterministic():
         assert torch.equal(first, second)
 
 
+@needs_a_runner
 def test_explicit_scale_and_environment_choice(monkeypatch):
     q, k, v, rpb = _problem((7, 9), 3, 2, torch.float32)
     expected = ref.na2d(q, k, v, 3, 1, rpb, scale=0.3)
@@ -135,6 +145,7 @@ def test_explicit_scale_and_environment_choice(monkeypatch):
     assert "triton" in ops.available_backends(DEVICE)
 
 
+@needs_a_runner
 def test_input_errors():
     q, k, v, rpb = _problem((7, 9), 3, 2, torch.float32)
     with pytest.raises(ValueError, match=r"axis 0 of q has size 7, smaller than kernel_size \* dilation = 5 \* 2"):
@@ -154,6 +165,7 @@ class _Attention(torch.nn.Module):
         return ops.na2d(q, k, v, 3, 2, self.rpb, backend="triton") * 2
 
 
+@needs_a_runner
 def test_torch_compile_fullgraph():
     q, k, v, rpb = _problem((7, 9), 3, 2, torch.float32)
     module = _Attention(rpb)
@@ -167,9 +179,55 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(module.rpb.grad, eager.rpb.grad)
 
 
+@needs_a_runner
 def test_opcheck():
     from dinat_m2f.ops import na_triton
 
     q, k, v, rpb = _problem((7, 7), 3, 2, torch.float32, batch=1, heads=1)
     forward = na_triton._FORWARD_OPS[2]
     torch.library.opcheck(forward, (q, k, v, rpb, 3, 1, 0.25), test_utils=("test_schema", "test_faketensor"))
+
+
+# ----------------------------------------------------------------------------------------------- compilation
+POINTERS = {"Q", "K", "V", "RPB", "OUT", "DO", "DQ", "DK", "DV"}  # of the input dtype; the others are float32
+
+
+def _signature(kernel, dtype: str, constexprs: dict) -> dict:
+    signature = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = f"*{dtype}"
+        elif name in {"LSE", "DELTA", "DS"}:
+            signature[name] = "*fp32"
+        else:
+            signature[name] = "fp32" if name == "scale" else "i32"
+    return signature
+
+
+@pytest.mark.skipif(
+    INTERPRET or torch.cuda.is_available(),
+    reason="the interpreter replaces the compiler (this test runs in the normal pytest run); on a GPU the tests above "
+    "compile the kernels for it",
+)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_kernels_compile_for_hopper(dtype):
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from dinat_m2f.ops import na_triton
+
+    common = dict(KH=11, KW=11, TH=8, TW=8, BLOCK_N=64, BLOCK_D=32, HAS_RPB=True)
+    common["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
+    for kernel, extra in (
+        (na_triton._na_forward_kernel, {}),
+        (na_triton._na_backward_query_kernel, {"STORE_DS": True}),
+        (na_triton._na_backward_key_kernel, {}),
+    ):
+        constexprs = {**common, **extra}
+        source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        if dtype != "fp32":  # the products run on Hopper's tensor cores (warpgroup MMA)
+            assert "wgmma.mma_async" in compiled.asm["ptx"], kernel.__name__
