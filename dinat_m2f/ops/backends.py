@@ -9,7 +9,8 @@
 Choice, first match wins: the op's ``backend=`` argument (the backbone passes ``MODEL.DINAT.NA_BACKEND`` when it
 is not empty); the environment variable ``DINAT_M2F_NA_BACKEND``; the default for the device and dtype
 (:data:`MEASURED_DEFAULTS`, decided from measured GPU numbers; native until measured). A backend that cannot run
-here is an error naming the reason, never a silent fallback.
+here is an error naming the reason, never a silent fallback. Under ``torch.compile`` the choice is made while
+tracing and baked into the graph (changing the variable later does not recompile).
 """
 
 from __future__ import annotations

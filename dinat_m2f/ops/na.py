@@ -8,6 +8,10 @@ Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)
 - AV (neighborhood-neighborhood): grad_attn = QK(grad_out, v), grad_v = inverse(attn, grad_out)
 The fused ops store the row logsumexp and recompute the weights in their own backward kernel.
+
+The public functions at the end dispatch on ``backend=`` (dinat_m2f.ops.backends): the native ops here, the Triton
+kernels (dinat_m2f.ops.na_triton) or the pure-PyTorch reference. The registrations above run when the extension is
+loaded (_register_native), so this module imports without it.
 """
 
 from __future__ import annotations
