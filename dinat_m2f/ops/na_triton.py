@@ -167,9 +167,11 @@ if triton is not None:
         HAS_RPB: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
-        bh = tl.program_id(1).to(tl.int64)
+        # One flat grid (no 65535 limit on batch*heads): the tiles of one (batch, head) slice are consecutive.
+        tiles = DH * DW * tiles_h * tiles_w
+        bh = (tl.program_id(0) // tiles).to(tl.int64)
         head = bh % heads
-        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0), H, W, tiles_h, tiles_w, DH, DW, TH, TW)
+        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0) % tiles, H, W, tiles_h, tiles_w, DH, DW, TH, TW)
         base = bh * H * W * D
 
         offs_m = tl.arange(0, TH * TW)
@@ -256,9 +258,11 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         # dQ = scale * dS K over each query's window; optionally dS per (query, window slot) for the bias gradient.
-        bh = tl.program_id(1).to(tl.int64)
+        # One flat grid (no 65535 limit on batch*heads): the tiles of one (batch, head) slice are consecutive.
+        tiles = DH * DW * tiles_h * tiles_w
+        bh = (tl.program_id(0) // tiles).to(tl.int64)
         head = bh % heads
-        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0), H, W, tiles_h, tiles_w, DH, DW, TH, TW)
+        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0) % tiles, H, W, tiles_h, tiles_w, DH, DW, TH, TW)
         base = bh * H * W * D
 
         offs_m = tl.arange(0, TH * TW)
@@ -340,9 +344,11 @@ if triton is not None:
         PRECISION: tl.constexpr,
     ):
         # dV = P^T dO and dK = scale * dS^T Q over each key's inverse neighborhood (gather: no races).
-        bh = tl.program_id(1).to(tl.int64)
+        # One flat grid (no 65535 limit on batch*heads): the tiles of one (batch, head) slice are consecutive.
+        tiles = DH * DW * tiles_h * tiles_w
+        bh = (tl.program_id(0) // tiles).to(tl.int64)
         head = bh % heads
-        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0), H, W, tiles_h, tiles_w, DH, DW, TH, TW)
+        rh, rw, g0h, g0w, len_h, len_w = _tile_origin(tl.program_id(0) % tiles, H, W, tiles_h, tiles_w, DH, DW, TH, TW)
         base = bh * H * W * D
 
         offs_m = tl.arange(0, TH * TW)
@@ -418,8 +424,8 @@ class _Problem:
         self.block_n = 64
         self.block_d = max(16, triton.next_power_of_2(self.head_dim))
 
-    def grid(self) -> tuple[int, int]:
-        return (self.dh * self.dw * self.tiles_h * self.tiles_w, self.batch * self.heads)
+    def grid(self) -> tuple[int]:
+        return (self.dh * self.dw * self.tiles_h * self.tiles_w * self.batch * self.heads,)
 
     @property
     def tiles_h(self) -> int:
