@@ -188,6 +188,20 @@ def test_opcheck():
     torch.library.opcheck(forward, (q, k, v, rpb, 3, 1, 0.25), test_utils=("test_schema", "test_faketensor"))
 
 
+@needs_a_runner
+def test_flop_count_sees_the_triton_op():
+    from dinat_m2f.utils.flops import dinat_flop_count_analysis
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return ops.na2d(q, k, v, 3, 1, backend="triton")
+
+    q, k, v, _ = (t.detach() for t in _problem((7, 9), 3, 2, torch.float32, batch=1, heads=2))
+    counted = dinat_flop_count_analysis(Attention(), (q, k, v))
+    assert counted.by_operator() == {"na2d_triton_forward": 1 * 2 * 7 * 9 * 2 * 16 * 3 * 3}  # QK + AV, no bias
+    assert not counted.unsupported_ops()
+
+
 # ----------------------------------------------------------------------------------------------- compilation
 POINTERS = {"Q", "K", "V", "RPB", "OUT", "DO", "DQ", "DK", "DV"}  # of the input dtype; the others are float32
 
