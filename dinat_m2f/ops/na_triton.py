@@ -60,9 +60,14 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
+# triton.jit reads TRITON_INTERPRET when it decorates a kernel, i.e. when this module is imported: what counts is
+# the value then, not a later change of the variable.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 def interpreter_active() -> bool:
-    """True when triton runs kernels on the CPU (TRITON_INTERPRET=1 when triton was imported)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when these kernels run on the CPU (TRITON_INTERPRET=1 when this module was imported)."""
+    return _INTERPRETED
 
 
 def triton_unavailable_reason(device: torch.device | str | None = None) -> str | None:
