@@ -203,6 +203,7 @@ def test_flop_count_sees_the_triton_op():
 
 
 # ----------------------------------------------------------------------------------------------- compilation
+HOPPER_SHARED_MEMORY = 227 * 1024  # bytes a block may use on sm_90
 POINTERS = {"Q", "K", "V", "RPB", "OUT", "DO", "DQ", "DK", "DV"}  # of the input dtype; the others are float32
 
 
@@ -233,7 +234,9 @@ def test_kernels_compile_for_hopper(dtype):
 
     from dinat_m2f.ops import na_triton
 
-    common = dict(KH=11, KW=11, TH=8, TW=8, BLOCK_N=64, BLOCK_D=32, HAS_RPB=True)
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    launch = na_triton.launch_options(torch_dtype)
+    common = dict(KH=11, KW=11, TH=8, TW=8, BLOCK_N=64, BLOCK_D=128, HAS_RPB=True)  # head_dim 128: the largest tiles
     common["PRECISION"] = "ieee" if dtype == "fp32" else "tf32"
     for kernel, extra in (
         (na_triton._na_forward_kernel, {}),
@@ -242,6 +245,7 @@ def test_kernels_compile_for_hopper(dtype):
     ):
         constexprs = {**common, **extra}
         source = ASTSource(fn=kernel, signature=_signature(kernel, dtype, constexprs), constexprs=constexprs)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=launch)
+        assert compiled.metadata.shared <= HOPPER_SHARED_MEMORY, (kernel.__name__, compiled.metadata.shared)
         if dtype != "fp32":  # the products run on Hopper's tensor cores (warpgroup MMA)
             assert "wgmma.mma_async" in compiled.asm["ptx"], kernel.__name__
