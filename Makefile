@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 NATIVE_SOURCES := $(shell find native -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test lint demo clean
+.PHONY: setup build test test-triton gpu-check lint demo clean
 
 setup: $(VENV)/.stamp-ext
 
@@ -46,6 +46,18 @@ lint: $(VENV)/.stamp-deps
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-triton
+
+# The Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence a process of its own.
+test-triton: setup
+	TRITON_INTERPRET=1 $(PY) -m pytest tests/test_na_triton.py $(PYTEST_ARGS)
+
+# On a bare GPU machine (its own python3 and torch, no venv): build for the GPU there, GPU tests, compute-sanitizer,
+# benchmarks, Mask2Former step; report.json + report.md in GPU_CHECK_OUT. See README "GPU check".
+GPU_CHECK_PYTHON ?= python3
+GPU_CHECK_OUT ?= build/gpu-check
+gpu-check:
+	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 demo: setup
 	$(PY) demo/run_demo.py

@@ -38,11 +38,14 @@ def load_extension() -> ModuleType:
         raise ExtensionUnavailableError(
             f"dinat_m2f._C was built for torch {built_for} but torch {torch.__version__} is installed. {REBUILD_HINT}"
         )
-    # The C++ side registers kernels only; fake kernels and autograd are registered in Python. Import those modules
-    # here so that torch.ops.dinat_m2f.* is complete (torch.compile, backward) whoever loads the extension first.
-    # (They call load_extension() themselves; a re-entrant call finds them already in sys.modules.)
+    # The C++ side registers kernels only; fake kernels and autograd are registered in Python. Run those
+    # registrations here so that torch.ops.dinat_m2f.* is complete (torch.compile, backward) whoever loads the
+    # extension first. Modules that register at import call load_extension() themselves (a re-entrant call finds
+    # them already in sys.modules); dinat_m2f.ops.na imports without _C and registers through _register_native.
     for module in _PYTHON_REGISTRATIONS:
-        importlib.import_module(module)
+        register = getattr(importlib.import_module(module), "_register_native", None)
+        if register is not None:
+            register()
     return _C
 
 

@@ -30,3 +30,6 @@ def add_dinat_config(cfg: CfgNode) -> None:
     # Apply the classification model's init (trunc-normal Linear weights, zero biases). False, as the official
     # detectron2 backbone (it defines this init but never applies it): layers keep PyTorch's default init.
     cfg.MODEL.DINAT.TRUNC_NORMAL_INIT = False
+    # Neighborhood-attention backend: "" = automatic (DINAT_M2F_NA_BACKEND, else the default for the device and
+    # dtype), or "native", "triton" (fused attention only), "reference" (slow pure PyTorch); see dinat_m2f.ops.backends.
+    cfg.MODEL.DINAT.NA_BACKEND = ""

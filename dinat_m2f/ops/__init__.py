@@ -1,25 +1,18 @@
-"""Neighborhood attention ops on the native extension ``dinat_m2f._C``.
+"""Neighborhood attention ops: ``na1d``/``na2d`` (fused) and the unfused ``na*_qk``/``na*_av``.
 
 Layout: ``[B, heads, H, W, D]`` (2D) and ``[B, heads, L, D]`` (1D). ``na*_qk`` returns raw logits (no scaling),
 ``na*_av`` applies attention weights, and the fused ``na1d``/``na2d`` compute softmax(scale * q.k + rpb) v
 without materialising the weights. ``dinat_m2f.ops.reference`` holds the slow pure-PyTorch equivalents.
 
-The native ops are imported lazily, so ``dinat_m2f.ops.reference`` works without a build; using any public op
-loads the extension and raises a clear error when it is missing (there is no silent fallback).
+Every op takes ``backend=`` ("native", "triton" for the fused ops, "reference"; None = ``DINAT_M2F_NA_BACKEND``
+or the default for the device and dtype, see :mod:`dinat_m2f.ops.backends`). Importing this package needs only
+torch: the compiled extension is loaded by the first native call, which raises a clear rebuild error when it is
+missing (there is no silent fallback).
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING
+from dinat_m2f.ops.backends import BACKENDS, available_backends
+from dinat_m2f.ops.na import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk
 
-__all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]
-
-if TYPE_CHECKING:
-    from dinat_m2f.ops.na import na1d, na1d_av, na1d_qk, na2d, na2d_av, na2d_qk  # noqa: F401
-
-
-def __getattr__(name: str):
-    if name in __all__:
-        return getattr(importlib.import_module("dinat_m2f.ops.na"), name)
-    raise AttributeError(f"module 'dinat_m2f.ops' has no attribute {name!r}")
+__all__ = ["BACKENDS", "available_backends", "na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]

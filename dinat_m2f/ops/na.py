@@ -9,24 +9,27 @@ Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)
 - AV (neighborhood-neighborhood): grad_attn = QK(grad_out, v), grad_v = inverse(attn, grad_out)
 The fused ops store the row logsumexp and recompute the weights in their own backward kernel.
+
+The public functions at the end dispatch on ``backend=`` (dinat_m2f.ops.backends): the native ops here, the Triton
+kernels (dinat_m2f.ops.na_triton) or the pure-PyTorch reference. The registrations above run when the extension is
+loaded (_register_native), so this module imports without it.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from dinat_m2f._ext import load_extension
+from dinat_m2f.ops import reference
 from dinat_m2f.ops._checks import c10_dtype, require, shape_text
+from dinat_m2f.ops.backends import resolve_backend
 
 __all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]
 
-load_extension()  # registers torch.ops.dinat_m2f.* (raises a clear error when the build is missing)
+# Importing this module needs no compiled extension: resolving the native backend loads it (dinat_m2f.ops.backends
+# calls load_extension, which raises the clear rebuild error when _C is missing and runs _register_native).
 _OPS = torch.ops.dinat_m2f
-if not hasattr(_OPS, "na2d_fused_forward"):
-    raise ImportError(
-        "dinat_m2f._C has no neighborhood-attention ops (torch.ops.dinat_m2f.na2d_*): it predates native/na/. "
-        "Rebuild it with `make build`."
-    )
 
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -297,19 +300,29 @@ def _register_autograd(dim: int) -> None:
     torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
 
 
-for _dim in (1, 2):
-    _register_fakes(_dim)
-    _register_autograd(_dim)
+@functools.cache
+def _register_native() -> None:
+    """Fake kernels and autograd of torch.ops.dinat_m2f.na*; called by load_extension once _C is loaded."""
+    if not hasattr(_OPS, "na2d_fused_forward"):
+        raise ImportError(
+            "dinat_m2f._C has no neighborhood-attention ops (torch.ops.dinat_m2f.na2d_*): it predates native/na/. "
+            "Rebuild it with `make build`."
+        )
+    for dim in (1, 2):
+        _register_fakes(dim)
+        _register_autograd(dim)
 
 
 # ----------------------------------------------------------------------------------------------- public API
+# backend: "native" | "triton" (fused na1d/na2d only) | "reference" | None (DINAT_M2F_NA_BACKEND, else the default
+# for the device and dtype); see dinat_m2f.ops.backends.
 
 
-def _default_scale(op, q: torch.Tensor) -> float:
+def _scale(name: str, q: torch.Tensor, scale: float | None) -> float:
+    if scale is not None:
+        return float(scale)
     head_dim = q.shape[-1]
     if head_dim == 0:
-        # op is torch.ops.dinat_m2f.na{1,2}d_fused_forward; the message names the public op (na1d / na2d).
-        name = op.__name__.removesuffix("_fused_forward")
         raise ValueError(
             f"{name}: q has head_dim 0 (shape {tuple(q.shape)}), so the default scale head_dim**-0.5 is undefined; "
             "give q a non-empty last dimension or pass scale= explicitly."
@@ -317,33 +330,59 @@ def _default_scale(op, q: torch.Tensor) -> float:
     return head_dim**-0.5
 
 
-def _fused(op, q, k, v, kernel_size: int, dilation: int, rpb, scale: float | None) -> torch.Tensor:
-    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
-    scale = _default_scale(op, q) if scale is None else float(scale)
-    return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
+@torch.compiler.assume_constant_result
+def _resolve(backend: str | None, op: str, device: torch.device, dtype: torch.dtype, fused: bool) -> str:
+    # A trace-time decision under torch.compile (the result is baked into the graph, as the kernel choice is).
+    return resolve_backend(backend, op, device, dtype, fused)
+
+
+def _backend(backend: str | None, op: str, x: torch.Tensor, fused: bool) -> str:
+    return _resolve(backend, op, x.device, x.dtype, fused)
 
 
 def na1d_qk(
-    q: torch.Tensor, k: torch.Tensor, kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """q, k: [B, heads, L, D] -> logits [B, heads, L, kernel_size] (+ rpb [heads, 2k-1]); no scaling."""
+    if _backend(backend, "na1d_qk", q, fused=False) == "reference":
+        return reference.na1d_qk(q, k, kernel_size, dilation, rpb)
     return _OPS.na1d_qk(q, k, rpb, kernel_size, dilation)
 
 
-def na1d_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+def na1d_av(
+    attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1, backend: str | None = None
+) -> torch.Tensor:
     """attn: [B, heads, L, kernel_size], v: [B, heads, L, D] -> [B, heads, L, D]."""
+    if _backend(backend, "na1d_av", v, fused=False) == "reference":
+        return reference.na1d_av(attn, v, kernel_size, dilation)
     return _OPS.na1d_av(attn, v, kernel_size, dilation)
 
 
 def na2d_qk(
-    q: torch.Tensor, k: torch.Tensor, kernel_size: int, dilation: int = 1, rpb: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """q, k: [B, heads, H, W, D] -> logits [B, heads, H, W, k*k] (+ rpb [heads, 2k-1, 2k-1]); no scaling."""
+    if _backend(backend, "na2d_qk", q, fused=False) == "reference":
+        return reference.na2d_qk(q, k, kernel_size, dilation, rpb)
     return _OPS.na2d_qk(q, k, rpb, kernel_size, dilation)
 
 
-def na2d_av(attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1) -> torch.Tensor:
+def na2d_av(
+    attn: torch.Tensor, v: torch.Tensor, kernel_size: int, dilation: int = 1, backend: str | None = None
+) -> torch.Tensor:
     """attn: [B, heads, H, W, k*k], v: [B, heads, H, W, D] -> [B, heads, H, W, D]."""
+    if _backend(backend, "na2d_av", v, fused=False) == "reference":
+        return reference.na2d_av(attn, v, kernel_size, dilation)
     return _OPS.na2d_av(attn, v, kernel_size, dilation)
 
 
@@ -355,9 +394,19 @@ def na1d(
     dilation: int = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5."""
-    return _fused(_OPS.na1d_fused_forward, q, k, v, kernel_size, dilation, rpb, scale)
+    scale = _scale("na1d", q, scale)
+    chosen = _backend(backend, "na1d", q, fused=True)
+    if chosen == "reference":
+        return reference.na1d(q, k, v, kernel_size, dilation, rpb, scale)
+    if chosen == "triton":
+        from dinat_m2f.ops import na_triton
+
+        return na_triton.na1d(q, k, v, kernel_size, dilation, rpb, scale)
+    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
+    return _OPS.na1d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
 
 
 def na2d(
@@ -368,6 +417,15 @@ def na2d(
     dilation: int = 1,
     rpb: torch.Tensor | None = None,
     scale: float | None = None,
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5."""
-    return _fused(_OPS.na2d_fused_forward, q, k, v, kernel_size, dilation, rpb, scale)
+    scale = _scale("na2d", q, scale)
+    chosen = _backend(backend, "na2d", q, fused=True)
+    if chosen == "reference":
+        return reference.na2d(q, k, v, kernel_size, dilation, rpb, scale)
+    if chosen == "triton":
+        from dinat_m2f.ops import na_triton
+
+        return na_triton.na2d(q, k, v, kernel_size, dilation, rpb, scale)
+    return _OPS.na2d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]

@@ -17,14 +17,14 @@ from torch import nn
 
 from dinat_m2f.modeling.backbone.dinat import DINAT_LAYOUT, HierarchicalTrunk, init_weights, resolve_spec
 from dinat_m2f.modeling.backbone.dinat_s import DINAT_S_LAYOUT
-from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation
+from dinat_m2f.modeling.backbone.na_attention import check_kernel_and_dilation, set_na_backend
 from dinat_m2f.modeling.backbone.spec import HierarchicalSpec, check_dilations
 
 __all__ = ["D2DiNAT", "D2DiNATs", "dinat_kwargs_from_cfg"]
 
 _STAGE_NAMES = ("res2", "res3", "res4", "res5")
 # Keywords of the backbone itself; every other keyword is a HierarchicalSpec setting (``MODEL.DINAT.<NAME>``).
-_BACKBONE_KWARGS = ("out_features", "frozen_stages", "trunc_normal_init")
+_BACKBONE_KWARGS = ("out_features", "frozen_stages", "trunc_normal_init", "na_backend")
 
 
 def _merge_kwargs(cfg: CfgNode | None, kwargs: dict) -> dict:
@@ -68,7 +68,13 @@ def dinat_kwargs_from_cfg(cfg: CfgNode) -> dict:
         raise ValueError(f"MODEL.DINAT.OUT_FEATURES must be a non-empty subset of {_STAGE_NAMES}, got {out_features}")
     if not -1 <= c.FROZEN_STAGES <= 4:
         raise ValueError(f"MODEL.DINAT.FROZEN_STAGES must be in [-1, 4], got {c.FROZEN_STAGES}")
-    return dict(kwargs, out_features=out_features, frozen_stages=c.FROZEN_STAGES, trunc_normal_init=c.TRUNC_NORMAL_INIT)
+    return dict(
+        kwargs,
+        out_features=out_features,
+        frozen_stages=c.FROZEN_STAGES,
+        trunc_normal_init=c.TRUNC_NORMAL_INIT,
+        na_backend=c.NA_BACKEND or None,
+    )
 
 
 class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
@@ -91,6 +97,7 @@ class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
         out_features = kwargs.pop("out_features", _STAGE_NAMES)
         frozen_stages = kwargs.pop("frozen_stages", -1)
         trunc_normal_init = kwargs.pop("trunc_normal_init", False)
+        na_backend = kwargs.pop("na_backend", None)
         if spec is None:
             for required in ("embed_dim", "depths", "num_heads"):
                 if required not in kwargs:
@@ -109,6 +116,7 @@ class _HierarchicalNABackbone(HierarchicalTrunk, Backbone):
         self.frozen_stages = frozen_stages
         if trunc_normal_init:
             self.apply(init_weights)  # the official D2DiNAT defines this init but never applies it (the default)
+        set_na_backend(self, na_backend)
         self._freeze_stages()
 
     @property

@@ -12,7 +12,7 @@ from torch import nn
 
 from dinat_m2f import ops
 
-__all__ = ["NeighborhoodAttention2D", "check_kernel_and_dilation", "padded_size"]
+__all__ = ["NeighborhoodAttention2D", "check_kernel_and_dilation", "padded_size", "set_na_backend"]
 
 
 def check_kernel_and_dilation(kernel_size: object, dilation: object) -> None:
@@ -26,6 +26,21 @@ def check_kernel_and_dilation(kernel_size: object, dilation: object) -> None:
 def padded_size(size: int, kernel_size: int, dilation: int) -> int:
     """The map side attention runs on: at least kernel_size * dilation (every dilation group then holds k tokens)."""
     return max(size, kernel_size * dilation)
+
+
+def set_na_backend(model: nn.Module, backend: str | None) -> None:
+    """Make every NeighborhoodAttention2D of ``model`` run on ``backend`` (``MODEL.DINAT.NA_BACKEND``; None: auto)."""
+    if backend is not None and backend not in ops.BACKENDS:
+        raise ValueError(f"MODEL.DINAT.NA_BACKEND must be '' (automatic) or one of {ops.BACKENDS}, got {backend!r}")
+    for module in model.modules():
+        if not isinstance(module, NeighborhoodAttention2D):
+            continue
+        if backend == "triton" and module.attn_drop.p > 0:
+            raise ValueError(
+                "MODEL.DINAT.NA_BACKEND 'triton' runs the fused attention only, but MODEL.DINAT.ATTN_DROP_RATE > 0 "
+                "needs the attention weights (unfused ops); use 'native' or set ATTN_DROP_RATE to 0"
+            )
+        module.backend = backend
 
 
 class NeighborhoodAttention2D(nn.Module):
@@ -48,6 +63,7 @@ class NeighborhoodAttention2D(nn.Module):
         qk_scale: float | None = None,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         check_kernel_and_dilation(kernel_size, dilation)
@@ -65,6 +81,7 @@ class NeighborhoodAttention2D(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.backend = backend  # dinat_m2f.ops backend; None: DINAT_M2F_NA_BACKEND or the device/dtype default
 
     def extra_repr(self) -> str:
         return (
@@ -77,11 +94,12 @@ class NeighborhoodAttention2D(nn.Module):
         # (the cast is differentiable, so rpb keeps its fp32 gradient).
         rpb = self.rpb.to(q.dtype)
         if self.attn_drop.p == 0.0 or not self.training:
-            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale)
+            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale, backend=self.backend)
         # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av.
-        attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=rpb)
+        attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=rpb, backend=self.backend)
         attn = attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32))  # softmax in >= fp32
-        return ops.na2d_av(self.attn_drop(attn).to(v.dtype), v, self.kernel_size, self.dilation)
+        weights = self.attn_drop(attn).to(v.dtype)
+        return ops.na2d_av(weights, v, self.kernel_size, self.dilation, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4:

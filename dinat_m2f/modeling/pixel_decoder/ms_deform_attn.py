@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinat_m2f.ops.ms_deform_attn import ms_deform_attn
 from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
 IMPLS = ("native", "pytorch")
@@ -125,6 +124,9 @@ class MSDeformAttn(nn.Module):
                 f"reference_points must end in 2 or 4 coordinates, got shape {tuple(reference_points.shape)}"
             )
         if self.impl == "native":
+            # Imported here: the native op loads dinat_m2f._C, which building the model must not need.
+            from dinat_m2f.ops.ms_deform_attn import ms_deform_attn
+
             output = ms_deform_attn(
                 value, input_spatial_shapes, input_level_start_index, sampling_locations, attention_weights
             )
