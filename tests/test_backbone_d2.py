@@ -247,7 +247,12 @@ def test_every_spec_setting_has_its_config_key():
 
     cfg = small_cfg(KERNEL_SIZE=5, MLP_RATIO=3.0, QK_SCALE=0.5, ATTN_DROP_RATE=0.1, USE_CHECKPOINT=True)
     kwargs = dinat_kwargs_from_cfg(cfg)
-    assert set(kwargs) == set(HierarchicalSpec.flat_names()) | {"out_features", "frozen_stages", "trunc_normal_init"}
+    assert set(kwargs) == set(HierarchicalSpec.flat_names()) | {
+        "out_features",
+        "frozen_stages",
+        "trunc_normal_init",
+        "na_backend",
+    }
     spec = build_backbone(cfg).spec
     assert (spec.layer.kernel_size, spec.layer.mlp_ratio, spec.layer.qk_scale) == (5, 3.0, 0.5)
     assert (spec.layer.attn_drop_rate, spec.use_checkpoint, spec.embed_dim) == (0.1, True, 16)
