@@ -28,4 +28,7 @@ def get_cfg() -> CfgNode:
     return cfg
 
 
-__all__ = ["get_cfg"]
+# After get_cfg: loading.py imports it.
+from dinat_m2f.config.loading import ConfigError, check_config, load_config  # noqa: E402
+
+__all__ = ["ConfigError", "check_config", "get_cfg", "load_config"]
