@@ -16,6 +16,7 @@ def get_cfg() -> CfgNode:
     from detectron2.config import get_cfg as d2_get_cfg
     from detectron2.projects.deeplab import add_deeplab_config
 
+    from dinat_m2f.config.datasets import add_custom_datasets_config
     from dinat_m2f.config.dinat import add_dinat_config
     from dinat_m2f.config.maskformer2 import add_maskformer2_config
     from dinat_m2f.config.training import add_training_config
@@ -25,6 +26,7 @@ def get_cfg() -> CfgNode:
     add_maskformer2_config(cfg)
     add_dinat_config(cfg)
     add_training_config(cfg)
+    add_custom_datasets_config(cfg)
     return cfg
 
 
