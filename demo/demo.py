@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Run a trained DiNAT + Mask2Former on images, a folder or a video; write panoptic/instance/semantic overlays (PNG).
 
+A thin command line over ``dinat_m2f.Predictor``:
+
     python demo/demo.py --config-file configs/coco/panoptic-segmentation/dinat/\
 maskformer2_dinat_large_IN21k_bs16_100ep.yaml --input photos/*.jpg --output out/ \
         --opts MODEL.WEIGHTS mask2former_dinat_large_coco_panoptic.pth
+    python demo/demo.py --config-file dinat_l_coco_panoptic --input photos/ --output out/   # a model-zoo name
     python demo/demo.py --config-file ... --video-input clip.mp4 --output out/ --opts MODEL.WEIGHTS ... MODEL.DEVICE cpu
 
 Each input gives ``<stem>_<task>.png`` per task the model produces (panoptic, instance, semantic), drawn with
@@ -21,29 +24,16 @@ import sys
 from collections.abc import Iterator
 
 import numpy as np
-import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root, for train_net
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 from detectron2.config import CfgNode  # noqa: E402
-from detectron2.data import MetadataCatalog  # noqa: E402
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.engine.defaults import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
-from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
-import train_net  # noqa: E402  (registers datasets and model parts)
+from dinat_m2f.predictor import Predictor, read_image  # noqa: E402
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 TASKS = ("panoptic", "instance", "semantic")
-
-
-def setup_cfg(config_file: str, opts: list[str]) -> CfgNode:
-    cfg = train_net.load_config(config_file, opts)
-    train_net.check_config(cfg)
-    if not cfg.MODEL.WEIGHTS:
-        raise train_net.ConfigError("MODEL.WEIGHTS is empty: pass --opts MODEL.WEIGHTS /path/to/model.pth")
-    return cfg
 
 
 def list_images(inputs: list[str]) -> list[str]:
@@ -60,38 +50,28 @@ def list_images(inputs: list[str]) -> list[str]:
     return paths
 
 
+def overlays(
+    predictor: Predictor, image_rgb: np.ndarray, tasks: tuple[str, ...] = TASKS, confidence_threshold: float = 0.5
+) -> dict[str, np.ndarray]:
+    """Task -> overlay (RGB) for each requested task the model produced."""
+    result = predictor(image_rgb)
+    present = {"panoptic": result.panoptic, "instance": result.instances, "semantic": result.semantic}
+    return {
+        task: predictor.draw(image_rgb, result, task=task, confidence_threshold=confidence_threshold)
+        for task in tasks
+        if present[task] is not None
+    }
+
+
 class Overlayer:
-    """Runs the model on one BGR image and draws each of its outputs with detectron2's Visualizer."""
+    """Overlays of a loaded config's model on BGR images (what demo/run_demo.py draws with)."""
 
     def __init__(self, cfg: CfgNode, confidence_threshold: float = 0.5) -> None:
-        self.predictor = DefaultPredictor(cfg)
-        # class names and colours: those of the test set, else of the training set
-        names = list(cfg.DATASETS.TEST) + list(cfg.DATASETS.TRAIN)
-        if not names:
-            raise train_net.ConfigError("DATASETS.TEST and DATASETS.TRAIN are empty: the demo needs class names")
-        self.metadata = MetadataCatalog.get(names[0])
+        self.predictor = Predictor.from_cfg(cfg)
         self.confidence_threshold = confidence_threshold
 
     def __call__(self, image_bgr: np.ndarray, tasks: tuple[str, ...] = TASKS) -> dict[str, np.ndarray]:
-        predictions = self.predictor(image_bgr)
-        rgb = image_bgr[:, :, ::-1]
-        out: dict[str, np.ndarray] = {}
-        if "panoptic" in tasks and "panoptic_seg" in predictions:
-            panoptic_seg, segments_info = predictions["panoptic_seg"]
-            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
-            out["panoptic"] = vis.draw_panoptic_seg(panoptic_seg.to("cpu"), segments_info).get_image()
-        if "instance" in tasks and "instances" in predictions:
-            instances = predictions["instances"].to("cpu")
-            instances = instances[instances.scores > self.confidence_threshold]
-            if instances.has("pred_boxes") and not instances.pred_boxes.tensor.any():
-                instances.remove("pred_boxes")  # all-zero boxes (Mask2Former's default): label the masks instead
-            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
-            out["instance"] = vis.draw_instance_predictions(instances).get_image()
-        if "semantic" in tasks and "sem_seg" in predictions:
-            vis = Visualizer(rgb, self.metadata, instance_mode=ColorMode.IMAGE)
-            labels = predictions["sem_seg"].argmax(dim=0).to("cpu")
-            out["semantic"] = vis.draw_sem_seg(labels).get_image()
-        return out
+        return overlays(self.predictor, np.ascontiguousarray(image_bgr[:, :, ::-1]), tasks, self.confidence_threshold)
 
 
 def write_png(path: str, rgb: np.ndarray) -> None:
@@ -102,6 +82,7 @@ def write_png(path: str, rgb: np.ndarray) -> None:
 
 
 def video_frames(path: str) -> Iterator[np.ndarray]:
+    """The frames of a video as RGB arrays."""
     import cv2
 
     if not os.path.isfile(path):
@@ -114,14 +95,14 @@ def video_frames(path: str) -> Iterator[np.ndarray]:
             ok, frame = video.read()
             if not ok:
                 return
-            yield frame
+            yield np.ascontiguousarray(frame[:, :, ::-1])
     finally:
         video.release()
 
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="DiNAT + Mask2Former demo: overlays of predictions as PNG")
-    parser.add_argument("--config-file", required=True, metavar="FILE")
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="a config file or a model-zoo name")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", nargs="+", help="image files, folders or globs")
     source.add_argument("--video-input", help="a video file (every frame is written as PNG)")
@@ -129,6 +110,8 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS), help="which overlays to write")
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
     parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames (0 = all)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     parser.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides: KEY VALUE ...")
     return parser
 
@@ -137,14 +120,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     args = get_parser().parse_args(argv)
     setup_logger(name="dinat_m2f")
     logger = logging.getLogger("dinat_m2f.demo")
-    cfg = setup_cfg(args.config_file, args.opts)
-    overlayer = Overlayer(cfg, args.confidence_threshold)
+    predictor = Predictor(args.config_file, device=args.device, dtype=args.dtype, opts=args.opts)
     tasks = tuple(args.tasks)
     written: list[str] = []
     if args.input:
-        sources = (
-            (os.path.splitext(os.path.basename(p))[0], read_image(p, format="BGR")) for p in list_images(args.input)
-        )
+        sources = ((os.path.splitext(os.path.basename(p))[0], read_image(p)) for p in list_images(args.input))
     else:
         # Its own name: the lazy generator below would otherwise read the loop's ``stem`` (v_000000_000001...).
         video_stem = os.path.splitext(os.path.basename(args.video_input))[0]
@@ -152,13 +132,12 @@ def main(argv: list[str] | None = None) -> list[str]:
         if args.max_frames:
             frames = itertools.islice(frames, args.max_frames)  # stop decoding there, not just stop drawing
         sources = ((f"{video_stem}_{i:06d}", f) for i, f in enumerate(frames))
-    with torch.no_grad():
-        for stem, image in sources:
-            for task, overlay in overlayer(image, tasks).items():
-                path = os.path.join(args.output, f"{stem}_{task}.png")
-                write_png(path, overlay)
-                written.append(path)
-            logger.info(f"{stem}: done ({len(written)} PNGs so far)")
+    for stem, image in sources:
+        for task, overlay in overlays(predictor, image, tasks, args.confidence_threshold).items():
+            path = os.path.join(args.output, f"{stem}_{task}.png")
+            write_png(path, overlay)
+            written.append(path)
+        logger.info(f"{stem}: done ({len(written)} PNGs so far)")
     if not written:
         raise RuntimeError(f"the model produced none of the requested outputs {tasks} (check MODEL.MASK_FORMER.TEST.*)")
     return written

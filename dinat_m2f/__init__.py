@@ -8,6 +8,7 @@ the synthetic demo set). The compiled extension is loaded on first use of an op.
 from dinat_m2f import data, modeling  # noqa: F401  (registrations)
 from dinat_m2f._ext import build_info
 from dinat_m2f.config import get_cfg
+from dinat_m2f.predictor import Predictor
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "build_info", "get_cfg"]
+__all__ = ["Predictor", "__version__", "build_info", "get_cfg"]
