@@ -211,8 +211,10 @@ def _backends(info: dict | None) -> list[Check]:
             checks.append(Check(label, OK, f"native {device} kernel; {detail}"))
         elif status == "wrong":
             checks.append(Check(label, FAIL, f"native {device} kernel gives wrong results: {detail}", "make build"))
-        else:
+        elif dtype != "float32" and "support" in detail:  # the kernel's own "supports <dtypes>, got X" check
             checks.append(Check(label, INFO, f"not supported: {detail}"))
+        else:  # float32 must always run; any other failure is a broken build, not a dtype limit
+            checks.append(Check(label, FAIL, f"native {device} kernel fails: {detail}", "make build"))
     return checks
 
 

@@ -80,3 +80,16 @@ def test_registered_datasets_on_disk(tmp_path):
         for name in ("doctor_test_present", "doctor_test_absent"):
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
+
+
+def test_a_failing_kernel_is_a_failure_but_an_unsupported_dtype_is_not(monkeypatch):
+    results = {
+        "na2d|cpu|float32": ["error", "RuntimeError: CUDA error: no kernel image is available"],
+        "na2d|cpu|float16": ["error", "RuntimeError: na2d: CPU kernels support float32, float64 and bfloat16"],
+        "ms_deform_attn|cpu|float32": ["wrong", "max |error| vs reference 3.0e-01"],
+    }
+    monkeypatch.setattr(doctor, "probe_ops", lambda devices: (results, ""))
+    checks = {c.name: c for c in doctor._backends(_ext.build_info())}
+    assert checks["na2d on cpu float32"].status == doctor.FAIL
+    assert checks["na2d on cpu float16"].status == doctor.INFO
+    assert checks["ms_deform_attn on cpu float32"].status == doctor.FAIL
