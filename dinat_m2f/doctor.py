@@ -87,7 +87,8 @@ def _gpus(info: dict | None) -> list[Check]:
     for i in range(torch.cuda.device_count()):
         name = torch.cuda.get_device_name(i)
         arch = "{}.{}".format(*torch.cuda.get_device_capability(i))
-        if info is None:
+        if info is None:  # the extension failed to load: reported above
+            checks.append(Check(f"GPU {i} {name} (sm {arch})", INFO, "the extension must load first"))
             continue
         if not built_cuda:
             checks.append(
