@@ -39,8 +39,8 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
         self.send_response(206 if header else 200)
         self.send_header("Content-Length", str(len(data) - start))
         self.end_headers()
+        type(self).sent.append(len(data) - start)  # before writing: the client may check as soon as it has read
         self.wfile.write(data[start:])
-        type(self).sent.append(len(data) - start)
 
     def log_message(self, *args):
         pass
