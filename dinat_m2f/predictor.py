@@ -229,6 +229,10 @@ class Predictor:
             dtype = _DTYPES[dtype]
         if dtype not in _DTYPES.values():
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype == torch.float16 and torch.device(self.device).type == "cpu":
+            raise ValueError(
+                "dtype float16 runs on CUDA only (the CPU kernels have no float16): use 'bfloat16' on the CPU"
+            )
         return None if dtype == torch.float32 else dtype
 
     def _autocast(self):

@@ -104,6 +104,8 @@ def test_bfloat16_autocast_is_close_to_float32(tiny):
     torch.testing.assert_close(half.raw["sem_seg"].float(), full.raw["sem_seg"], atol=0.05, rtol=0.05)
     with pytest.raises(ValueError, match="dtype must be one of"):
         _predictor(weights, dtype="int8")
+    with pytest.raises(ValueError, match="float16 runs on CUDA only"):
+        _predictor(weights, dtype="float16")
 
 
 def test_draw_gives_an_overlay_per_task(tiny):
