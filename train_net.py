@@ -31,7 +31,8 @@ from detectron2.utils.logger import setup_logger
 # Registers the datasets (the synthetic demo set included) and the model parts (meta-architecture, backbone, heads).
 import dinat_m2f.data  # noqa: F401
 import dinat_m2f.modeling  # noqa: F401
-from dinat_m2f.config import check_config, load_config
+from dinat_m2f.config import ConfigError, check_config, load_config  # noqa: F401  (ConfigError: re-exported)
+from dinat_m2f.data.datasets.custom import register_from_config
 from dinat_m2f.engine import AtomicCheckpointer, launch
 from dinat_m2f.engine.trainer import Trainer, evaluate
 
@@ -43,6 +44,7 @@ def setup(args) -> CfgNode:
     if getattr(args, "trust_weights", False):
         opts += ["MODEL.TRUST_WEIGHTS", "True"]
     cfg = load_config(args.config_file, opts)
+    register_from_config(cfg)  # DATASETS.REGISTER: the user's own datasets
     check_config(cfg, resume=args.resume)
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="dinat_m2f")

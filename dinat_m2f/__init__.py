@@ -14,6 +14,7 @@ from dinat_m2f._ext import build_info
 __version__ = "0.1.0"
 __all__ = [
     "DETECTRON2_IMPORT_ERROR",
+    "Predictor",
     "__version__",
     "add_dinat_config",
     "add_maskformer2_config",
@@ -46,7 +47,9 @@ def _needs_detectron2(name: str):
 if DETECTRON2_IMPORT_ERROR is None:
     from dinat_m2f import data, modeling  # noqa: F401  (registrations)
     from dinat_m2f.config import add_dinat_config, add_maskformer2_config, get_cfg
+    from dinat_m2f.predictor import Predictor
 else:
     get_cfg = _needs_detectron2("get_cfg")
     add_dinat_config = _needs_detectron2("add_dinat_config")
     add_maskformer2_config = _needs_detectron2("add_maskformer2_config")
+    Predictor = _needs_detectron2("Predictor")

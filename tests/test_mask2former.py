@@ -3,6 +3,7 @@ training on CPU (float32 and bf16 autocast), the DiNAT backbone and the size of 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -271,16 +272,17 @@ def test_panoptic_inference_on_crafted_logits():
     expected[:, :4] = 1
     expected[1:, 4:] = 2
     assert torch.equal(panoptic, expected)
+    confident = pytest.approx(math.exp(big) / (math.exp(big) + 3))  # softmax of (big, 0, 0, 0)
     assert segments == [
-        {"id": 1, "isthing": True, "category_id": 0},
-        {"id": 2, "isthing": False, "category_id": 1},
+        {"id": 1, "isthing": True, "category_id": 0, "score": confident},
+        {"id": 2, "isthing": False, "category_id": 1, "score": confident},  # Q1's score (Q2 merged into it)
     ]
     # lower the overlap threshold: Q5 becomes a segment of its own (id 3) on the unclaimed row-0 pixels
     model.overlap_threshold = 0.5
     panoptic, segments = model.panoptic_inference(logits, masks)
     expected[0, 4:] = 3
     assert torch.equal(panoptic, expected)
-    assert segments[-1] == {"id": 3, "isthing": True, "category_id": 0}
+    assert segments[-1] == {"id": 3, "isthing": True, "category_id": 0, "score": pytest.approx(0.85)}
 
 
 def test_panoptic_inference_with_nothing_kept():

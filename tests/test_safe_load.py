@@ -18,6 +18,7 @@ import torch
 import train_helpers
 from torch import nn
 
+from dinat_m2f.config import load_config
 from dinat_m2f.engine import AtomicCheckpointer
 from dinat_m2f.utils.safe_load import CorruptWeightsError, UnsafeWeightsError, load_weights_file
 
@@ -99,7 +100,7 @@ def test_train_net_eval_only_training_and_demo_refuse_planted_files(tmp_path):
             train_net.main(train_net.argument_parser().parse_args(["--eval-only", *args]))
         with pytest.raises(UnsafeWeightsError, match="builtins.exec"):
             train_net.Trainer(train_net.setup(train_net.argument_parser().parse_args(args))).resume_or_load(False)
-        cfg = demo.setup_cfg(train_helpers.DEMO_CONFIG, [*opts, "MODEL.WEIGHTS", weights])
+        cfg = load_config(train_helpers.DEMO_CONFIG, [*opts, "MODEL.WEIGHTS", weights])
         with pytest.raises(UnsafeWeightsError, match="builtins.exec"):
             demo.Overlayer(cfg)
     assert not os.path.exists(marker)

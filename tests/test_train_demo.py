@@ -115,18 +115,19 @@ def _demo_module():
 def test_demo_scales_16bit_images_instead_of_clipping(tmp_path):
     import cv2
 
-    demo = _demo_module()
+    from dinat_m2f.predictor import read_image
+
     gray = np.array([[0, 257 * 64, 32768, 65535]], dtype=np.uint16)  # 8-bit equivalents 0, 64, 128, 255
     Image.fromarray(gray).save(tmp_path / "gray16.png")
-    bgr = demo.read_image_bgr(str(tmp_path / "gray16.png"))
-    assert bgr.dtype == np.uint8 and bgr.shape == (1, 4, 3)
-    assert bgr[0, :, 0].tolist() == bgr[0, :, 2].tolist() == [0, 64, 128, 255]
+    rgb = read_image(str(tmp_path / "gray16.png"))
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+    assert rgb[0, :, 0].tolist() == rgb[0, :, 2].tolist() == [0, 64, 128, 255]
 
     colour = np.zeros((2, 2, 3), dtype=np.uint16)
     colour[..., 0] = 65535  # OpenCV order: full blue, half green, no red
     colour[..., 1] = 32768
     cv2.imwrite(str(tmp_path / "bgr48.png"), colour)
-    assert demo.read_image_bgr(str(tmp_path / "bgr48.png"))[0, 0].tolist() == [255, 128, 0]
+    assert read_image(str(tmp_path / "bgr48.png"))[0, 0].tolist() == [0, 128, 255]  # RGB
 
 
 def test_demo_names_unreadable_images_and_skips_them_with_the_flag(tmp_path, capsys):

@@ -4,6 +4,7 @@ Each group of keys lives with its owner:
 - ``add_dinat_config``: ``MODEL.DINAT.*`` (the backbone)
 - ``add_maskformer2_config``: ``MODEL.MASK_FORMER.*``, ``INPUT.*`` extras, ... (as Mask2Former exports it)
 - ``add_training_config``: switches of the engine (rpb decay, NaN guard, checkpoints, ...)
+- ``add_custom_datasets_config``: ``DATASETS.REGISTER`` (the user's own datasets)
 
 ``load_config`` / ``check_config`` read and check the config of a run (train_net.py, the demos, the tools).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 from detectron2.config import CfgNode
 
+from dinat_m2f.config.datasets import add_custom_datasets_config
 from dinat_m2f.config.dinat import add_dinat_config
 from dinat_m2f.config.loader import ConfigError, check_config, load_config
 from dinat_m2f.config.maskformer2 import add_maskformer2_config
@@ -28,11 +30,13 @@ def get_cfg() -> CfgNode:
     add_maskformer2_config(cfg)
     add_dinat_config(cfg)
     add_training_config(cfg)
+    add_custom_datasets_config(cfg)
     return cfg
 
 
 __all__ = [
     "ConfigError",
+    "add_custom_datasets_config",
     "add_dinat_config",
     "add_maskformer2_config",
     "add_training_config",

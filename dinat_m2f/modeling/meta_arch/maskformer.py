@@ -220,7 +220,7 @@ class MaskFormer(nn.Module):
         return torch.einsum("qc,qhw->chw", mask_cls, mask_pred)
 
     def panoptic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor):
-        """(panoptic_seg int32 (H, W) with 0 = void, segments_info [{"id", "isthing", "category_id"}])."""
+        """(panoptic_seg int32 (H, W) with 0 = void, segments_info [{"id", "isthing", "category_id", "score"}])."""
         num_classes = self.sem_seg_head.num_classes
         scores, labels = F.softmax(mask_cls, dim=-1).max(-1)
         mask_pred = mask_pred.sigmoid()
@@ -257,7 +257,14 @@ class MaskFormer(nn.Module):
                 stuff_memory_list[pred_class] = current_segment_id + 1
             current_segment_id += 1
             panoptic_seg[mask] = current_segment_id
-            segments_info.append({"id": current_segment_id, "isthing": bool(isthing), "category_id": pred_class})
+            segments_info.append(
+                {
+                    "id": current_segment_id,
+                    "isthing": bool(isthing),
+                    "category_id": pred_class,
+                    "score": float(cur_scores[k]),  # the query's class probability (for users and Visualizer)
+                }
+            )
         return panoptic_seg, segments_info
 
     def instance_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> Instances:

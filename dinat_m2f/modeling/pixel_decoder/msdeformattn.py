@@ -83,9 +83,10 @@ class MSDeformAttnTransformerEncoder(nn.Module):
         the valid ratios are 1, so every level sees the same normalised point."""
         points = []
         for h, w in spatial_shapes:
+            # arange + 0.5 == linspace(0.5, n - 0.5, n) exactly, and keeps n symbolic under torch.export
             ref_y, ref_x = torch.meshgrid(
-                torch.linspace(0.5, h - 0.5, h, dtype=torch.float32, device=device) / h,
-                torch.linspace(0.5, w - 0.5, w, dtype=torch.float32, device=device) / w,
+                (torch.arange(h, dtype=torch.float32, device=device) + 0.5) / h,
+                (torch.arange(w, dtype=torch.float32, device=device) + 0.5) / w,
                 indexing="ij",
             )
             points.append(torch.stack((ref_x.reshape(-1), ref_y.reshape(-1)), -1))
@@ -142,7 +143,13 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             lvl_pos_embed_flatten.append(pos_embed + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        spatial_shapes = torch.as_tensor(shapes_list, dtype=torch.long, device=src_flatten.device)
+        # scalar_tensor, not as_tensor: torch.export keeps the sizes symbolic (as_tensor would bake them in)
+        spatial_shapes = torch.stack(
+            [
+                torch.stack([torch.scalar_tensor(s, dtype=torch.long, device=src_flatten.device) for s in hw])
+                for hw in shapes_list
+            ]
+        )
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         memory = self.encoder(src_flatten, spatial_shapes, shapes_list, level_start_index, lvl_pos_embed_flatten)
         return memory, shapes_list, level_start_index

@@ -248,7 +248,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
             # a query whose mask blocks every position attends everywhere (no row of -inf in the softmax)
-            attn_mask[torch.where(attn_mask.sum(-1) == attn_mask.shape[-1])] = False
+            # (a dense formulation: no data-dependent indexing, so the decoder exports to ONNX / torch.export)
+            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
                 output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed
             )
