@@ -196,9 +196,9 @@ def _backends(info: dict | None) -> list[Check]:
     checks = []
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
-        checks.append(Check(f"available_backends({device!r})", INFO, str(ops.available_backends(device))))
+        checks.append(Check(f"available_backends() for {device}", INFO, str(ops.available_backends(device))))
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            label = f"NA backend on {device} {str(dtype).removeprefix('torch.')}"
+            label = f"NA backend for {device} {str(dtype).removeprefix('torch.')}"
             try:  # the choice na2d (fused) and na2d_qk/na2d_av (unfused) make with no backend= argument
                 fused = resolve_backend(None, "na2d", torch.device(device), dtype, fused=True)
                 unfused = resolve_backend(None, "na2d_qk", torch.device(device), dtype, fused=False)

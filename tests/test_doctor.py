@@ -16,6 +16,7 @@ def test_doctor_passes_on_a_working_build_and_probes_each_op(capsys):
         if "on cpu float32" in line:
             assert line.startswith("[  ok]") and "max |error| vs reference" in line, line
     assert "available_backends()" in out and "detectron2" in out and "dataset root" in out
+    assert "NA backend for cpu float32" in out and "fused: native, unfused: native" in out
     assert out.rstrip().endswith("no problem found.")
 
 
@@ -93,3 +94,11 @@ def test_a_failing_kernel_is_a_failure_but_an_unsupported_dtype_is_not(monkeypat
     assert checks["na2d on cpu float32"].status == doctor.FAIL
     assert checks["na2d on cpu float16"].status == doctor.INFO
     assert checks["ms_deform_attn on cpu float32"].status == doctor.FAIL
+
+
+def test_an_unusable_backend_choice_is_a_failure_with_the_fix(monkeypatch, capsys):
+    monkeypatch.setenv("DINAT_M2F_NA_BACKEND", "triton")  # Triton cannot run on the CPU (no interpreter here)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert doctor.main([]) == 1
+    out = capsys.readouterr().out
+    assert "[FAIL] NA backend for cpu float32" in out and "unset DINAT_M2F_NA_BACKEND" in out
