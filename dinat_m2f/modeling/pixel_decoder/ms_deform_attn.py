@@ -94,8 +94,8 @@ class MSDeformAttn(nn.Module):
             query: [N, Lq, C].
             reference_points: [N, Lq, levels, 2] normalised (x, y), or [N, Lq, levels, 4] boxes (cx, cy, w, h).
             input_flatten: [N, S, C], the levels flattened and concatenated.
-            input_spatial_shapes: [levels, 2] int64 (H, W).
-            input_level_start_index: [levels] int64.
+            input_spatial_shapes: [levels, 2] int64 (H, W), on the CPU (no device sync) or the features' device.
+            input_level_start_index: [levels] int64, on the same device as input_spatial_shapes.
             input_padding_mask: [N, S] bool, True at padding (zeroed in the values).
         Returns: [N, Lq, C].
         """
@@ -110,6 +110,8 @@ class MSDeformAttn(nn.Module):
         attention_weights = F.softmax(attention_weights, -1).view(N, Len_q, self.n_heads, self.n_levels, self.n_points)
         if reference_points.shape[-1] == 2:
             offset_normalizer = torch.stack([input_spatial_shapes[..., 1], input_spatial_shapes[..., 0]], -1)
+            # the level sizes may live on the CPU (the op reads them there): a host-to-device copy, no device sync
+            offset_normalizer = offset_normalizer.to(sampling_offsets.device, non_blocking=True)
             sampling_locations = (
                 reference_points[:, :, None, :, None, :]
                 + sampling_offsets / offset_normalizer[None, None, None, :, None, :]

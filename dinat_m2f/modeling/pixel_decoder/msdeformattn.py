@@ -143,12 +143,11 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
             lvl_pos_embed_flatten.append(pos_embed + self.level_embed[lvl].view(1, 1, -1))
         src_flatten = torch.cat(src_flatten, 1)
         lvl_pos_embed_flatten = torch.cat(lvl_pos_embed_flatten, 1)
-        # scalar_tensor, not as_tensor: torch.export keeps the sizes symbolic (as_tensor would bake them in)
+        # scalar_tensor, not as_tensor: torch.export keeps the sizes symbolic (as_tensor would bake them in).
+        # On the CPU whatever the device of the features: the deformable-attention op checks the level sizes on the
+        # host, and device copies of them would make every call wait for the GPU to read them back.
         spatial_shapes = torch.stack(
-            [
-                torch.stack([torch.scalar_tensor(s, dtype=torch.long, device=src_flatten.device) for s in hw])
-                for hw in shapes_list
-            ]
+            [torch.stack([torch.scalar_tensor(s, dtype=torch.long) for s in hw]) for hw in shapes_list]
         )
         level_start_index = torch.cat((spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1]))
         memory = self.encoder(src_flatten, spatial_shapes, shapes_list, level_start_index, lvl_pos_embed_flatten)
