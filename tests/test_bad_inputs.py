@@ -95,6 +95,21 @@ def test_skip_corrupt_still_skips_when_some_samples_load(tmp_path):
         assert {d["file_name"] for d in batch} == {images[-1]}
 
 
+def test_a_corrupt_image_in_the_evaluation_loader_is_named(tmp_path):
+    import train_net
+    from dinat_m2f.data.dataset_mappers import CorruptSampleError
+
+    datasets = str(tmp_path / "datasets")
+    train_helpers.make_tiny_dataset(datasets)
+    bad = sorted(glob.glob(os.path.join(datasets, "synthetic", "images", "val", "*.jpg")))[0]
+    corrupt_file(bad)
+    cfg = train_net.load_config(train_helpers.DEMO_CONFIG, [*train_helpers.TINY_OPTS, "OUTPUT_DIR", str(tmp_path)])
+    loader = train_net.Trainer.build_test_loader(cfg, "synthetic_sem_seg_val")
+    with pytest.raises(CorruptSampleError, match=os.path.basename(bad)):
+        for _ in loader:
+            pass
+
+
 @pytest.mark.parametrize("num_classes", ["0", "-3"])
 def test_num_classes_below_one_is_rejected_at_model_build(num_classes):
     from detectron2.modeling import build_model

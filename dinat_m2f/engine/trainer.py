@@ -15,13 +15,19 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode
-from detectron2.data import DatasetFromList, build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetFromList,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import DefaultTrainer, TrainerBase, create_ddp_model, hooks
 from detectron2.evaluation import DatasetEvaluator, verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from dinat_m2f.data import build_train_mapper
+from dinat_m2f.data.dataset_mappers import CheckedDatasetMapper
 from dinat_m2f.engine.checkpoint import AtomicCheckpointer
 from dinat_m2f.engine.hooks import FiniteWeightsPeriodicCheckpointer
 from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
@@ -126,6 +132,11 @@ class Trainer(DefaultTrainer):
         loader = build_detection_train_loader(cfg, dataset=dataset, mapper=mapper, sampler=sampler)
         loader.resumable_sampler = sampler
         return loader
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        # detectron2's test loader and mapper, but an unreadable image is an error that names the file
+        return build_detection_test_loader(cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False))
 
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str, output_folder: str | None = None) -> DatasetEvaluator:

@@ -20,7 +20,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetMapper
 
 from dinat_m2f.config import ConfigError
-from dinat_m2f.data.dataset_mappers._common import CorruptSampleError
+from dinat_m2f.data.dataset_mappers._common import CheckedDatasetMapper, CorruptSampleError
 from dinat_m2f.data.dataset_mappers.coco_lsj_dataset_mappers import (
     COCOInstanceNewBaselineDatasetMapper,
     COCOPanopticNewBaselineDatasetMapper,
@@ -52,6 +52,7 @@ __all__ = [
     "MAPPERS",
     "CorruptSampleError",
     "COCOInstanceNewBaselineDatasetMapper",
+    "CheckedDatasetMapper",
     "COCOPanopticNewBaselineDatasetMapper",
     "MaskFormerInstanceDatasetMapper",
     "MaskFormerPanopticDatasetMapper",

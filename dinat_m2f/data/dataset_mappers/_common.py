@@ -11,11 +11,13 @@ import pycocotools.mask as mask_util
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
+from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances, polygons_to_bitmask
 
 __all__ = [
+    "CheckedDatasetMapper",
     "CorruptSampleError",
     "NoReadableSampleError",
     "SkipCorruptMixin",
@@ -137,6 +139,19 @@ def read_image_checked(dataset_dict: dict, image_format: str) -> np.ndarray:
     except utils.SizeMismatchError as e:
         raise CorruptSampleError(path, e) from e
     return image
+
+
+class CheckedDatasetMapper(DatasetMapper):
+    """detectron2's DatasetMapper (the evaluation loader's) whose unreadable image is an error naming the file:
+    detectron2 lets PIL's error through, which names no file."""
+
+    def __call__(self, dataset_dict: dict) -> dict:
+        try:
+            return super().__call__(dataset_dict)
+        except (OSError, SyntaxError, utils.SizeMismatchError) as e:  # PIL: UnidentifiedImageError, truncated, ...
+            if isinstance(e, CorruptSampleError):
+                raise
+            raise CorruptSampleError(dataset_dict["file_name"], e) from e
 
 
 def read_label_checked(path: str, image_shape: tuple[int, int], fmt: str | None = None) -> np.ndarray:
