@@ -158,6 +158,18 @@ def _layer_keys(prefix: str, dim: int, heads: int, kernel: int, hidden: int, lay
     return keys
 
 
+def _add_output_norms(keys: dict, c: int, levels: int, classes: int, dense: bool) -> dict:
+    # Dense prediction: a norm per level (norm0..3); classification: one final norm and the linear head.
+    if dense:
+        for i in range(levels):
+            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (c * 2**i,)
+    else:
+        final = c * 2 ** (levels - 1)
+        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
+        keys["head.bias"] = (classes,)
+    return keys
+
+
 def official_dinat_keys(c, depths, heads, mlp, k, layer_scale=False, classes=1000, dense=False) -> dict:
     """spec/dinat.md 1.2 (classification) or the dense-prediction variant (no norm/head, norm0..3)."""
     keys = {
@@ -176,13 +188,7 @@ def official_dinat_keys(c, depths, heads, mlp, k, layer_scale=False, classes=100
             keys[f"levels.{i}.downsample.reduction.weight"] = (2 * dim, dim, 3, 3)
             keys[f"levels.{i}.downsample.norm.weight"] = (2 * dim,)
             keys[f"levels.{i}.downsample.norm.bias"] = (2 * dim,)
-        if dense:
-            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
-    if not dense:
-        final = c * 2 ** (len(depths) - 1)
-        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
-        keys["head.bias"] = (classes,)
-    return keys
+    return _add_output_norms(keys, c, len(depths), classes, dense)
 
 
 def official_dinat_s_keys(c, depths, heads, classes=1000, dense=False) -> dict:
@@ -200,13 +206,7 @@ def official_dinat_s_keys(c, depths, heads, classes=1000, dense=False) -> dict:
             keys[f"layers.{i}.downsample.reduction.weight"] = (2 * dim, 4 * dim)
             keys[f"layers.{i}.downsample.norm.weight"] = (4 * dim,)
             keys[f"layers.{i}.downsample.norm.bias"] = (4 * dim,)
-        if dense:
-            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
-    if not dense:
-        final = c * 2 ** (len(depths) - 1)
-        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
-        keys["head.bias"] = (classes,)
-    return keys
+    return _add_output_norms(keys, c, len(depths), classes, dense)
 
 
 def official_iso_keys(c, heads) -> dict:
