@@ -62,6 +62,12 @@ def _backbone(name: str, dataset: str, config: str | None, official: str, base: 
     return ZooModel(name, "backbone", "classification", dataset, config, official, base + official, metrics)
 
 
+def _in1k_backbone(size: str, top1: float) -> ZooModel:
+    # The ImageNet-1K DiNAT-{mini..base} share one naming scheme; their ADE20K semantic config starts from them.
+    config = f"configs/ade20k/semantic-segmentation/dinat/maskformer2_dinat_{size}_bs16_160k.yaml"
+    return _backbone(f"dinat_{size}_in1k", "imagenet1k", config, f"dinat_{size}_in1k_224.pth", _IN1K_URL, top1)
+
+
 _COCO_PAN = "configs/coco/panoptic-segmentation/dinat/"
 _ADE_SEM = "configs/ade20k/semantic-segmentation/dinat/"
 _L = "maskformer2_dinat_large_IN21k_bs16_"
@@ -132,22 +138,10 @@ _MODELS: tuple[ZooModel, ...] = (
         "mask2former_dinat_large_cityscapes_panoptic.pth",
         {"PQ": 67.2, "AP": 44.5, "mIoU": 83.4},
     ),
-    _backbone(
-        "dinat_mini_in1k", "imagenet1k", _ADE_SEM + "maskformer2_dinat_mini_bs16_160k.yaml",
-        "dinat_mini_in1k_224.pth", _IN1K_URL, 81.8,
-    ),
-    _backbone(
-        "dinat_tiny_in1k", "imagenet1k", _ADE_SEM + "maskformer2_dinat_tiny_bs16_160k.yaml",
-        "dinat_tiny_in1k_224.pth", _IN1K_URL, 82.7,
-    ),
-    _backbone(
-        "dinat_small_in1k", "imagenet1k", _ADE_SEM + "maskformer2_dinat_small_bs16_160k.yaml",
-        "dinat_small_in1k_224.pth", _IN1K_URL, 83.8,
-    ),
-    _backbone(
-        "dinat_base_in1k", "imagenet1k", _ADE_SEM + "maskformer2_dinat_base_bs16_160k.yaml",
-        "dinat_base_in1k_224.pth", _IN1K_URL, 84.4,
-    ),
+    _in1k_backbone("mini", 81.8),
+    _in1k_backbone("tiny", 82.7),
+    _in1k_backbone("small", 83.8),
+    _in1k_backbone("base", 84.4),
     _backbone("dinat_large_in22k_in1k_224", "imagenet1k", None, "dinat_large_in22k_in1k_224.pth", _IN1K_URL, 86.6),
     _backbone("dinat_large_in22k_in1k_384", "imagenet1k", None, "dinat_large_in22k_in1k_384.pth", _IN1K_URL, 87.4),
     _backbone(

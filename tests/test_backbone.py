@@ -158,6 +158,31 @@ def _layer_keys(prefix: str, dim: int, heads: int, kernel: int, hidden: int, lay
     return keys
 
 
+def _add_levels(keys: dict, stage: str, c: int, depths, block_keys, downsample_shapes) -> None:
+    # Level i: its blocks (block_keys(prefix, i, dim)), then a downsampler (but after the last level).
+    for i, depth in enumerate(depths):
+        dim = c * 2**i
+        for j in range(depth):
+            keys.update(block_keys(f"{stage}.{i}.blocks.{j}", i, dim))
+        if i < len(depths) - 1:
+            reduction, norm = downsample_shapes(dim)
+            keys[f"{stage}.{i}.downsample.reduction.weight"] = reduction
+            keys[f"{stage}.{i}.downsample.norm.weight"] = norm
+            keys[f"{stage}.{i}.downsample.norm.bias"] = norm
+
+
+def _add_output_norms(keys: dict, c: int, levels: int, classes: int, dense: bool) -> dict:
+    # Dense prediction: a norm per level (norm0..3); classification: one final norm and the linear head.
+    if dense:
+        for i in range(levels):
+            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (c * 2**i,)
+    else:
+        final = c * 2 ** (levels - 1)
+        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
+        keys["head.bias"] = (classes,)
+    return keys
+
+
 def official_dinat_keys(c, depths, heads, mlp, k, layer_scale=False, classes=1000, dense=False) -> dict:
     """spec/dinat.md 1.2 (classification) or the dense-prediction variant (no norm/head, norm0..3)."""
     keys = {
@@ -168,21 +193,15 @@ def official_dinat_keys(c, depths, heads, mlp, k, layer_scale=False, classes=100
         "patch_embed.norm.weight": (c,),
         "patch_embed.norm.bias": (c,),
     }
-    for i, depth in enumerate(depths):
-        dim = c * 2**i
-        for j in range(depth):
-            keys.update(_layer_keys(f"levels.{i}.blocks.{j}", dim, heads[i], k, int(dim * mlp), layer_scale))
-        if i < len(depths) - 1:
-            keys[f"levels.{i}.downsample.reduction.weight"] = (2 * dim, dim, 3, 3)
-            keys[f"levels.{i}.downsample.norm.weight"] = (2 * dim,)
-            keys[f"levels.{i}.downsample.norm.bias"] = (2 * dim,)
-        if dense:
-            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
-    if not dense:
-        final = c * 2 ** (len(depths) - 1)
-        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
-        keys["head.bias"] = (classes,)
-    return keys
+    _add_levels(
+        keys,
+        "levels",
+        c,
+        depths,
+        lambda prefix, i, dim: _layer_keys(prefix, dim, heads[i], k, int(dim * mlp), layer_scale),
+        lambda dim: ((2 * dim, dim, 3, 3), (2 * dim,)),  # 3x3 stride-2 conv, norm after
+    )
+    return _add_output_norms(keys, c, len(depths), classes, dense)
 
 
 def official_dinat_s_keys(c, depths, heads, classes=1000, dense=False) -> dict:
@@ -192,21 +211,15 @@ def official_dinat_s_keys(c, depths, heads, classes=1000, dense=False) -> dict:
         "patch_embed.norm.weight": (c,),
         "patch_embed.norm.bias": (c,),
     }
-    for i, depth in enumerate(depths):
-        dim = c * 2**i
-        for j in range(depth):
-            keys.update(_layer_keys(f"layers.{i}.blocks.{j}", dim, heads[i], 7, 4 * dim, False))
-        if i < len(depths) - 1:
-            keys[f"layers.{i}.downsample.reduction.weight"] = (2 * dim, 4 * dim)
-            keys[f"layers.{i}.downsample.norm.weight"] = (4 * dim,)
-            keys[f"layers.{i}.downsample.norm.bias"] = (4 * dim,)
-        if dense:
-            keys[f"norm{i}.weight"] = keys[f"norm{i}.bias"] = (dim,)
-    if not dense:
-        final = c * 2 ** (len(depths) - 1)
-        keys.update({"norm.weight": (final,), "norm.bias": (final,), "head.weight": (classes, final)})
-        keys["head.bias"] = (classes,)
-    return keys
+    _add_levels(
+        keys,
+        "layers",
+        c,
+        depths,
+        lambda prefix, i, dim: _layer_keys(prefix, dim, heads[i], 7, 4 * dim, False),
+        lambda dim: ((2 * dim, 4 * dim), (4 * dim,)),  # Swin patch merging: norm, then linear
+    )
+    return _add_output_norms(keys, c, len(depths), classes, dense)
 
 
 def official_iso_keys(c, heads) -> dict:

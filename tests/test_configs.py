@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from detectron2.modeling import build_model
+from paper_settings import PAPER_SETTINGS
 
 from dinat_m2f.config import ConfigError, check_config, load_config
 
@@ -27,16 +28,7 @@ def _rel(path: str) -> str:
 
 def test_the_paper_settings_are_all_there():
     names = {_rel(c) for c in PAPER_L}
-    for dataset, task in [
-        ("coco", "panoptic"),
-        ("coco", "instance"),
-        ("ade20k", "semantic"),
-        ("ade20k", "panoptic"),
-        ("ade20k", "instance"),
-        ("cityscapes", "semantic"),
-        ("cityscapes", "instance"),
-        ("cityscapes", "panoptic"),
-    ]:
+    for dataset, task in sorted(PAPER_SETTINGS):
         assert any(n.startswith(f"configs/{dataset}/{task}-segmentation/dinat/") for n in names), (dataset, task)
     for variant in ("mini", "tiny", "small", "base"):
         assert any(f"dinat_{variant}" in c and "ade20k/semantic" in c for c in LEAF_CONFIGS), variant

@@ -10,13 +10,13 @@ import os
 import numpy as np
 import pytest
 import torch
-from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import COCOEvaluator as D2COCOEvaluator
 from detectron2.evaluation import SemSegEvaluator as D2SemSegEvaluator
 from detectron2.structures import Boxes, Instances
 from eval_fixtures import rle, run
 from PIL import Image
 
+from dinat_m2f.data.datasets._common import register_dataset
 from dinat_m2f.evaluation import COCOEvaluator, SemSegEvaluator
 
 H, W = 40, 48
@@ -64,12 +64,12 @@ def make_instance_dataset(root: str, tag: str) -> tuple[str, list[dict], list[di
     with open(json_file, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": categories}, f)
     name = f"streaming_instances_{tag}"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: inputs)
-    MetadataCatalog.get(name).set(
-        json_file=json_file, thing_classes=[c["name"] for c in categories], thing_dataset_id_to_contiguous_id=THING_IDS
+    register_dataset(
+        name,
+        lambda: inputs,
+        json_file=json_file,
+        thing_classes=[c["name"] for c in categories],
+        thing_dataset_id_to_contiguous_id=THING_IDS,
     )
     return name, inputs, outputs
 
@@ -86,11 +86,9 @@ def make_semantic_dataset(root: str, tag: str, num_classes: int = 4) -> tuple[st
         pred = np.where(rng.random((H, W)) < 0.7, gt % num_classes, rng.integers(0, num_classes, (H, W)))
         outputs.append({"sem_seg": torch.nn.functional.one_hot(torch.as_tensor(pred), num_classes).permute(2, 0, 1)})
     name = f"streaming_semantic_{tag}"
-    if name in DatasetCatalog.list():
-        DatasetCatalog.remove(name)
-        MetadataCatalog.remove(name)
-    DatasetCatalog.register(name, lambda: inputs)
-    MetadataCatalog.get(name).set(
+    register_dataset(
+        name,
+        lambda: inputs,
         stuff_classes=[f"c{k}" for k in range(num_classes)],
         stuff_dataset_id_to_contiguous_id={10 + k: k for k in range(num_classes)},
         ignore_label=255,

@@ -10,6 +10,7 @@ import pathlib
 import threading
 
 import pytest
+from paper_settings import PAPER_SETTINGS
 
 from dinat_m2f import model_zoo
 from dinat_m2f.config import load_config
@@ -64,16 +65,7 @@ def server(tmp_path):
 def test_the_papers_models_are_listed_with_configs_that_load():
     seg = model_zoo.list_models(kind="segmentation")
     tasks = {(m.dataset, m.task) for m in seg}
-    assert tasks == {
-        ("coco", "panoptic"),
-        ("coco", "instance"),
-        ("ade20k", "semantic"),
-        ("ade20k", "panoptic"),
-        ("ade20k", "instance"),
-        ("cityscapes", "semantic"),
-        ("cityscapes", "instance"),
-        ("cityscapes", "panoptic"),
-    }
+    assert tasks == PAPER_SETTINGS
     assert model_zoo.get("dinat_l_coco_panoptic").metrics == {"PQ": 58.5, "AP": 49.2, "mIoU": 68.3}
     assert {m.name for m in model_zoo.list_models(kind="backbone")} >= {"dinat_mini_in1k", "dinat_large_in22k"}
     for m in model_zoo.list_models():

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from detectron2.utils.events import EventStorage
+import train_helpers
 from torch import nn
 
 from dinat_m2f.config import get_cfg
@@ -117,27 +117,27 @@ def test_unknown_optimizer_and_scheduler_are_errors():
         build_lr_scheduler(_cfg(LR_SCHEDULER_NAME="Cyclic"), opt)
 
 
+def _lr_factors(cfg, model, iters: int) -> list[float]:
+    """The scheduled learning rate over the base one at each of the first ``iters`` iterations."""
+    opt = build_optimizer(cfg, model)
+    sched = build_lr_scheduler(cfg, opt)
+    factors = []
+    for _ in range(iters):
+        factors.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
+        opt.step()
+        sched.step()
+    return factors
+
+
 def test_poly_and_multistep_schedules():
     cfg = _cfg(LR_SCHEDULER_NAME="WarmupPolyLR", MAX_ITER=100, WARMUP_ITERS=0, POLY_LR_POWER=0.9)
     model = ToyModel()
-    opt = build_optimizer(cfg, model)
-    sched = build_lr_scheduler(cfg, opt)
-    lrs = []
-    for _ in range(50):
-        lrs.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
-        opt.step()
-        sched.step()
+    lrs = _lr_factors(cfg, model, 50)
     assert lrs[0] == pytest.approx(1.0)
     assert lrs[49] == pytest.approx((1 - 49 / 100) ** 0.9, rel=1e-5)
 
     cfg = _cfg(LR_SCHEDULER_NAME="WarmupMultiStepLR", MAX_ITER=100, STEPS=(10, 20), WARMUP_ITERS=0, GAMMA=0.1)
-    opt = build_optimizer(cfg, model)
-    sched = build_lr_scheduler(cfg, opt)
-    factors = []
-    for _ in range(25):
-        factors.append(opt.param_groups[0]["lr"] / opt.param_groups[0]["initial_lr"])
-        opt.step()
-        sched.step()
+    factors = _lr_factors(cfg, model, 25)
     assert factors[9] == pytest.approx(1.0) and factors[10] == pytest.approx(0.1) and factors[20] == pytest.approx(0.01)
 
 
@@ -158,22 +158,13 @@ class LossModel(nn.Module):
         return {"loss_a": self.w.abs().sum(), "loss_b": loss_b}
 
 
-def _run_loop(loop, iters):
-    with EventStorage(0) as storage:
-        for i in range(iters):
-            storage.iter = i
-            loop.iter = i
-            loop.run_step()
-            storage.step()
-
-
 def test_nan_guard_names_iteration_and_term_and_skips_the_step():
     model = LossModel(nan_at=3)
     loader = itertools.repeat(torch.ones(3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     loop = MaskFormerTrainLoop(model, loader, opt)
     with pytest.raises(NonFiniteLossError, match=r"iteration 3: loss_b=nan") as info:
-        _run_loop(loop, 10)
+        train_helpers.run_loop(loop, 10)
     assert "loss_a" not in str(info.value)
     assert torch.isfinite(model.w).all()  # the NaN never reached the weights
 
@@ -202,7 +193,7 @@ def test_bfloat16_amp_on_cpu_runs_the_model_in_bfloat16():
     loop = MaskFormerTrainLoop(
         model, itertools.repeat(torch.ones(2, 3)), torch.optim.SGD(model.parameters(), 0.1), amp_dtype=torch.bfloat16
     )
-    _run_loop(loop, 1)
+    train_helpers.run_loop(loop, 1)
     assert seen["dtype"] is torch.bfloat16
     assert model.lin.weight.dtype is torch.float32
 

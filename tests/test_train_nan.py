@@ -11,7 +11,6 @@ import pytest
 import torch
 import train_helpers
 from detectron2.engine import HookBase
-from detectron2.utils.events import EventStorage
 from torch import nn
 
 from dinat_m2f.engine import NonFiniteLossError
@@ -72,15 +71,6 @@ def _nan_gradient(x: torch.Tensor) -> torch.Tensor:
     return _NaNBackward.apply(x)
 
 
-def _run_loop(loop, iters):
-    with EventStorage(0) as storage:
-        for i in range(iters):
-            storage.iter = i
-            loop.iter = i
-            loop.run_step()
-            storage.step()
-
-
 def _sgd_cfg(clip: bool):
     from dinat_m2f.config import get_cfg
 
@@ -110,7 +100,7 @@ def test_nan_gradient_stops_before_the_step_naming_iteration_and_parameter(clip)
 
     loop.optimizer.register_step_post_hook(Snapshot())
     with pytest.raises(NonFiniteGradientError, match=r"iteration 3: first in the gradient of head\.b \(3 NaN"):
-        _run_loop(loop, 10)
+        train_helpers.run_loop(loop, 10)
     for name, value in model.state_dict().items():
         assert torch.isfinite(value).all(), name
         assert torch.equal(value, snapshot[name]), f"{name} changed: the step of iteration 3 was taken"
@@ -126,7 +116,7 @@ def test_full_model_clipping_reuses_the_guards_norm(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "get_total_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = NaNGradModel(nan_at=100)
     loop = MaskFormerTrainLoop(model, itertools.repeat(torch.ones(3)), build_optimizer(_sgd_cfg(True), model))
-    _run_loop(loop, 3)
+    train_helpers.run_loop(loop, 3)
     assert len(calls) == 3
     # and the clipped step is the one clip_grad_norm_ gives
     reference = NaNGradModel(nan_at=100)
@@ -201,7 +191,7 @@ def _two_worker_nan_on_rank1(out_dir: str) -> None:
     model = NaNGradModel(nan_at=2 if rank == 1 else 100)
     loop = MaskFormerTrainLoop(model, itertools.repeat(torch.ones(3)), torch.optim.SGD(model.parameters(), lr=0.01))
     try:
-        _run_loop(loop, 5)
+        train_helpers.run_loop(loop, 5)
         outcome = "finished"
     except NonFiniteGradientError as e:
         outcome = str(e)

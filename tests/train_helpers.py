@@ -56,6 +56,18 @@ def make_tiny_dataset(datasets_root: str) -> None:
     register_all_synthetic(datasets_root)
 
 
+def run_loop(loop, iters: int) -> None:
+    """Run ``iters`` steps of a training loop (SimpleTrainer-like) under an EventStorage, as TrainerBase.train does."""
+    from detectron2.utils.events import EventStorage
+
+    with EventStorage(0) as storage:
+        for i in range(iters):
+            storage.iter = i
+            loop.iter = i
+            loop.run_step()
+            storage.step()
+
+
 def launch_worker(out_dir: str, datasets_root: str, opts: list[str]) -> None:
     """One worker of a multi-process run (started by dinat_m2f.engine.launch): trains, then saves its first batch,
     its first losses and its final weights to ``out_dir/rank<r>.pt`` (rank 0 also saves the initial weights)."""

@@ -2,9 +2,9 @@
 
 - Neighborhood attention: the gather formulation of ``dinat_m2f.ops.reference.na2d`` (index the k*k neighbours,
   einsum, softmax, einsum). Exact semantics of the native kernels (shifted windows, dilation groups, rpb).
-- Multi-scale deformable attention: ``F.grid_sample`` per level (bilinear, zero padding, align_corners=False), as
-  ``dinat_m2f.ops.ms_deform_attn_reference``, but on the encoder's symbolic level shapes instead of a tensor of
-  shapes (reading shapes out of a tensor is data-dependent, which exporters cannot trace with dynamic sizes).
+- Multi-scale deformable attention: ``F.grid_sample`` per level (bilinear, zero padding, align_corners=False), the
+  reference's ``ms_deform_attn_grid_sample`` on the encoder's symbolic level shapes instead of a tensor of shapes
+  (reading shapes out of a tensor is data-dependent, which exporters cannot trace with dynamic sizes).
 
 Both are slower than the native kernels and are meant for export only: ``lowered_ops(model)`` is a context manager
 that patches the model's modules and restores them on exit.
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import types
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -24,30 +24,9 @@ from dinat_m2f.modeling.backbone.na_attention import NeighborhoodAttention2D
 from dinat_m2f.modeling.pixel_decoder.ms_deform_attn import MSDeformAttn
 from dinat_m2f.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoder
 from dinat_m2f.ops import reference
+from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_grid_sample
 
 __all__ = ["lowered_ops", "ms_deform_attn_grid_sample"]
-
-
-def ms_deform_attn_grid_sample(
-    value: torch.Tensor,
-    shapes: Sequence[tuple[int, int]],
-    sampling_locations: torch.Tensor,
-    attention_weights: torch.Tensor,
-) -> torch.Tensor:
-    """value [N, S, M, D], shapes [(H, W)] per level (ints or SymInts), sampling_locations [N, Lq, M, L, P, 2],
-    attention_weights [N, Lq, M, L, P] -> [N, Lq, M * D]."""
-    n, _, m, d = value.shape
-    _, lq, _, levels, points, _ = sampling_locations.shape
-    values = value.split([h * w for h, w in shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    samples = []
-    for lvl, (h, w) in enumerate(shapes):
-        value_l = values[lvl].flatten(2).transpose(1, 2).reshape(n * m, d, h, w)
-        grid_l = grids[:, :, :, lvl].transpose(1, 2).flatten(0, 1)
-        samples.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, levels * points)
-    out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2).contiguous()
 
 
 def _na_attention_gather(self: NeighborhoodAttention2D, q, k, v):

@@ -8,6 +8,8 @@ it (``MSDeformAttn(impl="pytorch")``), e.g. for FLOP counting or latency compari
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -20,11 +22,22 @@ def ms_deform_attn_reference(
 ) -> torch.Tensor:
     """value [N, S, M, D], spatial_shapes [L, 2] (H, W), sampling_locations [N, Lq, M, L, P, 2] (x, y in [0, 1]),
     attention_weights [N, Lq, M, L, P] -> [N, Lq, M * D]."""
-    N, _, M, D = value.shape
-    _, Lq, _, L, P, _ = sampling_locations.shape
     shapes = [
         (int(h), int(w)) for h, w in (spatial_shapes.tolist() if torch.is_tensor(spatial_shapes) else spatial_shapes)
     ]
+    return ms_deform_attn_grid_sample(value, shapes, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_grid_sample(
+    value: torch.Tensor,
+    shapes: Sequence[tuple[int, int]],
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> torch.Tensor:
+    """``ms_deform_attn_reference`` on level shapes given as (H, W) pairs of ints or SymInts, used as they are (the
+    export lowering passes the encoder's symbolic shapes: reading them out of a tensor is data-dependent)."""
+    N, _, M, D = value.shape
+    _, Lq, _, L, P, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in shapes], dim=1)
     grids = 2 * sampling_locations - 1  # grid_sample wants [-1, 1]
     samples = []

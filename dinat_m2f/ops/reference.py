@@ -14,6 +14,8 @@ Semantics (see shared/spec/neighborhood-attention.md):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 __all__ = ["window_indices", "na1d_qk", "na1d_av", "na1d", "na2d_qk", "na2d_av", "na2d"]
@@ -96,31 +98,27 @@ def _softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.to(acc).softmax(-1).to(logits.dtype)
 
 
-def na1d(
+def _fused(
+    qk: Callable[..., torch.Tensor],
+    av: Callable[..., torch.Tensor],
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     kernel_size: int,
-    dilation: int = 1,
-    rpb: torch.Tensor | None = None,
-    scale: float | None = None,
+    dilation: int,
+    rpb: torch.Tensor | None,
+    scale: float | None,
 ) -> torch.Tensor:
+    # The fused op is the composition qk -> softmax -> av, in 1D and 2D alike.
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return av(_softmax(qk(q * scale, k, kernel_size, dilation, rpb)), v, kernel_size, dilation)
+
+
+def na1d(q, k, v, kernel_size: int, dilation: int = 1, rpb=None, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q.k + rpb) v over each query's 1D neighborhood; scale defaults to D**-0.5."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = _softmax(na1d_qk(q * scale, k, kernel_size, dilation, rpb))
-    return na1d_av(attn, v, kernel_size, dilation)
+    return _fused(na1d_qk, na1d_av, q, k, v, kernel_size, dilation, rpb, scale)
 
 
-def na2d(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    dilation: int = 1,
-    rpb: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
+def na2d(q, k, v, kernel_size: int, dilation: int = 1, rpb=None, scale: float | None = None) -> torch.Tensor:
     """softmax(scale * q.k + rpb) v over each query's 2D neighborhood; scale defaults to D**-0.5."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    attn = _softmax(na2d_qk(q * scale, k, kernel_size, dilation, rpb))
-    return na2d_av(attn, v, kernel_size, dilation)
+    return _fused(na2d_qk, na2d_av, q, k, v, kernel_size, dilation, rpb, scale)

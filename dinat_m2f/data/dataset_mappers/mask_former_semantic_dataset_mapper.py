@@ -59,23 +59,9 @@ class MaskFormerSemanticDatasetMapper(PaddedTrainingMapper):
     """
 
     @configurable
-    def __init__(
-        self,
-        is_train: bool = True,
-        *,
-        augmentations: list[T.Augmentation],
-        image_format: str,
-        ignore_label: int,
-        size_divisibility: int,
-        skip_corrupt: bool = False,
-    ):
-        super().__init__(
-            is_train,
-            augmentations=augmentations,
-            image_format=image_format,
-            size_divisibility=size_divisibility,
-            skip_corrupt=skip_corrupt,
-        )
+    def __init__(self, is_train: bool = True, *, ignore_label: int, **kwargs):
+        # kwargs: PaddedTrainingMapper's (augmentations, image_format, size_divisibility, skip_corrupt).
+        super().__init__(is_train, **kwargs)
         self.ignore_label = ignore_label
 
     @classmethod

@@ -15,7 +15,7 @@ import os
 from detectron2.data.datasets.builtin_meta import CITYSCAPES_CATEGORIES
 from detectron2.data.datasets.cityscapes import load_cityscapes_instances, load_cityscapes_semantic
 
-from dinat_m2f.data.datasets._common import dataset_root, load_json, register_dataset, require_path
+from dinat_m2f.data.datasets._common import dataset_root, load_json, panoptic_metadata, register_dataset, require_path
 from dinat_m2f.utils.d2_compat import builtin_metadata
 
 __all__ = ["cityscapes_panoptic_metadata", "load_cityscapes_panoptic", "register_all_cityscapes"]
@@ -26,16 +26,13 @@ _IMAGE_SUFFIX = "_leftImg8bit.png"
 
 def cityscapes_panoptic_metadata() -> dict:
     """19 train ids; things (8) and stuff (11) keep their train id as contiguous id."""
-    names = [c["name"] for c in CITYSCAPES_CATEGORIES]
-    colors = [c["color"] for c in CITYSCAPES_CATEGORIES]
-    return {
-        "thing_classes": names,
-        "thing_colors": colors,
-        "stuff_classes": names,
-        "stuff_colors": colors,
-        "thing_dataset_id_to_contiguous_id": {c["id"]: c["trainId"] for c in CITYSCAPES_CATEGORIES if c["isthing"]},
-        "stuff_dataset_id_to_contiguous_id": {c["id"]: c["trainId"] for c in CITYSCAPES_CATEGORIES if not c["isthing"]},
+    meta = panoptic_metadata(CITYSCAPES_CATEGORIES)
+    # Unlike the generic maps: the contiguous id is the train id, and (as detectron2's) the stuff map holds stuff only.
+    meta["thing_dataset_id_to_contiguous_id"] = {c["id"]: c["trainId"] for c in CITYSCAPES_CATEGORIES if c["isthing"]}
+    meta["stuff_dataset_id_to_contiguous_id"] = {
+        c["id"]: c["trainId"] for c in CITYSCAPES_CATEGORIES if not c["isthing"]
     }
+    return meta
 
 
 def load_cityscapes_panoptic(image_dir: str, gt_dir: str, gt_json: str, meta: dict) -> list[dict]:

@@ -39,14 +39,28 @@ def _xavier_init(module: nn.Module) -> None:
             nn.init.xavier_uniform_(p)
 
 
-class SelfAttentionLayer(nn.Module):
+class _AttentionLayer(nn.Module):
+    """Multi-head attention, dropout, residual and LayerNorm: post-norm, or pre-norm with ``normalize_before``."""
+
+    attn_name: str  # the attention's attribute, named as in Mask2Former's checkpoints
+
     def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
         super().__init__()
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
+        # Attention first: the parameter order (and so optimizer state and checkpoints) stays Mask2Former's.
+        setattr(self, self.attn_name, nn.MultiheadAttention(d_model, nhead, dropout=dropout))
         self.norm = nn.LayerNorm(d_model)
         self.dropout = nn.Dropout(dropout)
         self.normalize_before = normalize_before
         _xavier_init(self)
+
+    def _add_residual(self, tgt: torch.Tensor, tgt2: torch.Tensor) -> torch.Tensor:
+        if self.normalize_before:
+            return tgt + self.dropout(tgt2)
+        return self.norm(tgt + self.dropout(tgt2))
+
+
+class SelfAttentionLayer(_AttentionLayer):
+    attn_name = "self_attn"
 
     def forward(
         self,
@@ -55,24 +69,14 @@ class SelfAttentionLayer(nn.Module):
         tgt_key_padding_mask: torch.Tensor | None = None,
         query_pos: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if self.normalize_before:
-            tgt2 = self.norm(tgt)
-            q = k = _with_pos_embed(tgt2, query_pos)
-            tgt2 = self.self_attn(q, k, value=tgt2, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
-            return tgt + self.dropout(tgt2)
-        q = k = _with_pos_embed(tgt, query_pos)
-        tgt2 = self.self_attn(q, k, value=tgt, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
-        return self.norm(tgt + self.dropout(tgt2))
+        value = self.norm(tgt) if self.normalize_before else tgt
+        q = k = _with_pos_embed(value, query_pos)
+        tgt2 = self.self_attn(q, k, value=value, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+        return self._add_residual(tgt, tgt2)
 
 
-class CrossAttentionLayer(nn.Module):
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0, normalize_before: bool = False):
-        super().__init__()
-        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout)
-        self.norm = nn.LayerNorm(d_model)
-        self.dropout = nn.Dropout(dropout)
-        self.normalize_before = normalize_before
-        _xavier_init(self)
+class CrossAttentionLayer(_AttentionLayer):
+    attn_name = "multihead_attn"
 
     def forward(
         self,
@@ -91,9 +95,7 @@ class CrossAttentionLayer(nn.Module):
             attn_mask=memory_mask,
             key_padding_mask=memory_key_padding_mask,
         )[0]
-        if self.normalize_before:
-            return tgt + self.dropout(tgt2)
-        return self.norm(tgt + self.dropout(tgt2))
+        return self._add_residual(tgt, tgt2)
 
 
 class FFNLayer(nn.Module):
