@@ -6,23 +6,11 @@
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
-#include <ATen/ATen.h>
-
-#include <algorithm>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#include "dinat_m2f/na_common.h"
-#include "dinat_m2f/na_cpu_math.h"
-#include "dinat_m2f/na_cpu_windows.h"
-#include "dinat_m2f/na_kernels.h"
-
-namespace dinat_m2f::na::cpu {
+//
+// Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
+// guard: each ISA translation unit includes it once).
 
 namespace {
-
-using namespace cpu_math;
 
 // Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
 template <typename T, int64_t kD>
@@ -70,10 +58,12 @@ bool has_query_tiles(const Problem& p) {
   return longest_group - 2 * (p.kw / 2) >= kLanes;
 }
 
+// Arrays of T, read and written as Lanes<T> (element-aligned vectors, see na_cpu_simd.h): a std::vector of the
+// vector type itself would be allocated with the alignment of the baseline ISA, not the one the region's code assumes.
 template <typename T>
 struct TileScratch {
-  std::vector<Lanes<T>> qt, acc, probs;
-  TileScratch(int64_t dim, int64_t kw) : qt(dim), acc(dim), probs(kw) {}
+  std::vector<T> qt, acc, probs;
+  TileScratch(int64_t dim, int64_t kw) : qt(dim * kLanes), acc(dim * kLanes), probs(kw * kLanes) {}
 };
 
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
@@ -84,9 +74,9 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
   const int64_t row = bh * H + i, h = bh % p.heads;
-  V* __restrict qt = s.qt.data();
-  V* __restrict acc = s.acc.data();
-  V* __restrict probs = s.probs.data();
+  V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
+  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
   for (int64_t l = 0; l < kLanes; ++l) {
     const T* qv = q + (row * W + r + p.dw * (jg0 + l)) * D;
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
@@ -338,5 +328,3 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   if (!gkc.is_same(grad_k)) grad_k.copy_(gkc);
   if (!gvc.is_same(grad_v)) grad_v.copy_(gvc);
 }
-
-}  // namespace dinat_m2f::na::cpu

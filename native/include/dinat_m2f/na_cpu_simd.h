@@ -1,0 +1,114 @@
+// Small vectorisable building blocks of the CPU neighborhood-attention kernels, compiled once per instruction set.
+// NO include guard on purpose: native/na/na_cpu_isa.h includes this file inside the `#pragma GCC target` region and
+// the anonymous namespace of each ISA, so every function here gets that ISA's code and internal linkage (it can never
+// be merged by the linker with another ISA's copy). The std headers it needs are included by na_cpu_isa.h first.
+// The loops use `#pragma omp simd` so the compiler vectorises them for the region's ISA (the reductions are allowed
+// to reassociate), and a branch-free exp that vectorises too (std::exp calls do not).
+// Expects DINAT_M2F_CPU_LANES (the lanes of one native float vector register of the ISA: 8 for AVX2, 16 for AVX-512).
+
+template <typename T>
+inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  T s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) {
+    s += a[i] * b[i];
+  }
+  return s;
+}
+
+// y += alpha * x
+template <typename T>
+inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] += alpha * x[i];
+  }
+}
+
+template <typename T>
+inline void scale_inplace(T alpha, T* __restrict y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] *= alpha;
+  }
+}
+
+// exp(x) in float32 to ~2 ulp: range reduction x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial (Cephes expf),
+// 2^n assembled in the exponent bits. Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stands in for 0).
+inline float exp_approx(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3333519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  return p * std::bit_cast<float>(e);
+}
+
+inline double exp_approx(double x) { return std::exp(x); }
+
+// Lanes: kLanes float values in one GCC vector: one register of the ISA (ymm with AVX2, zmm with AVX-512), so no
+// operation is split or scalarised; float64 vectors take two registers. Element-aligned: the vector types' natural
+// alignment follows the build's baseline (-march), not the region's ISA, so heap arrays of them (std::vector) would
+// not be aligned as the region's aligned loads assume; unaligned loads cost nothing on these CPUs.
+constexpr int64_t kLanes = DINAT_M2F_CPU_LANES;
+
+template <typename T>
+struct LanesOf;
+template <>
+struct LanesOf<float> {
+  typedef float type __attribute__((vector_size(kLanes * sizeof(float)), aligned(alignof(float))));
+};
+template <>
+struct LanesOf<double> {
+  typedef double type __attribute__((vector_size(kLanes * sizeof(double)), aligned(alignof(double))));
+};
+template <typename T>
+using Lanes = typename LanesOf<T>::type;
+
+template <typename T>
+inline Lanes<T> load_lanes(const T* p) {
+  Lanes<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
+// degree-6 polynomial, 2^n built in the exponent bits).
+inline Lanes<float> exp_lanes(Lanes<float> x) {
+  typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
+  x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
+  x = x > 88.0f ? Lanes<float>{} + 88.0f : x;
+  const Lanes<float> n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  Lanes<float> r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  Lanes<float> p = Lanes<float>{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3333519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const Ints bits = (__builtin_convertvector(n, Ints) + 127) << 23;
+  return p * (Lanes<float>)bits;  // same-size vector cast: reinterprets the bits
+}
+
+inline Lanes<double> exp_lanes(Lanes<double> x) {
+  for (int64_t l = 0; l < kLanes; ++l) x[l] = std::exp(x[l]);
+  return x;
+}
+
+// out[i] = exp(in[i] - shift) (in and out may be the same array); the compiler vectorises the loop.
+template <typename T>
+inline void exp_shifted(const T* in, T shift, T* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = exp_approx(in[i] - shift);
+  }
+}

@@ -1,0 +1,13 @@
+// The baseline CPU kernels: AVX2 + FMA (x86-64-v3), 8 float lanes per vector. See na_cpu_isa_kernels.h.
+#include "na_cpu_isa_prelude.h"
+
+#define DINAT_M2F_CPU_ISA avx2
+#define DINAT_M2F_CPU_LANES 8
+#if defined(__x86_64__)
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#include "na_cpu_isa_kernels.h"
+#if defined(__x86_64__)
+#pragma GCC pop_options
+#endif
