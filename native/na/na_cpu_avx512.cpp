@@ -6,6 +6,7 @@
 
 #define DINAT_M2F_CPU_ISA avx512
 #define DINAT_M2F_CPU_LANES 16
+#define DINAT_M2F_CPU_QUERY_TILES 1
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
 #include "na_cpu_isa_kernels.h"

@@ -4,8 +4,8 @@
 // has internal linkage (anonymous namespace) except the entry points, whose names carry the ISA namespace: no symbol
 // compiled for AVX-512 can be chosen by the linker for the baseline path. native/na/na_cpu_dispatch.cpp picks the ISA
 // at run time.
-#if !defined(DINAT_M2F_CPU_ISA) || !defined(DINAT_M2F_CPU_LANES)
-#error "define DINAT_M2F_CPU_ISA (namespace) and DINAT_M2F_CPU_LANES (floats per vector register) first"
+#if !defined(DINAT_M2F_CPU_ISA) || !defined(DINAT_M2F_CPU_LANES) || !defined(DINAT_M2F_CPU_QUERY_TILES)
+#error "define DINAT_M2F_CPU_ISA (namespace), DINAT_M2F_CPU_LANES (floats per register), DINAT_M2F_CPU_QUERY_TILES"
 #endif
 
 namespace dinat_m2f::na::cpu::DINAT_M2F_CPU_ISA {

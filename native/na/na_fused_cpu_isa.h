@@ -1,8 +1,8 @@
 // CPU kernels of fused neighborhood attention: out = softmax(scale * q.k + rpb) v.
 //
-// Forward: one query at a time, the window is streamed one window row (kw keys) at a time with an online softmax
-// (running max and sum, the accumulator rescaled when the max grows), so no attention weights are materialised; the
-// row logsumexp is stored for the backward.
+// Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
+// attention weights are materialised in memory; the row logsumexp is stored for the backward. With AVX-512, tiles
+// of kLanes queries run lane-parallel with an online softmax (forward_tile).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
@@ -52,8 +52,9 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
   return t;
 }
 
-// True when some dilation group along W holds a full tile of interior queries.
+// True when some dilation group along W holds a full tile of interior queries and the ISA uses tiles.
 bool has_query_tiles(const Problem& p) {
+  if (!DINAT_M2F_CPU_QUERY_TILES) return false;
   const int64_t longest_group = group_length(0, p.width, p.dw);
   return longest_group - 2 * (p.kw / 2) >= kLanes;
 }
@@ -121,40 +122,40 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   }
 }
 
-// Forward of one query, the window streamed one window row at a time (online softmax).
+// Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
+// whole window and the weighted sum of v; no online rescaling. logits holds kh * kw values.
 template <typename T, int64_t kD>
 void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
-                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
+                   const Problem& p, const Windows& win, T scale, T* acc, T* logits) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w(), KK = p.window();
   const int64_t row = bh * H + i, h = bh % p.heads;
   const T* qv = q + (row * W + j) * D;
-  T running_max = -std::numeric_limits<T>::infinity();
-  T running_sum = 0;
-  std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
     const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, logits);
-    const T row_max = *std::max_element(logits, logits + p.kw);
-    if (row_max > running_max) {  // rescale what was accumulated under the old max
-      const T factor = exp_approx(running_max - row_max);
-      running_sum *= factor;
-      scale_inplace(factor, acc, D);
-      running_max = row_max;
-    }
-    exp_shifted(logits, running_max, probs, p.kw);
-    const T* vrow = v + key_row * D;
+    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, logits + ki * p.kw);
+  }
+  const T max = max_of(logits, KK);
+  exp_shifted(logits, max, logits, KK);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t n = 0; n < KK; ++n) {
+    sum += logits[n];
+  }
+  std::fill(acc, acc + D, T(0));
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const T* vrow = v + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
+    const T* prow = logits + ki * p.kw;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      running_sum += probs[kj];
-      axpy(probs[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
+      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
     }
   }
   T* o = out + (row * W + j) * D;
-  const T inv = T(1) / running_sum;
+  const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) {
     o[d] = acc[d] * inv;
   }
-  lse[row * W + j] = running_max + std::log(running_sum);
+  lse[row * W + j] = max + std::log(sum);
 }
 
 // kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
@@ -165,10 +166,10 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
-    std::vector<T> acc(D), logits(p.kw), probs(p.kw);
+    std::vector<T> acc(D), logits(p.window());
     if (kt == nullptr) {
       for (int64_t j = 0; j < W; ++j) {
-        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), probs.data());
+        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data());
       }
       return;
     }
@@ -183,8 +184,7 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
                               scratch);
           jg += kLanes;
         } else {
-          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
-                               probs.data());
+          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data());
           ++jg;
         }
       }
@@ -211,12 +211,16 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
       T* pw = prob_ws + (local_row * W + j) * KK;
       T* dsw = ds_ws + (local_row * W + j) * KK;
       std::fill(acc.begin(), acc.end(), T(0));
+      // All logits of the window first, so that one exp runs over kh * kw values (vectorised), not kw at a time.
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
         const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-        T* prow = pw + ki * p.kw;
-        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, prow);
-        exp_shifted(prow, row_lse, prow, p.kw);
+        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, pw + ki * p.kw);
+      }
+      exp_shifted(pw, row_lse, pw, KK);
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
+        const T* prow = pw + ki * p.kw;
         for (int64_t kj = 0; kj < p.kw; ++kj) {
           const int64_t key = key_row + win.w.start[j] + kj * p.dw;
           const T ds = prow[kj] * (dot(go, v + key * D, D) - delta);
