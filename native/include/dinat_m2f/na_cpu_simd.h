@@ -6,12 +6,30 @@
 // to reassociate), and a branch-free exp that vectorises too (std::exp calls do not).
 // Expects DINAT_M2F_CPU_LANES (the lanes of one native float vector register of the ISA: 8 for AVX2, 16 for AVX-512).
 
+// 8-float (256-bit) vectors, element-aligned: the dot product's accumulator on every ISA.
+typedef float Floats8 __attribute__((vector_size(8 * sizeof(float)), aligned(alignof(float)), may_alias));
+
 template <typename T>
 inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  int64_t i = 0;
   T s = 0;
+  if constexpr (std::is_same_v<T, float>) {
+    // Two 256-bit accumulators and one reduction at the end: an `omp simd` reduction over the head dim (32) used
+    // 512-bit registers with AVX-512, whose horizontal sum made the QK kernel 1.8x slower than with AVX2.
+    Floats8 acc0{}, acc1{};
+    for (; i + 16 <= n; i += 16) {
+      acc0 += *reinterpret_cast<const Floats8*>(a + i) * *reinterpret_cast<const Floats8*>(b + i);
+      acc1 += *reinterpret_cast<const Floats8*>(a + i + 8) * *reinterpret_cast<const Floats8*>(b + i + 8);
+    }
+    for (; i + 8 <= n; i += 8) {
+      acc0 += *reinterpret_cast<const Floats8*>(a + i) * *reinterpret_cast<const Floats8*>(b + i);
+    }
+    const Floats8 acc = acc0 + acc1;
+    s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  }
 #pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) {
-    s += a[i] * b[i];
+  for (int64_t t = i; t < n; ++t) {
+    s += a[t] * b[t];
   }
   return s;
 }
