@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import os
+import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -107,7 +108,9 @@ def get_extensions():
     cpu_sources = sorted(glob.glob(str(NATIVE / "**" / "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(str(NATIVE / "**" / "*.cu"), recursive=True))
     with_cuda = want_cuda() and bool(cuda_sources)
-    cpu_arch = os.environ.get("DINAT_M2F_CPU_ARCH", "x86-64-v3")
+    # x86-64-v3 (AVX2 + FMA) is the portable baseline of the x86 kernels; other architectures build for the host.
+    default_arch = "x86-64-v3" if platform.machine().lower() in ("x86_64", "amd64") else "native"
+    cpu_arch = os.environ.get("DINAT_M2F_CPU_ARCH", default_arch)
     cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi"]
     # -Wno-psabi: GCC notes that vector arguments changed ABI in GCC 4.6; the per-ISA kernels pass vectors only
     # between functions of the same ISA with internal linkage.
