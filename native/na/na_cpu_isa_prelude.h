@@ -20,6 +20,10 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include "dinat_m2f/na_common.h"
 #include "dinat_m2f/na_cpu_math.h"
 #include "dinat_m2f/na_cpu_windows.h"

@@ -12,18 +12,35 @@
 
 namespace {
 
-// Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
+// Logits of the whole window of query (i, j): out[ki kw + kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb, and
+// the window's key rows in keys[0 .. kh kw) (x: k or v tokens).
 template <typename T, int64_t kD>
-inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale, int64_t sj, const Problem& p,
-                              T* out) {
-  for (int64_t kj = 0; kj < p.kw; ++kj) {
-    constexpr bool fixed = kD > 0;
-    const int64_t D = fixed ? kD : p.dim;
-    out[kj] = scale * dot(qv, krow + (sj + kj * p.dw) * D, D);
-  }
-  if (brow != nullptr) {
+inline void window_keys(const T* x, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win,
+                        const T** keys) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const T* row = x + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      out[kj] += brow[kj];
+      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * D;
+    }
+  }
+}
+
+template <typename T, int64_t kD>
+inline void window_logits(const T* qv, const T* const* keys, const T* rpb, T scale, int64_t bh, int64_t i, int64_t j,
+                          const Problem& p, const Windows& win, T* out) {
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  dots(qv, keys, KK, D, out);
+  for (int64_t n = 0; n < KK; ++n) {
+    out[n] *= scale;
+  }
+  if (rpb != nullptr) {
+    const int64_t h = bh % p.heads;
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      const T* brow = rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j];
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        out[ki * p.kw + kj] += brow[kj];
+      }
     }
   }
 }
@@ -123,18 +140,14 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
 }
 
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
-// whole window and the weighted sum of v; no online rescaling. logits holds kh * kw values.
+// whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
 void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
-                   const Problem& p, const Windows& win, T scale, T* acc, T* logits) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w(), KK = p.window();
-  const int64_t row = bh * H + i, h = bh % p.heads;
-  const T* qv = q + (row * W + j) * D;
-  for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
-    const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, logits + ki * p.kw);
-  }
+                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, const T** keys) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i;
+  window_keys<T, kD>(k, bh, i, j, p, win, keys);
+  window_logits<T, kD>(q + (row * W + j) * D, keys, rpb, scale, bh, i, j, p, win, logits);
   const T max = max_of(logits, KK);
   exp_shifted(logits, max, logits, KK);
   T sum = 0;
@@ -167,9 +180,10 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
     std::vector<T> acc(D), logits(p.window());
+    std::vector<const T*> keys(p.window());
     if (kt == nullptr) {
       for (int64_t j = 0; j < W; ++j) {
-        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data());
+        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
       }
       return;
     }
@@ -184,7 +198,8 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
                               scratch);
           jg += kLanes;
         } else {
-          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data());
+          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
+                               keys.data());
           ++jg;
         }
       }
@@ -197,36 +212,29 @@ template <typename T, int64_t kD>
 void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
                          const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
                          const Windows& win, T scale) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
-    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
-    std::vector<T> acc(D);
+    const int64_t bh = row / H, i = row % H;
+    std::vector<T> acc(D), go_v(KK);
+    std::vector<const T*> keys(KK), values(KK);
     for (int64_t j = 0; j < W; ++j) {
       const int64_t token = row * W + j;
-      const T* qv = q + token * D;
       const T* go = grad_out + token * D;
       const T delta = dot(go, out + token * D, D);
-      const T row_lse = lse[token];
       T* pw = prob_ws + (local_row * W + j) * KK;
       T* dsw = ds_ws + (local_row * W + j) * KK;
+      // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
+      window_keys<T, kD>(k, bh, i, j, p, win, keys.data());
+      window_keys<T, kD>(v, bh, i, j, p, win, values.data());
+      window_logits<T, kD>(q + token * D, keys.data(), rpb, scale, bh, i, j, p, win, pw);
+      exp_shifted(pw, lse[token], pw, KK);
+      dots(go, values.data(), KK, D, go_v.data());
       std::fill(acc.begin(), acc.end(), T(0));
-      // All logits of the window first, so that one exp runs over kh * kw values (vectorised), not kw at a time.
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
-        const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, pw + ki * p.kw);
-      }
-      exp_shifted(pw, row_lse, pw, KK);
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
-        const T* prow = pw + ki * p.kw;
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t key = key_row + win.w.start[j] + kj * p.dw;
-          const T ds = prow[kj] * (dot(go, v + key * D, D) - delta);
-          dsw[ki * p.kw + kj] = ds;
-          axpy(ds, k + key * D, acc.data(), D);
-        }
+      for (int64_t n = 0; n < KK; ++n) {
+        const T ds = pw[n] * (go_v[n] - delta);
+        dsw[n] = ds;
+        axpy(ds, keys[n], acc.data(), D);
       }
       T* gq = grad_q + token * D;
       for (int64_t d = 0; d < D; ++d) {

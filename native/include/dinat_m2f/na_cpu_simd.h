@@ -160,3 +160,37 @@ inline T max_of(const T* x, int64_t n) {
   for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
+
+// out[t] = a . keys[t] for t < n (each of length d). float with d % 8 == 0: 8 keys at a time into 8 accumulators,
+// then one transposing reduction (hadd tree) gives the 8 sums in one register, instead of 8 horizontal sums.
+template <typename T>
+inline void dots(const T* __restrict a, const T* const* keys, int64_t n, int64_t d, T* __restrict out) {
+  int64_t t = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (d % 8 == 0) {
+      for (; t + 8 <= n; t += 8) {
+        Floats8 acc[8] = {};
+        for (int64_t i = 0; i < d; i += 8) {
+          const Floats8 av = *reinterpret_cast<const Floats8*>(a + i);
+          for (int u = 0; u < 8; ++u) {
+            acc[u] += av * *reinterpret_cast<const Floats8*>(keys[t + u] + i);
+          }
+        }
+        const __m256 h01 = _mm256_hadd_ps(__m256(acc[0]), __m256(acc[1]));
+        const __m256 h23 = _mm256_hadd_ps(__m256(acc[2]), __m256(acc[3]));
+        const __m256 h45 = _mm256_hadd_ps(__m256(acc[4]), __m256(acc[5]));
+        const __m256 h67 = _mm256_hadd_ps(__m256(acc[6]), __m256(acc[7]));
+        const __m256 h0123 = _mm256_hadd_ps(h01, h23);  // [s0..s3 of lanes 0-3 | s0..s3 of lanes 4-7]
+        const __m256 h4567 = _mm256_hadd_ps(h45, h67);
+        const __m256 sums =
+            _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+        _mm256_storeu_ps(out + t, sums);
+      }
+    }
+  }
+#endif
+  for (; t < n; ++t) {
+    out[t] = dot(a, keys[t], d);
+  }
+}
