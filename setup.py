@@ -5,14 +5,16 @@ The extension is built from ``native/`` with torch.utils.cpp_extension and ninja
 - CUDA kernels (``native/**/*.cu``) are built when a CUDA toolchain and a CUDA build of torch are present,
   or when FORCE_CUDA=1; FORCE_CUDA=0 turns them off. TORCH_CUDA_ARCH_LIST picks the architectures
   (default here: 9.0 when no GPU is visible), MAX_JOBS caps ninja's parallel jobs.
-- DINAT_M2F_CPU_ARCH sets the CPU target (-march=...; default "native": the extension is built from source
-  on the machine that runs it).
+- DINAT_M2F_CPU_ARCH sets the baseline CPU target (-march=...; default "x86-64-v3", AVX2 + FMA, so an extension
+  built on one machine runs on another). The NA kernels are also compiled for AVX-512 (a target pragma in
+  native/na/na_cpu_avx512.cpp, not -march) and chosen at run time where the CPU has it.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import platform
 from pathlib import Path
 
 from setuptools import find_packages, setup
@@ -106,8 +108,12 @@ def get_extensions():
     cpu_sources = sorted(glob.glob(str(NATIVE / "**" / "*.cpp"), recursive=True))
     cuda_sources = sorted(glob.glob(str(NATIVE / "**" / "*.cu"), recursive=True))
     with_cuda = want_cuda() and bool(cuda_sources)
-    cpu_arch = os.environ.get("DINAT_M2F_CPU_ARCH", "native")
-    cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-std=c++20", "-fvisibility=hidden"]
+    # x86-64-v3 (AVX2 + FMA) is the portable baseline of the x86 kernels; other architectures build for the host.
+    default_arch = "x86-64-v3" if platform.machine().lower() in ("x86_64", "amd64") else "native"
+    cpu_arch = os.environ.get("DINAT_M2F_CPU_ARCH", default_arch)
+    cxx_flags = ["-O3", "-fopenmp", f"-march={cpu_arch}", "-std=c++20", "-fvisibility=hidden", "-Wno-psabi"]
+    # -Wno-psabi: GCC notes that vector arguments changed ABI in GCC 4.6; the per-ISA kernels pass vectors only
+    # between functions of the same ISA with internal linkage.
     nvcc_flags = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr", "-std=c++20", "-lineinfo"]
     archs = cuda_arch_list() if with_cuda else ""
     if with_cuda:

@@ -3,6 +3,7 @@
 // built.
 #include <torch/extension.h>
 
+#include "dinat_m2f/na_cpu_isa.h"
 #include "dinat_m2f_build_config.h"
 
 namespace {
@@ -20,6 +21,13 @@ pybind11::dict build_info() {
   info["nvcc_flags"] = std::string(DINAT_M2F_NVCC_FLAGS);
   info["torch_version"] = std::string(DINAT_M2F_TORCH_VERSION);
   info["torch_cuda_version"] = std::string(DINAT_M2F_TORCH_CUDA_VERSION);
+  // The instruction set the CPU kernels take now (DINAT_M2F_CPU_ISA may force the baseline) and those this CPU has.
+  info["cpu_isa"] = std::string(dinat_m2f::na::cpu::cpu_isa_name(dinat_m2f::na::cpu::selected_cpu_isa()));
+  pybind11::list isas;
+  for (const auto& isa : dinat_m2f::na::cpu::supported_cpu_isas()) {
+    isas.append(isa);
+  }
+  info["cpu_isas_supported"] = isas;
   return info;
 }
 
@@ -27,5 +35,6 @@ pybind11::dict build_info() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dinat-m2f native kernels (neighborhood attention, multi-scale deformable attention)";
-  m.def("build_info", &build_info, "How this extension was built: backends, CUDA archs, flags, torch version.");
+  m.def("build_info", &build_info,
+        "How this extension was built (backends, CUDA archs, flags, torch version) and which CPU ISA path runs.");
 }

@@ -141,6 +141,43 @@ def test_full_window_is_dense_attention(device):
     torch.testing.assert_close(out.flatten(2, 3), dense, rtol=1e-4, atol=1e-5)
 
 
+def _fused_op_only(dims):
+    """The fused native op itself, never the dense path that ops.na1d / ops.na2d take for whole-map windows."""
+    op = torch.ops.dinat_m2f.na2d_fused_forward if dims == 2 else torch.ops.dinat_m2f.na1d_fused_forward
+    return lambda q, k, v, ks, d, rpb, scale: op(q, k, v, rpb, ks, d, scale)[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize(("dims", "k", "shape"), [(2, 7, (7, 7)), (2, 3, (3, 3)), (2, 13, (13, 13)), (1, 7, (7,))])
+def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, shape, dtype, device):
+    """k >= every spatial size: ops.na*d switch to dense matrix products with the bias, equal to the NA kernel."""
+    if dtype == torch.bfloat16 and device != "cpu":
+        pytest.skip("bf16 is covered on CPU")
+    from dinat_m2f.ops import na
+
+    calls = []
+    dense = na._dense_attention
+    monkeypatch.setattr(na, "_dense_attention", lambda *a: calls.append(1) or dense(*a))
+    q, key, v = (t.to(dtype) for t in _inputs(shape, 32, torch.float64, device))
+    rpb = _rpb(3, k, dims, dtype, device)
+    fused = _funcs(dims)[2]
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, 1, r, 0.4), [q, key, v, rpb])
+    assert calls, "the dense path was not taken"
+    want, want_grads = _grads(lambda a, b, c, r: _fused_op_only(dims)(a, b, c, k, 1, r, 0.4), [q, key, v, rpb])
+    # bf16: the tolerances of test_low_precision_within_tolerance (both paths round their outputs to bf16).
+    tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))
+    grad_tol = TOL.get(dtype, dict(rtol=5e-2, atol=5e-2))
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **grad_tol)
+    # One larger axis: the NA kernel again (windows no longer cover the map).
+    calls.clear()
+    wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]
+    fused(*wide, k, 1, rpb, 0.4)
+    assert not calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_non_contiguous_inputs(device):
     q, key, v = (t.transpose(2, 3) for t in _inputs((9, 8), 4, torch.float64, device))  # [B, heads, W, H, D] views

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[impl].append(time.perf_counter() - start)
                 attn_times[impl].append(timer.total)
     max_diff = (outputs["native"] - outputs["pytorch"]).abs().max().item()
+    import dinat_m2f  # loaded by build(); the instruction-set path of its CPU kernels goes in the report
 
     result = {
         "config": str(
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "input": f"1x3x{args.size}x{args.size}",
         "threads": torch.get_num_threads(),
+        "cpu_isa": dinat_m2f.build_info()["cpu_isa"],
         "rounds": args.rounds,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "max_abs_diff_sem_seg": max_diff,
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(
             f"{result['config']}  input {result['input']}  {result['params_m']}M params  "
-            f"{result['threads']} threads  {args.rounds} rounds"
+            f"{result['threads']} threads  {args.rounds} rounds  NA kernels: {result['cpu_isa']}"
         )
         for impl in impls:
             print(

@@ -61,6 +61,13 @@ def benchmark(names: list[str], batch_size: int, rounds: int, warmup: int, size:
     }
 
 
+def cpu_isa() -> str:
+    """The instruction-set path of dinat_m2f's CPU kernels (DINAT_M2F_CPU_ISA may force the baseline)."""
+    import dinat_m2f
+
+    return dinat_m2f.build_info()["cpu_isa"]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["dinat_tiny", "swin_tiny_patch4_window7_224", "convnext_tiny"])
@@ -79,11 +86,15 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": args.batch_size,
         "size": args.size,
         "torch": torch.__version__,
+        "cpu_isa": cpu_isa(),
     }
     if args.json:
         print(json.dumps({"setup": meta, "results": results}))
     else:
-        print(f"CPU inference at {args.size}x{args.size}, batch {args.batch_size}, {meta['threads']} threads:")
+        print(
+            f"CPU inference at {args.size}x{args.size}, batch {args.batch_size}, {meta['threads']} threads, "
+            f"NA kernels' instruction set {meta['cpu_isa']}:"
+        )
         for name, r in results.items():
             print(f"  {name:32s} {r['images_per_s']:8.2f} images/s  ({r['params_m']:.1f}M params)")
     return 0

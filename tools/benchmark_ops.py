@@ -11,12 +11,17 @@ dense work. The machine's float32 matmul rate is measured first, as the yardstic
 
     python tools/benchmark_ops.py --quick          # < 1 minute
     python tools/benchmark_ops.py --json           # JSON records on stdout
+    python tools/benchmark_ops.py --quick --isa avx2   # the AVX2 kernels on an AVX-512 machine
+
+The header names the CPU kernels' instruction-set path that ran (build_info()['cpu_isa']); ``unf/this`` is the
+unfused time over this implementation's (>= 1: not slower than the unfused pair).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -25,6 +30,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+import dinat_m2f
 from dinat_m2f import ops
 from dinat_m2f.ops import reference
 
@@ -67,7 +73,19 @@ class Case:
 
 QUICK_CASES = [Case(56, 56, 4, 32, 7, 1), Case(56, 56, 4, 32, 7, 8)]
 FULL_CASES = QUICK_CASES + [
+    # DiNAT-T at 224 (heads 2/4/8/16, head dim 32, k 7) with its dilations; 7x7 is the whole-map (dense) case.
+    Case(56, 56, 2, 32, 7, 8, batch=8, with_reference=False),
+    Case(28, 28, 4, 32, 7, 1),
     Case(28, 28, 4, 32, 7, 4),
+    Case(28, 28, 4, 32, 7, 4, batch=8, with_reference=False),
+    Case(14, 14, 8, 32, 7, 1),
+    Case(14, 14, 8, 32, 7, 2),
+    Case(14, 14, 8, 32, 7, 2, batch=8),
+    Case(7, 7, 16, 32, 7, 1),
+    Case(7, 7, 16, 32, 7, 1, batch=8),
+    # DiNAT-L at the 512 crop (heads 6/12/24/48, head dim 32, k 11): stride-16 and stride-32 maps.
+    Case(32, 32, 24, 32, 11, 2),
+    Case(16, 16, 48, 32, 11, 1),
     # Mask2Former at 640x640, DiNAT stride-4 features; the reference's gathered keys would need ~2.5 GB here and
     # dense attention's backward over 25 600 tokens takes minutes on 2 cores, so both are left out.
     Case(160, 160, 4, 32, 11, 14, with_reference=False, with_sdpa_backward=False),
@@ -154,17 +172,20 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int) -> list[Record]:
 
 
 def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
+    print(f"CPU kernels' instruction set: {dinat_m2f.build_info()['cpu_isa']}", file=file)
     print(f"float32 matmul (1024^3, {torch.get_num_threads()} threads): {matmul:.1f} GFLOP/s", file=file)
     print("ms = median of the repeats, min = fastest; ref/this compares medians (and fastest repeats)", file=file)
     print(
         f"{'shape':>18} {'k':>3} {'d':>3} {'pass':>8} {'impl':>10} {'ms':>9} {'min':>9} {'GFLOP/s':>8} {'% mm':>5} "
-        f"{'ref/this':>8} {'(min)':>6}",
+        f"{'ref/this':>8} {'(min)':>6} {'unf/this':>8}",
         file=file,
     )
     by_key = {(r.shape, r.kernel_size, r.dilation, r.pass_, r.impl): r for r in records}
     for r in records:
         ref = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "reference"))
+        unf = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "unfused"))
         ratio = f"{ref.ms / r.ms:8.1f} {ref.ms_min / r.ms_min:6.1f}" if ref is not None else f"{'-':>8} {'-':>6}"
+        ratio += f" {unf.ms / r.ms:8.2f}" if unf is not None else f" {'-':>8}"
         print(
             f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.pass_:>8} {r.impl:>10} {r.ms:9.2f} {r.ms_min:9.2f} "
             f"{r.gflops:8.2f} {100 * r.gflops / matmul:5.1f} {ratio}",
@@ -181,7 +202,15 @@ def main(argv: list[str] | None = None) -> None:
         "--repeats", type=int, default=None, help="timed repeats per measurement (median and min reported)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument(
+        "--isa",
+        default=None,
+        choices=["auto", "avx2", "avx512"],
+        help="CPU kernels' instruction set (DINAT_M2F_CPU_ISA)",
+    )
     args = parser.parse_args(argv)
+    if args.isa is not None:
+        os.environ["DINAT_M2F_CPU_ISA"] = args.isa
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (7 if args.quick else 10)
@@ -193,7 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(
             json.dumps(
-                {"matmul_float32_gflops": matmul, "threads": args.threads, "records": [r.to_json() for r in records]},
+                {
+                    "cpu_isa": dinat_m2f.build_info()["cpu_isa"],
+                    "matmul_float32_gflops": matmul,
+                    "threads": args.threads,
+                    "records": [r.to_json() for r in records],
+                },
                 indent=1,
             )
         )

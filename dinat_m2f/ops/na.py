@@ -340,6 +340,57 @@ def _backend(backend: str | None, op: str, x: torch.Tensor, fused: bool) -> str:
     return _resolve(backend, op, x.device, x.dtype, fused)
 
 
+def _window_covers_map(dims: int, q, k, v, kernel_size: int, dilation: int, rpb) -> bool:
+    """True when every query's window is the whole map (each spatial size == kernel_size, dilation 1) and the inputs
+    are well-formed; malformed inputs go to the op, whose checks name the problem."""
+    spatial = tuple(q.shape[2:-1]) if q.dim() == dims + 3 else ()
+    return (
+        dilation == 1
+        and len(spatial) == dims
+        and all(size == kernel_size for size in spatial)
+        and all(t.shape == q.shape and t.dtype == q.dtype and t.device == q.device for t in (k, v))
+        and q.dtype in _DTYPES.get(q.device.type, ())
+        and q.shape[-1] > 0
+        and (rpb is None or (rpb.shape == (q.shape[1],) + (_rpb_width(kernel_size),) * dims and rpb.dtype == q.dtype))
+        and (rpb is None or rpb.device == q.device)
+    )
+
+
+def _dense_bias(rpb: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
+    """[heads, N, N] bias of the dense problem (N = kernel_size**dims): query i, key x -> rpb[x - i + k - 1] per axis
+    (window start 0 on every axis, so slot x of query i is key x)."""
+    pos = torch.arange(kernel_size, device=rpb.device)
+    index = pos[None, :] - pos[:, None] + kernel_size - 1  # [query, key] along one axis
+    if dims == 1:
+        return rpb[:, index]
+    bias = rpb[:, index[:, None, :, None], index[None, :, None, :]]  # [heads, qi, qj, ki, kj]
+    return bias.reshape(rpb.shape[0], kernel_size**2, kernel_size**2)
+
+
+def _dense_attention(q, k, v, kernel_size: int, dims: int, rpb, scale: float) -> torch.Tensor:
+    """Exact neighborhood attention when the window is the whole map: dense softmax(scale q k^T + bias) v as matrix
+    products, in float32 at least (as the fused kernels accumulate)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    spatial = q.shape[2:-1]
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:  # [B, heads, N, D] in the accumulation dtype
+        return t.to(acc).flatten(2, 1 + dims)
+
+    logits = torch.matmul(tokens(q) * scale, tokens(k).transpose(-1, -2))
+    if rpb is not None:
+        logits = logits + _dense_bias(rpb.to(acc), kernel_size, dims)
+    out = torch.matmul(logits.softmax(-1), tokens(v))
+    return out.unflatten(2, spatial).to(q.dtype)
+
+
+def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
+    if _window_covers_map(dims, q, k, v, kernel_size, dilation, rpb):
+        # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster.
+        return _dense_attention(q, k, v, kernel_size, dims, rpb, scale)
+    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
+    return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
+
+
 def na1d_qk(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -396,7 +447,11 @@ def na1d(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5."""
+    """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
+
+    When the window is the whole sequence (L == kernel_size), the native backend computes it as the dense attention
+    with a bias that it then is.
+    """
     scale = _scale("na1d", q, scale)
     chosen = _backend(backend, "na1d", q, fused=True)
     if chosen == "reference":
@@ -405,8 +460,7 @@ def na1d(
         from dinat_m2f.ops import na_triton
 
         return na_triton.na1d(q, k, v, kernel_size, dilation, rpb, scale)
-    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
-    return _OPS.na1d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
+    return _native_fused(_OPS.na1d_fused_forward, 1, q, k, v, kernel_size, dilation, rpb, scale)
 
 
 def na2d(
@@ -419,7 +473,11 @@ def na2d(
     scale: float | None = None,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5."""
+    """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
+
+    When the window is the whole map (H == W == kernel_size), the native backend computes it as the dense attention
+    with a bias that it then is.
+    """
     scale = _scale("na2d", q, scale)
     chosen = _backend(backend, "na2d", q, fused=True)
     if chosen == "reference":
@@ -428,4 +486,4 @@ def na2d(
         from dinat_m2f.ops import na_triton
 
         return na_triton.na2d(q, k, v, kernel_size, dilation, rpb, scale)
-    return _OPS.na2d_fused_forward(q, k, v, rpb, kernel_size, dilation, scale)[0]
+    return _native_fused(_OPS.na2d_fused_forward, 2, q, k, v, kernel_size, dilation, rpb, scale)

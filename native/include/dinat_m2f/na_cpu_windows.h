@@ -1,5 +1,6 @@
-// Per-axis lookup tables and the loop grain shared by the CPU neighborhood-attention kernels (native/na/na_cpu.cpp,
-// native/na/na_fused_cpu.cpp): the index math of na_common.h evaluated once per position instead of once per token.
+// Per-axis lookup tables and the loop grain shared by the CPU neighborhood-attention kernels
+// (native/na/na_unfused_cpu_isa.h, native/na/na_fused_cpu_isa.h): the index math of na_common.h evaluated once per
+// position instead of once per token.
 #pragma once
 
 #include <algorithm>
@@ -36,10 +37,5 @@ inline int64_t row_grain(const Problem& p) {
   const int64_t work = p.width * p.window() * p.dim;
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1));
 }
-
-// Adds into grad_rpb the bias gradient of the weight gradients g of (batch, head) slices [slice_begin, slice_end)
-// (g points at slice_begin). Defined in na_cpu.cpp; the fused backward uses it too.
-template <typename T, typename Acc>
-void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p);
 
 }  // namespace dinat_m2f::na::cpu

@@ -34,7 +34,12 @@ namespace dinat_m2f::na {
                       const at::Tensor& grad_rpb, const Problem& p, double scale);                                \
   }
 
+// cpu::* pick one of the per-ISA variants at run time (native/na/na_cpu_dispatch.cpp, dinat_m2f/na_cpu_isa.h).
 DINAT_NA_DECLARE_KERNELS(cpu)
+DINAT_NA_DECLARE_KERNELS(cpu::avx2)
+#if defined(__x86_64__)
+DINAT_NA_DECLARE_KERNELS(cpu::avx512)
+#endif
 #if defined(DINAT_M2F_WITH_CUDA)
 DINAT_NA_DECLARE_KERNELS(cuda)
 #endif

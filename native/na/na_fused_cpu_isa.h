@@ -1,41 +1,46 @@
 // CPU kernels of fused neighborhood attention: out = softmax(scale * q.k + rpb) v.
 //
-// Forward: one query at a time, the window is streamed one window row (kw keys) at a time with an online softmax
-// (running max and sum, the accumulator rescaled when the max grows), so no attention weights are materialised; the
-// row logsumexp is stored for the backward.
+// Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
+// attention weights are materialised in memory; the row logsumexp is stored for the backward. With AVX-512, tiles
+// of kLanes queries run lane-parallel with an online softmax (forward_tile).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
-#include <ATen/ATen.h>
-
-#include <algorithm>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#include "dinat_m2f/na_common.h"
-#include "dinat_m2f/na_cpu_math.h"
-#include "dinat_m2f/na_cpu_windows.h"
-#include "dinat_m2f/na_kernels.h"
-
-namespace dinat_m2f::na::cpu {
+//
+// Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
+// guard: each ISA translation unit includes it once).
 
 namespace {
 
-using namespace cpu_math;
-
-// Logits of one window row of query (i, j): out[kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb.
+// Logits of the whole window of query (i, j): out[ki kw + kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb, and
+// the window's key rows in keys[0 .. kh kw) (x: k or v tokens).
 template <typename T, int64_t kD>
-inline void window_row_logits(const T* qv, const T* krow, const T* brow, T scale, int64_t sj, const Problem& p,
-                              T* out) {
-  for (int64_t kj = 0; kj < p.kw; ++kj) {
-    constexpr bool fixed = kD > 0;
-    const int64_t D = fixed ? kD : p.dim;
-    out[kj] = scale * dot(qv, krow + (sj + kj * p.dw) * D, D);
-  }
-  if (brow != nullptr) {
+inline void window_keys(const T* x, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win,
+                        const T** keys) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const T* row = x + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      out[kj] += brow[kj];
+      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * D;
+    }
+  }
+}
+
+template <typename T, int64_t kD>
+inline void window_logits(const T* qv, const T* const* keys, const T* rpb, T scale, int64_t bh, int64_t i, int64_t j,
+                          const Problem& p, const Windows& win, T* out) {
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  dots(qv, keys, KK, D, out);
+  for (int64_t n = 0; n < KK; ++n) {
+    out[n] *= scale;
+  }
+  if (rpb != nullptr) {
+    const int64_t h = bh % p.heads;
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      const T* brow = rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j];
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        out[ki * p.kw + kj] += brow[kj];
+      }
     }
   }
 }
@@ -64,16 +69,19 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
   return t;
 }
 
-// True when some dilation group along W holds a full tile of interior queries.
+// True when some dilation group along W holds a full tile of interior queries and the ISA uses tiles.
 bool has_query_tiles(const Problem& p) {
+  if (!DINAT_M2F_CPU_QUERY_TILES) return false;
   const int64_t longest_group = group_length(0, p.width, p.dw);
   return longest_group - 2 * (p.kw / 2) >= kLanes;
 }
 
+// Arrays of T, read and written as Lanes<T> (element-aligned vectors, see na_cpu_simd.h): a std::vector of the
+// vector type itself would be allocated with the alignment of the baseline ISA, not the one the region's code assumes.
 template <typename T>
 struct TileScratch {
-  std::vector<Lanes<T>> qt, acc, probs;
-  TileScratch(int64_t dim, int64_t kw) : qt(dim), acc(dim), probs(kw) {}
+  std::vector<T> qt, acc, probs;
+  TileScratch(int64_t dim, int64_t kw) : qt(dim * kLanes), acc(dim * kLanes), probs(kw * kLanes) {}
 };
 
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
@@ -84,9 +92,9 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
   const int64_t row = bh * H + i, h = bh % p.heads;
-  V* __restrict qt = s.qt.data();
-  V* __restrict acc = s.acc.data();
-  V* __restrict probs = s.probs.data();
+  V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
+  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
   for (int64_t l = 0; l < kLanes; ++l) {
     const T* qv = q + (row * W + r + p.dw * (jg0 + l)) * D;
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
@@ -131,40 +139,36 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   }
 }
 
-// Forward of one query, the window streamed one window row at a time (online softmax).
+// Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
+// whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
 void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
-                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, T* probs) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, RH = p.rpb_h(), RW = p.rpb_w();
-  const int64_t row = bh * H + i, h = bh % p.heads;
-  const T* qv = q + (row * W + j) * D;
-  T running_max = -std::numeric_limits<T>::infinity();
-  T running_sum = 0;
+                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, const T** keys) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i;
+  window_keys<T, kD>(k, bh, i, j, p, win, keys);
+  window_logits<T, kD>(q + (row * W + j) * D, keys, rpb, scale, bh, i, j, p, win, logits);
+  const T max = max_of(logits, KK);
+  exp_shifted(logits, max, logits, KK);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t n = 0; n < KK; ++n) {
+    sum += logits[n];
+  }
   std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
-    const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-    window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, logits);
-    const T row_max = *std::max_element(logits, logits + p.kw);
-    if (row_max > running_max) {  // rescale what was accumulated under the old max
-      const T factor = exp_approx(running_max - row_max);
-      running_sum *= factor;
-      scale_inplace(factor, acc, D);
-      running_max = row_max;
-    }
-    exp_shifted(logits, running_max, probs, p.kw);
-    const T* vrow = v + key_row * D;
+    const T* vrow = v + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
+    const T* prow = logits + ki * p.kw;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      running_sum += probs[kj];
-      axpy(probs[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
+      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
     }
   }
   T* o = out + (row * W + j) * D;
-  const T inv = T(1) / running_sum;
+  const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) {
     o[d] = acc[d] * inv;
   }
-  lse[row * W + j] = running_max + std::log(running_sum);
+  lse[row * W + j] = max + std::log(sum);
 }
 
 // kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
@@ -175,10 +179,11 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
-    std::vector<T> acc(D), logits(p.kw), probs(p.kw);
+    std::vector<T> acc(D), logits(p.window());
+    std::vector<const T*> keys(p.window());
     if (kt == nullptr) {
       for (int64_t j = 0; j < W; ++j) {
-        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), probs.data());
+        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
       }
       return;
     }
@@ -194,7 +199,7 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
           jg += kLanes;
         } else {
           forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
-                               probs.data());
+                               keys.data());
           ++jg;
         }
       }
@@ -207,32 +212,29 @@ template <typename T, int64_t kD>
 void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
                          const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
                          const Windows& win, T scale) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
-    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
-    std::vector<T> acc(D);
+    const int64_t bh = row / H, i = row % H;
+    std::vector<T> acc(D), go_v(KK);
+    std::vector<const T*> keys(KK), values(KK);
     for (int64_t j = 0; j < W; ++j) {
       const int64_t token = row * W + j;
-      const T* qv = q + token * D;
       const T* go = grad_out + token * D;
       const T delta = dot(go, out + token * D, D);
-      const T row_lse = lse[token];
       T* pw = prob_ws + (local_row * W + j) * KK;
       T* dsw = ds_ws + (local_row * W + j) * KK;
+      // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
+      window_keys<T, kD>(k, bh, i, j, p, win, keys.data());
+      window_keys<T, kD>(v, bh, i, j, p, win, values.data());
+      window_logits<T, kD>(q + token * D, keys.data(), rpb, scale, bh, i, j, p, win, pw);
+      exp_shifted(pw, lse[token], pw, KK);
+      dots(go, values.data(), KK, D, go_v.data());
       std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t key_row = (bh * H + win.h.start[i] + ki * p.dh) * W;
-        const T* brow = rpb != nullptr ? rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j] : nullptr;
-        T* prow = pw + ki * p.kw;
-        window_row_logits<T, kD>(qv, k + key_row * D, brow, scale, win.w.start[j], p, prow);
-        exp_shifted(prow, row_lse, prow, p.kw);
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t key = key_row + win.w.start[j] + kj * p.dw;
-          const T ds = prow[kj] * (dot(go, v + key * D, D) - delta);
-          dsw[ki * p.kw + kj] = ds;
-          axpy(ds, k + key * D, acc.data(), D);
-        }
+      for (int64_t n = 0; n < KK; ++n) {
+        const T ds = pw[n] * (go_v[n] - delta);
+        dsw[n] = ds;
+        axpy(ds, keys[n], acc.data(), D);
       }
       T* gq = grad_q + token * D;
       for (int64_t d = 0; d < D; ++d) {
@@ -281,14 +283,20 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   const int64_t slice_elems = p.tokens() * p.window();
   const int64_t budget = (int64_t{64} << 20) / (2 * static_cast<int64_t>(sizeof(T)));
   const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
-  std::vector<T> prob_ws(slices_per_group * slice_elems), ds_ws(slices_per_group * slice_elems);
+  // Kept between calls (per calling thread, grow-only, so at most the ~64 MiB above): the fresh pages of a new
+  // allocation of this size cost page faults and zeroing comparable to the query pass (measured with perf). The query
+  // pass writes every element the key pass and rpb_grad_slices read, so stale contents are never used.
+  thread_local std::vector<T> workspace;
+  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
+  if (workspace.size() < 2 * group_elems) workspace.resize(2 * group_elems);
+  T* const prob_ws = workspace.data();
+  T* const ds_ws = prob_ws + group_elems;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws.data(), ds_ws.data(), s0, s1, p, win,
-                               scale);
-    backward_key_pass<T, kD>(grad_out, q, prob_ws.data(), ds_ws.data(), grad_k, grad_v, s0, s1, p, win, scale);
+    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale);
+    backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
-      rpb_grad_slices<T, T>(ds_ws.data(), s0, s1, grad_rpb, p);
+      rpb_grad_slices<T, T>(ds_ws, s0, s1, grad_rpb, p);
     }
   }
 }
@@ -338,5 +346,3 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   if (!gkc.is_same(grad_k)) grad_k.copy_(gkc);
   if (!gvc.is_same(grad_v)) grad_v.copy_(gvc);
 }
-
-}  // namespace dinat_m2f::na::cpu

@@ -4,19 +4,11 @@
 // that owns its row (the inverse neighborhood turns the scatter of dK/dV into a gather; the bias gradient is split
 // by (head, bias row)). Work is parallel over batch x heads x rows and vectorised over head_dim.
 // float32/float64 run natively; bfloat16 runs on float32 copies (accumulation in float32).
-#include <ATen/ATen.h>
+//
+// Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
+// guard: each ISA translation unit includes it once).
 
-#include <vector>
-
-#include "dinat_m2f/na_common.h"
-#include "dinat_m2f/na_cpu_math.h"
-#include "dinat_m2f/na_cpu_windows.h"
-#include "dinat_m2f/na_kernels.h"
-
-namespace dinat_m2f::na::cpu {
 namespace {
-
-using namespace cpu_math;
 
 template <typename T, int64_t kD>
 void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) {
@@ -88,8 +80,6 @@ void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
   });
 }
 
-}  // namespace
-
 // Shared with the fused backward: adds into grad_rpb (accumulation type) the bias gradient of the weight gradients
 // g of slices [slice_begin, slice_end) (g points at slice_begin). Parallel over (head, bias row): race-free.
 template <typename T, typename Acc>
@@ -123,8 +113,7 @@ void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* gr
   });
 }
 
-template void rpb_grad_slices<float, float>(const float*, int64_t, int64_t, float*, const Problem&);
-template void rpb_grad_slices<double, double>(const double*, int64_t, int64_t, double*, const Problem&);
+}  // namespace
 
 void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb, const at::Tensor& attn,
         const Problem& p) {
@@ -170,5 +159,3 @@ void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Pro
                                         grad_rpb.mutable_data_ptr<scalar_t>(), p);
   });
 }
-
-}  // namespace dinat_m2f::na::cpu

@@ -1,0 +1,112 @@
+// cpu::qk, cpu::av, ... (the CPU kernels registered for the ops) forward to the variant of the instruction set chosen
+// at run time: AVX-512 where the CPU has it, else the AVX2 + FMA baseline; DINAT_M2F_CPU_ISA overrides the choice.
+#include <c10/util/Exception.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "dinat_m2f/na_cpu_isa.h"
+#include "dinat_m2f/na_kernels.h"
+
+namespace dinat_m2f::na::cpu {
+namespace {
+
+constexpr const char* kIsaEnv = "DINAT_M2F_CPU_ISA";
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+// The instructions the AVX-512 variant is compiled for (na_cpu_avx512.cpp's target pragma).
+bool cpu_has_avx512() {
+#if defined(__x86_64__)
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") && cpu_has_avx2();
+#else
+  return false;
+#endif
+}
+
+DeviceKernels kernels_of(CpuIsa isa) {
+  switch (isa) {
+#if defined(__x86_64__)
+    case CpuIsa::avx512:
+      return {&avx512::qk,
+              &avx512::av,
+              &avx512::inverse,
+              &avx512::rpb_grad,
+              &avx512::fused_forward,
+              &avx512::fused_backward};
+#endif
+    default:
+      return {&avx2::qk, &avx2::av, &avx2::inverse, &avx2::rpb_grad, &avx2::fused_forward, &avx2::fused_backward};
+  }
+}
+
+DeviceKernels selected_kernels() { return kernels_of(selected_cpu_isa()); }
+
+}  // namespace
+
+const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::avx512 ? "avx512" : "avx2"; }
+
+std::vector<std::string> supported_cpu_isas() {
+  std::vector<std::string> isas;
+  if (cpu_has_avx2()) isas.emplace_back("avx2");
+  if (cpu_has_avx512()) isas.emplace_back("avx512");
+  return isas;
+}
+
+CpuIsa selected_cpu_isa() {
+#if defined(__x86_64__)
+  TORCH_CHECK(cpu_has_avx2(), "dinat_m2f CPU kernels need AVX2 and FMA (x86-64-v3), which this CPU lacks.");
+#endif
+  const char* env = std::getenv(kIsaEnv);
+  const std::string wanted = env != nullptr ? env : "";
+  if (wanted.empty() || wanted == "auto") {
+    return cpu_has_avx512() ? CpuIsa::avx512 : CpuIsa::avx2;
+  }
+  if (wanted == "avx2") {
+    return CpuIsa::avx2;
+  }
+  TORCH_CHECK(wanted == "avx512", kIsaEnv, "='", wanted,
+              "' is not an instruction set of the CPU kernels; use avx2, avx512 or auto (or unset it).");
+  TORCH_CHECK(cpu_has_avx512(), kIsaEnv,
+              "=avx512 but this CPU lacks AVX-512 (F, BW, VL, DQ); use avx2 or auto (or unset it).");
+  return CpuIsa::avx512;
+}
+
+void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb, const at::Tensor& attn,
+        const Problem& p) {
+  selected_kernels().qk(q, k, rpb, attn, p);
+}
+
+void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, const Problem& p) {
+  selected_kernels().av(attn, v, out, p);
+}
+
+void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& out, const Problem& p) {
+  selected_kernels().inverse(weights, x, out, p);
+}
+
+void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Problem& p) {
+  selected_kernels().rpb_grad(grad_attn, grad_rpb, p);
+}
+
+void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
+                   const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
+  selected_kernels().fused_forward(q, k, v, rpb, out, lse, p, scale);
+}
+
+void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                    const at::Tensor& grad_rpb, const Problem& p, double scale) {
+  selected_kernels().fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+}
+
+}  // namespace dinat_m2f::na::cpu
