@@ -344,6 +344,8 @@ def _window_covers_map(dims: int, q, k, v, kernel_size: int, dilation: int, rpb)
     """True when every query's window is the whole map (each spatial size == kernel_size, dilation 1) and the inputs
     are well-formed; malformed inputs go to the op, whose checks name the problem."""
     spatial = tuple(q.shape[2:-1]) if q.dim() == dims + 3 else ()
+    if not all(isinstance(size, int) for size in spatial):
+        return False  # symbolic sizes (torch.export, dynamic shapes): comparing them would specialise the graph
     return (
         dilation == 1
         and len(spatial) == dims
