@@ -21,12 +21,13 @@ from typing import Any
 import numpy as np
 from detectron2.data import MetadataCatalog
 from detectron2.evaluation import DatasetEvaluator
-from detectron2.evaluation.panoptic_evaluation import _print_panoptic_results
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
 __all__ = ["COCOPanopticEvaluator", "CityscapesPanopticEvaluator", "pq_results_to_dict"]
+
+from dinat_m2f.utils.d2_compat import print_panoptic_results
 
 
 def pq_results_to_dict(pq_res: dict[str, Any]) -> dict[str, float]:
@@ -181,7 +182,7 @@ class COCOPanopticEvaluator(DatasetEvaluator):
             pq_res = self._compute_pq(gt_json, pred_json, gt_folder, self._pred_dir)
         finally:
             self._cleanup()
-        _print_panoptic_results(pq_res)
+        print_panoptic_results(pq_res)
         return OrderedDict({"panoptic_seg": pq_results_to_dict(pq_res)})
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "evaluator_parts",
     "last_eval_results",
     "periodic_writer_writers",
+    "print_panoptic_results",
     "really_missing_keys",
 ]
 
@@ -52,3 +53,10 @@ def really_missing_keys(model: Any, missing_keys: Sequence[str]) -> list[str]:
     from fvcore.common.checkpoint import _filter_reused_missing_keys
 
     return list(_filter_reused_missing_keys(model, list(missing_keys)))
+
+
+def print_panoptic_results(pq_res: dict) -> None:
+    """Log detectron2's PQ / SQ / RQ table (All, Things, Stuff) of a panopticapi ``pq_compute`` result."""
+    from detectron2.evaluation.panoptic_evaluation import _print_panoptic_results
+
+    _print_panoptic_results(pq_res)
