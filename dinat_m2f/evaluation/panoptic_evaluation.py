@@ -25,9 +25,9 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from PIL import Image
 
-__all__ = ["COCOPanopticEvaluator", "CityscapesPanopticEvaluator", "pq_results_to_dict"]
-
 from dinat_m2f.utils.d2_compat import print_panoptic_results
+
+__all__ = ["COCOPanopticEvaluator", "CityscapesPanopticEvaluator", "pq_results_to_dict"]
 
 
 def pq_results_to_dict(pq_res: dict[str, Any]) -> dict[str, float]:
