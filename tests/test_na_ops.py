@@ -118,6 +118,25 @@ def test_ops_match_reference(dims, k, d, shape, dtype, device):
         torch.testing.assert_close(got, exp, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(
+    "k,d,shape",
+    # Head dim 32 (a compiled specialisation) on maps whose dilation groups along W hold 16+ unclamped windows: the
+    # CPU fused backward's query tiles (window widths 3..13 compiled), beside the per-query path at the borders;
+    # k 15 has no compiled tile width and takes the per-query path everywhere.
+    [(7, 1, (9, 40)), (11, 1, (13, 44)), (5, 3, (16, 70)), (15, 1, (15, 40))],
+)
+def test_fused_gradients_on_query_tiles(k, d, shape, dtype):
+    q, key, v = _inputs(shape, 32, dtype, "cpu", heads=2, batch=1)
+    rpb = _rpb(2, k, 2, dtype, "cpu")
+    out, grads = _grads(lambda a, b, c, r: ops.na2d(a, b, c, k, d, r), [q, key, v, rpb])
+    want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r), [q, key, v, rpb])
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dims", [1, 2])
 def test_fused_matches_unfused_and_default_scale(dims, device):
@@ -193,7 +212,11 @@ def test_non_contiguous_inputs(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dims,k,d,shape", [(2, 3, 1, (4, 5)), (2, 3, 2, (6, 7)), (1, 3, 2, (7,)), (1, 5, 1, (6,))])
+@pytest.mark.parametrize(
+    "dims,k,d,shape",
+    # (4, 20): a full 16-query tile of unclamped windows along W, the CPU fused backward's query tiles.
+    [(2, 3, 1, (4, 5)), (2, 3, 2, (6, 7)), (2, 3, 1, (4, 20)), (1, 3, 2, (7,)), (1, 5, 1, (6,))],
+)
 def test_gradcheck_float64(dims, k, d, shape, device):
     qk, av, fused, *_ = _funcs(dims)
     q, key, v = (t.requires_grad_() for t in _inputs(shape, 3, torch.float64, device, heads=2, batch=1))

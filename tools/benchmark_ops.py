@@ -12,6 +12,7 @@ dense work. The machine's float32 matmul rate is measured first, as the yardstic
     python tools/benchmark_ops.py --quick          # < 1 minute
     python tools/benchmark_ops.py --json           # JSON records on stdout
     python tools/benchmark_ops.py --quick --isa avx2   # the AVX2 kernels on an AVX-512 machine
+    python tools/benchmark_ops.py --impls fused,unfused --shapes 1x4x56x56x32   # a subset
 
 The header names the CPU kernels' instruction-set path that ran (build_info()['cpu_isa']); ``unf/this`` is the
 unfused time over this implementation's (>= 1: not slower than the unfused pair).
@@ -145,13 +146,15 @@ def implementations(case: Case):
     return impls
 
 
-def bench_case(case: Case, dtype: torch.dtype, repeats: int) -> list[Record]:
+def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | None = None) -> list[Record]:
     g = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, case.height, case.width, case.dim)
     q, key, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
     rpb = (torch.randn(case.heads, 2 * case.kernel_size - 1, 2 * case.kernel_size - 1, generator=g) * 0.02).to(dtype)
     records = []
     for impl, fn in implementations(case):
+        if impls is not None and impl not in impls:
+            continue
         flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
         tag = ("na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:])
         with torch.no_grad():
@@ -208,6 +211,16 @@ def main(argv: list[str] | None = None) -> None:
         choices=["auto", "avx2", "avx512"],
         help="CPU kernels' instruction set (DINAT_M2F_CPU_ISA)",
     )
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated implementations to time (fused,unfused,reference,sdpa; default all)",
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated BxHEADSxHxWxD shapes to run (default all of the chosen set)",
+    )
     args = parser.parse_args(argv)
     if args.isa is not None:
         os.environ["DINAT_M2F_CPU_ISA"] = args.isa
@@ -217,8 +230,11 @@ def main(argv: list[str] | None = None) -> None:
     dtype = getattr(torch, args.dtype)
     matmul = matmul_gflops(repeats)
     records = []
+    impls = set(args.impls.split(",")) if args.impls else None
+    shapes = set(args.shapes.split(",")) if args.shapes else None
     for case in QUICK_CASES if args.quick else FULL_CASES:
-        records.extend(bench_case(case, dtype, repeats))
+        if shapes is None or case.shape in shapes:
+            records.extend(bench_case(case, dtype, repeats, impls))
     if args.json:
         print(
             json.dumps(

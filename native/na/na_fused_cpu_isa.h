@@ -207,40 +207,192 @@ void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T*
   });
 }
 
-// Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ.
+// Calls fn(std::integral_constant<int64_t, kw>{}) for the window widths the backward's query tiles are compiled for
+// (their kw logits, dO . v and dS are register arrays), fn(std::integral_constant<int64_t, 0>{}) otherwise.
+template <typename F>
+inline void dispatch_window_width(int64_t kw, const F& fn) {
+  switch (kw) {
+    case 3:
+      return fn(std::integral_constant<int64_t, 3>{});
+    case 5:
+      return fn(std::integral_constant<int64_t, 5>{});
+    case 7:
+      return fn(std::integral_constant<int64_t, 7>{});
+    case 9:
+      return fn(std::integral_constant<int64_t, 9>{});
+    case 11:
+      return fn(std::integral_constant<int64_t, 11>{});
+    case 13:
+      return fn(std::integral_constant<int64_t, 13>{});
+    default:
+      return fn(std::integral_constant<int64_t, 0>{});
+  }
+}
+
+// True when the backward's query pass uses lane-parallel tiles: some dilation group along W holds a full tile of
+// interior queries and kw is one of dispatch_window_width's. Unlike the forward's (online softmax, AVX-512 only), the
+// backward's tiles know each row's logsumexp and pay off with 8 lanes too.
+bool has_backward_query_tiles(const Problem& p) {
+  bool compiled = false;
+  dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
+  const int64_t longest_group = group_length(0, p.width, p.dw);
+  return compiled && longest_group - 2 * (p.kw / 2) >= kLanes;
+}
+
+template <typename T>
+struct BackwardTileScratch {
+  std::vector<T> qt, got, acc;
+  explicit BackwardTileScratch(int64_t dim) : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes) {}
+};
+
+// Query pass of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh (col0: the W' column of
+// lane 0's first key, as in forward_tile): P and dS into the workspace, dQ. Lane-parallel over queries with k and v
+// group-transposed, so the recomputed logits, dO . v and the dQ sum need no horizontal reductions.
+template <typename T, int64_t kD, int64_t kKW>
+void backward_tile(const T* grad_out, const T* q, const T* kt, const T* vt, const T* rpb, const T* out, const T* lse,
+                   T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t r, int64_t jg0,
+                   int64_t col0, const Problem& p, const Windows& win, T scale, BackwardTileScratch<T>& s) {
+  using V = Lanes<T>;
+  static_assert(kKW > 0, "backward tiles need a compile-time window width");
+  constexpr int64_t KW = kKW;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i, local_row = row - s0 * H, h = bh % p.heads;
+  V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
+  V* __restrict got = reinterpret_cast<V*>(s.got.data());
+  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V delta{}, row_lse{};
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t token = row * W + r + p.dw * (jg0 + l);
+    const T* qv = q + token * D;
+    const T* go = grad_out + token * D;
+    for (int64_t d = 0; d < D; ++d) {
+      qt[d][l] = qv[d] * scale;
+      got[d][l] = go[d];
+    }
+    delta[l] = dot(go, out + token * D, D);
+    row_lse[l] = lse[token];
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
+  // Lane l's workspace row is (local_row * W + r + dw * (jg0 + l)) * KK: lanes are dw * KK apart.
+  const int64_t ws0 = (local_row * W + r + p.dw * jg0) * KK, lane_stride = p.dw * KK;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
+    const T* krow = kt + key_row * D * W + col0;
+    const T* vrow = vt + key_row * D * W + col0;
+    const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
+    // One window row at a time, d outermost: the kw logits, dO . v and dS stay in registers, and every K / V row is
+    // read kLanes columns at a time once per sum (a kj-outer loop would reload Q, dO and the dQ sums for every key).
+    V logit[KW], go_v[KW];
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      logit[kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
+      go_v[kj] = V{};
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const V qd = qt[d];
+      const T* kd = krow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) logit[kj] += qd * load_lanes(kd + kj);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const V gd = got[d];
+      const T* vd = vrow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) go_v[kj] += gd * load_lanes(vd + kj);
+    }
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      const V prob = exp_lanes(logit[kj] - row_lse);
+      const V ds = prob * (go_v[kj] - delta);
+      logit[kj] = ds;  // dS in place of the logit
+      const int64_t slot = ki * KW + kj;
+      for (int64_t l = 0; l < kLanes; ++l) {
+        prob_ws[ws0 + l * lane_stride + slot] = prob[l];
+        ds_ws[ws0 + l * lane_stride + slot] = ds[l];
+      }
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      V a = acc[d];
+      const T* kd = krow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) a += logit[kj] * load_lanes(kd + kj);
+      acc[d] = a;
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    T* gq = grad_q + (row * W + r + p.dw * (jg0 + l)) * D;
+    for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
+  }
+}
+
+// Query pass of one query (i, j) of slice bh: P and dS into the workspace, dQ.
+template <typename T, int64_t kD>
+void backward_query(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
+                    T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t j, const Problem& p,
+                    const Windows& win, T scale, T* acc, T* go_v, const T** keys, const T** values) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i, local_row = row - s0 * H, token = row * W + j;
+  const T* go = grad_out + token * D;
+  const T delta = dot(go, out + token * D, D);
+  T* pw = prob_ws + (local_row * W + j) * KK;
+  T* dsw = ds_ws + (local_row * W + j) * KK;
+  // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
+  window_keys<T, kD>(k, bh, i, j, p, win, keys);
+  window_keys<T, kD>(v, bh, i, j, p, win, values);
+  window_logits<T, kD>(q + token * D, keys, rpb, scale, bh, i, j, p, win, pw);
+  exp_shifted(pw, lse[token], pw, KK);
+  dots(go, values, KK, D, go_v);
+  std::fill(acc, acc + D, T(0));
+  for (int64_t n = 0; n < KK; ++n) {
+    const T ds = pw[n] * (go_v[n] - delta);
+    dsw[n] = ds;
+    axpy(ds, keys[n], acc, D);
+  }
+  T* gq = grad_q + token * D;
+  for (int64_t d = 0; d < D; ++d) {
+    gq[d] = acc[d] * scale;
+  }
+}
+
+// Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ. kt, vt: group-transposed k and v
+// (nullptr: no query tiles).
 template <typename T, int64_t kD>
 void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
                          const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
-                         const Windows& win, T scale) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+                         const Windows& win, T scale, const T* kt, const T* vt,
+                         const std::vector<int64_t>& group_offset) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, i = row % H;
     std::vector<T> acc(D), go_v(KK);
     std::vector<const T*> keys(KK), values(KK);
-    for (int64_t j = 0; j < W; ++j) {
-      const int64_t token = row * W + j;
-      const T* go = grad_out + token * D;
-      const T delta = dot(go, out + token * D, D);
-      T* pw = prob_ws + (local_row * W + j) * KK;
-      T* dsw = ds_ws + (local_row * W + j) * KK;
-      // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
-      window_keys<T, kD>(k, bh, i, j, p, win, keys.data());
-      window_keys<T, kD>(v, bh, i, j, p, win, values.data());
-      window_logits<T, kD>(q + token * D, keys.data(), rpb, scale, bh, i, j, p, win, pw);
-      exp_shifted(pw, lse[token], pw, KK);
-      dots(go, values.data(), KK, D, go_v.data());
-      std::fill(acc.begin(), acc.end(), T(0));
-      for (int64_t n = 0; n < KK; ++n) {
-        const T ds = pw[n] * (go_v[n] - delta);
-        dsw[n] = ds;
-        axpy(ds, keys[n], acc.data(), D);
-      }
-      T* gq = grad_q + token * D;
-      for (int64_t d = 0; d < D; ++d) {
-        gq[d] = acc[d] * scale;
-      }
+    const auto one_query = [&](int64_t j) {
+      backward_query<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, j, p, win, scale,
+                            acc.data(), go_v.data(), keys.data(), values.data());
+    };
+    if (kt == nullptr) {
+      for (int64_t j = 0; j < W; ++j) one_query(j);
+      return;
     }
+    BackwardTileScratch<T> scratch(D);
+    dispatch_window_width(p.kw, [&](auto kw) {
+      constexpr int64_t kKW = decltype(kw)::value;
+      if constexpr (kKW == 0) {
+        TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+      } else {
+        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+          const int64_t glen = group_length(r, W, p.dw);
+          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
+          int64_t jg = 0;
+          while (jg < glen) {
+            if (jg >= half && jg + kLanes <= interior_end) {
+              backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r,
+                                        jg, group_offset[r] + jg - half, p, win, scale, scratch);
+              jg += kLanes;
+            } else {
+              one_query(r + p.dw * jg);
+              ++jg;
+            }
+          }
+        }
+      }
+    });
   });
 }
 
@@ -277,7 +429,8 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
 
 template <typename T, int64_t kD>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
-                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale) {
+                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt,
+                     const T* vt, const std::vector<int64_t>& group_offset) {
   const Windows win(p);
   // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
   const int64_t slice_elems = p.tokens() * p.window();
@@ -293,7 +446,8 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   T* const ds_ws = prob_ws + group_elems;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale);
+    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale, kt,
+                               vt, group_offset);
     backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>(ds_ws, s0, s1, grad_rpb, p);
@@ -332,6 +486,11 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const at::Tensor goc = as_compute(grad_out), qc = as_compute(q), kc = as_compute(k), vc = as_compute(v);
   const at::Tensor oc = as_compute(out), rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
+  GroupTransposed kt, vt;
+  if (has_backward_query_tiles(p)) {
+    kt = group_transpose(kc, p);
+    vt = group_transpose(vc, p);
+  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
       backward_kernel<scalar_t, dim.value>(
@@ -339,7 +498,9 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
           vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
           oc.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
           gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
-          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale));
+          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale),
+          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
+          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
