@@ -168,9 +168,22 @@ def _fused_op_only(dims):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
-@pytest.mark.parametrize(("dims", "k", "shape"), [(2, 7, (7, 7)), (2, 3, (3, 3)), (2, 13, (13, 13)), (1, 7, (7,))])
-def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, shape, dtype, device):
-    """k >= every spatial size: ops.na*d switch to dense matrix products with the bias, equal to the NA kernel."""
+@pytest.mark.parametrize(
+    ("dims", "k", "d", "shape"),
+    [
+        (2, 7, 1, (7, 7)),
+        (2, 3, 1, (3, 3)),
+        (2, 13, 1, (13, 13)),
+        (1, 7, 1, (7,)),
+        # Every dilation group holds exactly k positions: each window is its whole group (DiNAT's dilated stages).
+        (2, 7, 8, (56, 56)),
+        (2, 3, 2, (6, 6)),
+        (1, 5, 3, (15,)),
+    ],
+)
+def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, shape, dtype, device):
+    """Every window is its whole dilation group (each spatial size == k * dilation): ops.na*d switch to dense matrix
+    products with the bias per group, equal to the NA kernel."""
     if dtype == torch.bfloat16 and device != "cpu":
         pytest.skip("bf16 is covered on CPU")
     from dinat_m2f.ops import na
@@ -181,9 +194,9 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, sha
     q, key, v = (t.to(dtype) for t in _inputs(shape, 32, torch.float64, device))
     rpb = _rpb(3, k, dims, dtype, device)
     fused = _funcs(dims)[2]
-    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, 1, r, 0.4), [q, key, v, rpb])
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
     assert calls, "the dense path was not taken"
-    want, want_grads = _grads(lambda a, b, c, r: _fused_op_only(dims)(a, b, c, k, 1, r, 0.4), [q, key, v, rpb])
+    want, want_grads = _grads(lambda a, b, c, r: _fused_op_only(dims)(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
     # bf16: the tolerances of test_low_precision_within_tolerance (both paths round their outputs to bf16).
     tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))
     grad_tol = TOL.get(dtype, dict(rtol=5e-2, atol=5e-2))
@@ -193,7 +206,7 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, sha
     # One larger axis: the NA kernel again (windows no longer cover the map).
     calls.clear()
     wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]
-    fused(*wide, k, 1, rpb, 0.4)
+    fused(*wide, k, d, rpb, 0.4)
     assert not calls
 
 

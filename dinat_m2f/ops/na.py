@@ -340,16 +340,18 @@ def _backend(backend: str | None, op: str, x: torch.Tensor, fused: bool) -> str:
     return _resolve(backend, op, x.device, x.dtype, fused)
 
 
-def _window_covers_map(dims: int, q, k, v, kernel_size: int, dilation: int, rpb) -> bool:
-    """True when every query's window is the whole map (each spatial size == kernel_size, dilation 1) and the inputs
-    are well-formed; malformed inputs go to the op, whose checks name the problem."""
+def _window_covers_group(dims: int, q, k, v, kernel_size: int, dilation: int, rpb) -> bool:
+    """True when every query's window is its whole dilation group (each spatial size == kernel_size * dilation, so
+    every group along every axis holds exactly kernel_size positions) and the inputs are well-formed; malformed inputs
+    go to the op, whose checks name the problem."""
     spatial = tuple(q.shape[2:-1]) if q.dim() == dims + 3 else ()
     if not all(isinstance(size, int) for size in spatial):
         return False  # symbolic sizes (torch.export, dynamic shapes): comparing them would specialise the graph
     return (
-        dilation == 1
+        isinstance(dilation, int)
+        and dilation >= 1
         and len(spatial) == dims
-        and all(size == kernel_size for size in spatial)
+        and all(size == kernel_size * dilation for size in spatial)
         and all(t.shape == q.shape and t.dtype == q.dtype and t.device == q.device for t in (k, v))
         and q.dtype in _DTYPES.get(q.device.type, ())
         and q.shape[-1] > 0
@@ -369,26 +371,38 @@ def _dense_bias(rpb: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
     return bias.reshape(rpb.shape[0], kernel_size**2, kernel_size**2)
 
 
-def _dense_attention(q, k, v, kernel_size: int, dims: int, rpb, scale: float) -> torch.Tensor:
-    """Exact neighborhood attention when the window is the whole map: dense softmax(scale q k^T + bias) v as matrix
-    products, in float32 at least (as the fused kernels accumulate)."""
-    acc = torch.promote_types(q.dtype, torch.float32)
-    spatial = q.shape[2:-1]
+def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, scale: float) -> torch.Tensor:
+    """Exact neighborhood attention when every window is its whole dilation group: per group, dense
+    softmax(scale q k^T + bias) v as matrix products, in float32 at least (as the fused kernels accumulate).
 
-    def tokens(t: torch.Tensor) -> torch.Tensor:  # [B, heads, N, D] in the accumulation dtype
-        return t.to(acc).flatten(2, 1 + dims)
+    Position a * dilation + g of an axis (a < kernel_size) is slot a of group g, and the window of every position of
+    the group starts at slot 0, so each group is the whole-map problem of a kernel_size-wide map with dilation 1."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    batch, heads, dim = q.shape[0], q.shape[1], q.shape[-1]
+    # [B, heads, (k, dil) per axis, D] -> [B, heads, dil per axis, k per axis, D]
+    split = (batch, heads, *(kernel_size, dilation) * dims, dim)
+    groups_first = (0, 1, *(3 + 2 * a for a in range(dims)), *(2 + 2 * a for a in range(dims)), 2 + 2 * dims)
+    back = [0] * len(groups_first)
+    for position, axis in enumerate(groups_first):
+        back[axis] = position
+
+    def tokens(t: torch.Tensor) -> torch.Tensor:  # [B, heads, dil per axis, N, D] in the accumulation dtype
+        return t.to(acc).reshape(split).permute(groups_first).flatten(2 + dims, 1 + 2 * dims)
 
     logits = torch.matmul(tokens(q) * scale, tokens(k).transpose(-1, -2))
     if rpb is not None:
-        logits = logits + _dense_bias(rpb.to(acc), kernel_size, dims)
+        bias = _dense_bias(rpb.to(acc), kernel_size, dims)
+        logits = logits + bias.view(heads, *(1,) * dims, *bias.shape[1:])
     out = torch.matmul(logits.softmax(-1), tokens(v))
-    return out.unflatten(2, spatial).to(q.dtype)
+    out = out.unflatten(2 + dims, (kernel_size,) * dims).permute(back)
+    return out.reshape(q.shape).to(q.dtype)
 
 
 def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
-    if _window_covers_map(dims, q, k, v, kernel_size, dilation, rpb):
-        # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster.
-        return _dense_attention(q, k, v, kernel_size, dims, rpb, scale)
+    if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb):
+        # e.g. k = 7 on the 7x7 last stage, or dilation 8 on DiNAT's 56x56 stage: each dilation group is one window,
+        # NA is dense attention with a bias per group, and BLAS does it faster (forward and backward).
+        return _dense_attention(q, k, v, kernel_size, dilation, dims, rpb, scale)
     # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
 
@@ -451,8 +465,8 @@ def na1d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole sequence (L == kernel_size), the native backend computes it as the dense attention
-    with a bias that it then is.
+    When every window is its whole dilation group (L == kernel_size * dilation), the native backend computes it as
+    the dense attention with a bias per group that it then is.
     """
     scale = _scale("na1d", q, scale)
     chosen = _backend(backend, "na1d", q, fused=True)
@@ -477,8 +491,8 @@ def na2d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole map (H == W == kernel_size), the native backend computes it as the dense attention
-    with a bias that it then is.
+    When every window is its whole dilation group (H == W == kernel_size * dilation), the native backend computes it
+    as the dense attention with a bias per group that it then is.
     """
     scale = _scale("na2d", q, scale)
     chosen = _backend(backend, "na2d", q, fused=True)
