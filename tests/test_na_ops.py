@@ -183,7 +183,7 @@ def _fused_op_only(dims):
 )
 def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, shape, dtype, device):
     """Every window is its whole dilation group (each spatial size == k * dilation): ops.na*d switch to dense matrix
-    products with the bias per group, equal to the NA kernel."""
+    products with the bias per group (with dilation only when autograd records), equal to the NA kernel."""
     if dtype == torch.bfloat16 and device != "cpu":
         pytest.skip("bf16 is covered on CPU")
     from dinat_m2f.ops import na
@@ -203,6 +203,11 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     torch.testing.assert_close(out, want, **tol)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp, **grad_tol)
+    # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps stay dense.
+    calls.clear()
+    with torch.no_grad():
+        fused(q, key, v, k, d, rpb, 0.4)
+    assert bool(calls) == (d == 1)
     # One larger axis: the NA kernel again (windows no longer cover the map).
     calls.clear()
     wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]

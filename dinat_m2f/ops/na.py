@@ -360,6 +360,10 @@ def _window_covers_group(dims: int, q, k, v, kernel_size: int, dilation: int, rp
     )
 
 
+def _records_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def _dense_bias(rpb: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
     """[heads, N, N] bias of the dense problem (N = kernel_size**dims): query i, key x -> rpb[x - i + k - 1] per axis
     (window start 0 on every axis, so slot x of query i is key x)."""
@@ -399,9 +403,13 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
 
 
 def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
-    if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb):
-        # e.g. k = 7 on the 7x7 last stage, or dilation 8 on DiNAT's 56x56 stage: each dilation group is one window,
-        # NA is dense attention with a bias per group, and BLAS does it faster (forward and backward).
+    if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and (
+        dilation == 1 or _records_grad(q, k, v, rpb)
+    ):
+        # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster. With dilation
+        # (DiNAT's 56x56 stage at dilation 8) each group is one window: the dense products beat the fused kernels'
+        # forward + backward (which recomputes the logits), but not their forward alone (regrouping copies), so only
+        # when autograd records (measured with tools/benchmark_ops.py).
         return _dense_attention(q, k, v, kernel_size, dilation, dims, rpb, scale)
     # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
@@ -465,8 +473,9 @@ def na1d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
 
-    When every window is its whole dilation group (L == kernel_size * dilation), the native backend computes it as
-    the dense attention with a bias per group that it then is.
+    When the window is the whole sequence (L == kernel_size), or in training when every window is its whole dilation
+    group (L == kernel_size * dilation), the native backend computes it as the dense attention with a bias (per group)
+    that it then is.
     """
     scale = _scale("na1d", q, scale)
     chosen = _backend(backend, "na1d", q, fused=True)
@@ -491,8 +500,9 @@ def na2d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
 
-    When every window is its whole dilation group (H == W == kernel_size * dilation), the native backend computes it
-    as the dense attention with a bias per group that it then is.
+    When the window is the whole map (H == W == kernel_size), or in training when every window is its whole dilation
+    group (H == W == kernel_size * dilation), the native backend computes it as the dense attention with a bias (per
+    group) that it then is.
     """
     scale = _scale("na2d", q, scale)
     chosen = _backend(backend, "na2d", q, fused=True)
