@@ -405,15 +405,20 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, xi = row % H;
     std::vector<T> acc_k(D), acc_v(D);
+    std::vector<int64_t> slot_w;  // window column of key xj in the window of each query of its inverse along W
     for (int64_t xj = 0; xj < W; ++xj) {
       std::fill(acc_k.begin(), acc_k.end(), T(0));
       std::fill(acc_v.begin(), acc_v.end(), T(0));
+      // The slots along W once per key, not once per (query row, query): an integer division each.
+      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
+      slot_w.clear();
+      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
       for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
         const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
         const int64_t local_base = ((bh - s0) * H + i) * W;
         const int64_t base = (bh * H + i) * W;
-        for (int64_t j = win.w.inverse[xj].begin; j < win.w.inverse[xj].end; j += p.dw) {
-          const int64_t slot = ki * p.kw + window_slot(xj, win.w.start[j], p.dw);
+        for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
+          const int64_t slot = ki * p.kw + slot_w[t];
           axpy(ds_ws[(local_base + j) * KK + slot], q + (base + j) * D, acc_k.data(), D);
           axpy(prob_ws[(local_base + j) * KK + slot], grad_out + (base + j) * D, acc_v.data(), D);
         }
