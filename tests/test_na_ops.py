@@ -183,7 +183,7 @@ def _fused_op_only(dims):
 )
 def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, shape, dtype, device):
     """Every window is its whole dilation group (each spatial size == k * dilation): ops.na*d switch to dense matrix
-    products with the bias per group (with dilation only when autograd records), equal to the NA kernel."""
+    products with the bias per group (with dilation only on the CPU when autograd records), equal to the NA kernel."""
     if dtype == torch.bfloat16 and device != "cpu":
         pytest.skip("bf16 is covered on CPU")
     from dinat_m2f.ops import na
@@ -195,7 +195,8 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     rpb = _rpb(3, k, dims, dtype, device)
     fused = _funcs(dims)[2]
     out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
-    assert calls, "the dense path was not taken"
+    # Dilated groups: dense in training on the CPU only (where it was measured faster).
+    assert bool(calls) == (d == 1 or device == "cpu"), "the dense path choice is wrong"
     want, want_grads = _grads(lambda a, b, c, r: _fused_op_only(dims)(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
     # bf16: the tolerances of test_low_precision_within_tolerance (both paths round their outputs to bf16).
     tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))

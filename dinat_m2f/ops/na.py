@@ -404,12 +404,12 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
 
 def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
     if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and (
-        dilation == 1 or _records_grad(q, k, v, rpb)
+        dilation == 1 or (q.device.type == "cpu" and _records_grad(q, k, v, rpb))
     ):
         # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster. With dilation
         # (DiNAT's 56x56 stage at dilation 8) each group is one window: the dense products beat the fused kernels'
         # forward + backward (which recomputes the logits), but not their forward alone (regrouping copies), so only
-        # when autograd records (measured with tools/benchmark_ops.py).
+        # when autograd records; on the CPU only, where it was measured (tools/benchmark_ops.py).
         return _dense_attention(q, k, v, kernel_size, dilation, dims, rpb, scale)
     # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
@@ -473,9 +473,9 @@ def na1d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole sequence (L == kernel_size), or in training when every window is its whole dilation
-    group (L == kernel_size * dilation), the native backend computes it as the dense attention with a bias (per group)
-    that it then is.
+    When the window is the whole sequence (L == kernel_size), or in training on the CPU when every window is its
+    whole dilation group (L == kernel_size * dilation), the native backend computes it as the dense attention with a
+    bias (per group) that it then is.
     """
     scale = _scale("na1d", q, scale)
     chosen = _backend(backend, "na1d", q, fused=True)
@@ -500,9 +500,9 @@ def na2d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole map (H == W == kernel_size), or in training when every window is its whole dilation
-    group (H == W == kernel_size * dilation), the native backend computes it as the dense attention with a bias (per
-    group) that it then is.
+    When the window is the whole map (H == W == kernel_size), or in training on the CPU when every window is its
+    whole dilation group (H == W == kernel_size * dilation), the native backend computes it as the dense attention
+    with a bias (per group) that it then is.
     """
     scale = _scale("na2d", q, scale)
     chosen = _backend(backend, "na2d", q, fused=True)
