@@ -191,6 +191,7 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     calls = []
     dense = na._dense_attention
     monkeypatch.setattr(na, "_dense_attention", lambda *a: calls.append(1) or dense(*a))
+    monkeypatch.setattr(na, "_DENSE_MIN_TOKENS_CPU", 0)  # these problems are small: the size rule is tested below
     q, key, v = (t.to(dtype) for t in _inputs(shape, 32, torch.float64, device))
     rpb = _rpb(3, k, dims, dtype, device)
     fused = _funcs(dims)[2]
@@ -214,6 +215,21 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]
     fused(*wide, k, d, rpb, 0.4)
     assert not calls
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize(("batch", "heads", "dense"), [(1, 16, False), (8, 16, True)])
+def test_dense_path_on_cpu_only_for_problems_large_enough(monkeypatch, batch, heads, dense, grad):
+    """7x7 maps at k=7: 784 query tokens stay on the fused kernel (faster there), 6272 go dense."""
+    from dinat_m2f.ops import na
+
+    calls = []
+    dense_attention = na._dense_attention
+    monkeypatch.setattr(na, "_dense_attention", lambda *a: calls.append(1) or dense_attention(*a))
+    q, key, v = (t.float().requires_grad_(grad) for t in _inputs((7, 7), 32, torch.float64, "cpu", heads, batch))
+    out = ops.na2d(q, key, v, 7)
+    assert bool(calls) == dense
+    torch.testing.assert_close(out, ref.na2d(q, key, v, 7), **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

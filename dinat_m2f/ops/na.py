@@ -364,6 +364,22 @@ def _records_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+# Below this many query tokens (batch * heads * map) the dense path's fixed cost (regrouping, bias gather, a dozen
+# small ops with autograd) loses to the fused CPU kernels: 1x16x7x7 (784) fused 1.1x the unfused pair forward +
+# backward, dense 0.76x; 1x4x28x28 at d=4 (3136) dense 1.25x, fused 0.85x (tools/benchmark_ops.py, one thread).
+_DENSE_MIN_TOKENS_CPU = 2048
+
+
+def _dense_pays_off(q: torch.Tensor, dilation: int, *others) -> bool:
+    """Whether a problem whose windows are whole dilation groups runs faster as dense attention per group."""
+    if q.device.type != "cpu":
+        return dilation == 1  # the whole-map case only: the dilated one was measured on the CPU
+    if q.numel() // q.shape[-1] < _DENSE_MIN_TOKENS_CPU:
+        return False
+    # With dilation the forward alone is faster in the fused kernel (regrouping copies); forward + backward is not.
+    return dilation == 1 or _records_grad(q, *others)
+
+
 def _dense_bias(rpb: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
     """[heads, N, N] bias of the dense problem (N = kernel_size**dims): query i, key x -> rpb[x - i + k - 1] per axis
     (window start 0 on every axis, so slot x of query i is key x)."""
@@ -403,13 +419,10 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
 
 
 def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
-    if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and (
-        dilation == 1 or (q.device.type == "cpu" and _records_grad(q, k, v, rpb))
-    ):
+    if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and _dense_pays_off(q, dilation, k, v, rpb):
         # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster. With dilation
         # (DiNAT's 56x56 stage at dilation 8) each group is one window: the dense products beat the fused kernels'
-        # forward + backward (which recomputes the logits), but not their forward alone (regrouping copies), so only
-        # when autograd records; on the CPU only, where it was measured (tools/benchmark_ops.py).
+        # forward + backward (which recomputes the logits). When this pays off: _dense_pays_off.
         return _dense_attention(q, k, v, kernel_size, dilation, dims, rpb, scale)
     # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
@@ -475,7 +488,7 @@ def na1d(
 
     When the window is the whole sequence (L == kernel_size), or in training on the CPU when every window is its
     whole dilation group (L == kernel_size * dilation), the native backend computes it as the dense attention with a
-    bias (per group) that it then is.
+    bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
     """
     scale = _scale("na1d", q, scale)
     chosen = _backend(backend, "na1d", q, fused=True)
@@ -502,7 +515,7 @@ def na2d(
 
     When the window is the whole map (H == W == kernel_size), or in training on the CPU when every window is its
     whole dilation group (H == W == kernel_size * dilation), the native backend computes it as the dense attention
-    with a bias (per group) that it then is.
+    with a bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
     """
     scale = _scale("na2d", q, scale)
     chosen = _backend(backend, "na2d", q, fused=True)
