@@ -18,6 +18,7 @@ loaded (_register_native), so this module imports without it.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -374,7 +375,10 @@ def _dense_pays_off(q: torch.Tensor, dilation: int, *others) -> bool:
     """Whether a problem whose windows are whole dilation groups runs faster as dense attention per group."""
     if q.device.type != "cpu":
         return dilation == 1  # the whole-map case only: the dilated one was measured on the CPU
-    if q.numel() // q.shape[-1] < _DENSE_MIN_TOKENS_CPU:
+    if not all(isinstance(size, int) for size in q.shape):
+        # A symbolic batch (torch.export with a dynamic batch): a size test would specialise the graph on it.
+        return dilation == 1
+    if math.prod(q.shape[:-1]) < _DENSE_MIN_TOKENS_CPU:
         return False
     # With dilation the forward alone is faster in the fused kernel (regrouping copies); forward + backward is not.
     return dilation == 1 or _records_grad(q, *others)
