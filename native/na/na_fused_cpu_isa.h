@@ -382,8 +382,8 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
           int64_t jg = 0;
           while (jg < glen) {
             if (jg >= half && jg + kLanes <= interior_end) {
-              backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r,
-                                        jg, group_offset[r] + jg - half, p, win, scale, scratch);
+              backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r, jg,
+                                        group_offset[r] + jg - half, p, win, scale, scratch);
               jg += kLanes;
             } else {
               one_query(r + p.dw * jg);
@@ -434,8 +434,8 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
 
 template <typename T, int64_t kD>
 void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
-                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt,
-                     const T* vt, const std::vector<int64_t>& group_offset) {
+                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
+                     const std::vector<int64_t>& group_offset) {
   const Windows win(p);
   // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
   const int64_t slice_elems = p.tokens() * p.window();
@@ -451,8 +451,8 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
   T* const ds_ws = prob_ws + group_elems;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale, kt,
-                               vt, group_offset);
+    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale, kt, vt,
+                               group_offset);
     backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>(ds_ws, s0, s1, grad_rpb, p);
