@@ -478,6 +478,20 @@ def na2d_av(
     return _OPS.na2d_av(attn, v, kernel_size, dilation)
 
 
+def _fused_na(name: str, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale, backend) -> torch.Tensor:
+    """na1d / na2d on the chosen backend (``name`` is the public op: the reference's and Triton's function)."""
+    scale = _scale(name, q, scale)
+    chosen = _backend(backend, name, q, fused=True)
+    if chosen == "reference":
+        return getattr(reference, name)(q, k, v, kernel_size, dilation, rpb, scale)
+    if chosen == "triton":
+        from dinat_m2f.ops import na_triton
+
+        return getattr(na_triton, name)(q, k, v, kernel_size, dilation, rpb, scale)
+    op = _OPS.na1d_fused_forward if dims == 1 else _OPS.na2d_fused_forward
+    return _native_fused(op, dims, q, k, v, kernel_size, dilation, rpb, scale)
+
+
 def na1d(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -494,15 +508,7 @@ def na1d(
     whole dilation group (L == kernel_size * dilation), the native backend computes it as the dense attention with a
     bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
     """
-    scale = _scale("na1d", q, scale)
-    chosen = _backend(backend, "na1d", q, fused=True)
-    if chosen == "reference":
-        return reference.na1d(q, k, v, kernel_size, dilation, rpb, scale)
-    if chosen == "triton":
-        from dinat_m2f.ops import na_triton
-
-        return na_triton.na1d(q, k, v, kernel_size, dilation, rpb, scale)
-    return _native_fused(_OPS.na1d_fused_forward, 1, q, k, v, kernel_size, dilation, rpb, scale)
+    return _fused_na("na1d", 1, q, k, v, kernel_size, dilation, rpb, scale, backend)
 
 
 def na2d(
@@ -521,12 +527,4 @@ def na2d(
     whole dilation group (H == W == kernel_size * dilation), the native backend computes it as the dense attention
     with a bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
     """
-    scale = _scale("na2d", q, scale)
-    chosen = _backend(backend, "na2d", q, fused=True)
-    if chosen == "reference":
-        return reference.na2d(q, k, v, kernel_size, dilation, rpb, scale)
-    if chosen == "triton":
-        from dinat_m2f.ops import na_triton
-
-        return na_triton.na2d(q, k, v, kernel_size, dilation, rpb, scale)
-    return _native_fused(_OPS.na2d_fused_forward, 2, q, k, v, kernel_size, dilation, rpb, scale)
+    return _fused_na("na2d", 2, q, k, v, kernel_size, dilation, rpb, scale, backend)
