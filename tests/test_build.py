@@ -107,7 +107,20 @@ def test_loading_the_extension_registers_autograd_and_fake_kernels():
 # ----------------------------------------------------------------------------------------------- op registration
 
 _OPS = [
-    *(f"na{d}d_{op}" for d in (1, 2) for op in ("qk", "av", "inverse", "rpb_grad", "fused_forward", "fused_backward")),
+    *(
+        f"na{d}d_{op}"
+        for d in (1, 2)
+        for op in (
+            "qk",
+            "av",
+            "inverse",
+            "rpb_grad",
+            "fused_forward",
+            "fused_backward",
+            "qkv_fused_forward",
+            "qkv_fused_backward",
+        )
+    ),
     "ms_deform_attn_forward",
     "ms_deform_attn_backward",
 ]

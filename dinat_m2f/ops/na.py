@@ -26,7 +26,7 @@ from dinat_m2f.ops import reference
 from dinat_m2f.ops._checks import c10_dtype, require, shape_text
 from dinat_m2f.ops.backends import resolve_backend
 
-__all__ = ["na1d", "na1d_av", "na1d_qk", "na2d", "na2d_av", "na2d_qk"]
+__all__ = ["na1d", "na1d_av", "na1d_qk", "na1d_qkv", "na2d", "na2d_av", "na2d_qk", "na2d_qkv"]
 
 # Importing this module needs no compiled extension: resolving the native backend loads it (dinat_m2f.ops.backends
 # calls load_extension, which raises the clear rebuild error when _C is missing and runs _register_native).
@@ -143,6 +143,35 @@ def _check_rpb(op: str, dims: int, rpb: torch.Tensor | None, q: torch.Tensor, ke
     )
 
 
+def _empty_in_order_of(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """New tensor of ``shape`` laid out like the native entry points' outputs (empty_in_order_of in
+    native/na/na_ops.cpp): outer dims in the memory order of ``like``'s strides, largest first (stable), the last dim
+    innermost. A heads-last q gives a heads-last output; a contiguous one a contiguous output."""
+    outer = sorted(range(like.dim() - 1), key=lambda d: -like.stride(d))  # sorted() is stable
+    order = [*outer, like.dim() - 1]
+    physical = like.new_empty([shape[d] for d in order], dtype=dtype)
+    return physical.permute([order.index(d) for d in range(like.dim())])
+
+
+def _unpack_qkv(op: str, dims: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v views [B, heads, *spatial, D] of a packed qkv [B, *spatial, 3, heads, D] (unpack_qkv in na_ops.cpp)."""
+    layout = "[B, H, W, 3, heads, D]" if dims == 2 else "[B, L, 3, heads, D]"
+    packed = dims + 1
+    require(
+        qkv.dim() == dims + 4 and qkv.shape[packed] == 3,
+        op,
+        f"qkv must be a {dims + 4}-D tensor {layout} (the qkv projection output viewed per head), got shape "
+        f"{shape_text(qkv)}.",
+    )
+    q, k, v = (qkv.select(packed, i).movedim(packed, 1) for i in range(3))
+    return q, k, v
+
+
+def _check_qkv(op: str, dims: int, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_device_and_dtype(op, qkv, "qkv")
+    return _unpack_qkv(op, dims, qkv)
+
+
 def _register_fakes(dim: int) -> None:
     p = f"dinat_m2f::na{dim}d"
     name = f"na{dim}d"
@@ -153,21 +182,21 @@ def _register_fakes(dim: int) -> None:
         _check_tokens(op, dim, q, "q", kernel_size, dilation)
         _check_sameshape_text(op, k, "k", q, "q")
         _check_rpb(op, dim, rpb, q, kernel_size)
-        return q.new_empty((*q.shape[:-1], kernel_size**dim))
+        return _empty_in_order_of((*q.shape[:-1], kernel_size**dim), q)
 
     @torch.library.register_fake(f"{p}_av")
     def _av(attn, v, kernel_size, dilation):
         op = f"{name}_av"
         _check_tokens(op, dim, v, "v", kernel_size, dilation)
         _check_weights(op, dim, attn, "attn", v, "v", kernel_size)
-        return v.new_empty(v.shape)
+        return _empty_in_order_of(v.shape, v)
 
     @torch.library.register_fake(f"{p}_inverse")
     def _inverse(weights, x, kernel_size, dilation):
         op = f"{name}_inverse"
         _check_tokens(op, dim, x, "x", kernel_size, dilation)
         _check_weights(op, dim, weights, "weights", x, "x", kernel_size)
-        return x.new_empty(x.shape)
+        return _empty_in_order_of(x.shape, x)
 
     @torch.library.register_fake(f"{p}_rpb_grad")
     def _rpb_grad(grad_attn, kernel_size, dilation):
@@ -187,18 +216,23 @@ def _register_fakes(dim: int) -> None:
         )
         return grad_attn.new_empty((grad_attn.shape[1],) + (_rpb_width(kernel_size),) * dim)
 
-    @torch.library.register_fake(f"{p}_fused_forward")
-    def _fused_forward(q, k, v, rpb, kernel_size, dilation, scale):
-        op = name
+    def fused_forward(op, q, k, v, rpb, kernel_size, dilation):
         _check_tokens(op, dim, q, "q", kernel_size, dilation)
         _check_sameshape_text(op, k, "k", q, "q")
         _check_sameshape_text(op, v, "v", q, "q")
         _check_rpb(op, dim, rpb, q, kernel_size)
-        return v.new_empty(v.shape), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
+        return _empty_in_order_of(q.shape, q), q.new_empty(q.shape[:-1], dtype=_lse_dtype(q.dtype))
 
-    @torch.library.register_fake(f"{p}_fused_backward")
-    def _fused_backward(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, scale):
-        op = f"{name}_fused_backward"
+    @torch.library.register_fake(f"{p}_fused_forward")
+    def _fused_forward(q, k, v, rpb, kernel_size, dilation, scale):
+        return fused_forward(name, q, k, v, rpb, kernel_size, dilation)
+
+    @torch.library.register_fake(f"{p}_qkv_fused_forward")
+    def _qkv_fused_forward(qkv, rpb, kernel_size, dilation, scale):
+        op = f"{name}_qkv"
+        return fused_forward(op, *_check_qkv(op, dim, qkv), rpb, kernel_size, dilation)
+
+    def check_fused_backward(op, grad_out, q, k, v, rpb, out, lse, kernel_size, dilation):
         _check_tokens(op, dim, q, "q", kernel_size, dilation)
         for t, t_name in ((k, "k"), (v, "v"), (out, "out"), (grad_out, "grad_out")):
             _check_sameshape_text(op, t, t_name, q, "q")
@@ -210,8 +244,21 @@ def _register_fakes(dim: int) -> None:
             f"lse must be a {c10_dtype(lse_dtype)} tensor of shape q.shape[:-1] on q's device, got "
             f"{c10_dtype(lse.dtype)} {shape_text(lse)} on {lse.device}.",
         )
-        grad_rpb = rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), grad_rpb
+        return rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
+
+    @torch.library.register_fake(f"{p}_fused_backward")
+    def _fused_backward(grad_out, q, k, v, rpb, out, lse, kernel_size, dilation, scale):
+        op = f"{name}_fused_backward"
+        grad_rpb = check_fused_backward(op, grad_out, q, k, v, rpb, out, lse, kernel_size, dilation)
+        grads = (_empty_in_order_of(t.shape, t) for t in (q, k, v))
+        return *grads, grad_rpb
+
+    @torch.library.register_fake(f"{p}_qkv_fused_backward")
+    def _qkv_fused_backward(grad_out, qkv, rpb, out, lse, kernel_size, dilation, scale):
+        op = f"{name}_qkv_fused_backward"
+        q, k, v = _check_qkv(op, dim, qkv)
+        grad_rpb = check_fused_backward(op, grad_out, q, k, v, rpb, out, lse, kernel_size, dilation)
+        return qkv.new_empty(qkv.shape), grad_rpb
 
 
 # ----------------------------------------------------------------------------------------------- autograd
@@ -223,6 +270,7 @@ def _register_autograd(dim: int) -> None:
     inverse_op = getattr(_OPS, f"na{dim}d_inverse")
     rpb_grad_op = getattr(_OPS, f"na{dim}d_rpb_grad")
     fused_backward_op = getattr(_OPS, f"na{dim}d_fused_backward")
+    qkv_fused_backward_op = getattr(_OPS, f"na{dim}d_qkv_fused_backward")
     p = f"dinat_m2f::na{dim}d"
 
     def qk_setup(ctx, inputs, output):
@@ -265,6 +313,20 @@ def _register_autograd(dim: int) -> None:
         )
         return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
 
+    def qkv_fused_setup(ctx, inputs, output):
+        qkv, rpb, kernel_size, dilation, scale = inputs
+        out, lse = output
+        ctx.save_for_backward(qkv, rpb, out, lse)
+        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+
+    def qkv_fused_backward(ctx, grad_out, _grad_lse):
+        # grad_qkv is one buffer of qkv's shape, the gradient of the qkv projection output: no stack of three grads.
+        qkv, rpb, out, lse = ctx.saved_tensors
+        grad_qkv, grad_rpb = qkv_fused_backward_op(
+            grad_out, qkv, rpb, out, lse, ctx.kernel_size, ctx.dilation, ctx.scale
+        )
+        return grad_qkv, (grad_rpb if rpb is not None else None), None, None, None
+
     # inverse(w, x) is bilinear and rpb_grad linear: their gradients are again NA primitives, so the unfused ops
     # support double backward.
     def inverse_backward(ctx, grad_out):
@@ -296,9 +358,13 @@ def _register_autograd(dim: int) -> None:
     torch.library.register_autograd(f"{p}_inverse", inverse_backward, setup_context=pair_setup)
     torch.library.register_autograd(f"{p}_rpb_grad", rpb_grad_backward, setup_context=rpb_grad_setup)
     torch.library.register_autograd(f"{p}_fused_backward", fused_double_backward, setup_context=fused_backward_setup)
+    torch.library.register_autograd(
+        f"{p}_qkv_fused_backward", fused_double_backward, setup_context=fused_backward_setup
+    )
     torch.library.register_autograd(f"{p}_qk", qk_backward, setup_context=qk_setup)
     torch.library.register_autograd(f"{p}_av", av_backward, setup_context=pair_setup)
     torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
+    torch.library.register_autograd(f"{p}_qkv_fused_forward", qkv_fused_backward, setup_context=qkv_fused_setup)
 
 
 @functools.cache
@@ -490,6 +556,54 @@ def _fused_na(name: str, dims: int, q, k, v, kernel_size: int, dilation: int, rp
         return getattr(na_triton, name)(q, k, v, kernel_size, dilation, rpb, scale)
     op = _OPS.na1d_fused_forward if dims == 1 else _OPS.na2d_fused_forward
     return _native_fused(op, dims, q, k, v, kernel_size, dilation, rpb, scale)
+
+
+def _fused_na_qkv(name: str, dims: int, qkv, kernel_size: int, dilation: int, rpb, scale, backend) -> torch.Tensor:
+    """na1d_qkv / na2d_qkv: the fused op on q, k, v read in place from the packed qkv (native backend), else na1d /
+    na2d on views of it (other backends and the dense path, which regroup the tokens anyway)."""
+    q, k, v = _unpack_qkv(name, dims, qkv)
+    scale = _scale(name, q, scale)
+    base = name.removesuffix("_qkv")
+    if _backend(backend, name, q, fused=True) != "native" or (
+        _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and _dense_pays_off(q, dilation, qkv, rpb)
+    ):
+        return _fused_na(base, dims, q, k, v, kernel_size, dilation, rpb, scale, backend)
+    op = _OPS.na1d_qkv_fused_forward if dims == 1 else _OPS.na2d_qkv_fused_forward
+    return op(qkv, rpb, kernel_size, dilation, scale)[0]
+
+
+def na1d_qkv(
+    qkv: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """na1d on the packed qkv projection output ``qkv`` [B, L, 3, heads, D] (q, k, v = qkv[:, :, i] per head).
+
+    Returns [B, heads, L, D] like na1d. With the native backend q, k, v are read in place, the output is stored
+    [B, L, heads, D] (so ``out.transpose(1, 2).reshape(B, L, C)`` is free) and the backward writes the gradients of
+    q, k, v into one buffer of qkv's shape: no layout copies around the attention.
+    """
+    return _fused_na_qkv("na1d_qkv", 1, qkv, kernel_size, dilation, rpb, scale, backend)
+
+
+def na2d_qkv(
+    qkv: torch.Tensor,
+    kernel_size: int,
+    dilation: int = 1,
+    rpb: torch.Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """na2d on the packed qkv projection output ``qkv`` [B, H, W, 3, heads, D] (q, k, v = qkv[..., i, :, :]).
+
+    Returns [B, heads, H, W, D] like na2d. With the native backend q, k, v are read in place, the output is stored
+    [B, H, W, heads, D] (so ``out.permute(0, 2, 3, 1, 4).reshape(B, H, W, C)`` is free) and the backward writes the
+    gradients of q, k, v into one buffer of qkv's shape (the gradient of the projection): no layout copies.
+    """
+    return _fused_na_qkv("na2d_qkv", 2, qkv, kernel_size, dilation, rpb, scale, backend)
 
 
 def na1d(

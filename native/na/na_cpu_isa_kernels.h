@@ -14,6 +14,8 @@ namespace {
 using cpu_math::as_compute;
 using cpu_math::dispatch_head_dim;
 using cpu_math::parallel;
+using cpu_math::strided_in;
+using cpu_math::strided_out;
 
 #include "dinat_m2f/na_cpu_simd.h"
 

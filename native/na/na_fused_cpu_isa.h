@@ -15,13 +15,12 @@ namespace {
 // Logits of the whole window of query (i, j): out[ki kw + kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb, and
 // the window's key rows in keys[0 .. kh kw) (x: k or v tokens).
 template <typename T, int64_t kD>
-inline void window_keys(const T* x, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win,
+inline void window_keys(Strided<const T> x, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win,
                         const T** keys) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const T* row = x + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
+    const T* row = x.row_at(bh, win.h.start[i] + ki * p.dh);
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * D;
+      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * x.s.col;
     }
   }
 }
@@ -50,7 +49,8 @@ inline void window_logits(const T* qv, const T* const* keys, const T* rpb, T sca
 // k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous
 // loads: logits and the weighted sum become lane-parallel multiply-adds with no horizontal reductions.
 
-// k or v as [BH * H, D, W'] where W' lists the columns group by group (r = 0..dw-1, then r + dw, r + 2 dw, ...).
+// k or v as [BH * H, D, W'] (contiguous) where W' lists the columns group by group (r = 0..dw-1, then r + dw, r + 2 dw,
+// ...).
 struct GroupTransposed {
   at::Tensor data;
   std::vector<int64_t> group_offset;  // first W' column of each dilation group
@@ -65,7 +65,8 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
     for (int64_t j = r; j < p.width; j += p.dw) perm.push_back(j);
   }
   const at::Tensor index = at::tensor(perm, x.options().dtype(at::kLong));
-  t.data = x.view({p.batch_heads * p.height, p.width, p.dim}).index_select(1, index).transpose(1, 2).contiguous();
+  // x is a [B, heads, H, W, D] view with any strides; the result is contiguous [B, heads, H, D, W'].
+  t.data = x.index_select(3, index).transpose(3, 4).contiguous();
   return t;
 }
 
@@ -87,8 +88,9 @@ struct TileScratch {
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
 // lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
 template <typename T, int64_t kD>
-void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t r,
-                  int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale, TileScratch<T>& s) {
+void forward_tile(Strided<const T> q, const T* kt, const T* vt, const T* rpb, Strided<T> out, T* lse, int64_t bh,
+                  int64_t i, int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
+                  TileScratch<T>& s) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
   const int64_t row = bh * H + i, h = bh % p.heads;
@@ -96,7 +98,7 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
   for (int64_t l = 0; l < kLanes; ++l) {
-    const T* qv = q + (row * W + r + p.dw * (jg0 + l)) * D;
+    const T* qv = q.at(bh, i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
   }
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
@@ -131,9 +133,9 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
     }
   }
   for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t token = row * W + r + p.dw * (jg0 + l);
+    const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
     const T inv = T(1) / running_sum[l];
-    T* o = out + token * D;
+    T* o = out.at(bh, i, j);
     for (int64_t d = 0; d < D; ++d) o[d] = acc[d][l] * inv;
     lse[token] = running_max[l] + std::log(running_sum[l]);
   }
@@ -142,12 +144,13 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
 // whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
-void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, int64_t bh, int64_t i, int64_t j,
-                   const Problem& p, const Windows& win, T scale, T* acc, T* logits, const T** keys) {
+void forward_query(Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb, Strided<T> out, T* lse,
+                   int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits,
+                   const T** keys) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i;
   window_keys<T, kD>(k, bh, i, j, p, win, keys);
-  window_logits<T, kD>(q + (row * W + j) * D, keys, rpb, scale, bh, i, j, p, win, logits);
+  window_logits<T, kD>(q.at(bh, i, j), keys, rpb, scale, bh, i, j, p, win, logits);
   const T max = max_of(logits, KK);
   exp_shifted(logits, max, logits, KK);
   T sum = 0;
@@ -157,13 +160,13 @@ void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* 
   }
   std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const T* vrow = v + (bh * H + win.h.start[i] + ki * p.dh) * W * D;
+    const T* vrow = v.row_at(bh, win.h.start[i] + ki * p.dh);
     const T* prow = logits + ki * p.kw;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc, D);
+      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * v.s.col, acc, D);
     }
   }
-  T* o = out + (row * W + j) * D;
+  T* o = out.at(bh, i, j);
   const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) {
     o[d] = acc[d] * inv;
@@ -173,8 +176,8 @@ void forward_query(const T* q, const T* k, const T* v, const T* rpb, T* out, T* 
 
 // kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
 template <typename T, int64_t kD>
-void forward_kernel(const T* q, const T* k, const T* v, const T* rpb, T* out, T* lse, const Problem& p, T scale,
-                    const T* kt, const T* vt, const std::vector<int64_t>& group_offset) {
+void forward_kernel(Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb, Strided<T> out, T* lse,
+                    const Problem& p, T scale, const T* kt, const T* vt, const std::vector<int64_t>& group_offset) {
   const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
@@ -249,9 +252,10 @@ struct BackwardTileScratch {
 // lane 0's first key, as in forward_tile): P and dS into the workspace, dQ. Lane-parallel over queries with k and v
 // group-transposed, so the recomputed logits, dO . v and the dQ sum need no horizontal reductions.
 template <typename T, int64_t kD, int64_t kKW>
-void backward_tile(const T* grad_out, const T* q, const T* kt, const T* vt, const T* rpb, const T* out, const T* lse,
-                   T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t r, int64_t jg0,
-                   int64_t col0, const Problem& p, const Windows& win, T scale, BackwardTileScratch<T>& s) {
+void backward_tile(Strided<const T> grad_out, Strided<const T> q, const T* kt, const T* vt, const T* rpb,
+                   Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
+                   int64_t i, int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
+                   BackwardTileScratch<T>& s) {
   using V = Lanes<T>;
   static_assert(kKW > 0, "backward tiles need a compile-time window width");
   constexpr int64_t KW = kKW;
@@ -262,14 +266,14 @@ void backward_tile(const T* grad_out, const T* q, const T* kt, const T* vt, cons
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   V delta{}, row_lse{};
   for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t token = row * W + r + p.dw * (jg0 + l);
-    const T* qv = q + token * D;
-    const T* go = grad_out + token * D;
+    const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
+    const T* qv = q.at(bh, i, j);
+    const T* go = grad_out.at(bh, i, j);
     for (int64_t d = 0; d < D; ++d) {
       qt[d][l] = qv[d] * scale;
       got[d][l] = go[d];
     }
-    delta[l] = dot(go, out + token * D, D);
+    delta[l] = dot(go, out.at(bh, i, j), D);
     row_lse[l] = lse[token];
   }
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
@@ -315,26 +319,27 @@ void backward_tile(const T* grad_out, const T* q, const T* kt, const T* vt, cons
     }
   }
   for (int64_t l = 0; l < kLanes; ++l) {
-    T* gq = grad_q + (row * W + r + p.dw * (jg0 + l)) * D;
+    T* gq = grad_q.at(bh, i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
   }
 }
 
 // Query pass of one query (i, j) of slice bh: P and dS into the workspace, dQ.
 template <typename T, int64_t kD>
-void backward_query(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
-                    T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t j, const Problem& p,
-                    const Windows& win, T scale, T* acc, T* go_v, const T** keys, const T** values) {
+void backward_query(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb,
+                    Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
+                    int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* go_v,
+                    const T** keys, const T** values) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i, local_row = row - s0 * H, token = row * W + j;
-  const T* go = grad_out + token * D;
-  const T delta = dot(go, out + token * D, D);
+  const T* go = grad_out.at(bh, i, j);
+  const T delta = dot(go, out.at(bh, i, j), D);
   T* pw = prob_ws + (local_row * W + j) * KK;
   T* dsw = ds_ws + (local_row * W + j) * KK;
   // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
   window_keys<T, kD>(k, bh, i, j, p, win, keys);
   window_keys<T, kD>(v, bh, i, j, p, win, values);
-  window_logits<T, kD>(q + token * D, keys, rpb, scale, bh, i, j, p, win, pw);
+  window_logits<T, kD>(q.at(bh, i, j), keys, rpb, scale, bh, i, j, p, win, pw);
   exp_shifted(pw, lse[token], pw, KK);
   dots(go, values, KK, D, go_v);
   std::fill(acc, acc + D, T(0));
@@ -343,7 +348,7 @@ void backward_query(const T* grad_out, const T* q, const T* k, const T* v, const
     dsw[n] = ds;
     axpy(ds, keys[n], acc, D);
   }
-  T* gq = grad_q + token * D;
+  T* gq = grad_q.at(bh, i, j);
   for (int64_t d = 0; d < D; ++d) {
     gq[d] = acc[d] * scale;
   }
@@ -352,10 +357,10 @@ void backward_query(const T* grad_out, const T* q, const T* k, const T* v, const
 // Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ. kt, vt: group-transposed k and v
 // (nullptr: no query tiles).
 template <typename T, int64_t kD>
-void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out,
-                         const T* lse, T* grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
-                         const Windows& win, T scale, const T* kt, const T* vt,
-                         const std::vector<int64_t>& group_offset) {
+void backward_query_pass(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
+                         const T* rpb, Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws,
+                         int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt,
+                         const T* vt, const std::vector<int64_t>& group_offset) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
@@ -398,8 +403,9 @@ void backward_query_pass(const T* grad_out, const T* q, const T* k, const T* v, 
 
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
 template <typename T, int64_t kD>
-void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T* ds_ws, T* grad_k, T* grad_v,
-                       int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
+void backward_key_pass(Strided<const T> grad_out, Strided<const T> q, const T* prob_ws, const T* ds_ws,
+                       Strided<T> grad_k, Strided<T> grad_v, int64_t s0, int64_t s1, const Problem& p,
+                       const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
@@ -416,25 +422,28 @@ void backward_key_pass(const T* grad_out, const T* q, const T* prob_ws, const T*
       for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
         const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
         const int64_t local_base = ((bh - s0) * H + i) * W;
-        const int64_t base = (bh * H + i) * W;
+        const T* qrow = q.row_at(bh, i);
+        const T* gorow = grad_out.row_at(bh, i);
         for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
           const int64_t slot = ki * p.kw + slot_w[t];
-          axpy(ds_ws[(local_base + j) * KK + slot], q + (base + j) * D, acc_k.data(), D);
-          axpy(prob_ws[(local_base + j) * KK + slot], grad_out + (base + j) * D, acc_v.data(), D);
+          axpy(ds_ws[(local_base + j) * KK + slot], qrow + j * q.s.col, acc_k.data(), D);
+          axpy(prob_ws[(local_base + j) * KK + slot], gorow + j * grad_out.s.col, acc_v.data(), D);
         }
       }
-      const int64_t token = row * W + xj;
+      T* gk = grad_k.at(bh, xi, xj);
+      T* gv = grad_v.at(bh, xi, xj);
       for (int64_t d = 0; d < D; ++d) {
-        grad_k[token * D + d] = acc_k[d] * scale;
-        grad_v[token * D + d] = acc_v[d];
+        gk[d] = acc_k[d] * scale;
+        gv[d] = acc_v[d];
       }
     }
   });
 }
 
 template <typename T, int64_t kD>
-void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, const T* rpb, const T* out, const T* lse,
-                     T* grad_q, T* grad_k, T* grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
+void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
+                     const T* rpb, Strided<const T> out, const T* lse, Strided<T> grad_q, Strided<T> grad_k,
+                     Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
                      const std::vector<int64_t>& group_offset) {
   const Windows win(p);
   // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
@@ -455,7 +464,7 @@ void backward_kernel(const T* grad_out, const T* q, const T* k, const T* v, cons
                                group_offset);
     backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
-      rpb_grad_slices<T, T>(ds_ws, s0, s1, grad_rpb, p);
+      rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }
   }
 }
@@ -474,8 +483,8 @@ void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
       forward_kernel<scalar_t, dim.value>(
-          qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, oc.mutable_data_ptr<scalar_t>(),
+          strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
           lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
           kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
           vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
@@ -499,12 +508,11 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
       backward_kernel<scalar_t, dim.value>(
-          goc.const_data_ptr<scalar_t>(), qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-          vc.const_data_ptr<scalar_t>(), rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-          oc.const_data_ptr<scalar_t>(), lse.const_data_ptr<scalar_t>(), gqc.mutable_data_ptr<scalar_t>(),
-          gkc.mutable_data_ptr<scalar_t>(), gvc.mutable_data_ptr<scalar_t>(),
-          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale),
-          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
+          strided_in<scalar_t>(goc), strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_in<scalar_t>(oc),
+          lse.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc), strided_out<scalar_t>(gkc),
+          strided_out<scalar_t>(gvc), grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
+          static_cast<scalar_t>(scale), kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
           vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
     });
   });

@@ -1,13 +1,24 @@
-// Neighborhood-attention op entry points (declared in dinat_m2f/na_ops.h): input checks with clear messages, the
-// contiguous 2D views the kernels expect (1D problems get a single row), output allocation, and the call of the
-// kernels of the device the entry point is registered for. Sizes are checked without overflowing int64: a wrapped
-// product would let a check pass, and messages print the true values.
+// Neighborhood-attention op entry points (declared in dinat_m2f/na_ops.h): input checks with clear messages, the 2D
+// views the kernels expect (1D problems get a single row), output allocation, and the call of the kernels of the
+// device the entry point is registered for. Sizes are checked without overflowing int64: a wrapped product would let
+// a check pass, and messages print the true values.
+//
+// Layouts: the CPU kernels read and write tensors with any strides whose last dim (head_dim or window) has stride 1
+// (dinat_m2f::na::Strides), so strided views such as q, k, v sliced from the packed qkv projection output are used in
+// place; a tensor whose last dim is strided is copied once here. The CUDA kernels still assume contiguous tensors
+// (generic strides on CUDA are future work): on CUDA the entry points pass them contiguous inputs and contiguous
+// temporaries for outputs of another layout. Token-shaped outputs are allocated in the memory order of the op's
+// token input (empty_in_order_of), on every device: the fake kernels (dinat_m2f/ops/na.py) give the same strides.
 #include "dinat_m2f/na_ops.h"
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <array>
+#include <numeric>
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "dinat_m2f/exact_int.h"
 #include "dinat_m2f/na_common.h"
@@ -110,10 +121,45 @@ void check_rpb(const Call& c, const Tensor& rpb, const Tensor& q) {
               width, c.dims == 2 ? (", " + std::to_string(width)) : std::string(), "], got ", shape_str(rpb), ".");
 }
 
-// Contiguous 2D views: tokens [B, heads, H, W, X] (1D inputs get H = 1), bias [heads, 2kh-1, 2kw-1].
+// The layout the device's kernels read: any strides with a unit-stride last dim on the CPU, contiguous elsewhere.
+bool kernel_readable(const Tensor& t) {
+  return t.is_cpu() ? (t.size(-1) <= 1 || t.stride(-1) == 1) : t.is_contiguous();
+}
+
+// Kernel views: tokens / weights [B, heads, H, W, X] (1D inputs get H = 1), bias [heads, 2kh-1, 2kw-1].
 Tensor as2d(const Call& c, const Tensor& t) {
-  const Tensor x = t.contiguous();
+  const Tensor x = kernel_readable(t) ? t : t.contiguous();
   return c.dims == 2 ? x : x.unsqueeze(2);
+}
+
+// A new tensor of `sizes` (the rank of `like`) whose outer dims lie in memory in the order of `like`'s strides,
+// largest first (a stable sort: ties keep the logical order), with the last dim innermost and dense. The output of
+// a heads-last q ([B, H, W, heads, D] memory) is heads-last too, so the permute + reshape to [B, H, W, C] for the
+// output projection is free; contiguous `like` gives a contiguous result (as empty_like). The fake kernels
+// (dinat_m2f/ops/na.py, _empty_in_order_of) implement the same rule.
+Tensor empty_in_order_of(at::IntArrayRef sizes, const Tensor& like, const at::TensorOptions& options) {
+  const int64_t n = like.dim();
+  TORCH_INTERNAL_ASSERT(static_cast<int64_t>(sizes.size()) == n && n >= 1);
+  std::vector<int64_t> order(n - 1);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return like.stride(a) > like.stride(b); });
+  order.push_back(n - 1);
+  std::vector<int64_t> physical_sizes(n), logical_of(n);
+  for (int64_t d = 0; d < n; ++d) {
+    physical_sizes[d] = sizes[order[d]];
+    logical_of[order[d]] = d;
+  }
+  return at::empty(physical_sizes, options).permute(logical_of);
+}
+
+// Where a kernel writes an output: the output itself when the device's kernels can write its layout, else a
+// contiguous temporary that finish_output copies back.
+Tensor kernel_output(const Tensor& out) { return kernel_readable(out) ? out : at::empty(out.sizes(), out.options()); }
+
+void finish_output(const Tensor& out, const Tensor& written) {
+  if (!written.is_same(out)) {
+    out.copy_(written);
+  }
 }
 
 Tensor rpb_as2d(const Call& c, const Tensor& rpb) {
@@ -145,8 +191,10 @@ Tensor qk_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in, co
   }
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in);
   const auto rpb = optional_rpb(c, rpb_in);
-  Tensor attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), p.window()}, q.options());
-  kernels.qk(q, k, rpb, attn, p);
+  Tensor attn = empty_in_order_of({q.size(0), q.size(1), q.size(2), q.size(3), p.window()}, q, q.options());
+  const Tensor attn_k = kernel_output(attn);
+  kernels.qk(q, k, rpb, attn_k, p);
+  finish_output(attn, attn_k);
   return from2d(c, attn);
 }
 
@@ -154,8 +202,10 @@ Tensor av_op(const DeviceKernels& kernels, const Call& c, const Tensor& attn_in,
   const Problem p = token_problem(c, v_in, "v");
   check_weights(c, attn_in, "attn", v_in, "v");
   const Tensor attn = as2d(c, attn_in), v = as2d(c, v_in);
-  Tensor out = at::empty_like(v);
-  kernels.av(attn, v, out, p);
+  Tensor out = empty_in_order_of(v.sizes(), v, v.options());
+  const Tensor out_k = kernel_output(out);
+  kernels.av(attn, v, out_k, p);
+  finish_output(out, out_k);
   return from2d(c, out);
 }
 
@@ -163,8 +213,10 @@ Tensor inverse_op(const DeviceKernels& kernels, const Call& c, const Tensor& w_i
   const Problem p = token_problem(c, x_in, "x");
   check_weights(c, w_in, "weights", x_in, "x");
   const Tensor w = as2d(c, w_in), x = as2d(c, x_in);
-  Tensor out = at::empty_like(x);
-  kernels.inverse(w, x, out, p);
+  Tensor out = empty_in_order_of(x.sizes(), x, x.options());
+  const Tensor out_k = kernel_output(out);
+  kernels.inverse(w, x, out_k, p);
+  finish_output(out, out_k);
   return from2d(c, out);
 }
 
@@ -196,43 +248,103 @@ std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const 
   }
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in);
   const auto rpb = optional_rpb(c, rpb_in);
-  Tensor out = at::empty_like(q);
+  Tensor out = empty_in_order_of(q.sizes(), q, q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options().dtype(acc_type(q.scalar_type())));
-  kernels.fused_forward(q, k, v, rpb, out, lse, p, scale);
+  const Tensor out_k = kernel_output(out);
+  kernels.fused_forward(q, k, v, rpb, out_k, lse, p, scale);
+  finish_output(out, out_k);
   return {from2d(c, out), c.dims == 2 ? lse : lse.squeeze(2)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels& kernels, const Call& c,
-                                                             const Tensor& grad_out_in, const Tensor& q_in,
-                                                             const Tensor& k_in, const Tensor& v_in,
-                                                             const std::optional<Tensor>& rpb_in, const Tensor& out_in,
-                                                             const Tensor& lse_in, double scale) {
-  const Problem p = token_problem(c, q_in, "q");
-  check_same_shape(c, k_in, "k", q_in, "q");
-  check_same_shape(c, v_in, "v", q_in, "q");
-  check_same_shape(c, out_in, "out", q_in, "q");
-  check_same_shape(c, grad_out_in, "grad_out", q_in, "q");
-  if (rpb_in.has_value()) {
-    check_rpb(c, *rpb_in, q_in);
-  }
-  const auto lse_dtype = acc_type(q_in.scalar_type());
-  TORCH_CHECK(lse_in.scalar_type() == lse_dtype && lse_in.device() == q_in.device() &&
-                  lse_in.sizes() == q_in.sizes().slice(0, q_in.dim() - 1),
-              c.op, ": lse must be a ", lse_dtype, " tensor of shape q.shape[:-1] on q's device, got ",
-              lse_in.scalar_type(), " ", shape_str(lse_in), " on ", lse_in.device(), ".");
+namespace {
+
+// fused_backward_op's work once its inputs are checked: the gradients of q, k, v into grad_q, grad_k, grad_v (views
+// of q's shape with any strides, e.g. slices of one packed buffer); returns the bias gradient (empty without rpb).
+Tensor fused_backward_into(const DeviceKernels& kernels, const Call& c, const Problem& p, const Tensor& grad_out_in,
+                           const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                           const std::optional<Tensor>& rpb_in, const Tensor& out_in, const Tensor& lse_in,
+                           double scale, const Tensor& grad_q_in, const Tensor& grad_k_in, const Tensor& grad_v_in) {
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in), out = as2d(c, out_in);
   const Tensor grad_out = as2d(c, grad_out_in);
   const Tensor lse = c.dims == 2 ? lse_in.contiguous() : lse_in.contiguous().unsqueeze(2);
   const auto rpb = optional_rpb(c, rpb_in);
-  Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  const Tensor grad_q = c.dims == 2 ? grad_q_in : grad_q_in.unsqueeze(2);
+  const Tensor grad_k = c.dims == 2 ? grad_k_in : grad_k_in.unsqueeze(2);
+  const Tensor grad_v = c.dims == 2 ? grad_v_in : grad_v_in.unsqueeze(2);
+  const Tensor gq = kernel_output(grad_q), gk = kernel_output(grad_k), gv = kernel_output(grad_v);
   Tensor grad_rpb_acc;
   if (rpb.has_value()) {
-    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(lse_dtype));
+    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(acc_type(q.scalar_type())));
   }
-  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p, scale);
-  Tensor grad_rpb =
-      rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
-  return {from2d(c, grad_q), from2d(c, grad_k), from2d(c, grad_v), grad_rpb};
+  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, gq, gk, gv, grad_rpb_acc, p, scale);
+  finish_output(grad_q, gq);
+  finish_output(grad_k, gk);
+  finish_output(grad_v, gv);
+  return rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+}
+
+// Checks the inputs of a fused backward and returns its problem.
+Problem check_fused_backward(const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const std::optional<Tensor>& rpb, const Tensor& out, const Tensor& lse) {
+  const Problem p = token_problem(c, q, "q");
+  check_same_shape(c, k, "k", q, "q");
+  check_same_shape(c, v, "v", q, "q");
+  check_same_shape(c, out, "out", q, "q");
+  check_same_shape(c, grad_out, "grad_out", q, "q");
+  if (rpb.has_value()) {
+    check_rpb(c, *rpb, q);
+  }
+  const auto lse_dtype = acc_type(q.scalar_type());
+  TORCH_CHECK(
+      lse.scalar_type() == lse_dtype && lse.device() == q.device() && lse.sizes() == q.sizes().slice(0, q.dim() - 1),
+      c.op, ": lse must be a ", lse_dtype, " tensor of shape q.shape[:-1] on q's device, got ", lse.scalar_type(), " ",
+      shape_str(lse), " on ", lse.device(), ".");
+  return p;
+}
+
+// q, k, v of a packed qkv [B, H, W, 3, heads, D] (1D: [B, L, 3, heads, D]) as [B, heads, H, W, D] views.
+std::array<Tensor, 3> unpack_qkv(const Call& c, const Tensor& qkv, const char* name) {
+  check_dtype_and_device(c, qkv, name);
+  const int64_t want_dim = c.dims + 4;
+  TORCH_CHECK(qkv.dim() == want_dim && qkv.size(c.dims + 1) == 3, c.op, ": ", name, " must be a ", want_dim,
+              "-D tensor ", c.dims == 2 ? "[B, H, W, 3, heads, D]" : "[B, L, 3, heads, D]",
+              " (the qkv projection output viewed per head), got shape ", shape_str(qkv), ".");
+  const int64_t packed = c.dims + 1;
+  return {qkv.select(packed, 0).movedim(packed, 1), qkv.select(packed, 1).movedim(packed, 1),
+          qkv.select(packed, 2).movedim(packed, 1)};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels& kernels, const Call& c,
+                                                             const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                                             const Tensor& v, const std::optional<Tensor>& rpb,
+                                                             const Tensor& out, const Tensor& lse, double scale) {
+  const Problem p = check_fused_backward(c, grad_out, q, k, v, rpb, out, lse);
+  // The gradients take the layouts of q, k, v (as the forward's output takes q's).
+  Tensor grad_q = empty_in_order_of(q.sizes(), q, q.options());
+  Tensor grad_k = empty_in_order_of(k.sizes(), k, k.options());
+  Tensor grad_v = empty_in_order_of(v.sizes(), v, v.options());
+  Tensor grad_rpb = fused_backward_into(kernels, c, p, grad_out, q, k, v, rpb, out, lse, scale, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v, grad_rpb};
+}
+
+std::tuple<Tensor, Tensor> qkv_fused_forward_op(const DeviceKernels& kernels, const Call& c, const Tensor& qkv,
+                                                const std::optional<Tensor>& rpb, double scale) {
+  const auto [q, k, v] = unpack_qkv(c, qkv, "qkv");
+  return fused_forward_op(kernels, c, q, k, v, rpb, scale);
+}
+
+std::tuple<Tensor, Tensor> qkv_fused_backward_op(const DeviceKernels& kernels, const Call& c, const Tensor& grad_out,
+                                                 const Tensor& qkv, const std::optional<Tensor>& rpb, const Tensor& out,
+                                                 const Tensor& lse, double scale) {
+  const auto [q, k, v] = unpack_qkv(c, qkv, "qkv");
+  const Problem p = check_fused_backward(c, grad_out, q, k, v, rpb, out, lse);
+  // One contiguous buffer, the gradient of the qkv projection output: the kernels write dQ, dK, dV into its slices.
+  Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [grad_q, grad_k, grad_v] = unpack_qkv(c, grad_qkv, "grad_qkv");
+  Tensor grad_rpb = fused_backward_into(kernels, c, p, grad_out, q, k, v, rpb, out, lse, scale, grad_q, grad_k, grad_v);
+  return {grad_qkv, grad_rpb};
 }
 
 }  // namespace dinat_m2f::na

@@ -11,20 +11,20 @@
 namespace {
 
 template <typename T, int64_t kD>
-void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) {
+void qk_kernel(Strided<const T> q, Strided<const T> k, const T* rpb, Strided<T> attn, const Problem& p) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   const int64_t RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H, h = bh % p.heads;
     for (int64_t j = 0; j < W; ++j) {
-      const T* qv = q + (row * W + j) * D;
-      T* out = attn + (row * W + j) * KK;
+      const T* qv = q.at(bh, i, j);
+      T* out = attn.at(bh, i, j);
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t ki_pos = win.h.start[i] + ki * p.dh;
-        const T* krow = k + ((bh * H + ki_pos) * W) * D;
+        const T* krow = k.row_at(bh, ki_pos);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          out[ki * p.kw + kj] = dot(qv, krow + (win.w.start[j] + kj * p.dw) * D, D);
+          out[ki * p.kw + kj] = dot(qv, krow + (win.w.start[j] + kj * p.dw) * k.s.col, D);
         }
         if (rpb != nullptr) {
           const T* brow = rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j];
@@ -38,29 +38,29 @@ void qk_kernel(const T* q, const T* k, const T* rpb, T* attn, const Problem& p) 
 }
 
 template <typename T, int64_t kD>
-void av_kernel(const T* attn, const T* v, T* out, const Problem& p) {
+void av_kernel(Strided<const T> attn, Strided<const T> v, Strided<T> out, const Problem& p) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
     std::vector<T> acc(D);
     for (int64_t j = 0; j < W; ++j) {
-      const T* a = attn + (row * W + j) * KK;
+      const T* a = attn.at(bh, i, j);
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const T* vrow = v + ((bh * H + win.h.start[i] + ki * p.dh) * W) * D;
+        const T* vrow = v.row_at(bh, win.h.start[i] + ki * p.dh);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          axpy(a[ki * p.kw + kj], vrow + (win.w.start[j] + kj * p.dw) * D, acc.data(), D);
+          axpy(a[ki * p.kw + kj], vrow + (win.w.start[j] + kj * p.dw) * v.s.col, acc.data(), D);
         }
       }
-      std::copy(acc.begin(), acc.end(), out + (row * W + j) * D);
+      std::copy(acc.begin(), acc.end(), out.at(bh, i, j));
     }
   });
 }
 
 template <typename T, int64_t kD>
-void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+void inverse_kernel(Strided<const T> w, Strided<const T> x, Strided<T> out, const Problem& p) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   const Windows win(p);
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, xi = row % H;
@@ -69,23 +69,24 @@ void inverse_kernel(const T* w, const T* x, T* out, const Problem& p) {
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
         const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
-        const int64_t base = (bh * H + i) * W;
+        const T* wrow = w.row_at(bh, i);
+        const T* xrow = x.row_at(bh, i);
         for (int64_t j = win.w.inverse[xj].begin; j < win.w.inverse[xj].end; j += p.dw) {
           const int64_t kj = window_slot(xj, win.w.start[j], p.dw);
-          axpy(w[(base + j) * KK + ki * p.kw + kj], x + (base + j) * D, acc.data(), D);
+          axpy(wrow[j * w.s.col + ki * p.kw + kj], xrow + j * x.s.col, acc.data(), D);
         }
       }
-      std::copy(acc.begin(), acc.end(), out + (row * W + xj) * D);
+      std::copy(acc.begin(), acc.end(), out.at(bh, xi, xj));
     }
   });
 }
 
 // Shared with the fused backward: adds into grad_rpb (accumulation type) the bias gradient of the weight gradients
-// g of slices [slice_begin, slice_end) (g points at slice_begin). Parallel over (head, bias row): race-free.
+// g of slices [slice_begin, slice_end) (g's slice 0 is slice_begin). Parallel over (head, bias row): race-free.
 template <typename T, typename Acc>
-void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p) {
+void rpb_grad_slices(Strided<const T> g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, KK = p.window(), RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t H = p.height, W = p.width, RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.heads * RH, 1, [&](int64_t task) {
     const int64_t h = task / RH, a = task % RH;
     std::vector<Acc> acc(RW, Acc(0));
@@ -96,10 +97,10 @@ void rpb_grad_slices(const T* g, int64_t slice_begin, int64_t slice_end, Acc* gr
         if (ki < 0 || ki >= p.kh) {
           continue;
         }
-        const T* grow = g + ((bh - slice_begin) * H + i) * W * KK + ki * p.kw;
+        const T* grow = g.row_at(bh - slice_begin, i) + ki * p.kw;
         for (int64_t j = 0; j < W; ++j) {
           Acc* dst = acc.data() + win.w.bias[j];
-          const T* src = grow + j * KK;
+          const T* src = grow + j * g.s.col;
           for (int64_t kj = 0; kj < p.kw; ++kj) {
             dst[kj] += static_cast<Acc>(src[kj]);
           }
@@ -122,9 +123,9 @@ void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor
   const at::Tensor out = as_compute(attn);
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_qk_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      qk_kernel<scalar_t, dim.value>(qc.const_data_ptr<scalar_t>(), kc.const_data_ptr<scalar_t>(),
-                                     rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
-                                     out.mutable_data_ptr<scalar_t>(), p);
+      qk_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc),
+                                     rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(out),
+                                     p);
     });
   });
   if (!out.is_same(attn)) attn.copy_(out);
@@ -134,8 +135,7 @@ void av(const at::Tensor& attn, const at::Tensor& v, const at::Tensor& out, cons
   const at::Tensor ac = as_compute(attn), vc = as_compute(v), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(vc.scalar_type(), "na_av_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      av_kernel<scalar_t, dim.value>(ac.const_data_ptr<scalar_t>(), vc.const_data_ptr<scalar_t>(),
-                                     oc.mutable_data_ptr<scalar_t>(), p);
+      av_kernel<scalar_t, dim.value>(strided_in<scalar_t>(ac), strided_in<scalar_t>(vc), strided_out<scalar_t>(oc), p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
@@ -145,8 +145,8 @@ void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& o
   const at::Tensor wc = as_compute(weights), xc = as_compute(x), oc = as_compute(out);
   AT_DISPATCH_FLOATING_TYPES(xc.scalar_type(), "na_inverse_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      inverse_kernel<scalar_t, dim.value>(wc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(),
-                                          oc.mutable_data_ptr<scalar_t>(), p);
+      inverse_kernel<scalar_t, dim.value>(strided_in<scalar_t>(wc), strided_in<scalar_t>(xc), strided_out<scalar_t>(oc),
+                                          p);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
@@ -155,7 +155,7 @@ void inverse(const at::Tensor& weights, const at::Tensor& x, const at::Tensor& o
 void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Problem& p) {
   const at::Tensor gc = as_compute(grad_attn);
   AT_DISPATCH_FLOATING_TYPES(gc.scalar_type(), "na_rpb_grad_cpu", [&] {
-    rpb_grad_slices<scalar_t, scalar_t>(gc.const_data_ptr<scalar_t>(), 0, p.batch_heads,
+    rpb_grad_slices<scalar_t, scalar_t>(strided_in<scalar_t>(gc), 0, p.batch_heads,
                                         grad_rpb.mutable_data_ptr<scalar_t>(), p);
   });
 }

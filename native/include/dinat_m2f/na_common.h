@@ -80,4 +80,37 @@ struct Problem {
   DINAT_HOST_DEVICE int64_t rpb_w() const { return 2 * kw - 1; }
 };
 
+// Where the rows of a [B, heads, H, W, X] tensor (tokens: X = D; weights: X = kh * kw) lie: the element strides of
+// its four outer dims, in any order; its last dim has stride 1. The kernels address every tensor through these, so
+// they read and write strided views in place (e.g. q, k, v as heads-last slices [B, H, W, heads, D] of the packed
+// qkv projection output [B, H, W, 3, heads, D]) instead of contiguous copies.
+struct Strides {
+  int64_t batch;
+  int64_t head;
+  int64_t row;  // along H
+  int64_t col;  // along W
+  int64_t heads;
+
+  // Offset of the first element of slice bh = b * heads + h (the kernels number slices that way).
+  DINAT_HOST_DEVICE int64_t slice(int64_t bh) const { return (bh / heads) * batch + (bh % heads) * head; }
+  DINAT_HOST_DEVICE int64_t row_at(int64_t bh, int64_t i) const { return slice(bh) + i * row; }
+  DINAT_HOST_DEVICE int64_t at(int64_t bh, int64_t i, int64_t j) const { return row_at(bh, i) + j * col; }
+};
+
+// The strides of a contiguous [slices, H, W, X] tensor seen as [slices / heads, heads, H, W, X].
+DINAT_HOST_DEVICE Strides contiguous_strides(const Problem& p, int64_t last) {
+  const int64_t col = last, row = p.width * col, head = p.height * row;
+  return {p.heads * head, head, row, col, p.heads};
+}
+
+// A tensor of the kernels: its data and strides. x.at(bh, i, j) points at the X values of token (i, j) of slice bh.
+template <typename T>
+struct Strided {
+  T* data;
+  Strides s;
+
+  DINAT_HOST_DEVICE T* row_at(int64_t bh, int64_t i) const { return data + s.row_at(bh, i); }
+  DINAT_HOST_DEVICE T* at(int64_t bh, int64_t i, int64_t j) const { return data + s.at(bh, i, j); }
+};
+
 }  // namespace dinat_m2f::na

@@ -15,7 +15,27 @@
 #include <limits>
 #include <type_traits>
 
+#include "dinat_m2f/na_common.h"
+
 namespace dinat_m2f::na::cpu_math {
+
+// The strides of a [B, heads, H, W, X] tensor (1D problems: H = 1) whose last dim is unit-stride, which the op entry
+// points (native/na/na_ops.cpp) guarantee; any other strides are fine.
+inline Strides strides_of(const at::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.dim() == 5 && (t.size(4) <= 1 || t.stride(4) == 1), "na CPU kernels: a ", t.dim(),
+                        "-D tensor with last-dim stride ", t.stride(-1), " reached the kernels");
+  return {t.stride(0), t.stride(1), t.stride(2), t.stride(3), t.size(1)};
+}
+
+template <typename T>
+inline Strided<const T> strided_in(const at::Tensor& t) {
+  return {t.const_data_ptr<T>(), strides_of(t)};
+}
+
+template <typename T>
+inline Strided<T> strided_out(const at::Tensor& t) {
+  return {t.mutable_data_ptr<T>(), strides_of(t)};
+}
 
 // Runs `fn` on float32 copies of bfloat16 tensors (the kernels accumulate in float32) and copies results back.
 inline at::Tensor as_compute(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }

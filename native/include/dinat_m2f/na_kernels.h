@@ -1,7 +1,9 @@
 // Device kernels of the neighborhood-attention ops. The op entry points (native/na/na_ops.cpp) check the
-// inputs, make them contiguous and shape them as 2D problems (1D: H = 1) before calling these, so every kernel may
-// assume: contiguous tensors, tokens [BH, H, W, D], weights [BH, H, W, kh * kw], bias [heads, 2 kh - 1, 2 kw - 1],
+// inputs and shape them as 2D problems (1D: H = 1) before calling these, so every kernel may assume: tokens
+// [B, heads, H, W, D], weights [B, heads, H, W, kh * kw], contiguous bias [heads, 2 kh - 1, 2 kw - 1], contiguous
 // logsumexp [BH, H, W] in the accumulation type (float64 for float64 inputs, float32 otherwise), outputs allocated.
+// Token and weight tensors (inputs and outputs): the CPU kernels take any strides with a unit-stride last dim
+// (dinat_m2f::na::Strides); the CUDA kernels get contiguous ones (generic strides on CUDA are future work).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -1,6 +1,7 @@
 // Entry points of the neighborhood-attention ops, one code path for every device (native/na/na_ops.cpp): they check
-// the inputs with clear messages, make them contiguous, shape 1D problems as 2D ones with a single row, allocate the
-// outputs and run the kernels of the device they are registered for (native/cpu_registration.cpp,
+// the inputs with clear messages, give the kernels the layouts they read (strided views on the CPU, see na_ops.cpp),
+// shape 1D problems as 2D ones with a single row, allocate the outputs and run the kernels of the device they are
+// registered for (native/cpu_registration.cpp,
 // native/cuda_registration.cpp). Schemas: dinat_m2f/op_schemas.h.
 #pragma once
 
@@ -35,6 +36,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_op(
     const DeviceKernels& kernels, const Call& c, const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
     const at::Tensor& v, const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
     double scale);
+// The fused op on the packed qkv projection output ([B, H, W, 3, heads, D]; 1D: [B, L, 3, heads, D]): q, k, v are
+// read in place, and the backward writes dQ, dK, dV into one buffer of qkv's shape (the gradient of the projection).
+std::tuple<at::Tensor, at::Tensor> qkv_fused_forward_op(const DeviceKernels& kernels, const Call& c,
+                                                        const at::Tensor& qkv, const std::optional<at::Tensor>& rpb,
+                                                        double scale);
+std::tuple<at::Tensor, at::Tensor> qkv_fused_backward_op(const DeviceKernels& kernels, const Call& c,
+                                                         const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                         const std::optional<at::Tensor>& rpb, const at::Tensor& out,
+                                                         const at::Tensor& lse, double scale);
 
 // The ops of one dimensionality with the signatures of their schemas, running the kernels `kKernels`.
 template <int kDims, const DeviceKernels& kKernels>
@@ -68,6 +78,20 @@ struct Ops {
                              {k2d ? "na2d_fused_backward" : "na1d_fused_backward", kDims, kernel_size, dilation},
                              grad_out, q, k, v, rpb, out, lse, scale);
   }
+  static std::tuple<at::Tensor, at::Tensor> qkv_fused_forward(const at::Tensor& qkv,
+                                                              const std::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                              int64_t dilation, double scale) {
+    return qkv_fused_forward_op(kKernels, {k2d ? "na2d_qkv" : "na1d_qkv", kDims, kernel_size, dilation}, qkv, rpb,
+                                scale);
+  }
+  static std::tuple<at::Tensor, at::Tensor> qkv_fused_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                               const std::optional<at::Tensor>& rpb,
+                                                               const at::Tensor& out, const at::Tensor& lse,
+                                                               int64_t kernel_size, int64_t dilation, double scale) {
+    return qkv_fused_backward_op(
+        kKernels, {k2d ? "na2d_qkv_fused_backward" : "na1d_qkv_fused_backward", kDims, kernel_size, dilation}, grad_out,
+        qkv, rpb, out, lse, scale);
+  }
 };
 
 // Registers the neighborhood-attention ops for one dispatch key (call inside its TORCH_LIBRARY_IMPL block).
@@ -81,12 +105,16 @@ void register_ops(torch::Library& m) {
   m.impl("na1d_rpb_grad", TORCH_FN(Ops1d::rpb_grad));
   m.impl("na1d_fused_forward", TORCH_FN(Ops1d::fused_forward));
   m.impl("na1d_fused_backward", TORCH_FN(Ops1d::fused_backward));
+  m.impl("na1d_qkv_fused_forward", TORCH_FN(Ops1d::qkv_fused_forward));
+  m.impl("na1d_qkv_fused_backward", TORCH_FN(Ops1d::qkv_fused_backward));
   m.impl("na2d_qk", TORCH_FN(Ops2d::qk));
   m.impl("na2d_av", TORCH_FN(Ops2d::av));
   m.impl("na2d_inverse", TORCH_FN(Ops2d::inverse));
   m.impl("na2d_rpb_grad", TORCH_FN(Ops2d::rpb_grad));
   m.impl("na2d_fused_forward", TORCH_FN(Ops2d::fused_forward));
   m.impl("na2d_fused_backward", TORCH_FN(Ops2d::fused_backward));
+  m.impl("na2d_qkv_fused_forward", TORCH_FN(Ops2d::qkv_fused_forward));
+  m.impl("na2d_qkv_fused_backward", TORCH_FN(Ops2d::qkv_fused_backward));
 }
 
 }  // namespace dinat_m2f::na

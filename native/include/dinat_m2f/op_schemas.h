@@ -18,6 +18,10 @@ inline constexpr const char* kOpSchemas[] = {
     "-> (Tensor, Tensor)",
     "na1d_fused_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, "
     "int kernel_size, int dilation, float scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    // The fused op on the packed qkv projection output [B, L, 3, heads, D]; the backward returns (grad_qkv, grad_rpb).
+    "na1d_qkv_fused_forward(Tensor qkv, Tensor? rpb, int kernel_size, int dilation, float scale) -> (Tensor, Tensor)",
+    "na1d_qkv_fused_backward(Tensor grad_out, Tensor qkv, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, "
+    "int dilation, float scale) -> (Tensor, Tensor)",
     "na2d_qk(Tensor q, Tensor k, Tensor? rpb, int kernel_size, int dilation) -> Tensor",
     "na2d_av(Tensor attn, Tensor v, int kernel_size, int dilation) -> Tensor",
     "na2d_inverse(Tensor weights, Tensor x, int kernel_size, int dilation) -> Tensor",
@@ -26,6 +30,11 @@ inline constexpr const char* kOpSchemas[] = {
     "-> (Tensor, Tensor)",
     "na2d_fused_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor? rpb, Tensor out, Tensor lse, "
     "int kernel_size, int dilation, float scale) -> (Tensor, Tensor, Tensor, Tensor)",
+    // The fused op on the packed qkv projection output [B, H, W, 3, heads, D]; the backward returns (grad_qkv,
+    // grad_rpb).
+    "na2d_qkv_fused_forward(Tensor qkv, Tensor? rpb, int kernel_size, int dilation, float scale) -> (Tensor, Tensor)",
+    "na2d_qkv_fused_backward(Tensor grad_out, Tensor qkv, Tensor? rpb, Tensor out, Tensor lse, int kernel_size, "
+    "int dilation, float scale) -> (Tensor, Tensor)",
     // Multi-scale deformable attention (native/msda/).
     "ms_deform_attn_forward(Tensor value, Tensor spatial_shapes, Tensor level_start_index, "
     "Tensor sampling_locations, Tensor attention_weights) -> Tensor",
