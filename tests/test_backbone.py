@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dinat_m2f import ops
 from dinat_m2f.modeling.backbone import VARIANTS, NeighborhoodAttention2D, build_variant
 from dinat_m2f.modeling.backbone.dinat import check_dilations
 from dinat_m2f.ops import reference
@@ -106,6 +107,88 @@ def test_attention_under_cpu_autocast(attn_drop):
     torch.testing.assert_close(out.float(), reference_out, rtol=0.05, atol=0.05)
     out.float().sum().backward()
     assert attn.rpb.grad is not None and attn.rpb.grad.dtype == torch.float32
+
+
+def _before_packed_path(attn: NeighborhoodAttention2D, x: torch.Tensor) -> torch.Tensor:
+    """The module's forward before the packed-qkv path (same native kernels on contiguous q, k, v copies)."""
+    batch, height, width, channels = x.shape
+    hp, wp = max(height, attn.kernel_size * attn.dilation), max(width, attn.kernel_size * attn.dilation)
+    xp = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))
+    qkv = attn.qkv(xp).reshape(batch, hp, wp, 3, attn.num_heads, attn.head_dim).permute(3, 0, 4, 1, 2, 5)
+    q, k, v = qkv.contiguous().unbind(0)
+    out = ops.na2d(q, k, v, attn.kernel_size, attn.dilation, rpb=attn.rpb, scale=attn.scale, backend="native")
+    out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)[:, :height, :width]
+    return attn.proj(out)
+
+
+@pytest.mark.parametrize(
+    "height,width,kernel,dilation,dtype",
+    [
+        (9, 40, 7, 1, torch.float32),  # query tiles along W
+        (13, 12, 3, 4, torch.float32),  # the largest dilation
+        (5, 11, 3, 2, torch.float64),  # padded
+        (6, 6, 3, 2, torch.float32),  # every window is its dilation group: the dense path (when it pays off)
+        (56, 56, 7, 8, torch.float32),  # DiNAT's dilated 56x56 stage: the dense path in training
+    ],
+)
+def test_attention_output_and_gradients_identical_to_before(height, width, kernel, dilation, dtype):
+    """Seeded: the packed-qkv path gives bit-identical outputs and gradients to the old contiguous-copy path."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(64, 2, kernel, dilation).to(dtype).train()
+    with torch.no_grad():
+        attn.qkv.bias.normal_()
+        attn.rpb.normal_()
+    x = torch.randn(2, height, width, 64, dtype=dtype)
+    results = []
+    for forward in (attn, lambda t: _before_packed_path(attn, t)):
+        attn.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        out.backward(torch.ones_like(out))
+        results.append([out.detach(), xi.grad, attn.rpb.grad.clone(), attn.qkv.weight.grad.clone()])
+    for got, want in zip(*results):
+        assert torch.equal(got, want), (got - want).abs().max()
+
+
+def test_attention_makes_no_layout_copies():
+    """Forward + backward of the module (native backend, no padding): no copy of a q/k/v/output-sized tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    copy_ops = {"aten::copy_", "aten::clone", "aten::select_backward", "aten::stack", "aten::cat", "aten::_to_copy"}
+
+    class CopyCounter(TorchDispatchMode):
+        def __init__(self, min_numel):
+            super().__init__()
+            self.min_numel, self.copies = min_numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            outs = result if isinstance(result, (tuple, list)) else [result]
+            big = any(isinstance(t, torch.Tensor) and t.numel() >= self.min_numel for t in outs)
+            if func._schema.name in copy_ops and big:
+                self.copies.append(func._schema.name)
+            return result
+
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(32, 2, 3, 2, backend="native").train()
+    x = torch.randn(2, 9, 10, 32, requires_grad=True)
+    with CopyCounter(min_numel=x.numel()) as counter:
+        attn(x).sum().backward()
+    assert counter.copies == []
+
+
+def test_attention_parameters_keep_the_official_layout():
+    """The packed path changes no parameter: names, shapes and contiguity are those of NATTEN's module."""
+    attn = NeighborhoodAttention2D(12, 3, 5, 2)
+    shapes = {name: tuple(t.shape) for name, t in attn.state_dict().items()}
+    assert shapes == {
+        "qkv.weight": (36, 12),
+        "qkv.bias": (36,),
+        "rpb": (3, 9, 9),
+        "proj.weight": (12, 12),
+        "proj.bias": (12,),
+    }
+    assert all(t.is_contiguous() for t in attn.state_dict().values())
 
 
 def test_attention_rejects_bad_arguments():

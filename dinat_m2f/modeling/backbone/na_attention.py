@@ -89,13 +89,17 @@ class NeighborhoodAttention2D(nn.Module):
             f"dilation={self.dilation}"
         )
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        # Under autocast q, k, v come out of the Linear in bf16/fp16 while rpb stays fp32: the ops want one dtype
+    def _attention(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [B, H, W, 3, heads, D] (the projection's output, viewed) -> [B, heads, H, W, D]."""
+        # Under autocast qkv comes out of the Linear in bf16/fp16 while rpb stays fp32: the ops want one dtype
         # (the cast is differentiable, so rpb keeps its fp32 gradient).
-        rpb = self.rpb.to(q.dtype)
+        rpb = self.rpb.to(qkv.dtype)
         if self.attn_drop.p == 0.0 or not self.training:
-            return ops.na2d(q, k, v, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale, backend=self.backend)
-        # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av.
+            # q, k, v are read in place, the output is stored [B, H, W, heads, D] and the backward writes one
+            # gradient of qkv's shape: no layout copies around the attention (native backend).
+            return ops.na2d_qkv(qkv, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale, backend=self.backend)
+        # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av (on q, k, v views).
+        q, k, v = (qkv.select(3, i).movedim(3, 1) for i in range(3))
         attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=rpb, backend=self.backend)
         attn = attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32))  # softmax in >= fp32
         weights = self.attn_drop(attn).to(v.dtype)
@@ -111,11 +115,9 @@ class NeighborhoodAttention2D(nn.Module):
         if padded:
             x = F.pad(x, (0, 0, 0, wp - width, 0, hp - height))
 
-        qkv = self.qkv(x).reshape(batch, hp, wp, 3, self.num_heads, self.head_dim).permute(3, 0, 4, 1, 2, 5)
-        # One copy into the ops' contiguous layout (q, k, v are then contiguous slices), not three inside the ops.
-        q, k, v = qkv.contiguous().unbind(0)  # each [B, heads, Hp, Wp, head_dim]
-        out = self._attention(q, k, v)
-        out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)
+        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # a view: [B, Hp, Wp, 3, heads, D]
+        out = self._attention(qkv)
+        out = out.permute(0, 2, 3, 1, 4).reshape(batch, hp, wp, channels)  # a view when stored heads-last
         if padded:
             out = out[:, :height, :width, :]
         return self.proj_drop(self.proj(out))
