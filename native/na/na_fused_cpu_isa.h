@@ -15,12 +15,11 @@ namespace {
 // Logits of the whole window of query (i, j): out[ki kw + kj] = scale * q . k_{(si + ki dh, sj + kj dw)} + rpb, and
 // the window's key rows in keys[0 .. kh kw) (x: k or v tokens).
 template <typename T, int64_t kD>
-inline void window_keys(Strided<const T> x, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win,
-                        const T** keys) {
+inline void window_keys(Slice<const T> x, int64_t i, int64_t j, const Problem& p, const Windows& win, const T** keys) {
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const T* row = x.row_at(bh, win.h.start[i] + ki * p.dh);
+    const T* row = x.row_at(win.h.start[i] + ki * p.dh);
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * x.s.col;
+      keys[ki * p.kw + kj] = row + (win.w.start[j] + kj * p.dw) * x.col;
     }
   }
 }
@@ -88,8 +87,8 @@ struct TileScratch {
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
 // lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
 template <typename T, int64_t kD>
-void forward_tile(Strided<const T> q, const T* kt, const T* vt, const T* rpb, Strided<T> out, T* lse, int64_t bh,
-                  int64_t i, int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
+void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t i,
+                  int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
                   TileScratch<T>& s) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
@@ -98,7 +97,7 @@ void forward_tile(Strided<const T> q, const T* kt, const T* vt, const T* rpb, St
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
   for (int64_t l = 0; l < kLanes; ++l) {
-    const T* qv = q.at(bh, i, r + p.dw * (jg0 + l));
+    const T* qv = q.at(i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
   }
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
@@ -135,7 +134,7 @@ void forward_tile(Strided<const T> q, const T* kt, const T* vt, const T* rpb, St
   for (int64_t l = 0; l < kLanes; ++l) {
     const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
     const T inv = T(1) / running_sum[l];
-    T* o = out.at(bh, i, j);
+    T* o = out.at(i, j);
     for (int64_t d = 0; d < D; ++d) o[d] = acc[d][l] * inv;
     lse[token] = running_max[l] + std::log(running_sum[l]);
   }
@@ -144,13 +143,13 @@ void forward_tile(Strided<const T> q, const T* kt, const T* vt, const T* rpb, St
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
 // whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
-void forward_query(Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb, Strided<T> out, T* lse,
-                   int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits,
+void forward_query(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* rpb, Slice<T> out, T* lse, int64_t bh,
+                   int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits,
                    const T** keys) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i;
-  window_keys<T, kD>(k, bh, i, j, p, win, keys);
-  window_logits<T, kD>(q.at(bh, i, j), keys, rpb, scale, bh, i, j, p, win, logits);
+  window_keys<T, kD>(k, i, j, p, win, keys);
+  window_logits<T, kD>(q.at(i, j), keys, rpb, scale, bh, i, j, p, win, logits);
   const T max = max_of(logits, KK);
   exp_shifted(logits, max, logits, KK);
   T sum = 0;
@@ -160,13 +159,13 @@ void forward_query(Strided<const T> q, Strided<const T> k, Strided<const T> v, c
   }
   std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const T* vrow = v.row_at(bh, win.h.start[i] + ki * p.dh);
+    const T* vrow = v.row_at(win.h.start[i] + ki * p.dh);
     const T* prow = logits + ki * p.kw;
     for (int64_t kj = 0; kj < p.kw; ++kj) {
-      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * v.s.col, acc, D);
+      axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * v.col, acc, D);
     }
   }
-  T* o = out.at(bh, i, j);
+  T* o = out.at(i, j);
   const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) {
     o[d] = acc[d] * inv;
@@ -176,12 +175,15 @@ void forward_query(Strided<const T> q, Strided<const T> k, Strided<const T> v, c
 
 // kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
 template <typename T, int64_t kD>
-void forward_kernel(Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb, Strided<T> out, T* lse,
-                    const Problem& p, T scale, const T* kt, const T* vt, const std::vector<int64_t>& group_offset) {
+void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
+                    Strided<T> out_all, T* lse, const Problem& p, T scale, const T* kt, const T* vt,
+                    const std::vector<int64_t>& group_offset) {
   const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
+    const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
+    const Slice<T> out = out_all.slice(bh);
     std::vector<T> acc(D), logits(p.window());
     std::vector<const T*> keys(p.window());
     if (kt == nullptr) {
@@ -252,8 +254,8 @@ struct BackwardTileScratch {
 // lane 0's first key, as in forward_tile): P and dS into the workspace, dQ. Lane-parallel over queries with k and v
 // group-transposed, so the recomputed logits, dO . v and the dQ sum need no horizontal reductions.
 template <typename T, int64_t kD, int64_t kKW>
-void backward_tile(Strided<const T> grad_out, Strided<const T> q, const T* kt, const T* vt, const T* rpb,
-                   Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
+void backward_tile(Slice<const T> grad_out, Slice<const T> q, const T* kt, const T* vt, const T* rpb,
+                   Slice<const T> out, const T* lse, Slice<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
                    int64_t i, int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
                    BackwardTileScratch<T>& s) {
   using V = Lanes<T>;
@@ -267,13 +269,13 @@ void backward_tile(Strided<const T> grad_out, Strided<const T> q, const T* kt, c
   V delta{}, row_lse{};
   for (int64_t l = 0; l < kLanes; ++l) {
     const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
-    const T* qv = q.at(bh, i, j);
-    const T* go = grad_out.at(bh, i, j);
+    const T* qv = q.at(i, j);
+    const T* go = grad_out.at(i, j);
     for (int64_t d = 0; d < D; ++d) {
       qt[d][l] = qv[d] * scale;
       got[d][l] = go[d];
     }
-    delta[l] = dot(go, out.at(bh, i, j), D);
+    delta[l] = dot(go, out.at(i, j), D);
     row_lse[l] = lse[token];
   }
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
@@ -319,27 +321,27 @@ void backward_tile(Strided<const T> grad_out, Strided<const T> q, const T* kt, c
     }
   }
   for (int64_t l = 0; l < kLanes; ++l) {
-    T* gq = grad_q.at(bh, i, r + p.dw * (jg0 + l));
+    T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
   }
 }
 
 // Query pass of one query (i, j) of slice bh: P and dS into the workspace, dQ.
 template <typename T, int64_t kD>
-void backward_query(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v, const T* rpb,
-                    Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
+void backward_query(Slice<const T> grad_out, Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* rpb,
+                    Slice<const T> out, const T* lse, Slice<T> grad_q, T* prob_ws, T* ds_ws, int64_t s0, int64_t bh,
                     int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* go_v,
                     const T** keys, const T** values) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i, local_row = row - s0 * H, token = row * W + j;
-  const T* go = grad_out.at(bh, i, j);
-  const T delta = dot(go, out.at(bh, i, j), D);
+  const T* go = grad_out.at(i, j);
+  const T delta = dot(go, out.at(i, j), D);
   T* pw = prob_ws + (local_row * W + j) * KK;
   T* dsw = ds_ws + (local_row * W + j) * KK;
   // The whole window at once: the logits (one exp over kh * kw values) and dO . v of every key.
-  window_keys<T, kD>(k, bh, i, j, p, win, keys);
-  window_keys<T, kD>(v, bh, i, j, p, win, values);
-  window_logits<T, kD>(q.at(bh, i, j), keys, rpb, scale, bh, i, j, p, win, pw);
+  window_keys<T, kD>(k, i, j, p, win, keys);
+  window_keys<T, kD>(v, i, j, p, win, values);
+  window_logits<T, kD>(q.at(i, j), keys, rpb, scale, bh, i, j, p, win, pw);
   exp_shifted(pw, lse[token], pw, KK);
   dots(go, values, KK, D, go_v);
   std::fill(acc, acc + D, T(0));
@@ -348,7 +350,7 @@ void backward_query(Strided<const T> grad_out, Strided<const T> q, Strided<const
     dsw[n] = ds;
     axpy(ds, keys[n], acc, D);
   }
-  T* gq = grad_q.at(bh, i, j);
+  T* gq = grad_q.at(i, j);
   for (int64_t d = 0; d < D; ++d) {
     gq[d] = acc[d] * scale;
   }
@@ -357,14 +359,18 @@ void backward_query(Strided<const T> grad_out, Strided<const T> q, Strided<const
 // Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ. kt, vt: group-transposed k and v
 // (nullptr: no query tiles).
 template <typename T, int64_t kD>
-void backward_query_pass(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
-                         const T* rpb, Strided<const T> out, const T* lse, Strided<T> grad_q, T* prob_ws, T* ds_ws,
-                         int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt,
-                         const T* vt, const std::vector<int64_t>& group_offset) {
+void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
+                         Strided<const T> v_all, const T* rpb, Strided<const T> out_all, const T* lse,
+                         Strided<T> grad_q_all, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
+                         const Windows& win, T scale, const T* kt, const T* vt,
+                         const std::vector<int64_t>& group_offset) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, i = row % H;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh), k = k_all.slice(bh);
+    const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
+    const Slice<T> grad_q = grad_q_all.slice(bh);
     std::vector<T> acc(D), go_v(KK);
     std::vector<const T*> keys(KK), values(KK);
     const auto one_query = [&](int64_t j) {
@@ -403,13 +409,15 @@ void backward_query_pass(Strided<const T> grad_out, Strided<const T> q, Strided<
 
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
 template <typename T, int64_t kD>
-void backward_key_pass(Strided<const T> grad_out, Strided<const T> q, const T* prob_ws, const T* ds_ws,
-                       Strided<T> grad_k, Strided<T> grad_v, int64_t s0, int64_t s1, const Problem& p,
+void backward_key_pass(Strided<const T> grad_out_all, Strided<const T> q_all, const T* prob_ws, const T* ds_ws,
+                       Strided<T> grad_k_all, Strided<T> grad_v_all, int64_t s0, int64_t s1, const Problem& p,
                        const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, xi = row % H;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh);
+    const Slice<T> grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
     std::vector<T> acc_k(D), acc_v(D);
     std::vector<int64_t> slot_w;  // window column of key xj in the window of each query of its inverse along W
     for (int64_t xj = 0; xj < W; ++xj) {
@@ -422,16 +430,16 @@ void backward_key_pass(Strided<const T> grad_out, Strided<const T> q, const T* p
       for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
         const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
         const int64_t local_base = ((bh - s0) * H + i) * W;
-        const T* qrow = q.row_at(bh, i);
-        const T* gorow = grad_out.row_at(bh, i);
+        const T* qrow = q.row_at(i);
+        const T* gorow = grad_out.row_at(i);
         for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
           const int64_t slot = ki * p.kw + slot_w[t];
-          axpy(ds_ws[(local_base + j) * KK + slot], qrow + j * q.s.col, acc_k.data(), D);
-          axpy(prob_ws[(local_base + j) * KK + slot], gorow + j * grad_out.s.col, acc_v.data(), D);
+          axpy(ds_ws[(local_base + j) * KK + slot], qrow + j * q.col, acc_k.data(), D);
+          axpy(prob_ws[(local_base + j) * KK + slot], gorow + j * grad_out.col, acc_v.data(), D);
         }
       }
-      T* gk = grad_k.at(bh, xi, xj);
-      T* gv = grad_v.at(bh, xi, xj);
+      T* gk = grad_k.at(xi, xj);
+      T* gv = grad_v.at(xi, xj);
       for (int64_t d = 0; d < D; ++d) {
         gk[d] = acc_k[d] * scale;
         gv[d] = acc_v[d];

@@ -16,15 +16,18 @@ void qk_kernel(Strided<const T> q, Strided<const T> k, const T* rpb, Strided<T> 
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   const int64_t RH = p.rpb_h(), RW = p.rpb_w();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
-    const int64_t bh = row / H, i = row % H, h = bh % p.heads;
+    const int64_t bh = row / H, i = row % H;
+    const int64_t h = bh % p.heads;
+    const Slice<const T> qs = q.slice(bh), ks = k.slice(bh);
+    const Slice<T> as = attn.slice(bh);
     for (int64_t j = 0; j < W; ++j) {
-      const T* qv = q.at(bh, i, j);
-      T* out = attn.at(bh, i, j);
+      const T* qv = qs.at(i, j);
+      T* out = as.at(i, j);
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t ki_pos = win.h.start[i] + ki * p.dh;
-        const T* krow = k.row_at(bh, ki_pos);
+        const T* krow = ks.row_at(ki_pos);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          out[ki * p.kw + kj] = dot(qv, krow + (win.w.start[j] + kj * p.dw) * k.s.col, D);
+          out[ki * p.kw + kj] = dot(qv, krow + (win.w.start[j] + kj * p.dw) * ks.col, D);
         }
         if (rpb != nullptr) {
           const T* brow = rpb + (h * RH + win.h.bias[i] + ki) * RW + win.w.bias[j];
@@ -43,17 +46,19 @@ void av_kernel(Strided<const T> attn, Strided<const T> v, Strided<T> out, const 
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
+    const Slice<const T> as = attn.slice(bh), vs = v.slice(bh);
+    const Slice<T> os = out.slice(bh);
     std::vector<T> acc(D);
     for (int64_t j = 0; j < W; ++j) {
-      const T* a = attn.at(bh, i, j);
+      const T* a = as.at(i, j);
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const T* vrow = v.row_at(bh, win.h.start[i] + ki * p.dh);
+        const T* vrow = vs.row_at(win.h.start[i] + ki * p.dh);
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          axpy(a[ki * p.kw + kj], vrow + (win.w.start[j] + kj * p.dw) * v.s.col, acc.data(), D);
+          axpy(a[ki * p.kw + kj], vrow + (win.w.start[j] + kj * p.dw) * vs.col, acc.data(), D);
         }
       }
-      std::copy(acc.begin(), acc.end(), out.at(bh, i, j));
+      std::copy(acc.begin(), acc.end(), os.at(i, j));
     }
   });
 }
@@ -64,19 +69,21 @@ void inverse_kernel(Strided<const T> w, Strided<const T> x, Strided<T> out, cons
   const Windows win(p);
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, xi = row % H;
+    const Slice<const T> ws = w.slice(bh), xs = x.slice(bh);
+    const Slice<T> os = out.slice(bh);
     std::vector<T> acc(D);
     for (int64_t xj = 0; xj < W; ++xj) {
       std::fill(acc.begin(), acc.end(), T(0));
       for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
         const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
-        const T* wrow = w.row_at(bh, i);
-        const T* xrow = x.row_at(bh, i);
+        const T* wrow = ws.row_at(i);
+        const T* xrow = xs.row_at(i);
         for (int64_t j = win.w.inverse[xj].begin; j < win.w.inverse[xj].end; j += p.dw) {
           const int64_t kj = window_slot(xj, win.w.start[j], p.dw);
-          axpy(wrow[j * w.s.col + ki * p.kw + kj], xrow + j * x.s.col, acc.data(), D);
+          axpy(wrow[j * ws.col + ki * p.kw + kj], xrow + j * xs.col, acc.data(), D);
         }
       }
-      std::copy(acc.begin(), acc.end(), out.at(bh, xi, xj));
+      std::copy(acc.begin(), acc.end(), os.at(xi, xj));
     }
   });
 }
@@ -97,7 +104,7 @@ void rpb_grad_slices(Strided<const T> g, int64_t slice_begin, int64_t slice_end,
         if (ki < 0 || ki >= p.kh) {
           continue;
         }
-        const T* grow = g.row_at(bh - slice_begin, i) + ki * p.kw;
+        const T* grow = g.row_at(bh - slice_begin, i) + ki * p.kw;  // one division per row of W windows
         for (int64_t j = 0; j < W; ++j) {
           Acc* dst = acc.data() + win.w.bias[j];
           const T* src = grow + j * g.s.col;

@@ -103,14 +103,26 @@ DINAT_HOST_DEVICE Strides contiguous_strides(const Problem& p, int64_t last) {
   return {p.heads * head, head, row, col, p.heads};
 }
 
-// A tensor of the kernels: its data and strides. x.at(bh, i, j) points at the X values of token (i, j) of slice bh.
+// One (batch, head) slice of a strided tensor: the X values of token (i, j) start at data + i * row + j * col.
+template <typename T>
+struct Slice {
+  T* data;
+  int64_t row;
+  int64_t col;
+
+  DINAT_HOST_DEVICE T* row_at(int64_t i) const { return data + i * row; }
+  DINAT_HOST_DEVICE T* at(int64_t i, int64_t j) const { return data + i * row + j * col; }
+};
+
+// A tensor of the kernels: its data and strides. Kernels take x.slice(bh) once per row of work (the slice offset
+// costs an integer division) and address tokens through the slice.
 template <typename T>
 struct Strided {
   T* data;
   Strides s;
 
+  DINAT_HOST_DEVICE Slice<T> slice(int64_t bh) const { return {data + s.slice(bh), s.row, s.col}; }
   DINAT_HOST_DEVICE T* row_at(int64_t bh, int64_t i) const { return data + s.row_at(bh, i); }
-  DINAT_HOST_DEVICE T* at(int64_t bh, int64_t i, int64_t j) const { return data + s.at(bh, i, j); }
 };
 
 }  // namespace dinat_m2f::na
