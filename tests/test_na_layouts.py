@@ -293,3 +293,18 @@ def test_cpu_ops_copy_no_strided_input(dims, k, d, shape):
         qkv_backward(grad_out, qkv, rpb, out, lse, k, d, 0.5)
     copies = [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
     assert copies == []
+
+
+def test_dense_path_writes_the_packed_layout_and_matches_contiguous_inputs():
+    """Windows that are whole dilation groups (DiNAT's 56x56 stage at dilation 8, in training) take the dense path:
+    from a packed qkv its output is heads-last too, and bit-identical to the dense path on contiguous q, k, v."""
+    qkv, (q, key, v) = _packed(2, (24, 24), 2, 32, torch.float32, batch=3)  # 3 * 2 * 576 tokens: dense pays off
+    qkv.requires_grad_()
+    rpb = _rpb(2, 2, 3, torch.float32)
+    out = ops.na2d_qkv(qkv, 3, 8, rpb, 0.5, backend="native")
+    assert out.permute(0, 2, 3, 1, 4).is_contiguous()
+    contiguous = [t.detach().contiguous() for t in (q, key, v)]
+    want = _na._dense_attention(*contiguous, 3, 8, 2, rpb, 0.5)
+    assert want.is_contiguous()
+    _equal(out.detach(), want)
+    torch.testing.assert_close(out.detach(), ref.na2d(*contiguous, 3, 8, rpb, 0.5), rtol=1e-4, atol=2e-5)

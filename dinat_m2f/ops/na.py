@@ -143,12 +143,18 @@ def _check_rpb(op: str, dims: int, rpb: torch.Tensor | None, q: torch.Tensor, ke
     )
 
 
+def _memory_order(t: torch.Tensor) -> list[int]:
+    """t's dims from the outermost in memory to the innermost: the outer ones by decreasing stride (stable), then the
+    last dim."""
+    outer = sorted(range(t.dim() - 1), key=lambda d: -t.stride(d))  # sorted() is stable
+    return [*outer, t.dim() - 1]
+
+
 def _empty_in_order_of(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """New tensor of ``shape`` laid out like the native entry points' outputs (empty_in_order_of in
     native/na/na_ops.cpp): outer dims in the memory order of ``like``'s strides, largest first (stable), the last dim
     innermost. A heads-last q gives a heads-last output; a contiguous one a contiguous output."""
-    outer = sorted(range(like.dim() - 1), key=lambda d: -like.stride(d))  # sorted() is stable
-    order = [*outer, like.dim() - 1]
+    order = _memory_order(like)
     physical = like.new_empty([shape[d] for d in order], dtype=dtype)
     return physical.permute([order.index(d) for d in range(like.dim())])
 
@@ -163,7 +169,9 @@ def _unpack_qkv(op: str, dims: int, qkv: torch.Tensor) -> tuple[torch.Tensor, to
         f"qkv must be a {dims + 4}-D tensor {layout} (the qkv projection output viewed per head), got shape "
         f"{shape_text(qkv)}.",
     )
-    q, k, v = (qkv.select(packed, i).movedim(packed, 1) for i in range(3))
+    # One unbind, not three selects: its backward (where autograd goes through these views: other backends, the dense
+    # path) is one stack into a qkv-sized gradient instead of three zero-filled ones summed.
+    q, k, v = (t.movedim(packed, 1) for t in qkv.unbind(packed))
     return q, k, v
 
 
@@ -484,8 +492,13 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
         bias = _dense_bias(rpb.to(acc), kernel_size, dims)
         logits = logits + bias.view(heads, *(1,) * dims, *bias.shape[1:])
     out = torch.matmul(logits.softmax(-1), tokens(v))
-    out = out.unflatten(2 + dims, (kernel_size,) * dims).permute(back)
-    return out.reshape(q.shape).to(q.dtype)
+    out = out.unflatten(2 + dims, (kernel_size,) * dims).permute(back)  # [B, heads, (k, dil) per axis, D]
+    # One copy into q's memory order (as the fused kernels' output, _empty_in_order_of): heads-last for a packed qkv,
+    # so the caller's reshape to [B, *spatial, C] is free; contiguous for contiguous q.
+    order = _memory_order(q)
+    grouped = [[0], [1], *([2 + 2 * a, 3 + 2 * a] for a in range(dims)), [2 + 2 * dims]]  # q's dims in `out`
+    physical = out.permute([g for d in order for g in grouped[d]]).reshape([q.shape[d] for d in order])
+    return physical.permute([order.index(d) for d in range(q.dim())]).to(q.dtype)
 
 
 def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:

@@ -99,7 +99,7 @@ class NeighborhoodAttention2D(nn.Module):
             # gradient of qkv's shape: no layout copies around the attention (native backend).
             return ops.na2d_qkv(qkv, self.kernel_size, self.dilation, rpb=rpb, scale=self.scale, backend=self.backend)
         # Attention dropout needs the attention weights: unfused qk -> softmax -> dropout -> av (on q, k, v views).
-        q, k, v = (qkv.select(3, i).movedim(3, 1) for i in range(3))
+        q, k, v = (t.movedim(3, 1) for t in qkv.unbind(3))
         attn = ops.na2d_qk(q * self.scale, k, self.kernel_size, self.dilation, rpb=rpb, backend=self.backend)
         attn = attn.softmax(dim=-1, dtype=torch.promote_types(attn.dtype, torch.float32))  # softmax in >= fp32
         weights = self.attn_drop(attn).to(v.dtype)
