@@ -396,3 +396,22 @@ def test_dinat_s_odd_input_pads_like_swin():
     with torch.no_grad():
         features = model(torch.randn(1, 3, 99, 101))  # 25x26 tokens: odd maps merged with zero padding
     assert features.shape == (1, 768)
+
+
+def test_conv_downsampler_makes_no_copies_and_matches_an_nchw_weight():
+    """The downsampler's weight is stored channels_last (the layout of its permuted channels-last input): the conv
+    converts nothing per call, and the result is bit-identical to the same conv with a contiguous weight."""
+    from dinat_m2f.modeling.backbone.dinat import ConvDownsampler
+
+    torch.manual_seed(0)
+    down = ConvDownsampler(32)
+    state = {k: v.contiguous() for k, v in down.state_dict().items()}
+    fresh = ConvDownsampler(32)
+    fresh.load_state_dict(state)  # loading a contiguous (official) weight keeps the channels_last storage
+    assert fresh.reduction.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 14, 14, 32)
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = fresh(x)
+    assert [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone")] == []
+    want = F.conv2d(x.permute(0, 3, 1, 2), state["reduction.weight"], stride=2, padding=1)
+    assert torch.equal(out, fresh.norm(want.permute(0, 2, 3, 1)))

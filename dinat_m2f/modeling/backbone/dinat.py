@@ -75,6 +75,10 @@ class ConvDownsampler(nn.Module):
     def __init__(self, dim: int, norm_layer: Callable[..., nn.Module] = nn.LayerNorm):
         super().__init__()
         self.reduction = nn.Conv2d(dim, 2 * dim, kernel_size=3, stride=2, padding=1, bias=False)
+        # The input x.permute(0, 3, 1, 2) of a channels-last map is a channels_last NCHW tensor: with the weight stored
+        # channels_last too, the conv neither converts its weight per call nor changes layout, and the permute back
+        # of its channels_last output is contiguous (no copy before the norm). Loading a state dict keeps the format.
+        self.reduction.to(memory_format=torch.channels_last)
         self.norm = norm_layer(2 * dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
