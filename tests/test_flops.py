@@ -34,6 +34,12 @@ class _Ops(nn.Module):
             return ops.na2d_av(attn, v, self.kernel, self.dilation)
         if self.mode == "fused":
             return ops.na2d(q, k, v, self.kernel, self.dilation, rpb=self.rpb)
+        if self.mode == "packed":  # the backbone's call: q, k, v packed as the qkv projection output
+            qkv = torch.stack([t.movedim(1, 3) for t in (q, k, v)], dim=3)  # [B, H, W, 3, heads, D]
+            return ops.na2d_qkv(qkv, self.kernel, self.dilation, rpb=self.rpb, backend="native")
+        if self.mode == "packed1d":
+            qkv = torch.stack([t[:, :, 0].movedim(1, 2) for t in (q, k, v)], dim=2)  # [B, L, 3, heads, D]
+            return ops.na1d_qkv(qkv, self.kernel, self.dilation, backend="native")
         return ops.na1d(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.kernel, self.dilation)
 
 
@@ -45,6 +51,8 @@ class _Ops(nn.Module):
         ("qk_no_bias", 252 * 5 * 9),
         ("av", 252 * 5 * 9),
         ("fused", 252 * (2 * 5 * 9 + 9)),
+        ("packed", 252 * (2 * 5 * 9 + 9)),
+        ("packed1d", 2 * 2 * 9 * (2 * 5 * 3)),
         ("na1d", 2 * 2 * 9 * (2 * 5 * 3)),  # 1D: K = k, no bias
     ],
 )

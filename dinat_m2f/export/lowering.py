@@ -29,9 +29,11 @@ from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_grid_sample
 __all__ = ["lowered_ops", "ms_deform_attn_grid_sample"]
 
 
-def _na_attention_gather(self: NeighborhoodAttention2D, q, k, v):
+def _na_attention_gather(self: NeighborhoodAttention2D, qkv):
+    """NeighborhoodAttention2D._attention: qkv [B, H, W, 3, heads, D] (the projection output) -> [B, heads, H, W, D]."""
     if self.training and self.attn_drop.p > 0:
         raise RuntimeError("lowered_ops: export a model in eval() mode (attention dropout is active)")
+    q, k, v = (t.movedim(3, 1) for t in qkv.unbind(3))
     return reference.na2d(q, k, v, self.kernel_size, self.dilation, rpb=self.rpb.to(q.dtype), scale=self.scale)
 
 

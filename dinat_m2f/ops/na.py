@@ -164,7 +164,8 @@ def _unpack_qkv(op: str, dims: int, qkv: torch.Tensor) -> tuple[torch.Tensor, to
     layout = "[B, H, W, 3, heads, D]" if dims == 2 else "[B, L, 3, heads, D]"
     packed = dims + 1
     require(
-        qkv.dim() == dims + 4 and qkv.shape[packed] == 3,
+        # Under torch.jit.trace (fvcore) sizes are traced tensors: the native op checks the size there.
+        qkv.dim() == dims + 4 and (torch.jit.is_tracing() or qkv.shape[packed] == 3),
         op,
         f"qkv must be a {dims + 4}-D tensor {layout} (the qkv projection output viewed per head), got shape "
         f"{shape_text(qkv)}.",

@@ -72,6 +72,19 @@ def _fused_handle(spatial_dims: int) -> Callable[[list[Any], list[Any]], int]:
 na_fused_flop = _fused_handle(2)
 
 
+def _packed_fused_handle(spatial_dims: int) -> Callable[[list[Any], list[Any]], int]:
+    def na_qkv_fused_flop(inputs: list[Any], outputs: list[Any]) -> int:
+        """``na{n}d_qkv_fused_forward(qkv [B, *spatial, 3, heads, D], rpb, kernel_size, dilation, scale)``: as the
+        fused op on q, k, v = qkv[..., i, :, :]."""
+        shape = get_shape(inputs[0])
+        positions, head_dim = math.prod(shape[:-1]) // 3, shape[-1]
+        neighbours = inputs[2].toIValue() ** spatial_dims
+        bias = 0 if _is_none(inputs[1]) else neighbours
+        return positions * (2 * head_dim * neighbours + bias)
+
+    return na_qkv_fused_flop
+
+
 def baddbmm_flop(inputs: list[Any], outputs: list[Any]) -> int:
     """``aten::baddbmm(input, batch1 [b, n, c], batch2 [b, c, m])``: b*n*c*m, as fvcore counts ``bmm``.
 
@@ -88,6 +101,8 @@ NA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "dinat_m2f::na2d_av": na_av_flop,
     "dinat_m2f::na1d_fused_forward": _fused_handle(1),
     "dinat_m2f::na2d_fused_forward": na_fused_flop,
+    "dinat_m2f::na1d_qkv_fused_forward": _packed_fused_handle(1),
+    "dinat_m2f::na2d_qkv_fused_forward": _packed_fused_handle(2),
     "dinat_m2f::na1d_triton_forward": _fused_handle(1),  # same arguments as the native fused op
     "dinat_m2f::na2d_triton_forward": na_fused_flop,
     "aten::baddbmm": baddbmm_flop,
