@@ -10,6 +10,12 @@ Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - AV (neighborhood-neighborhood): grad_attn = QK(grad_out, v), grad_v = inverse(attn, grad_out)
 The fused ops store the row logsumexp and recompute the weights in their own backward kernel.
 
+Layouts: the CPU kernels read q, k, v (and weights, grad_out, out) with any strides whose last dim is unit-stride,
+and allocate token-shaped outputs in the memory order of their token input (_empty_in_order_of, the rule of the C++
+entry points), so heads-last views stay heads-last. na{1,2}d_qkv_fused_forward / _backward take the packed qkv
+projection output itself ([B, *spatial, 3, heads, D]) and return the gradient of qkv as one buffer: the backbone's
+attention then makes no layout copies (ops.na2d_qkv).
+
 The public functions at the end dispatch on ``backend=`` (dinat_m2f.ops.backends): the native ops here, the Triton
 kernels (dinat_m2f.ops.na_triton) or the pure-PyTorch reference. The registrations above run when the extension is
 loaded (_register_native), so this module imports without it.

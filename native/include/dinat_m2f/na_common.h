@@ -94,7 +94,6 @@ struct Strides {
   // Offset of the first element of slice bh = b * heads + h (the kernels number slices that way).
   DINAT_HOST_DEVICE int64_t slice(int64_t bh) const { return (bh / heads) * batch + (bh % heads) * head; }
   DINAT_HOST_DEVICE int64_t row_at(int64_t bh, int64_t i) const { return slice(bh) + i * row; }
-  DINAT_HOST_DEVICE int64_t at(int64_t bh, int64_t i, int64_t j) const { return row_at(bh, i) + j * col; }
 };
 
 // The strides of a contiguous [slices, H, W, X] tensor seen as [slices / heads, heads, H, W, X].
