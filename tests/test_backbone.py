@@ -415,3 +415,19 @@ def test_conv_downsampler_makes_no_copies_and_matches_an_nchw_weight():
     assert [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone")] == []
     want = F.conv2d(x.permute(0, 3, 1, 2), state["reduction.weight"], stride=2, padding=1)
     assert torch.equal(out, fresh.norm(want.permute(0, 2, 3, 1)))
+
+
+def test_attention_compiles_with_fullgraph_on_two_shapes():
+    """The packed path (public op, fakes with the kernels' strides, autograd) traces without graph breaks; the
+    second shape (padded) recompiles with symbolic sizes."""
+    torch.manual_seed(0)
+    attn = NeighborhoodAttention2D(32, 2, 3, 2, backend="native").train()
+    compiled = torch.compile(attn, fullgraph=True, backend="aot_eager")
+    for shape in ((2, 9, 10, 32), (2, 5, 10, 32)):
+        x = torch.randn(*shape, requires_grad=True)
+        want = attn(x)
+        (grad_want,) = torch.autograd.grad(want.sum(), [x])
+        out = compiled(x)
+        (grad,) = torch.autograd.grad(out.sum(), [x])
+        torch.testing.assert_close(out, want, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(grad, grad_want, rtol=1e-6, atol=1e-6)

@@ -169,13 +169,14 @@ def _unpack_qkv(op: str, dims: int, qkv: torch.Tensor) -> tuple[torch.Tensor, to
     """q, k, v views [B, heads, *spatial, D] of a packed qkv [B, *spatial, 3, heads, D] (unpack_qkv in na_ops.cpp)."""
     layout = "[B, H, W, 3, heads, D]" if dims == 2 else "[B, L, 3, heads, D]"
     packed = dims + 1
-    require(
-        # Under torch.jit.trace (fvcore) sizes are traced tensors: the native op checks the size there.
-        qkv.dim() == dims + 4 and (torch.jit.is_tracing() or qkv.shape[packed] == 3),
-        op,
-        f"qkv must be a {dims + 4}-D tensor {layout} (the qkv projection output viewed per head), got shape "
-        f"{shape_text(qkv)}.",
-    )
+    # A plain branch, the message built only on failure: this runs under torch.compile (symbolic sizes; a
+    # torch._check message closure over qkv would break the graph). Under torch.jit.trace (fvcore) sizes are traced
+    # tensors: the native op checks the size there.
+    if qkv.dim() != dims + 4 or not (torch.jit.is_tracing() or qkv.shape[packed] == 3):
+        raise RuntimeError(
+            f"{op}: qkv must be a {dims + 4}-D tensor {layout} (the qkv projection output viewed per head), got shape "
+            f"{shape_text(qkv)}."
+        )
     # One unbind, not three selects: its backward (where autograd goes through these views: other backends, the dense
     # path) is one stack into a qkv-sized gradient instead of three zero-filled ones summed.
     q, k, v = (t.movedim(packed, 1) for t in qkv.unbind(packed))
