@@ -183,6 +183,8 @@ def worker_main(args: argparse.Namespace) -> int:
         info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         fns[mode] = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
         _, out = timed(fns[mode])  # warm-up; the first output identifies the tree's numerics
+        if mode == "train":  # the loss, then every weight after the first step
+            out = torch.cat([out.view(1), *(p.detach().flatten() for p in model.parameters())])
         info[f"{mode}_first_output"] = {"sha1": digest(out), "sum": float(out.double().sum())}
     info["cpu_isa"] = cpu_isa()
     answers.write(json.dumps(info) + "\n")
