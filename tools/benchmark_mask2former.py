@@ -23,7 +23,9 @@ training step per request; only one worker runs at a time. A baseline of commit 
 
 In both cases one warm-up of each variant is followed by ``--rounds`` rounds, each timing every variant once (in
 alternating order), so that load changes on the machine hit both alike; medians and the ratio (variant time over
-the first variant's, > 1: the first variant is faster) are reported.
+the first variant's, > 1: the first variant is faster) are reported. With ``--baseline`` the workers' process CPU
+time (all threads) per request is reported too: on a machine that other processes load, wall time includes the
+time the workers wait for a core, and the CPU-time ratio is the steadier of the two.
 
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
@@ -195,8 +197,9 @@ def worker_main(args: argparse.Namespace) -> int:
         if request not in fns:
             answers.write(json.dumps({"error": f"unknown request {request!r}"}) + "\n")
             continue
+        cpu_start = time.process_time()
         seconds, _ = timed(fns[request])
-        answers.write(json.dumps({"s": seconds}) + "\n")
+        answers.write(json.dumps({"s": seconds, "cpu_s": time.process_time() - cpu_start}) + "\n")
     return 0
 
 
@@ -216,6 +219,7 @@ class Worker:
         cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
         cmd += ["--mode", args.mode, *args.opts]
         self.tree = tree
+        self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._answer()
         built_from = Path(self.info["dinat_m2f"]).resolve().parent
@@ -235,7 +239,9 @@ class Worker:
     def time(self, mode: str) -> float:
         self.proc.stdin.write(mode + "\n")
         self.proc.stdin.flush()
-        return self._answer()["s"]
+        answer = self._answer()
+        self.cpu_times[mode].append(answer["cpu_s"])
+        return answer["s"]
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -275,12 +281,14 @@ def compare_trees(args: argparse.Namespace, result: dict) -> list[str]:
             timers = {name: (lambda w=w, m=mode: w.time(m)) for name, w in workers.items()}
             times = interleaved(timers, args.rounds)
             summarize(times, result, mode)
+            summarize({name: w.cpu_times[mode] for name, w in workers.items()}, result, f"{mode}_cpu")
             same = workers["this"].info[f"{mode}_first_output"] == workers["baseline"].info[f"{mode}_first_output"]
             result[f"{mode}_identical_first_output"] = same
             lines.append(
                 f"  {mode:9s} this {result[f'{mode}_this_s_median']:.3f} s  baseline "
                 f"{result[f'{mode}_baseline_s_median']:.3f} s  baseline/this "
-                f"{result[f'{mode}_baseline_over_this']:.3f}x  first outputs bit-identical: {same}"
+                f"{result[f'{mode}_baseline_over_this']:.3f}x (process CPU time: "
+                f"{result[f'{mode}_cpu_baseline_over_this']:.3f}x)  first outputs bit-identical: {same}"
             )
         return lines
     finally:
