@@ -1,31 +1,59 @@
 #!/usr/bin/env python
-"""CPU inference latency of a Mask2Former model with the native deformable-attention op and with grid_sample.
+"""CPU speed of a Mask2Former model: inference and a training step, this tree against another commit's tree, or the
+native deformable-attention op against grid_sample.
 
     python tools/benchmark_mask2former.py [--config-file CFG] [--size 512] [--rounds 5] [--threads N] [--json]
+        [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [KEY VALUE ...]
 
-Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights, fp32, eval mode under
-``torch.inference_mode``, batch 1, one 512x512 image. The two variants differ only in ``MSDeformAttn.impl``
-("native": torch.ops.dinat_m2f.ms_deform_attn_forward; "pytorch": the grid_sample formulation). After one warm-up
-pass of each, rounds are interleaved (one forward of each per round) so that load changes on the machine hit both
-alike; the median over rounds is reported, with the median time spent inside the deformable attention itself.
+Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
+mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
+``--batch`` synthetic images with 3 instances each, loss, backward and one AdamW step.
+
+Without ``--baseline`` the two variants are ``MSDeformAttn.impl`` "native" (torch.ops.dinat_m2f.ms_deform_attn_*)
+and "pytorch" (the grid_sample formulation), in this process; the median time inside the deformable attention is
+reported too (inference).
+
+With ``--baseline PATH`` the variants are this tree and the tree at PATH (a checkout of another commit with its
+extension built in place). Each tree gets one long-lived worker process (``PYTHONPATH=<tree>``, the same thread
+count) that builds the model from that tree's code and config with the same seed and times one forward or one
+training step per request; only one worker runs at a time. A baseline of commit 09463ec:
+
+    git worktree add ../base 09463ec && cd ../base && make build
+    # CPU only: cd ../base && FORCE_CUDA=0 MAX_JOBS=2 python setup.py build_ext --inplace
+
+In both cases one warm-up of each variant is followed by ``--rounds`` rounds, each timing every variant once (in
+alternating order), so that load changes on the machine hit both alike; medians and the ratio (variant time over
+the first variant's, > 1: the first variant is faster) are reported. With ``--baseline`` the workers' process CPU
+time (all threads) per request is reported too: on a machine that other processes load, wall time includes the
+time the workers wait for a core, and the CPU-time ratio is the steadier of the two.
+
+``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
+warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs/ade20k/semantic-segmentation/dinat/maskformer2_dinat_tiny_bs16_160k.yaml"
+CONFIG_IN_TREE = Path("configs/ade20k/semantic-segmentation/dinat/maskformer2_dinat_tiny_bs16_160k.yaml")
+DEFAULT_CONFIG = ROOT / CONFIG_IN_TREE
+MODES = ("inference", "train")
 
 
-def build(config_file: Path, opts: list[str]) -> torch.nn.Module:
+def build(config_file: Path, opts: list[str], train: bool = False) -> torch.nn.Module:
+    """The model of ``config_file`` on the CPU with random weights (seed 0), in eval or train mode."""
     from detectron2.modeling import build_model
 
     import dinat_m2f.modeling  # noqa: F401  (registers the model)
@@ -35,7 +63,8 @@ def build(config_file: Path, opts: list[str]) -> torch.nn.Module:
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
     cfg.freeze()
-    return build_model(cfg).eval()
+    torch.manual_seed(0)
+    return build_model(cfg).train(train)
 
 
 def set_impl(model: torch.nn.Module, impl: str) -> list:
@@ -66,75 +95,329 @@ class AttnTimer:
         self.total += time.perf_counter() - self._start
 
 
-def main(argv: list[str] | None = None) -> int:
+def inference_inputs(size: int) -> list[dict]:
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(0)) * 255
+    return [{"image": image, "height": size, "width": size}]
+
+
+def train_inputs(size: int, batch: int) -> list[dict]:
+    """``batch`` random images, each with 3 instances: horizontal bands of classes 1, 5 and 7."""
+    from detectron2.structures import Instances
+
+    generator = torch.Generator().manual_seed(0)
+    samples = []
+    for _ in range(batch):
+        instances = Instances((size, size))
+        instances.gt_classes = torch.tensor([1, 5, 7])
+        masks = torch.zeros(3, size, size, dtype=torch.bool)
+        cuts = [0, size * 2 // 5, size * 4 // 5, size]
+        for i in range(3):
+            masks[i, cuts[i] : cuts[i + 1]] = True
+        instances.gt_masks = masks
+        image = torch.rand(3, size, size, generator=generator) * 255
+        samples.append({"image": image, "instances": instances, "height": size, "width": size})
+    return samples
+
+
+def inference_fn(model: torch.nn.Module, size: int) -> Callable[[], torch.Tensor]:
+    """One forward of one image: returns its sem_seg (or the first output tensor of another task)."""
+    inputs = inference_inputs(size)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            out = model(inputs)[0]
+        return out["sem_seg"] if "sem_seg" in out else out["panoptic_seg"][0]
+
+    return run
+
+
+def train_fn(model: torch.nn.Module, size: int, batch: int) -> Callable[[], torch.Tensor]:
+    """One training step (losses, backward, AdamW step): returns the total loss."""
+    inputs = train_inputs(size, batch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def run() -> torch.Tensor:
+        losses = model(inputs)
+        loss = sum(losses.values())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return run
+
+
+def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def digest(t: torch.Tensor) -> str:
+    """A short hash of a tensor's values: equal hashes in two trees mean bit-identical outputs."""
+    return hashlib.sha1(t.detach().contiguous().cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def cpu_isa() -> str:
+    import dinat_m2f
+
+    info = getattr(dinat_m2f, "build_info", None)
+    return info().get("cpu_isa", "unknown") if info else "unknown (no build_info)"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# worker: one tree, one process; requests on stdin, one JSON line per answer on the saved stdout
+
+
+def worker_main(args: argparse.Namespace) -> int:
+    """Build the model of the tree on sys.path (this process's PYTHONPATH), then time one forward or one training
+    step per request line ("inference" / "train") until "quit"."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # model-building chatter must not reach the answers
+    sys.stdout = sys.stderr
+    torch.set_num_threads(args.threads)
+    import dinat_m2f
+
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
+    info: dict = {"dinat_m2f": str(Path(dinat_m2f.__file__).parent), "threads": torch.get_num_threads()}
+    for mode in args.modes:
+        model = build(args.config_file, args.opts, train=mode == "train")
+        info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+        fns[mode] = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+        _, out = timed(fns[mode])  # warm-up; the first output identifies the tree's numerics
+        if mode == "train":  # the loss, then every weight after the first step
+            out = torch.cat([out.view(1), *(p.detach().flatten() for p in model.parameters())])
+        info[f"{mode}_first_output"] = {"sha1": digest(out), "sum": float(out.double().sum())}
+    info["cpu_isa"] = cpu_isa()
+    answers.write(json.dumps(info) + "\n")
+    for line in sys.stdin:
+        request = line.strip()
+        if request == "quit":
+            break
+        if request not in fns:
+            answers.write(json.dumps({"error": f"unknown request {request!r}"}) + "\n")
+            continue
+        cpu_start = time.process_time()
+        seconds, _ = timed(fns[request])
+        answers.write(json.dumps({"s": seconds, "cpu_s": time.process_time() - cpu_start}) + "\n")
+    return 0
+
+
+class Worker:
+    """A worker process for the tree at ``tree``: PYTHONPATH=tree, cwd=tree, the config of that tree."""
+
+    def __init__(self, tree: Path, args: argparse.Namespace):
+        config = args.config_file
+        if args.config_file.is_relative_to(ROOT):
+            config = tree / args.config_file.relative_to(ROOT)
+        if not config.is_file():
+            raise FileNotFoundError(f"config {config} is missing in the tree {tree}")
+        env = dict(os.environ, PYTHONPATH=str(tree))
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(args.threads)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config-file", str(config)]
+        cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
+        cmd += ["--mode", args.mode, *args.opts]
+        self.tree = tree
+        self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+        self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.info = self._answer()
+        built_from = Path(self.info["dinat_m2f"]).resolve().parent
+        if built_from != tree.resolve():
+            self.close()
+            raise RuntimeError(f"the worker for {tree} imported dinat_m2f from {built_from}: is {tree} a checkout?")
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the worker for {self.tree} exited (status {self.proc.wait()}); its stderr says why")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"worker for {self.tree}: {answer['error']}")
+        return answer
+
+    def time(self, mode: str) -> float:
+        self.proc.stdin.write(mode + "\n")
+        self.proc.stdin.flush()
+        answer = self._answer()
+        self.cpu_times[mode].append(answer["cpu_s"])
+        return answer["s"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.close()
+            self.proc.wait()
+
+
+def interleaved(timers: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """``rounds`` rounds timing every variant once, the order reversed every other round."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    names = list(timers)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timers[name]())
+    return times
+
+
+def summarize(times: dict[str, list[float]], result: dict, mode: str) -> None:
+    names = list(times)
+    first = statistics.median(times[names[0]])
+    for name in names:
+        median = statistics.median(times[name])
+        result[f"{mode}_{name}_s_median"] = round(median, 4)
+        result[f"{mode}_{name}_s_all"] = [round(t, 4) for t in times[name]]
+        if name != names[0]:
+            result[f"{mode}_{name}_over_{names[0]}"] = round(median / first, 3)
+
+
+def compare_trees(args: argparse.Namespace, result: dict) -> list[str]:
+    workers = {"this": Worker(ROOT, args)}
+    try:
+        workers["baseline"] = Worker(args.baseline, args)
+        result["trees"] = {name: w.info for name, w in workers.items()}
+        lines = []
+        for mode in args.modes:
+            timers = {name: (lambda w=w, m=mode: w.time(m)) for name, w in workers.items()}
+            times = interleaved(timers, args.rounds)
+            summarize(times, result, mode)
+            summarize({name: w.cpu_times[mode] for name, w in workers.items()}, result, f"{mode}_cpu")
+            same = workers["this"].info[f"{mode}_first_output"] == workers["baseline"].info[f"{mode}_first_output"]
+            result[f"{mode}_identical_first_output"] = same
+            lines.append(
+                f"  {mode:9s} this {result[f'{mode}_this_s_median']:.3f} s  baseline "
+                f"{result[f'{mode}_baseline_s_median']:.3f} s  baseline/this "
+                f"{result[f'{mode}_baseline_over_this']:.3f}x (process CPU time: "
+                f"{result[f'{mode}_cpu_baseline_over_this']:.3f}x)  first outputs bit-identical: {same}"
+            )
+        return lines
+    finally:
+        for w in workers.values():
+            w.close()
+
+
+def compare_impls(args: argparse.Namespace, result: dict) -> list[str]:
+    lines = []
+    for mode in args.modes:
+        lines += compare_impls_in(mode, args, result)
+    if "max_abs_diff_sem_seg" in result:
+        lines.append(f"  max |sem_seg native - pytorch| = {result['max_abs_diff_sem_seg']:.2e}")
+    return lines
+
+
+def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[str]:
+    """Native against grid_sample deformable attention in one model of this tree, for one mode."""
+    impls = ("native", "pytorch")
+    model = build(args.config_file, args.opts, train=mode == "train")
+    result["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+    timer = AttnTimer(set_impl(model, "native"))
+    fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+    outputs, attn_times = {}, {impl: [] for impl in impls}
+
+    def run(impl: str) -> float:
+        set_impl(model, impl)
+        timer.total = 0.0
+        seconds, outputs[impl] = timed(fn)
+        attn_times[impl].append(timer.total)
+        return seconds
+
+    for impl in impls:  # warm-up
+        run(impl)
+        attn_times[impl].clear()
+    if mode == "inference":
+        result["max_abs_diff_sem_seg"] = (outputs["native"] - outputs["pytorch"]).abs().max().item()
+    times = interleaved({impl: (lambda impl=impl: run(impl)) for impl in impls}, args.rounds)
+    summarize(times, result, mode)
+    for impl in impls:
+        result[f"{mode}_{impl}_msdeformattn_forward_s_median"] = round(statistics.median(attn_times[impl]), 4)
+    lines = [
+        f"  {mode:9s} {impl:8s} median {result[f'{mode}_{impl}_s_median']:.3f} s (deformable attention "
+        f"forward {result[f'{mode}_{impl}_msdeformattn_forward_s_median']:.3f} s)  "
+        f"all {result[f'{mode}_{impl}_s_all']}"
+        for impl in impls
+    ]
+    lines.append(f"  {mode:9s} pytorch/native {result[f'{mode}_pytorch_over_native']:.3f}x")
+    return lines
+
+
+def profile(args: argparse.Namespace) -> int:
+    """Top operators by self CPU time of one inference and/or one training step of this tree."""
+    for mode in args.modes:
+        model = build(args.config_file, args.opts, train=mode == "train")
+        fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+        fn()  # warm-up
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        copy = sum(e.self_cpu_time_total for e in events if e.key == "aten::copy_")
+        print(
+            f"{mode}: {total / 1e6:.3f} s self CPU time in operators, {torch.get_num_threads()} threads, "
+            f"NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
+        )
+        print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+    return 0
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG)
     parser.add_argument("--size", type=int, default=512, help="square input size (pixels)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--mode", choices=(*MODES, "both"), default="inference")
+    parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument("--baseline", type=Path, default=None, help="a tree of another commit, extension built")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N operators instead")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
+    args.modes = MODES if args.mode == "both" else (args.mode,)
+    return parser, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, args = parse_args(argv)
     if not args.config_file.is_file():
         parser.error(f"config file not found: {args.config_file}")
+    if args.rounds < 1 or args.batch < 1 or args.size < 32:
+        parser.error("--rounds and --batch must be >= 1 and --size >= 32")
+    if args.worker:
+        return worker_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.threads = torch.get_num_threads()  # the workers get the same count
+    if args.profile:
+        return profile(args)
+    if args.baseline is not None and not (args.baseline / "dinat_m2f").is_dir():
+        parser.error(f"--baseline {args.baseline}: no dinat_m2f package there (a checkout of this project?)")
 
-    torch.manual_seed(0)
-    model = build(args.config_file, args.opts)
-    modules = set_impl(model, "native")
-    timer = AttnTimer(modules)
-    image = torch.rand(3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 255
-    inputs = [{"image": image, "height": args.size, "width": args.size}]
-
-    impls = ("native", "pytorch")
-    times: dict[str, list[float]] = {impl: [] for impl in impls}
-    attn_times: dict[str, list[float]] = {impl: [] for impl in impls}
-    outputs = {}
-    with torch.inference_mode():
-        for impl in impls:  # warm-up
-            set_impl(model, impl)
-            outputs[impl] = model(inputs)[0]["sem_seg"]
-        for _ in range(args.rounds):
-            for impl in impls:
-                set_impl(model, impl)
-                timer.total = 0.0
-                start = time.perf_counter()
-                model(inputs)
-                times[impl].append(time.perf_counter() - start)
-                attn_times[impl].append(timer.total)
-    max_diff = (outputs["native"] - outputs["pytorch"]).abs().max().item()
-    import dinat_m2f  # loaded by build(); the instruction-set path of its CPU kernels goes in the report
-
+    config = args.config_file
     result = {
-        "config": str(
-            args.config_file.relative_to(ROOT) if args.config_file.is_relative_to(ROOT) else args.config_file
-        ),
+        "config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config),
         "input": f"1x3x{args.size}x{args.size}",
-        "threads": torch.get_num_threads(),
-        "cpu_isa": dinat_m2f.build_info()["cpu_isa"],
+        "train_batch": args.batch,
+        "threads": args.threads,
+        "cpu_isa": cpu_isa() if args.baseline is None else None,
         "rounds": args.rounds,
-        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
-        "max_abs_diff_sem_seg": max_diff,
     }
-    for impl in impls:
-        result[f"{impl}_latency_s_median"] = round(statistics.median(times[impl]), 4)
-        result[f"{impl}_latency_s_all"] = [round(t, 4) for t in times[impl]]
-        result[f"{impl}_msdeformattn_s_median"] = round(statistics.median(attn_times[impl]), 4)
+    if args.baseline is not None:
+        result["baseline"] = str(args.baseline)
+        lines = compare_trees(args, result)
+        result["cpu_isa"] = result["trees"]["this"]["cpu_isa"]
+        result["params_m"] = result["trees"]["this"]["params_m"]
+    else:
+        lines = compare_impls(args, result)
     if args.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(
-            f"{result['config']}  input {result['input']}  {result['params_m']}M params  "
-            f"{result['threads']} threads  {args.rounds} rounds  NA kernels: {result['cpu_isa']}"
-        )
-        for impl in impls:
-            print(
-                f"  {impl:8s} median {result[f'{impl}_latency_s_median']:.3f} s/image "
-                f"(deformable attention {result[f'{impl}_msdeformattn_s_median']:.3f} s)  "
-                f"all {result[f'{impl}_latency_s_all']}"
-            )
-        print(f"  max |sem_seg native - pytorch| = {max_diff:.2e}")
+        return 0
+    against = f"this tree vs {args.baseline}" if args.baseline is not None else "native vs grid_sample MSDA"
+    print(
+        f"{result['config']}  input {result['input']}  {result['params_m']}M params  {result['threads']} threads  "
+        f"{args.rounds} rounds  NA kernels: {result['cpu_isa']}  ({against})"
+    )
+    print("\n".join(lines))
     return 0
 
 

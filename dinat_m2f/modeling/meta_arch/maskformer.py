@@ -13,13 +13,24 @@ from detectron2.config import configurable
 from detectron2.data import MetadataCatalog
 from detectron2.modeling import META_ARCH_REGISTRY, build_backbone, build_sem_seg_head
 from detectron2.modeling.backbone import Backbone
-from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.modeling.postprocessing import sem_seg_postprocess as d2_sem_seg_postprocess
 from detectron2.structures import BitMasks, ImageList, Instances
 from detectron2.utils.memory import retry_if_cuda_oom
 from torch import nn
 
 from dinat_m2f.modeling.criterion import SetCriterion
 from dinat_m2f.modeling.matcher import HungarianMatcher
+
+
+def sem_seg_postprocess(result: torch.Tensor, img_size, output_height: int, output_width: int) -> torch.Tensor:
+    """detectron2's ``sem_seg_postprocess`` (crop the padding away, resize bilinearly to the output size) without
+    the resize when the crop already has the output size: a bilinear resize (align_corners=False) to the same size
+    samples every pixel at its own centre, so it returns the same values for finite inputs. (It would spread a
+    NaN or infinity to a neighbour, which a model's finite scores never hold.)"""
+    cropped = result[:, : img_size[0], : img_size[1]]
+    if tuple(cropped.shape[-2:]) == (output_height, output_width):
+        return cropped.contiguous()
+    return d2_sem_seg_postprocess(result, img_size, output_height, output_width)
 
 
 @META_ARCH_REGISTRY.register()
@@ -187,7 +198,10 @@ class MaskFormer(nn.Module):
                 mask_pred_result = retry_if_cuda_oom(sem_seg_postprocess)(mask_pred_result, image_size, height, width)
                 mask_cls_result = mask_cls_result.to(mask_pred_result)
             if self.semantic_on:
-                r = retry_if_cuda_oom(self.semantic_inference)(mask_cls_result, mask_pred_result)
+                if self.panoptic_on or self.instance_on or mask_pred_result.requires_grad:
+                    r = retry_if_cuda_oom(self.semantic_inference)(mask_cls_result, mask_pred_result)
+                else:  # nothing reads the mask logits after this: their sigmoid in place (no second buffer)
+                    r = retry_if_cuda_oom(self.semantic_scores)(mask_cls_result, mask_pred_result.sigmoid_())
                 if not self.sem_seg_postprocess_before_inference:
                     r = retry_if_cuda_oom(sem_seg_postprocess)(r, image_size, height, width)
                 processed_results[-1]["sem_seg"] = r
@@ -215,9 +229,13 @@ class MaskFormer(nn.Module):
 
     def semantic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor) -> torch.Tensor:
         """Per-class scores (K, H, W): sum over queries of p(class) x sigmoid(mask)."""
+        return self.semantic_scores(mask_cls, mask_pred.sigmoid())
+
+    @staticmethod
+    def semantic_scores(mask_cls: torch.Tensor, mask_prob: torch.Tensor) -> torch.Tensor:
+        """``semantic_inference`` from the mask probabilities (Q, H, W) instead of the logits."""
         mask_cls = F.softmax(mask_cls, dim=-1)[..., :-1]
-        mask_pred = mask_pred.sigmoid()
-        return torch.einsum("qc,qhw->chw", mask_cls, mask_pred)
+        return torch.einsum("qc,qhw->chw", mask_cls, mask_prob)
 
     def panoptic_inference(self, mask_cls: torch.Tensor, mask_pred: torch.Tensor):
         """(panoptic_seg int32 (H, W) with 0 = void, segments_info [{"id", "isthing", "category_id", "score"}])."""

@@ -110,7 +110,8 @@ class FFNLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor) -> torch.Tensor:
         x = self.norm(tgt) if self.normalize_before else tgt
-        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(x))))
+        # in place: linear1's output is a fresh tensor that its backward does not need
+        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
         if self.normalize_before:
             return tgt + self.dropout(tgt2)
         return self.norm(tgt + self.dropout(tgt2))
@@ -129,7 +130,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x)
+                x = F.relu(x, inplace=True)  # the linear's fresh output, which its backward does not need
         return x
 
 
@@ -249,11 +250,12 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         predictions_mask.append(outputs_mask)
         for i in range(self.num_layers):
             level_index = i % self.num_feature_levels
-            # a query whose mask blocks every position attends everywhere (no row of -inf in the softmax)
-            # (a dense formulation: no data-dependent indexing, so the decoder exports to ONNX / torch.export)
-            attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
             output = self.transformer_cross_attention_layers[i](
-                output, src[level_index], memory_mask=attn_mask, pos=pos[level_index], query_pos=query_embed
+                output,
+                src[level_index],
+                memory_mask=self.heads_attn_mask(attn_mask),
+                pos=pos[level_index],
+                query_pos=query_embed,
             )
             output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
             output = self.transformer_ffn_layers[i](output)
@@ -271,16 +273,27 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             ],
         }
 
+    def heads_attn_mask(self, attn_mask: torch.Tensor) -> torch.Tensor:
+        """The cross-attention mask [B*heads, Q, h*w] (True = blocked) from the per-image one [B, Q, h*w].
+
+        A query whose mask blocks every position attends everywhere (no row of -inf in the softmax): a dense
+        formulation without data-dependent indexing, so that the decoder exports to ONNX / torch.export. Decided
+        once per image, then repeated for the heads (the official code repeats first; the rows are the same).
+        """
+        attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+        return attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
+
     def forward_prediction_heads(
         self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4] and the boolean attention mask
-        [B*heads, Q, h*w] (True = blocked) for the next layer's level of size ``attn_mask_target_size``."""
+        """Class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4] and the boolean attention mask [B, Q, h*w]
+        (True = blocked, not yet repeated for the heads) for the next layer's level of size
+        ``attn_mask_target_size``."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
 
         attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
-        attn_mask = attn_mask.sigmoid().flatten(2).unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1) < 0.5
+        attn_mask = attn_mask.sigmoid().flatten(2) < 0.5
         return outputs_class, outputs_mask, attn_mask.detach()

@@ -1,0 +1,72 @@
+"""tools/benchmark_mask2former.py: the two-tree comparison (--baseline) and the profile, on a shrunken model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tools" / "benchmark_mask2former.py"
+# DiNAT-Tiny-Mask2Former shrunk to a few layers: the mechanics, not the speed, are under test
+SMALL = [
+    "MODEL.DINAT.DEPTHS", "[1, 1, 1, 1]",
+    "MODEL.DINAT.DILATIONS", "[[1], [1], [1], [1]]",
+    "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1",
+    "MODEL.MASK_FORMER.DEC_LAYERS", "2",
+    "MODEL.MASK_FORMER.NUM_OBJECT_QUERIES", "8",
+]  # fmt: skip
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_mask2former", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--size", "64", "--rounds", "1", "--threads", "1", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_interleaved_alternates_the_order_and_times_every_variant_each_round():
+    bench = load_benchmark()
+    calls = []
+    timers = {name: (lambda name=name: calls.append(name) or float(len(calls))) for name in ("a", "b")}
+    times = bench.interleaved(timers, rounds=3)
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+    assert times == {"a": [1.0, 4.0, 5.0], "b": [2.0, 3.0, 6.0]}
+
+
+def test_baseline_without_a_package_is_a_clear_error(tmp_path):
+    proc = run_script("--baseline", str(tmp_path))
+    assert proc.returncode == 2
+    assert "no dinat_m2f package there" in proc.stderr
+
+
+@pytest.mark.slow
+def test_baseline_same_tree_times_both_workers_and_matches_outputs():
+    proc = run_script("--mode", "both", "--batch", "1", "--baseline", str(ROOT), "--json", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for name in ("this", "baseline"):
+        tree = result["trees"][name]
+        assert Path(tree["dinat_m2f"]) == ROOT / "dinat_m2f"
+        assert tree["threads"] == 1
+    for mode in ("inference", "train"):
+        assert result[f"{mode}_this_s_median"] > 0 and result[f"{mode}_baseline_s_median"] > 0
+        assert result[f"{mode}_baseline_over_this"] > 0 and result[f"{mode}_cpu_baseline_over_this"] > 0
+        # the same code, seed and inputs: the workers' first outputs are bit-identical
+        assert result[f"{mode}_identical_first_output"] is True
+
+
+@pytest.mark.slow
+def test_profile_reports_the_copy_share():
+    proc = run_script("--profile", "5", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "aten::copy_" in proc.stdout and "Self CPU" in proc.stdout
