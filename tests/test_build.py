@@ -108,6 +108,8 @@ def test_loading_the_extension_registers_autograd_and_fake_kernels():
 
 _OPS = [
     *(f"na{d}d_{op}" for d in (1, 2) for op in ("qk", "av", "inverse", "rpb_grad", "fused_forward", "fused_backward")),
+    # CPU kernels only; a CUDA build registers an error naming the CUDA path instead (native/cuda_registration.cpp).
+    *(f"na{d}d_fused_{p}_with_attn" for d in (1, 2) for p in ("forward", "backward")),
     "ms_deform_attn_forward",
     "ms_deform_attn_backward",
 ]

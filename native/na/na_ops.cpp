@@ -8,6 +8,7 @@
 
 #include <sstream>
 #include <string>
+#include <vector>
 
 #include "dinat_m2f/exact_int.h"
 #include "dinat_m2f/na_common.h"
@@ -230,6 +231,64 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_op(const DeviceKernels
     grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(lse_dtype));
   }
   kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb_acc, p, scale);
+  Tensor grad_rpb =
+      rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+  return {from2d(c, grad_q), from2d(c, grad_k), from2d(c, grad_v), grad_rpb};
+}
+
+// ------------------------------------------------------------------------------------ saved weights (CPU)
+
+std::tuple<Tensor, Tensor> fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                      const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                      const std::optional<Tensor>& rpb_in, double scale) {
+  const Problem p = token_problem(c, q_in, "q");
+  check_same_shape(c, k_in, "k", q_in, "q");
+  check_same_shape(c, v_in, "v", q_in, "q");
+  if (rpb_in.has_value()) {
+    check_rpb(c, *rpb_in, q_in);
+  }
+  const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in);
+  const auto rpb = optional_rpb(c, rpb_in);
+  const auto acc_options = q.options().dtype(acc_type(q.scalar_type()));
+  Tensor out = at::empty_like(q);
+  // The row logsumexp is only a by-product here: the backward reads the weights.
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, acc_options);
+  Tensor attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), p.window()}, acc_options);
+  kernels.fused_forward_with_attn(q, k, v, rpb, out, lse, attn, p, scale);
+  return {from2d(c, out), from2d(c, attn)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                                       const Tensor& grad_out_in, const Tensor& q_in,
+                                                                       const Tensor& k_in, const Tensor& v_in,
+                                                                       const std::optional<Tensor>& rpb_in,
+                                                                       const Tensor& out_in, const Tensor& attn_in,
+                                                                       double scale) {
+  const Problem p = token_problem(c, q_in, "q");
+  check_same_shape(c, k_in, "k", q_in, "q");
+  check_same_shape(c, v_in, "v", q_in, "q");
+  check_same_shape(c, out_in, "out", q_in, "q");
+  check_same_shape(c, grad_out_in, "grad_out", q_in, "q");
+  if (rpb_in.has_value()) {
+    check_rpb(c, *rpb_in, q_in);
+  }
+  const auto attn_dtype = acc_type(q_in.scalar_type());
+  std::vector<int64_t> attn_shape(q_in.sizes().begin(), q_in.sizes().end() - 1);
+  attn_shape.push_back(p.window());
+  TORCH_CHECK(attn_in.scalar_type() == attn_dtype && attn_in.device() == q_in.device() &&
+                  attn_in.sizes() == at::IntArrayRef(attn_shape),
+              c.op, ": attn must be a ", attn_dtype,
+              " tensor of shape [*q.shape[:-1], window] on q's device (the weights the forward saved), got ",
+              attn_in.scalar_type(), " ", shape_str(attn_in), " on ", attn_in.device(), ".");
+  const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in), out = as2d(c, out_in);
+  const Tensor grad_out = as2d(c, grad_out_in), attn = as2d(c, attn_in);
+  const auto rpb = optional_rpb(c, rpb_in);
+  Tensor grad_q = at::empty_like(q), grad_k = at::empty_like(k), grad_v = at::empty_like(v);
+  Tensor grad_rpb_acc;
+  if (rpb.has_value()) {
+    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(attn_dtype));
+  }
+  kernels.fused_backward_with_attn(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb_acc, p, scale);
   Tensor grad_rpb =
       rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
   return {from2d(c, grad_q), from2d(c, grad_k), from2d(c, grad_v), grad_rpb};
