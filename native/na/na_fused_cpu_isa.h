@@ -122,6 +122,8 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
   V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
+  // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
+  T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
   for (int64_t l = 0; l < kLanes; ++l) {
     const T* qv = q + (row * W + r + p.dw * (jg0 + l)) * D;
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
@@ -141,7 +143,7 @@ void forward_tile(const T* q, const T* kt, const T* vt, const T* rpb, T* out, T*
       const T* kcol = krow + kj;
       for (int64_t d = 0; d < D; ++d) logit += qt[d] * load_lanes(kcol + d * W);
       probs[kj] = logit;
-      if (!s.logits.empty()) store_lanes(s.logits.data() + (ki * KW + kj) * kLanes, logit);
+      if (kept_logits != nullptr) store_lanes(kept_logits + (ki * KW + kj) * kLanes, logit);
       new_max = logit > new_max ? logit : new_max;
     }
     const V factor = exp_lanes(running_max - new_max);  // rescale what was accumulated under the old max
