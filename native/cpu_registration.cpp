@@ -6,5 +6,6 @@
 
 TORCH_LIBRARY_IMPL(dinat_m2f, CPU, m) {
   dinat_m2f::na::register_ops<dinat_m2f::na::kCpuKernels>(m);
+  dinat_m2f::na::register_saved_attn_ops<dinat_m2f::na::kCpuSavedAttnKernels>(m);
   dinat_m2f::msda::register_ops<dinat_m2f::msda::kCpuKernels>(m);
 }

@@ -13,9 +13,24 @@
 #include "dinat_m2f/ms_deform_attn_ops.h"
 #include "dinat_m2f/na_ops.h"
 
+namespace dinat_m2f {
+namespace {
+
+void cpu_only(const c10::OperatorHandle& op, torch::jit::Stack* stack) {
+  TORCH_CHECK(false, op.schema().name(),
+              " has CPU kernels only (it saves the attention weights for the CPU backward); on CUDA the fused "
+              "forward (na1d_fused_forward / na2d_fused_forward) recomputes them in its backward.");
+}
+
+}  // namespace
+}  // namespace dinat_m2f
+
 TORCH_LIBRARY_IMPL(dinat_m2f, CUDA, m) {
   dinat_m2f::na::register_ops<dinat_m2f::na::kCudaKernels>(m);
   dinat_m2f::msda::register_ops<dinat_m2f::msda::kCudaKernels>(m);
+  for (const char* name : dinat_m2f::kCpuOnlyOps) {
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&dinat_m2f::cpu_only>());
+  }
 }
 
 #else

@@ -121,6 +121,9 @@ _OPS = [
             "qkv_fused_backward",
         )
     ),
+    # CPU kernels only; a CUDA build registers an error naming the CUDA path instead (native/cuda_registration.cpp).
+    *(f"na{d}d_fused_{p}_with_attn" for d in (1, 2) for p in ("forward", "backward")),
+    *(f"na{d}d_qkv_fused_{p}_with_attn" for d in (1, 2) for p in ("forward", "backward")),
     "ms_deform_attn_forward",
     "ms_deform_attn_backward",
 ]

@@ -157,6 +157,7 @@ def _opcheck_cases():
         out, lse = getattr(LIB, f"{p}_fused_forward")(q, key, v, rpb, k, d, 0.5)
         attn = getattr(LIB, f"{p}_qk")(q, key, rpb, k, d)
         grad_out = _heads_last_like(out, seed=5).float()
+        weights = getattr(LIB, f"{p}_qkv_fused_forward_with_attn")(qkv, rpb, k, d, 0.5)[1]
         cases += [
             (getattr(LIB, f"{p}_qk"), (q, key, rpb, k, d)),
             (getattr(LIB, f"{p}_av"), (attn, v, k, d)),
@@ -167,11 +168,13 @@ def _opcheck_cases():
             (getattr(LIB, f"{p}_qkv_fused_forward"), (qkv, rpb, k, d, 0.5)),
             (getattr(LIB, f"{p}_qkv_fused_forward"), (qkv, None, k, d, 0.5)),
             (getattr(LIB, f"{p}_qkv_fused_backward"), (grad_out, qkv, rpb, out, lse, k, d, 0.5)),
+            (getattr(LIB, f"{p}_qkv_fused_forward_with_attn"), (qkv, rpb, k, d, 0.5)),
+            (getattr(LIB, f"{p}_qkv_fused_backward_with_attn"), (grad_out, qkv, rpb, out, weights, k, d, 0.5)),
         ]
     return cases
 
 
-@pytest.mark.parametrize("index", range(18))
+@pytest.mark.parametrize("index", range(22))
 def test_fake_kernels_give_the_real_strides(index):
     """opcheck (schema, fake vs real incl. strides, autograd registration) on strided inputs, and the strides
     compared explicitly."""
@@ -209,6 +212,54 @@ def test_packed_path_matches_reference_forward_and_backward(case):
     (want * g).sum().backward()
     torch.testing.assert_close(qkv1.grad, qkv2.grad, rtol=1e-7, atol=1e-9)
     torch.testing.assert_close(rpb1.grad, rpb2.grad, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
+@pytest.mark.parametrize("case", CASES[1:6:2] + CASES[6:7], ids=_case_id)
+def test_both_packed_backwards_match_reference(case, saves_attn):
+    """The packed op's two CPU backwards, each through its own forward op: from the saved weights (what training
+    on the CPU runs) and recomputing them from the logsumexp."""
+    dims, k, d, shape = case
+    qkv, _ = _packed(dims, shape, 3, 5, torch.float64)
+    rpb = _rpb(dims, 3, k, torch.float64)
+    name = f"na{dims}d_qkv_fused_forward" + ("_with_attn" if saves_attn else "")
+    reference = ref.na2d if dims == 2 else ref.na1d
+    packed = dims + 1
+    qkv1, rpb1, qkv2, rpb2 = (t.clone().requires_grad_() for t in (qkv, rpb, qkv, rpb))
+    out = getattr(LIB, name)(qkv1, rpb1, k, d, 0.6)[0]
+    want = reference(*(qkv2.select(packed, i).movedim(packed, 1) for i in range(3)), k, d, rpb2, 0.6)
+    torch.testing.assert_close(out, want, rtol=1e-7, atol=1e-9)
+    g = _heads_last_like(out, seed=9)
+    (out * g).sum().backward()
+    (want * g).sum().backward()
+    torch.testing.assert_close(qkv1.grad, qkv2.grad, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(rpb1.grad, rpb2.grad, rtol=1e-7, atol=1e-9)
+
+
+class _RecordNativeOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dinat_m2f":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_packed_path_saves_the_weights_in_cpu_training_only(dims):
+    shape = (9, 11) if dims == 2 else (17,)
+    qkv, _ = _packed(dims, shape, 2, 8, torch.float32)
+    rpb = _rpb(dims, 2, 3, torch.float32)
+    fn = ops.na2d_qkv if dims == 2 else ops.na1d_qkv
+    with _RecordNativeOps() as training:
+        fn(qkv.clone().requires_grad_(), 3, 2, rpb, backend="native").sum().backward()
+    p = f"na{dims}d_qkv_fused"
+    assert training.names == [f"{p}_forward_with_attn", f"{p}_backward_with_attn"]
+    with torch.no_grad(), _RecordNativeOps() as inference:
+        fn(qkv.clone().requires_grad_(), 3, 2, rpb, backend="native")
+    assert inference.names == [f"{p}_forward"]
 
 
 @pytest.mark.parametrize("dims,k,d,shape", [(2, 3, 1, (4, 5)), (2, 3, 2, (6, 7)), (2, 3, 1, (4, 20)), (1, 3, 2, (7,))])
@@ -296,15 +347,15 @@ def test_cpu_ops_copy_no_strided_input(dims, k, d, shape):
 
 
 def test_dense_path_writes_the_packed_layout_and_matches_contiguous_inputs():
-    """Windows that are whole dilation groups (DiNAT's 56x56 stage at dilation 8, in training) take the dense path:
-    from a packed qkv its output is heads-last too, and bit-identical to the dense path on contiguous q, k, v."""
-    qkv, (q, key, v) = _packed(2, (24, 24), 2, 32, torch.float32, batch=3)  # 3 * 2 * 576 tokens: dense pays off
-    qkv.requires_grad_()
-    rpb = _rpb(2, 2, 3, torch.float32)
-    out = ops.na2d_qkv(qkv, 3, 8, rpb, 0.5, backend="native")
+    """A window that is the whole map (DiNAT's 7x7 stage at k=7, in inference) takes the dense path: from a packed
+    qkv its output is heads-last too, and bit-identical to the dense path on contiguous q, k, v."""
+    qkv, (q, key, v) = _packed(2, (7, 7), 8, 32, torch.float32, batch=8)  # 8 * 8 * 49 tokens: dense pays off
+    rpb = _rpb(2, 8, 7, torch.float32)
+    with torch.no_grad():
+        out = ops.na2d_qkv(qkv, 7, 1, rpb, 0.5, backend="native")
     assert out.permute(0, 2, 3, 1, 4).is_contiguous()
-    contiguous = [t.detach().contiguous() for t in (q, key, v)]
-    want = _na._dense_attention(*contiguous, 3, 8, 2, rpb, 0.5)
+    contiguous = [t.contiguous() for t in (q, key, v)]
+    want = _na._dense_attention(*contiguous, 7, 1, 2, rpb, 0.5)
     assert want.is_contiguous()
-    _equal(out.detach(), want)
-    torch.testing.assert_close(out.detach(), ref.na2d(*contiguous, 3, 8, rpb, 0.5), rtol=1e-4, atol=2e-5)
+    _equal(out, want)
+    torch.testing.assert_close(out, ref.na2d(*contiguous, 7, 1, rpb, 0.5), rtol=1e-4, atol=2e-5)

@@ -137,6 +137,77 @@ def test_fused_gradients_on_query_tiles(k, d, shape, dtype):
         torch.testing.assert_close(got, exp, **tol)
 
 
+def _fused_native(dims, saves_attn):
+    """The fused native op with its autograd: the saved-weights op (training on the CPU) or the recomputing one."""
+    lib = torch.ops.dinat_m2f
+    if saves_attn:
+        op = lib.na2d_fused_forward_with_attn if dims == 2 else lib.na1d_fused_forward_with_attn
+    else:
+        op = lib.na2d_fused_forward if dims == 2 else lib.na1d_fused_forward
+    return lambda q, k, v, ks, d, rpb, scale: op(q, k, v, rpb, ks, d, scale)[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
+@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
+@pytest.mark.parametrize("dims,k,d,shape", list(_all_cases()) + [pytest.param(2, 7, 1, (9, 40), id="2d-tiles-k7")])
+def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves_attn, dtype):
+    """Both CPU backwards of the fused op, each called directly: from the weights the forward saved, and recomputing
+    them from the logsumexp; the saved weights themselves are the reference softmax."""
+    head_dim = 32 if shape == (9, 40) else 5  # 32: a compiled head dim, whose maps hold query tiles
+    q, key, v = _inputs(shape, head_dim, dtype, "cpu")
+    rpb = _rpb(3, k, dims, dtype, "cpu") if with_rpb else None
+    fused = _fused_native(dims, saves_attn)
+    rfused = _funcs(dims)[5]
+    tensors = [q, key, v] + ([rpb] if with_rpb else [])
+    out, grads = _grads(lambda a, b, c, *r: fused(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    want, want_grads = _grads(lambda a, b, c, *r: rfused(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+    if saves_attn:
+        op = (
+            torch.ops.dinat_m2f.na2d_fused_forward_with_attn
+            if dims == 2
+            else torch.ops.dinat_m2f.na1d_fused_forward_with_attn
+        )
+        _, attn = op(q, key, v, rpb, k, d, 0.6)
+        rqk = _funcs(dims)[3]
+        torch.testing.assert_close(attn, rqk(q * 0.6, key, k, d, rpb).softmax(-1), **tol)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The dinat_m2f ops that run (below autograd, so the backward's ops too)."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "dinat_m2f":
+            self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_training_on_cpu_saves_the_weights_and_inference_does_not(dims):
+    fused = _funcs(dims)[2]
+    shape = (9, 11) if dims == 2 else (17,)
+    q, key, v = _inputs(shape, 8, torch.float32, "cpu")
+    rpb = _rpb(3, 3, dims, torch.float32, "cpu").requires_grad_()
+    with _RecordOps() as training:
+        fused(q, key, v, 3, 2, rpb).sum().backward()
+    assert training.names == [f"na{dims}d_fused_forward_with_attn", f"na{dims}d_fused_backward_with_attn"]
+    for no_grad in (torch.no_grad(), torch.inference_mode()):
+        with no_grad, _RecordOps() as inference:
+            fused(q, key, v, 3, 2, rpb)
+        assert inference.names == [f"na{dims}d_fused_forward"]
+    with _RecordOps() as no_input_needs_grad:
+        fused(q, key, v, 3, 2, rpb.detach())
+    assert no_input_needs_grad.names == [f"na{dims}d_fused_forward"]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dims", [1, 2])
 def test_fused_matches_unfused_and_default_scale(dims, device):
@@ -182,8 +253,9 @@ def _fused_op_only(dims):
     ],
 )
 def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, shape, dtype, device):
-    """Every window is its whole dilation group (each spatial size == k * dilation): ops.na*d switch to dense matrix
-    products with the bias per group (with dilation only on the CPU when autograd records), equal to the NA kernel."""
+    """Every window is its whole dilation group (each spatial size == k * dilation): dense matrix products with the
+    bias per group equal the NA kernel. ops.na*d take them for whole maps (d == 1), on the CPU in inference only
+    (training takes the fused kernel that saves the weights)."""
     if dtype == torch.bfloat16 and device != "cpu":
         pytest.skip("bf16 is covered on CPU")
     from dinat_m2f.ops import na
@@ -196,15 +268,20 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     rpb = _rpb(3, k, dims, dtype, device)
     fused = _funcs(dims)[2]
     out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
-    # Dilated groups: dense in training on the CPU only (where it was measured faster).
-    assert bool(calls) == (d == 1 or device == "cpu"), "the dense path choice is wrong"
+    # Training: dense for whole maps on CUDA only; the CPU's fused kernel with saved weights is faster.
+    assert bool(calls) == (d == 1 and device != "cpu"), "the dense path choice is wrong"
     want, want_grads = _grads(lambda a, b, c, r: _fused_op_only(dims)(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
     # bf16: the tolerances of test_low_precision_within_tolerance (both paths round their outputs to bf16).
     tol = TOL.get(dtype, dict(rtol=2e-2, atol=2e-2))
     grad_tol = TOL.get(dtype, dict(rtol=5e-2, atol=5e-2))
-    torch.testing.assert_close(out, want, **tol)
-    for got, exp in zip(grads, want_grads):
-        torch.testing.assert_close(got, exp, **grad_tol)
+    # What ops.na*d computed above, and the dense products themselves (taken for whole maps in inference only).
+    for got_out, got_grads in (
+        (out, grads),
+        _grads(lambda a, b, c, r: na._dense_attention(a, b, c, k, d, dims, r, 0.4), [q, key, v, rpb]),
+    ):
+        torch.testing.assert_close(got_out, want, **tol)
+        for got, exp in zip(got_grads, want_grads):
+            torch.testing.assert_close(got, exp, **grad_tol)
     # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps stay dense.
     calls.clear()
     with torch.no_grad():
@@ -218,9 +295,11 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
 
 
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize(("batch", "heads", "dense"), [(1, 16, False), (8, 16, True)])
-def test_dense_path_on_cpu_only_for_problems_large_enough(monkeypatch, batch, heads, dense, grad):
-    """7x7 maps at k=7: 784 query tokens stay on the fused kernel (faster there), 6272 go dense."""
+@pytest.mark.parametrize(("batch", "heads", "large"), [(1, 16, False), (8, 16, True)])
+def test_dense_path_on_cpu_only_for_problems_large_enough(monkeypatch, batch, heads, large, grad):
+    """7x7 maps at k=7 in inference: 784 query tokens stay on the fused kernel (faster there), 6272 go dense; in
+    training both take the fused kernel that saves the weights."""
+    dense = large and not grad
     from dinat_m2f.ops import na
 
     calls = []
@@ -261,9 +340,27 @@ def test_gradcheck_float64(dims, k, d, shape, device):
     assert torch.autograd.gradcheck(lambda a, b: av(a, b, k, d), (attn, v))
     assert torch.autograd.gradcheck(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.8), (q, key, v, rpb))
     assert torch.autograd.gradcheck(lambda a, b, c: fused(a, b, c, k, d), (q, key, v))
+    if device == "cpu":  # ops.na*d take the saved-weights backward above; the recomputing one directly here
+        recompute = _fused_native(dims, saves_attn=False)
+        assert torch.autograd.gradcheck(lambda a, b, c, r: recompute(a, b, c, k, d, r, 0.8), (q, key, v, rpb))
+        saved = _fused_native(dims, saves_attn=True)
+        assert torch.autograd.gradcheck(lambda a, b, c: saved(a, b, c, k, d, None, 0.8), (q, key, v))
     # The unfused ops' backward is made of NA primitives with their own autograd: double backward works.
     assert torch.autograd.gradgradcheck(lambda a, b, r: qk(a, b, k, d, r), (q, key, rpb))
     assert torch.autograd.gradgradcheck(lambda a, b: av(a, b, k, d), (attn, v))
+
+
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
+@pytest.mark.parametrize(
+    "dims,k,d,shape",
+    # Query tiles inside dilation groups (16 unclamped windows per group along W), every border; k 13 per query.
+    [(2, 5, 2, (10, 42)), (2, 3, 3, (9, 60)), (2, 13, 1, (13, 14)), (1, 7, 3, (23,)), (1, 3, 1, (40,))],
+)
+def test_fused_cpu_backward_paths_gradcheck_float64(dims, k, d, shape, saves_attn):
+    fused = _fused_native(dims, saves_attn)
+    q, key, v = (t.requires_grad_() for t in _inputs(shape, 3, torch.float64, "cpu", heads=1, batch=1))
+    rpb = _rpb(1, k, dims, torch.float64, "cpu").requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.8), (q, key, v, rpb))
 
 
 def test_fused_double_backward_says_it_is_unsupported():
@@ -333,6 +430,30 @@ def test_opcheck(device):
     ]:
         args = tuple(a.clone().requires_grad_() if isinstance(a, torch.Tensor) else a for a in args)
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_saved_weights_ops():
+    """The CPU-only ops of the saved-weights path (training): forward with autograd, and the backward they call."""
+    q, key, v = _inputs((6, 7), 4, torch.float32, "cpu", heads=2, batch=1)
+    rpb = _rpb(2, 3, 2, torch.float32, "cpu")
+    q1, k1, v1 = (t.flatten(2, 3) for t in (q, key, v))
+    rpb1 = _rpb(2, 3, 1, torch.float32, "cpu")
+    lib = torch.ops.dinat_m2f
+    for dims, tokens, bias, d in ((2, (q, key, v), rpb, 2), (1, (q1, k1, v1), rpb1, 4)):
+        forward = getattr(lib, f"na{dims}d_fused_forward_with_attn")
+        backward = getattr(lib, f"na{dims}d_fused_backward_with_attn")
+        out, attn = forward(*tokens, bias, 3, d, 0.5)
+        grad_out = torch.randn_like(out)
+        for b in (bias, None):
+            args = tuple(t.clone().requires_grad_() for t in tokens) + (
+                b.clone().requires_grad_() if b is not None else None,
+                3,
+                d,
+                0.5,
+            )
+            torch.library.opcheck(forward, args)
+        torch.library.opcheck(backward, (grad_out, *tokens, bias, out, attn, 3, d, 0.5))
+        torch.library.opcheck(backward, (grad_out, *tokens, None, out, attn, 3, d, 0.5))
 
 
 class _TinyNA(torch.nn.Module):
@@ -417,6 +538,17 @@ def _bad_calls():
                 q, q, key, v, None, v, torch.zeros(2, 3, 7, 9, device="meta"), 3, 1, 0.5
             ),
             r"lse must be a Float tensor of shape q.shape\[:-1\] on q's device, got Float \[2, 3, 7, 9\] on meta",
+        ),
+        (
+            "saved attn dtype",
+            lambda: torch.ops.dinat_m2f.na2d_fused_backward_with_attn(q, q, key, v, None, v, attn.double(), 3, 1, 0.5),
+            r"na2d_fused_backward_with_attn: attn must be a Float tensor of shape \[\*q.shape\[:-1\], window\] on "
+            r"q's device \(the weights the forward saved\), got Double \[2, 3, 7, 9, 9\] on cpu",
+        ),
+        (
+            "saved attn window",
+            lambda: torch.ops.dinat_m2f.na2d_fused_backward_with_attn(q, q, key, v, None, v, attn, 5, 1, 0.5),
+            r"attn must be a Float tensor .* got Float \[2, 3, 7, 9, 9\] on cpu",
         ),
         # kernel_size * dilation past int64: the size check must not wrap, and messages print the true product.
         (

@@ -4,6 +4,8 @@ For every shape it times, in one run and on the same tokens:
 - ``fused``: dinat_m2f.ops.na2d (online softmax, no attention weights materialised),
 - ``unfused``: na2d_qk -> softmax -> na2d_av,
 - ``reference``: dinat_m2f.ops.reference.na2d (pure-PyTorch gather + einsum),
+- ``dense``: dense attention per dilation group (dinat_m2f.ops.na._dense_attention), where every window is its
+  whole dilation group (size == k * dilation), the alternative ops.na2d takes for whole maps in inference,
 - ``sdpa``: dense torch.nn.functional.scaled_dot_product_attention over all H*W tokens,
 forward (``fwd``) and forward+backward (``fwd+bwd``), and prints ratios reference/ours. GFLOP/s counts the useful
 work of NA (2 * tokens * window * D multiply-adds per head forward, twice that backward); SDPA is credited with its
@@ -13,9 +15,15 @@ dense work. The machine's float32 matmul rate is measured first, as the yardstic
     python tools/benchmark_ops.py --json           # JSON records on stdout
     python tools/benchmark_ops.py --quick --isa avx2   # the AVX2 kernels on an AVX-512 machine
     python tools/benchmark_ops.py --impls fused,unfused --shapes 1x4x56x56x32   # a subset
+    python tools/benchmark_ops.py --impls fused,unfused --dtype float32,bfloat16 --models dinat-t-224
+                                                   # the fused/unfused cells of one model's stages
 
-The header names the CPU kernels' instruction-set path that ran (build_info()['cpu_isa']); ``unf/this`` is the
-unfused time over this implementation's (>= 1: not slower than the unfused pair).
+The full set is every attention shape of the real stages: DiNAT-T at 224 (56/28/14/7 maps, dilations 8/4/2/1 and the
+NA layers' 1), DiNAT-L with k 11 at the 512 and 640 crops (the Mask2Former dilations; maps smaller than k * dilation
+are padded to it, as the model does), each at batch 1 and 8. The header names the CPU kernels' instruction-set path
+that ran (build_info()['cpu_isa']); ``unf/this`` is the unfused time over this implementation's (>= 1: not slower
+than the unfused pair). With fused and unfused timed, a summary lists the fused/unfused speed ratio per cell and the
+minimum.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 
 import dinat_m2f
 from dinat_m2f import ops
-from dinat_m2f.ops import reference
+from dinat_m2f.ops import na, reference
 
 
 @dataclass
@@ -66,42 +74,75 @@ class Case:
     batch: int = 1
     with_reference: bool = True
     with_sdpa_backward: bool = True
+    model: str = ""  # the model and input whose stage this is (--models)
 
     @property
     def shape(self) -> str:
         return f"{self.batch}x{self.heads}x{self.height}x{self.width}x{self.dim}"
 
 
+# The reference's gathered keys ([tokens, window, D]) and dense attention's backward over all tokens are left out
+# above these sizes (memory, minutes on 2 cores).
+_REFERENCE_MAX_TOKENS = 4 * 56 * 56
+_SDPA_BACKWARD_MAX_MAP = 64 * 64
+
+
+def stage_cases(model: str, maps: list[int], heads: list[int], dilations: list[list[int]], kernel_size: int):
+    """One case per (stage, distinct dilation, batch 1 and 8): head dim 32 (DiNAT's); a map smaller than
+    kernel_size * dilation is padded to it (dinat_m2f.modeling.backbone.na_attention.padded_size)."""
+    cases = []
+    for batch in (1, 8):
+        for size, n_heads, stage_dilations in zip(maps, heads, dilations):
+            for dilation in sorted(set(stage_dilations)):
+                side = max(size, kernel_size * dilation)
+                tokens = batch * n_heads * side * side
+                cases.append(
+                    Case(
+                        side,
+                        side,
+                        n_heads,
+                        32,
+                        kernel_size,
+                        dilation,
+                        batch=batch,
+                        with_reference=tokens <= _REFERENCE_MAX_TOKENS,
+                        with_sdpa_backward=side * side <= _SDPA_BACKWARD_MAX_MAP,
+                        model=model,
+                    )
+                )
+    return cases
+
+
+# DiNAT-T at 224: maps 56/28/14/7, heads 2/4/8/16, k 7, NA layers (1) alternating with DiNA (floor(map / 7)); 7x7 is
+# the whole-map (dense) case. DiNAT-L in Mask2Former: heads 6/12/24/48, k 11, the dilations of every M2F DiNAT-L
+# config (spec dinat.md 3.2, chosen for the 640 crop: 160/80/40/20 maps), also at the 512 crop (128/64/32/16 maps).
+_DINAT_L_HEADS = [6, 12, 24, 48]
+_DINAT_L_M2F_DILATIONS = [[1, 14], [1, 4, 7], [1, 2, 3], [1]]
+MODEL_CASES = {
+    "dinat-t-224": stage_cases("dinat-t-224", [56, 28, 14, 7], [2, 4, 8, 16], [[1, 8], [1, 4], [1, 2], [1]], 7),
+    "dinat-l-512": stage_cases("dinat-l-512", [128, 64, 32, 16], _DINAT_L_HEADS, _DINAT_L_M2F_DILATIONS, 11),
+    "dinat-l-640": stage_cases("dinat-l-640", [160, 80, 40, 20], _DINAT_L_HEADS, _DINAT_L_M2F_DILATIONS, 11),
+}
 QUICK_CASES = [Case(56, 56, 4, 32, 7, 1), Case(56, 56, 4, 32, 7, 8)]
-FULL_CASES = QUICK_CASES + [
-    # DiNAT-T at 224 (heads 2/4/8/16, head dim 32, k 7) with its dilations; 7x7 is the whole-map (dense) case.
-    Case(56, 56, 2, 32, 7, 8, batch=8, with_reference=False),
-    Case(28, 28, 4, 32, 7, 1),
-    Case(28, 28, 4, 32, 7, 4),
-    Case(28, 28, 4, 32, 7, 4, batch=8, with_reference=False),
-    Case(14, 14, 8, 32, 7, 1),
-    Case(14, 14, 8, 32, 7, 2),
-    Case(14, 14, 8, 32, 7, 2, batch=8),
-    Case(7, 7, 16, 32, 7, 1),
-    Case(7, 7, 16, 32, 7, 1, batch=8),
-    # DiNAT-L at the 512 crop (heads 6/12/24/48, head dim 32, k 11): stride-16 and stride-32 maps.
-    Case(32, 32, 24, 32, 11, 2),
-    Case(16, 16, 48, 32, 11, 1),
-    # Mask2Former at 640x640, DiNAT stride-4 features; the reference's gathered keys would need ~2.5 GB here and
-    # dense attention's backward over 25 600 tokens takes minutes on 2 cores, so both are left out.
-    Case(160, 160, 4, 32, 11, 14, with_reference=False, with_sdpa_backward=False),
-]
+FULL_CASES = [case for cases in MODEL_CASES.values() for case in cases]
+
+
+# --timer: wall time, or the CPU time of this process (all its threads): on a machine shared with other jobs the
+# latter does not count the time the scheduler gives to them, so ratios stay steady under load; with several threads
+# it sums their time (spin-waiting included), so compare it between implementations, not with wall times.
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+_clock = CLOCKS["wall"]
 
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """(median, min) wall time in ms."""
+    """(median, min) time in ms on the --timer clock."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = _clock()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append((_clock() - start) * 1e3)
     return statistics.median(times), min(times)
 
 
@@ -135,6 +176,9 @@ def implementations(case: Case):
     def ref(q, key, v, rpb):
         return reference.na2d(q, key, v, k, d, rpb)
 
+    def dense(q, key, v, rpb):  # per dilation group; what ops.na2d computes for whole maps in inference
+        return na._dense_attention(q, key, v, k, d, 2, rpb, scale)
+
     def sdpa(q, key, v, rpb):
         out = torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3), key.flatten(2, 3), v.flatten(2, 3))
         return out.unflatten(2, q.shape[2:4])
@@ -142,6 +186,8 @@ def implementations(case: Case):
     impls = [("fused", fused), ("unfused", unfused)]
     if case.with_reference:
         impls.append(("reference", ref))
+    if case.height == case.width == k * d:  # every window is its whole dilation group
+        impls.append(("dense", dense))
     impls.append(("sdpa", sdpa))
     return impls
 
@@ -177,23 +223,68 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | N
 def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
     print(f"CPU kernels' instruction set: {dinat_m2f.build_info()['cpu_isa']}", file=file)
     print(f"float32 matmul (1024^3, {torch.get_num_threads()} threads): {matmul:.1f} GFLOP/s", file=file)
+    print(f"timer: {'wall time' if _clock is CLOCKS['wall'] else 'process CPU time'}", file=file)
     print("ms = median of the repeats, min = fastest; ref/this compares medians (and fastest repeats)", file=file)
     print(
-        f"{'shape':>18} {'k':>3} {'d':>3} {'pass':>8} {'impl':>10} {'ms':>9} {'min':>9} {'GFLOP/s':>8} {'% mm':>5} "
+        f"{'shape':>18} {'k':>3} {'d':>3} {'dtype':>8} {'pass':>8} {'impl':>10} {'ms':>9} {'min':>9} {'GFLOP/s':>8} {'% mm':>5} "
         f"{'ref/this':>8} {'(min)':>6} {'unf/this':>8}",
         file=file,
     )
-    by_key = {(r.shape, r.kernel_size, r.dilation, r.pass_, r.impl): r for r in records}
+    by_key = {(r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, r.impl): r for r in records}
     for r in records:
-        ref = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "reference"))
-        unf = by_key.get((r.shape, r.kernel_size, r.dilation, r.pass_, "unfused"))
+        ref = by_key.get((r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, "reference"))
+        unf = by_key.get((r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, "unfused"))
         ratio = f"{ref.ms / r.ms:8.1f} {ref.ms_min / r.ms_min:6.1f}" if ref is not None else f"{'-':>8} {'-':>6}"
         ratio += f" {unf.ms / r.ms:8.2f}" if unf is not None else f" {'-':>8}"
         print(
-            f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.pass_:>8} {r.impl:>10} {r.ms:9.2f} {r.ms_min:9.2f} "
+            f"{r.shape:>18} {r.kernel_size:>3} {r.dilation:>3} {r.dtype:>8} {r.pass_:>8} {r.impl:>10} {r.ms:9.2f} {r.ms_min:9.2f} "
             f"{r.gflops:8.2f} {100 * r.gflops / matmul:5.1f} {ratio}",
             file=file,
         )
+
+
+def print_fused_unfused_summary(records: list[Record], file=sys.stdout) -> None:
+    """Per cell (shape, k, d, dtype): unfused time over fused (>= 1: the fused op is not slower), forward and forward +
+    backward, on medians and on fastest repeats; then the minimum of each column."""
+    by_key = {(r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, r.impl): r for r in records}
+    cells = list(dict.fromkeys((r.shape, r.kernel_size, r.dilation, r.dtype) for r in records))
+    passes = ("fwd", "fwd+bwd")
+    columns = {(p, stat): [] for p in passes for stat in ("ms", "ms_min")}
+    rows = []
+    for cell in cells:
+        ratios = []
+        for p in passes:
+            fused, unfused = by_key.get((*cell, p, "fused")), by_key.get((*cell, p, "unfused"))
+            for stat in ("ms", "ms_min"):
+                if fused is None or unfused is None:
+                    ratios.append(None)
+                    continue
+                ratio = getattr(unfused, stat) / getattr(fused, stat)
+                columns[(p, stat)].append((ratio, cell))
+                ratios.append(ratio)
+        if any(r is not None for r in ratios):
+            rows.append((cell, ratios))
+    if not rows:
+        return
+    print("\nfused/unfused speed (unfused ms / fused ms; >= 1: fused not slower), median (fastest repeat)", file=file)
+    print(f"{'shape':>20} {'k':>3} {'d':>3} {'dtype':>9} {'fwd':>13} {'fwd+bwd':>13}", file=file)
+
+    def fmt(median, fastest):
+        return f"{'-':>13}" if median is None else f"{median:6.2f} ({fastest:4.2f})"
+
+    for (shape, k, d, dtype), r in rows:
+        print(f"{shape:>20} {k:>3} {d:>3} {dtype:>9} {fmt(r[0], r[1])} {fmt(r[2], r[3])}", file=file)
+    for p in passes:
+        for stat, what in (("ms", "median"), ("ms_min", "fastest repeat")):
+            values = columns[(p, stat)]
+            if values:
+                ratio, (shape, k, d, dtype) = min(values)
+                below = sum(1 for v, _ in values if v < 1.0)
+                print(
+                    f"minimum {p} ({what}): {ratio:.2f} at {shape} k={k} d={d} {dtype}; "
+                    f"{below} of {len(values)} cells below 1.00",
+                    file=file,
+                )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -204,7 +295,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--repeats", type=int, default=None, help="timed repeats per measurement (median and min reported)"
     )
-    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument(
+        "--dtype", default="float32", help="comma-separated dtypes: float32, float64, bfloat16 (default float32)"
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated model stage sets of the full run ({', '.join(MODEL_CASES)}; default all)",
+    )
+    parser.add_argument("--batches", default=None, help="comma-separated batch sizes to run (default 1,8)")
+    parser.add_argument(
+        "--timer",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="wall time, or this process's CPU time (steadier on a shared machine; see CLOCKS)",
+    )
     parser.add_argument(
         "--isa",
         default=None,
@@ -226,14 +331,34 @@ def main(argv: list[str] | None = None) -> None:
         os.environ["DINAT_M2F_CPU_ISA"] = args.isa
 
     torch.set_num_threads(args.threads)
+    global _clock
+    _clock = CLOCKS[args.timer]
     repeats = args.repeats or (7 if args.quick else 10)
-    dtype = getattr(torch, args.dtype)
+    dtypes = []
+    for name in args.dtype.split(","):
+        if name not in ("float32", "float64", "bfloat16"):
+            parser.error(f"--dtype: {name!r} is not one of float32, float64, bfloat16")
+        dtypes.append(getattr(torch, name))
+    if args.models is not None:
+        unknown = set(args.models.split(",")) - set(MODEL_CASES)
+        if unknown:
+            parser.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODEL_CASES)}")
     matmul = matmul_gflops(repeats)
     records = []
     impls = set(args.impls.split(",")) if args.impls else None
     shapes = set(args.shapes.split(",")) if args.shapes else None
-    for case in QUICK_CASES if args.quick else FULL_CASES:
-        if shapes is None or case.shape in shapes:
+    models = set(args.models.split(",")) if args.models else None
+    batches = {int(b) for b in args.batches.split(",")} if args.batches else None
+    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = [
+        c
+        for c in cases
+        if (shapes is None or c.shape in shapes)
+        and (models is None or c.model in models)
+        and (batches is None or c.batch in batches)
+    ]
+    for dtype in dtypes:
+        for case in cases:
             records.extend(bench_case(case, dtype, repeats, impls))
     if args.json:
         print(
@@ -242,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cpu_isa": dinat_m2f.build_info()["cpu_isa"],
                     "matmul_float32_gflops": matmul,
                     "threads": args.threads,
+                    "timer": args.timer,
                     "records": [r.to_json() for r in records],
                 },
                 indent=1,
@@ -249,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         print_table(records, matmul)
+        print_fused_unfused_summary(records)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ backward formulas, both registered through torch.library, so a module using thes
 Backward of the unfused ops reuses NATTEN's three primitives (spec 1.4):
 - QK (pointwise-neighborhood): grad_q = AV(grad_attn, k), grad_k = inverse(grad_attn, q), grad_rpb = rpb_grad(grad_attn)
 - AV (neighborhood-neighborhood): grad_attn = QK(grad_out, v), grad_v = inverse(attn, grad_out)
-The fused ops store the row logsumexp and recompute the weights in their own backward kernel.
+The fused ops store the row logsumexp and recompute the weights in their own backward kernel. In training on the CPU
+the fused forward instead saves the normalized weights (``na*d_fused_forward_with_attn``, what the unfused pair stores
+too) and its backward reads them (``na*d_fused_backward_with_attn``): one window product fewer than recomputing.
 
 Layouts: the CPU kernels read q, k, v (and weights, grad_out, out) with any strides whose last dim is unit-stride,
 and allocate token-shaped outputs in the memory order of their token input (_empty_in_order_of, the rule of the C++
@@ -276,6 +278,45 @@ def _register_fakes(dim: int) -> None:
         grad_rpb = check_fused_backward(op, grad_out, q, k, v, rpb, out, lse, kernel_size, dilation)
         return qkv.new_empty(qkv.shape), grad_rpb
 
+    @torch.library.register_fake(f"{p}_fused_forward_with_attn")
+    def _fused_forward_with_attn(q, k, v, rpb, kernel_size, dilation, scale):
+        out, _ = _fused_forward(q, k, v, rpb, kernel_size, dilation, scale)
+        return out, q.new_empty((*q.shape[:-1], kernel_size**dim), dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake(f"{p}_fused_backward_with_attn")
+    def _fused_backward_with_attn(grad_out, q, k, v, rpb, out, attn, kernel_size, dilation, scale):
+        op = f"{name}_fused_backward_with_attn"
+        grad_rpb = check_backward_with_attn(op, grad_out, q, k, v, rpb, out, attn, kernel_size, dilation)
+        return _empty_in_order_of(q.shape, q), _empty_in_order_of(k.shape, k), _empty_in_order_of(v.shape, v), grad_rpb
+
+    @torch.library.register_fake(f"{p}_qkv_fused_forward_with_attn")
+    def _qkv_fused_forward_with_attn(qkv, rpb, kernel_size, dilation, scale):
+        op = f"{name}_qkv"
+        q, k, v = _check_qkv(op, dim, qkv)
+        out, _ = fused_forward(op, q, k, v, rpb, kernel_size, dilation)
+        return out, q.new_empty((*q.shape[:-1], kernel_size**dim), dtype=_lse_dtype(q.dtype))
+
+    @torch.library.register_fake(f"{p}_qkv_fused_backward_with_attn")
+    def _qkv_fused_backward_with_attn(grad_out, qkv, rpb, out, attn, kernel_size, dilation, scale):
+        op = f"{name}_qkv_fused_backward_with_attn"
+        q, k, v = _check_qkv(op, dim, qkv)
+        grad_rpb = check_backward_with_attn(op, grad_out, q, k, v, rpb, out, attn, kernel_size, dilation)
+        return qkv.new_empty(qkv.shape), grad_rpb
+
+    def check_backward_with_attn(op, grad_out, q, k, v, rpb, out, attn, kernel_size, dilation):
+        _check_tokens(op, dim, q, "q", kernel_size, dilation)
+        for t, t_name in ((k, "k"), (v, "v"), (out, "out"), (grad_out, "grad_out")):
+            _check_sameshape_text(op, t, t_name, q, "q")
+        _check_rpb(op, dim, rpb, q, kernel_size)
+        attn_dtype = _lse_dtype(q.dtype)
+        require(
+            attn.dtype == attn_dtype and attn.device == q.device and attn.shape == (*q.shape[:-1], kernel_size**dim),
+            op,
+            f"attn must be a {c10_dtype(attn_dtype)} tensor of shape [*q.shape[:-1], window] on q's device (the "
+            f"weights the forward saved), got {c10_dtype(attn.dtype)} {shape_text(attn)} on {attn.device}.",
+        )
+        return rpb.new_empty(rpb.shape) if rpb is not None else q.new_empty((0,))
+
 
 # ----------------------------------------------------------------------------------------------- autograd
 
@@ -287,6 +328,8 @@ def _register_autograd(dim: int) -> None:
     rpb_grad_op = getattr(_OPS, f"na{dim}d_rpb_grad")
     fused_backward_op = getattr(_OPS, f"na{dim}d_fused_backward")
     qkv_fused_backward_op = getattr(_OPS, f"na{dim}d_qkv_fused_backward")
+    fused_backward_with_attn_op = getattr(_OPS, f"na{dim}d_fused_backward_with_attn")
+    qkv_fused_backward_with_attn_op = getattr(_OPS, f"na{dim}d_qkv_fused_backward_with_attn")
     p = f"dinat_m2f::na{dim}d"
 
     def qk_setup(ctx, inputs, output):
@@ -343,6 +386,33 @@ def _register_autograd(dim: int) -> None:
         )
         return grad_qkv, (grad_rpb if rpb is not None else None), None, None, None
 
+    def fused_with_attn_setup(ctx, inputs, output):
+        q, k, v, rpb, kernel_size, dilation, scale = inputs
+        out, attn = output
+        ctx.save_for_backward(q, k, v, rpb, out, attn)
+        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+
+    def fused_with_attn_backward(ctx, grad_out, _grad_attn):
+        q, k, v, rpb, out, attn = ctx.saved_tensors
+        grad_q, grad_k, grad_v, grad_rpb = fused_backward_with_attn_op(
+            grad_out, q, k, v, rpb, out, attn, ctx.kernel_size, ctx.dilation, ctx.scale
+        )
+        return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
+
+    def qkv_fused_with_attn_setup(ctx, inputs, output):
+        qkv, rpb, kernel_size, dilation, scale = inputs
+        out, attn = output
+        ctx.save_for_backward(qkv, rpb, out, attn)
+        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+
+    def qkv_fused_with_attn_backward(ctx, grad_out, _grad_attn):
+        # The saved weights, and one packed gradient buffer (as qkv_fused_backward's).
+        qkv, rpb, out, attn = ctx.saved_tensors
+        grad_qkv, grad_rpb = qkv_fused_backward_with_attn_op(
+            grad_out, qkv, rpb, out, attn, ctx.kernel_size, ctx.dilation, ctx.scale
+        )
+        return grad_qkv, (grad_rpb if rpb is not None else None), None, None, None
+
     # inverse(w, x) is bilinear and rpb_grad linear: their gradients are again NA primitives, so the unfused ops
     # support double backward.
     def inverse_backward(ctx, grad_out):
@@ -381,6 +451,18 @@ def _register_autograd(dim: int) -> None:
     torch.library.register_autograd(f"{p}_av", av_backward, setup_context=pair_setup)
     torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
     torch.library.register_autograd(f"{p}_qkv_fused_forward", qkv_fused_backward, setup_context=qkv_fused_setup)
+    torch.library.register_autograd(
+        f"{p}_fused_backward_with_attn", fused_double_backward, setup_context=fused_backward_setup
+    )
+    torch.library.register_autograd(
+        f"{p}_fused_forward_with_attn", fused_with_attn_backward, setup_context=fused_with_attn_setup
+    )
+    torch.library.register_autograd(
+        f"{p}_qkv_fused_backward_with_attn", fused_double_backward, setup_context=fused_backward_setup
+    )
+    torch.library.register_autograd(
+        f"{p}_qkv_fused_forward_with_attn", qkv_fused_with_attn_backward, setup_context=qkv_fused_with_attn_setup
+    )
 
 
 @functools.cache
@@ -448,8 +530,8 @@ def _records_grad(*tensors) -> bool:
 
 
 # Below this many query tokens (batch * heads * map) the dense path's fixed cost (regrouping, bias gather, a dozen
-# small ops with autograd) loses to the fused CPU kernels: 1x16x7x7 (784) fused 1.1x the unfused pair forward +
-# backward, dense 0.76x; 1x4x28x28 at d=4 (3136) dense 1.25x, fused 0.85x (tools/benchmark_ops.py, one thread).
+# small ops) loses to the fused CPU kernel's forward: 1x16x7x7 (784) fused 1.22x the unfused forward
+# (tools/benchmark_ops.py, one thread).
 _DENSE_MIN_TOKENS_CPU = 2048
 
 
@@ -462,8 +544,11 @@ def _dense_pays_off(q: torch.Tensor, dilation: int, *others) -> bool:
         return dilation == 1
     if math.prod(q.shape[:-1]) < _DENSE_MIN_TOKENS_CPU:
         return False
-    # With dilation the forward alone is faster in the fused kernel (regrouping copies); forward + backward is not.
-    return dilation == 1 or _records_grad(q, *others)
+    # Inference: the whole map only (with dilation the fused forward is faster: no regrouping copies). Training: the
+    # fused kernel's backward from the saved weights beats the dense products' at DiNAT's whole-group stages (one
+    # thread, CPU time, fused / dense forward + backward: 8x16x7x7 d=1 3.3 / 4.2 ms, 1x4x28x28 d=4 1.9 / 2.4 ms,
+    # 8x8x14x14 d=2 7.7 / 10.1 ms, 8x2x56x56 d=8 38 / 40 ms).
+    return dilation == 1 and not _records_grad(q, *others)
 
 
 def _dense_bias(rpb: torch.Tensor, kernel_size: int, dims: int) -> torch.Tensor:
@@ -509,13 +594,26 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
     return physical.permute([order.index(d) for d in range(q.dim())]).to(q.dtype)
 
 
-def _native_fused(op, dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
+def _saves_attn(q, *others) -> bool:
+    """Whether the fused forward saves the weights for its backward: in training on the CPU. The backward then reads
+    them instead of recomputing the logits, which makes forward + backward faster than the unfused pair's; the cost
+    is the memory the unfused pair spends too, B * heads * tokens * kernel_size**dims weights (float32 for float32
+    and bfloat16 inputs) held until the backward. Inference, and CUDA (no kernels for these ops), keep the
+    recomputing backward."""
+    return q.device.type == "cpu" and _records_grad(q, *others)
+
+
+def _native_fused(dims: int, q, k, v, kernel_size: int, dilation: int, rpb, scale: float) -> torch.Tensor:
     if _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and _dense_pays_off(q, dilation, k, v, rpb):
-        # e.g. k = 7 on the 7x7 last stage: NA is dense attention with a bias, and BLAS does it faster. With dilation
-        # (DiNAT's 56x56 stage at dilation 8) each group is one window: the dense products beat the fused kernels'
-        # forward + backward (which recomputes the logits). When this pays off: _dense_pays_off.
+        # e.g. k = 7 on the 7x7 last stage in inference: NA is dense attention with a bias, and BLAS does it faster.
+        # When this pays off: _dense_pays_off.
         return _dense_attention(q, k, v, kernel_size, dilation, dims, rpb, scale)
-    # The fused forward also returns the row logsumexp (kept for backward); callers want only the output.
+    if _saves_attn(q, k, v, rpb):
+        op = _OPS.na1d_fused_forward_with_attn if dims == 1 else _OPS.na2d_fused_forward_with_attn
+    else:
+        op = _OPS.na1d_fused_forward if dims == 1 else _OPS.na2d_fused_forward
+    # The fused forward also returns what its backward reads (the row logsumexp or the weights); callers want only
+    # the output.
     return op(q, k, v, rpb, kernel_size, dilation, scale)[0]
 
 
@@ -575,8 +673,7 @@ def _fused_na(name: str, dims: int, q, k, v, kernel_size: int, dilation: int, rp
         from dinat_m2f.ops import na_triton
 
         return getattr(na_triton, name)(q, k, v, kernel_size, dilation, rpb, scale)
-    op = _OPS.na1d_fused_forward if dims == 1 else _OPS.na2d_fused_forward
-    return _native_fused(op, dims, q, k, v, kernel_size, dilation, rpb, scale)
+    return _native_fused(dims, q, k, v, kernel_size, dilation, rpb, scale)
 
 
 def _fused_na_qkv(name: str, dims: int, qkv, kernel_size: int, dilation: int, rpb, scale, backend) -> torch.Tensor:
@@ -589,7 +686,10 @@ def _fused_na_qkv(name: str, dims: int, qkv, kernel_size: int, dilation: int, rp
         _window_covers_group(dims, q, k, v, kernel_size, dilation, rpb) and _dense_pays_off(q, dilation, qkv, rpb)
     ):
         return _fused_na(base, dims, q, k, v, kernel_size, dilation, rpb, scale, backend)
-    op = _OPS.na1d_qkv_fused_forward if dims == 1 else _OPS.na2d_qkv_fused_forward
+    if _saves_attn(qkv, rpb):  # training on the CPU: the backward reads the saved weights (see _saves_attn)
+        op = _OPS.na1d_qkv_fused_forward_with_attn if dims == 1 else _OPS.na2d_qkv_fused_forward_with_attn
+    else:
+        op = _OPS.na1d_qkv_fused_forward if dims == 1 else _OPS.na2d_qkv_fused_forward
     return op(qkv, rpb, kernel_size, dilation, scale)[0]
 
 
@@ -639,9 +739,9 @@ def na1d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole sequence (L == kernel_size), or in training on the CPU when every window is its
-    whole dilation group (L == kernel_size * dilation), the native backend computes it as the dense attention with a
-    bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
+    When the window is the whole sequence (L == kernel_size), the native backend computes it as the dense attention
+    with a bias that it then is (on the CPU in inference only, for problems of 2048+ query tokens, where that is
+    faster). In training on the CPU the fused forward saves the attention weights for its backward.
     """
     return _fused_na("na1d", 1, q, k, v, kernel_size, dilation, rpb, scale, backend)
 
@@ -658,8 +758,8 @@ def na2d(
 ) -> torch.Tensor:
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
 
-    When the window is the whole map (H == W == kernel_size), or in training on the CPU when every window is its
-    whole dilation group (H == W == kernel_size * dilation), the native backend computes it as the dense attention
-    with a bias (per group) that it then is (on the CPU for problems of 2048+ query tokens, where that is faster).
+    When the window is the whole map (H == W == kernel_size), the native backend computes it as the dense attention
+    with a bias that it then is (on the CPU in inference only, for problems of 2048+ query tokens, where that is
+    faster). In training on the CPU the fused forward saves the attention weights for its backward.
     """
     return _fused_na("na2d", 2, q, k, v, kernel_size, dilation, rpb, scale, backend)

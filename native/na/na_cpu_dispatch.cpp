@@ -50,6 +50,15 @@ DeviceKernels kernels_of(CpuIsa isa) {
 
 DeviceKernels selected_kernels() { return kernels_of(selected_cpu_isa()); }
 
+SavedAttnKernels selected_saved_attn_kernels() {
+#if defined(__x86_64__)
+  if (selected_cpu_isa() == CpuIsa::avx512) {
+    return {&avx512::fused_forward_with_attn, &avx512::fused_backward_with_attn};
+  }
+#endif
+  return {&avx2::fused_forward_with_attn, &avx2::fused_backward_with_attn};
+}
+
 }  // namespace
 
 const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::avx512 ? "avx512" : "avx2"; }
@@ -107,6 +116,20 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
                     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
                     const at::Tensor& grad_rpb, const Problem& p, double scale) {
   selected_kernels().fused_backward(grad_out, q, k, v, rpb, out, lse, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+}
+
+void fused_forward_with_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                             const at::Tensor& attn, const Problem& p, double scale) {
+  selected_saved_attn_kernels().fused_forward_with_attn(q, k, v, rpb, out, lse, attn, p, scale);
+}
+
+void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& attn, const at::Tensor& grad_q,
+                              const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& grad_rpb,
+                              const Problem& p, double scale) {
+  selected_saved_attn_kernels().fused_backward_with_attn(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb,
+                                                         p, scale);
 }
 
 }  // namespace dinat_m2f::na::cpu

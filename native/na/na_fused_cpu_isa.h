@@ -6,6 +6,9 @@
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
+// With saved weights (training, fused_forward_with_attn / fused_backward_with_attn): the forward also writes the
+// normalized weights P, and the backward reads them instead of recomputing q.k, so its query pass is dO . v, dS and dQ
+// only (one window product fewer than the recomputing backward, as many as the unfused backward).
 //
 // Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
 // guard: each ISA translation unit includes it once).
@@ -42,6 +45,28 @@ inline void window_logits(const T* qv, const T* const* keys, const T* rpb, T sca
     }
   }
 }
+
+// A compiled head dim of at most 4 whole vectors: the sums over a window (dQ, dK, dV) can stay in registers.
+template <typename T, int64_t kD>
+inline constexpr bool kRowsInRegisters = kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4;
+
+// One row of kD values as kD / kLanes vectors, kept in registers by the sums over a window: an axpy into a row in
+// memory reloads and stores it per term (the compiler cannot rule out aliasing with the weights read in the loop),
+// and that store-to-load chain, not the multiply-adds, bounded the key pass.
+template <typename T, int64_t kD>
+struct RegisterRow {
+  static constexpr int64_t kVectors = kD / kLanes;
+  Lanes<T> v[kVectors];
+  RegisterRow() {
+    for (int64_t c = 0; c < kVectors; ++c) v[c] = Lanes<T>{};
+  }
+  void add(T alpha, const T* x) {
+    for (int64_t c = 0; c < kVectors; ++c) v[c] += alpha * load_lanes(x + c * kLanes);
+  }
+  void store(T alpha, T* out) const {
+    for (int64_t c = 0; c < kVectors; ++c) store_lanes(out + c * kLanes, v[c] * alpha);
+  }
+};
 
 // Query tiles: kLanes consecutive queries of one dilation group along W whose windows are not clamped along W (the
 // "interior"). Their keys at window column kj are consecutive group columns (lane l: j'0 - kw/2 + kj + l), so with
@@ -81,7 +106,9 @@ bool has_query_tiles(const Problem& p) {
 template <typename T>
 struct TileScratch {
   std::vector<T> qt, acc, probs;
-  TileScratch(int64_t dim, int64_t kw) : qt(dim * kLanes), acc(dim * kLanes), probs(kw * kLanes) {}
+  std::vector<T> logits;  // saving the weights: the tile's kh * kw logits ([slot][lanes]); empty otherwise
+  TileScratch(int64_t dim, int64_t kw, int64_t window_if_saving)
+      : qt(dim * kLanes), acc(dim * kLanes), probs(kw * kLanes), logits(window_if_saving * kLanes) {}
 };
 
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
@@ -96,6 +123,8 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
   V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
+  // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
+  T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
   for (int64_t l = 0; l < kLanes; ++l) {
     const T* qv = q.at(i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
@@ -115,6 +144,7 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
       const T* kcol = krow + kj;
       for (int64_t d = 0; d < D; ++d) logit += qt[d] * load_lanes(kcol + d * W);
       probs[kj] = logit;
+      if (kept_logits != nullptr) store_lanes(kept_logits + (ki * KW + kj) * kLanes, logit);
       new_max = logit > new_max ? logit : new_max;
     }
     const V factor = exp_lanes(running_max - new_max);  // rescale what was accumulated under the old max
@@ -157,6 +187,19 @@ void forward_query(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T
   for (int64_t n = 0; n < KK; ++n) {
     sum += logits[n];
   }
+  T* o = out.at(i, j);
+  const T inv = T(1) / sum;
+  lse[row * W + j] = max + std::log(sum);
+  if constexpr (kRowsInRegisters<T, kD>) {
+    RegisterRow<T, kD> weighted;
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      const T* vrow = v.row_at(win.h.start[i] + ki * p.dh);
+      const T* prow = logits + ki * p.kw;
+      for (int64_t kj = 0; kj < p.kw; ++kj) weighted.add(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * v.col);
+    }
+    weighted.store(inv, o);
+    return;
+  }
   std::fill(acc, acc + D, T(0));
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const T* vrow = v.row_at(win.h.start[i] + ki * p.dh);
@@ -165,34 +208,60 @@ void forward_query(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T
       axpy(prow[kj], vrow + (win.w.start[j] + kj * p.dw) * v.col, acc, D);
     }
   }
-  T* o = out.at(i, j);
-  const T inv = T(1) / sum;
   for (int64_t d = 0; d < D; ++d) {
     o[d] = acc[d] * inv;
   }
-  lse[row * W + j] = max + std::log(sum);
 }
 
-// kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path).
+// Saving the weights: P of one query from forward_query's window buffer (exp(logit - max) on return).
+template <typename T>
+inline void store_query_weights(const T* exp_logits, int64_t window, T* weights) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t n = 0; n < window; ++n) sum += exp_logits[n];
+  const T inv = T(1) / sum;
+  for (int64_t n = 0; n < window; ++n) weights[n] = exp_logits[n] * inv;
+}
+
+// Saving the weights: P = exp(logit - lse) of a forward_tile's kLanes queries (tokens token0 + dw * l) from the logits
+// it kept, once the online softmax has their logsumexp: a second, cheap pass over the window.
+template <typename T>
+void store_tile_weights(const TileScratch<T>& s, const T* lse, int64_t token0, const Problem& p, T* weights) {
+  using V = Lanes<T>;
+  const int64_t KK = p.window();
+  V row_lse;
+  for (int64_t l = 0; l < kLanes; ++l) row_lse[l] = lse[token0 + p.dw * l];
+  T* first = weights + token0 * KK;
+  const int64_t lane_stride = p.dw * KK;
+  for (int64_t n = 0; n < KK; ++n) {
+    const V prob = exp_lanes(load_lanes(s.logits.data() + n * kLanes) - row_lse);
+    for (int64_t l = 0; l < kLanes; ++l) first[l * lane_stride + n] = prob[l];
+  }
+}
+
+// kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path). weights: where
+// to save P ([BH * H * W, kh * kw]), nullptr when not saving.
 template <typename T, int64_t kD>
 void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
                     Strided<T> out_all, T* lse, const Problem& p, T scale, const T* kt, const T* vt,
-                    const std::vector<int64_t>& group_offset) {
+                    const std::vector<int64_t>& group_offset, T* weights) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2, KK = p.window();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
     const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
     const Slice<T> out = out_all.slice(bh);
-    std::vector<T> acc(D), logits(p.window());
-    std::vector<const T*> keys(p.window());
+    std::vector<T> acc(D), logits(KK);
+    std::vector<const T*> keys(KK);
+    const auto one_query = [&](int64_t j) {
+      forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
+      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
+    };
     if (kt == nullptr) {
-      for (int64_t j = 0; j < W; ++j) {
-        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
-      }
+      for (int64_t j = 0; j < W; ++j) one_query(j);
       return;
     }
-    TileScratch<T> scratch(D, p.kw);
+    TileScratch<T> scratch(D, p.kw, weights != nullptr ? KK : 0);
     for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
       const int64_t glen = group_length(r, W, p.dw);
       const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
@@ -201,10 +270,10 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
         if (jg >= half && jg + kLanes <= interior_end) {
           forward_tile<T, kD>(q, kt, vt, rpb, out, lse, bh, i, r, jg, group_offset[r] + jg - half, p, win, scale,
                               scratch);
+          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
           jg += kLanes;
         } else {
-          forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, r + p.dw * jg, p, win, scale, acc.data(), logits.data(),
-                               keys.data());
+          one_query(r + p.dw * jg);
           ++jg;
         }
       }
@@ -407,11 +476,50 @@ void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, 
   });
 }
 
+// backward_key_pass with the dK and dV sums of each key in registers (kRowsInRegisters).
+template <typename T, int64_t kD>
+void backward_key_pass_in_registers(Strided<const T> grad_out_all, Strided<const T> q_all, const T* prob_ws,
+                                    const T* ds_ws, Strided<T> grad_k_all, Strided<T> grad_v_all, int64_t s0,
+                                    int64_t s1, const Problem& p, const Windows& win, T scale) {
+  const int64_t H = p.height, W = p.width, KK = p.window();
+  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+    const int64_t row = s0 * H + local_row;
+    const int64_t bh = row / H, xi = row % H;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh);
+    const Slice<T> grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
+    std::vector<int64_t> slot_w;  // window column of key xj in the window of each query of its inverse along W
+    for (int64_t xj = 0; xj < W; ++xj) {
+      RegisterRow<T, kD> acc_k, acc_v;
+      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
+      slot_w.clear();
+      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
+      for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += p.dh) {
+        const int64_t ki = window_slot(xi, win.h.start[i], p.dh);
+        const T* ds_row = ds_ws + ((bh - s0) * H + i) * W * KK + ki * p.kw;
+        const T* prob_row = prob_ws + ((bh - s0) * H + i) * W * KK + ki * p.kw;
+        const T* qrow = q.row_at(i);
+        const T* gorow = grad_out.row_at(i);
+        for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
+          const int64_t at = j * KK + slot_w[t];
+          acc_k.add(ds_row[at], qrow + j * q.col);
+          acc_v.add(prob_row[at], gorow + j * grad_out.col);
+        }
+      }
+      acc_k.store(scale, grad_k.at(xi, xj));
+      acc_v.store(T(1), grad_v.at(xi, xj));
+    }
+  });
+}
+
 // Key pass: dK_x = scale * sum dS q_i and dV_x = sum P dO_i over the queries i whose window holds x.
 template <typename T, int64_t kD>
 void backward_key_pass(Strided<const T> grad_out_all, Strided<const T> q_all, const T* prob_ws, const T* ds_ws,
                        Strided<T> grad_k_all, Strided<T> grad_v_all, int64_t s0, int64_t s1, const Problem& p,
                        const Windows& win, T scale) {
+  if constexpr (kRowsInRegisters<T, kD>) {
+    return backward_key_pass_in_registers<T, kD>(grad_out_all, q_all, prob_ws, ds_ws, grad_k_all, grad_v_all, s0, s1, p,
+                                                 win, scale);
+  }
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
@@ -477,10 +585,180 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
   }
 }
 
+// ----------------------------------------------------------------------------------------------- saved weights
+// The backward from the P the forward saved (fused_backward_with_attn): the query pass reads P instead of recomputing
+// exp(scale q.k + rpb - lse), then the key pass and the bias gradient are the recomputing backward's, with P read
+// from the saved tensor in place of the workspace.
+
+// Query pass of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh from saved weights: dS
+// into the workspace, dQ. As backward_tile without the logits: dO . v and the dQ sum lane-parallel over queries.
+template <typename T, int64_t kD, int64_t kKW>
+void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slice<const T> out, const T* weights,
+                         Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t r, int64_t jg0,
+                         int64_t col0, const Problem& p, const Windows& win, T scale, BackwardTileScratch<T>& s) {
+  using V = Lanes<T>;
+  static_assert(kKW > 0, "backward tiles need a compile-time window width");
+  constexpr int64_t KW = kKW;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i, local_row = row - s0 * H;
+  V* __restrict got = reinterpret_cast<V*>(s.got.data());
+  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V delta{};
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t j = r + p.dw * (jg0 + l);
+    const T* go = grad_out.at(i, j);
+    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
+    delta[l] = dot(go, out.at(i, j), D);
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
+  // Lane l's rows of P and of the workspace are dw * KK apart.
+  const int64_t lane_stride = p.dw * KK;
+  const T* prob0 = weights + (row * W + r + p.dw * jg0) * KK;
+  T* ds0 = ds_ws + (local_row * W + r + p.dw * jg0) * KK;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
+    const T* krow = kt + key_row * D * W + col0;
+    const T* vrow = vt + key_row * D * W + col0;
+    V go_v[KW];  // dO . v of the row's kw keys, then dS in its place
+    for (int64_t kj = 0; kj < KW; ++kj) go_v[kj] = V{};
+    for (int64_t d = 0; d < D; ++d) {
+      const V gd = got[d];
+      const T* vd = vrow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) go_v[kj] += gd * load_lanes(vd + kj);
+    }
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      const int64_t slot = ki * KW + kj;
+      V prob;
+      for (int64_t l = 0; l < kLanes; ++l) prob[l] = prob0[l * lane_stride + slot];
+      const V ds = prob * (go_v[kj] - delta);
+      go_v[kj] = ds;
+      for (int64_t l = 0; l < kLanes; ++l) ds0[l * lane_stride + slot] = ds[l];
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      V a = acc[d];
+      const T* kd = krow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) a += go_v[kj] * load_lanes(kd + kj);
+      acc[d] = a;
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) {
+    T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
+    for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
+  }
+}
+
+// Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
+template <typename T, int64_t kD>
+void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const T> v, Slice<const T> out,
+                          const T* weights, Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t j,
+                          const Problem& p, const Windows& win, T scale, T* acc, T* go_v, const T** keys,
+                          const T** values) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t row = bh * H + i, local_row = row - s0 * H, token = row * W + j;
+  const T* go = grad_out.at(i, j);
+  const T delta = dot(go, out.at(i, j), D);
+  const T* pw = weights + token * KK;
+  T* dsw = ds_ws + (local_row * W + j) * KK;
+  window_keys<T, kD>(k, i, j, p, win, keys);
+  window_keys<T, kD>(v, i, j, p, win, values);
+  dots(go, values, KK, D, go_v);
+  for (int64_t n = 0; n < KK; ++n) dsw[n] = pw[n] * (go_v[n] - delta);
+  T* gq = grad_q.at(i, j);
+  if constexpr (kRowsInRegisters<T, kD>) {
+    RegisterRow<T, kD> sum;
+    for (int64_t n = 0; n < KK; ++n) sum.add(dsw[n], keys[n]);
+    sum.store(scale, gq);
+  } else {
+    std::fill(acc, acc + D, T(0));
+    for (int64_t n = 0; n < KK; ++n) axpy(dsw[n], keys[n], acc, D);
+    for (int64_t d = 0; d < D; ++d) gq[d] = acc[d] * scale;
+  }
+}
+
+// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ. kt, vt: group-transposed k and v
+// (nullptr: no query tiles).
+template <typename T, int64_t kD>
+void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k_all, Strided<const T> v_all,
+                               Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
+                               int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt, const T* vt,
+                               const std::vector<int64_t>& group_offset) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
+  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+    const int64_t row = s0 * H + local_row;
+    const int64_t bh = row / H, i = row % H;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
+    const Slice<const T> out = out_all.slice(bh);
+    const Slice<T> grad_q = grad_q_all.slice(bh);
+    std::vector<T> acc(D), go_v(KK);
+    std::vector<const T*> keys(KK), values(KK);
+    const auto one_query = [&](int64_t j) {
+      backward_query_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, bh, i, j, p, win, scale, acc.data(),
+                                  go_v.data(), keys.data(), values.data());
+    };
+    if (kt == nullptr) {
+      for (int64_t j = 0; j < W; ++j) one_query(j);
+      return;
+    }
+    BackwardTileScratch<T> scratch(D);
+    dispatch_window_width(p.kw, [&](auto kw) {
+      constexpr int64_t kKW = decltype(kw)::value;
+      if constexpr (kKW == 0) {
+        TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+      } else {
+        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+          const int64_t glen = group_length(r, W, p.dw);
+          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
+          int64_t jg = 0;
+          while (jg < glen) {
+            if (jg >= half && jg + kLanes <= interior_end) {
+              backward_tile_saved<T, kD, kKW>(grad_out, kt, vt, out, weights, grad_q, ds_ws, s0, bh, i, r, jg,
+                                              group_offset[r] + jg - half, p, win, scale, scratch);
+              jg += kLanes;
+            } else {
+              one_query(r + p.dw * jg);
+              ++jg;
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
+template <typename T, int64_t kD>
+void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
+                           Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
+                           Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
+                           const std::vector<int64_t>& group_offset) {
+  const Windows win(p);
+  // Workspace for dS only (P is the saved tensor): at most ~64 MiB, but always at least one (batch, head) slice;
+  // kept between calls per calling thread, as backward_kernel's and for the same reason (page faults of fresh pages).
+  const int64_t slice_elems = p.tokens() * p.window();
+  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T));
+  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
+  thread_local std::vector<T> workspace;
+  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
+  if (workspace.size() < group_elems) workspace.resize(group_elems);
+  T* const ds_ws = workspace.data();
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+    backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
+                                     group_offset);
+    backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    if (grad_rpb != nullptr) {
+      rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
+    }
+  }
+}
+
 }  // namespace
 
-void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
-                   const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
+namespace {
+
+// fused_forward, and fused_forward_with_attn when `weights` is defined (a contiguous tensor of the compute dtype).
+void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                       const at::Tensor& weights, const Problem& p, double scale) {
   const at::Tensor qc = as_compute(q), kc = as_compute(k), vc = as_compute(v), oc = as_compute(out);
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   GroupTransposed kt, vt;
@@ -495,10 +773,26 @@ void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
           rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
           lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
           kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
-          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
+          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset,
+          weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
+}
+
+}  // namespace
+
+void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
+                   const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
+  run_fused_forward(q, k, v, rpb, out, lse, at::Tensor(), p, scale);
+}
+
+void fused_forward_with_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                             const at::Tensor& attn, const Problem& p, double scale) {
+  TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == as_compute(q).scalar_type(),
+              "na fused forward (CPU): attn must be a contiguous tensor of the accumulation dtype");
+  run_fused_forward(q, k, v, rpb, out, lse, attn, p, scale);
 }
 
 void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -521,6 +815,36 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
           lse.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc), strided_out<scalar_t>(gkc),
           strided_out<scalar_t>(gvc), grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
           static_cast<scalar_t>(scale), kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
+          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
+    });
+  });
+  if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
+  if (!gkc.is_same(grad_k)) grad_k.copy_(gkc);
+  if (!gvc.is_same(grad_v)) grad_v.copy_(gvc);
+}
+
+void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& out, const at::Tensor& attn, const at::Tensor& grad_q,
+                              const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& grad_rpb,
+                              const Problem& p, double scale) {
+  const at::Tensor goc = as_compute(grad_out), qc = as_compute(q), kc = as_compute(k), vc = as_compute(v);
+  const at::Tensor oc = as_compute(out);
+  const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
+  TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == qc.scalar_type(),
+              "na fused backward (CPU): attn must be a contiguous tensor of the accumulation dtype");
+  GroupTransposed kt, vt;
+  if (has_backward_query_tiles(p)) {
+    kt = group_transpose(kc, p);
+    vt = group_transpose(vc, p);
+  }
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_with_attn_cpu", [&] {
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      backward_saved_kernel<scalar_t, dim.value>(
+          strided_in<scalar_t>(goc), strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+          strided_in<scalar_t>(oc), attn.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc),
+          strided_out<scalar_t>(gkc), strided_out<scalar_t>(gvc),
+          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale),
+          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
           vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
     });
   });

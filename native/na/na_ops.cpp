@@ -347,4 +347,114 @@ std::tuple<Tensor, Tensor> qkv_fused_backward_op(const DeviceKernels& kernels, c
   return {grad_qkv, grad_rpb};
 }
 
+// ------------------------------------------------------------------------------------ saved weights (CPU)
+
+std::tuple<Tensor, Tensor> fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                      const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                                      const std::optional<Tensor>& rpb_in, double scale) {
+  const Problem p = token_problem(c, q_in, "q");
+  check_same_shape(c, k_in, "k", q_in, "q");
+  check_same_shape(c, v_in, "v", q_in, "q");
+  if (rpb_in.has_value()) {
+    check_rpb(c, *rpb_in, q_in);
+  }
+  const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in);
+  const auto rpb = optional_rpb(c, rpb_in);
+  const auto acc_options = q.options().dtype(acc_type(q.scalar_type()));
+  Tensor out = empty_in_order_of(q.sizes(), q, q.options());
+  // The row logsumexp is only a by-product here: the backward reads the weights.
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, acc_options);
+  Tensor attn = at::empty({q.size(0), q.size(1), q.size(2), q.size(3), p.window()}, acc_options);
+  const Tensor out_k = kernel_output(out);
+  kernels.fused_forward_with_attn(q, k, v, rpb, out_k, lse, attn, p, scale);
+  finish_output(out, out_k);
+  return {from2d(c, out), from2d(c, attn)};
+}
+
+namespace {
+
+// Checks the inputs of a backward from saved weights and returns its problem.
+Problem check_backward_with_attn(const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k,
+                                 const Tensor& v, const std::optional<Tensor>& rpb, const Tensor& out,
+                                 const Tensor& attn) {
+  const Problem p = token_problem(c, q, "q");
+  check_same_shape(c, k, "k", q, "q");
+  check_same_shape(c, v, "v", q, "q");
+  check_same_shape(c, out, "out", q, "q");
+  check_same_shape(c, grad_out, "grad_out", q, "q");
+  if (rpb.has_value()) {
+    check_rpb(c, *rpb, q);
+  }
+  const auto attn_dtype = acc_type(q.scalar_type());
+  std::vector<int64_t> attn_shape(q.sizes().begin(), q.sizes().end() - 1);
+  attn_shape.push_back(p.window());
+  TORCH_CHECK(
+      attn.scalar_type() == attn_dtype && attn.device() == q.device() && attn.sizes() == at::IntArrayRef(attn_shape),
+      c.op, ": attn must be a ", attn_dtype,
+      " tensor of shape [*q.shape[:-1], window] on q's device (the weights the forward saved), got ",
+      attn.scalar_type(), " ", shape_str(attn), " on ", attn.device(), ".");
+  return p;
+}
+
+// The gradients of q, k, v from the saved weights into grad_q, grad_k, grad_v (views of q's shape with any strides,
+// e.g. slices of one packed buffer); returns the bias gradient (empty without rpb).
+Tensor fused_backward_with_attn_into(const SavedAttnKernels& kernels, const Call& c, const Problem& p,
+                                     const Tensor& grad_out_in, const Tensor& q_in, const Tensor& k_in,
+                                     const Tensor& v_in, const std::optional<Tensor>& rpb_in, const Tensor& out_in,
+                                     const Tensor& attn_in, double scale, const Tensor& grad_q_in,
+                                     const Tensor& grad_k_in, const Tensor& grad_v_in) {
+  const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in), out = as2d(c, out_in);
+  const Tensor grad_out = as2d(c, grad_out_in), attn = as2d(c, attn_in).contiguous();
+  const auto rpb = optional_rpb(c, rpb_in);
+  const Tensor grad_q = c.dims == 2 ? grad_q_in : grad_q_in.unsqueeze(2);
+  const Tensor grad_k = c.dims == 2 ? grad_k_in : grad_k_in.unsqueeze(2);
+  const Tensor grad_v = c.dims == 2 ? grad_v_in : grad_v_in.unsqueeze(2);
+  const Tensor gq = kernel_output(grad_q), gk = kernel_output(grad_k), gv = kernel_output(grad_v);
+  Tensor grad_rpb_acc;
+  if (rpb.has_value()) {
+    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(acc_type(q.scalar_type())));
+  }
+  kernels.fused_backward_with_attn(grad_out, q, k, v, out, attn, gq, gk, gv, grad_rpb_acc, p, scale);
+  finish_output(grad_q, gq);
+  finish_output(grad_k, gk);
+  finish_output(grad_v, gv);
+  return rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> fused_backward_with_attn_op(
+    const SavedAttnKernels& kernels, const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k,
+    const Tensor& v, const std::optional<Tensor>& rpb, const Tensor& out, const Tensor& attn, double scale) {
+  const Problem p = check_backward_with_attn(c, grad_out, q, k, v, rpb, out, attn);
+  // The gradients take the layouts of q, k, v (as fused_backward_op's).
+  Tensor grad_q = empty_in_order_of(q.sizes(), q, q.options());
+  Tensor grad_k = empty_in_order_of(k.sizes(), k, k.options());
+  Tensor grad_v = empty_in_order_of(v.sizes(), v, v.options());
+  Tensor grad_rpb =
+      fused_backward_with_attn_into(kernels, c, p, grad_out, q, k, v, rpb, out, attn, scale, grad_q, grad_k, grad_v);
+  return {grad_q, grad_k, grad_v, grad_rpb};
+}
+
+std::tuple<Tensor, Tensor> qkv_fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                          const Tensor& qkv, const std::optional<Tensor>& rpb,
+                                                          double scale) {
+  const auto [q, k, v] = unpack_qkv(c, qkv, "qkv");
+  return fused_forward_with_attn_op(kernels, c, q, k, v, rpb, scale);
+}
+
+std::tuple<Tensor, Tensor> qkv_fused_backward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                           const Tensor& grad_out, const Tensor& qkv,
+                                                           const std::optional<Tensor>& rpb, const Tensor& out,
+                                                           const Tensor& attn, double scale) {
+  const auto [q, k, v] = unpack_qkv(c, qkv, "qkv");
+  const Problem p = check_backward_with_attn(c, grad_out, q, k, v, rpb, out, attn);
+  // One contiguous buffer, the gradient of the qkv projection output: the kernels write dQ, dK, dV into its slices.
+  Tensor grad_qkv = at::empty(qkv.sizes(), qkv.options());
+  const auto [grad_q, grad_k, grad_v] = unpack_qkv(c, grad_qkv, "grad_qkv");
+  Tensor grad_rpb =
+      fused_backward_with_attn_into(kernels, c, p, grad_out, q, k, v, rpb, out, attn, scale, grad_q, grad_k, grad_v);
+  return {grad_qkv, grad_rpb};
+}
+
 }  // namespace dinat_m2f::na

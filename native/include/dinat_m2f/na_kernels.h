@@ -48,6 +48,29 @@ DINAT_NA_DECLARE_KERNELS(cuda)
 
 #undef DINAT_NA_DECLARE_KERNELS
 
+// CPU only: the fused ops that save the attention weights for the backward (training). CUDA keeps recomputing them
+// (dinat_m2f/ops/na.py takes this path on the CPU only), so these have no CUDA kernels.
+#define DINAT_NA_DECLARE_SAVED_ATTN_KERNELS(ns)                                                                    \
+  namespace ns {                                                                                                   \
+  /* fused_forward that also writes attn = the normalized weights [BH, H, W, kh * kw] in the accumulation type */  \
+  void fused_forward_with_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,                      \
+                               const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse, \
+                               const at::Tensor& attn, const Problem& p, double scale);                            \
+  /* Gradients of fused_forward from the saved weights attn (no recomputed logits). grad_rpb may be undefined. */  \
+  void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,              \
+                                const at::Tensor& v, const at::Tensor& out, const at::Tensor& attn,                \
+                                const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,      \
+                                const at::Tensor& grad_rpb, const Problem& p, double scale);                       \
+  }
+
+DINAT_NA_DECLARE_SAVED_ATTN_KERNELS(cpu)
+DINAT_NA_DECLARE_SAVED_ATTN_KERNELS(cpu::avx2)
+#if defined(__x86_64__)
+DINAT_NA_DECLARE_SAVED_ATTN_KERNELS(cpu::avx512)
+#endif
+
+#undef DINAT_NA_DECLARE_SAVED_ATTN_KERNELS
+
 // The kernels of one device; the op entry points (na_ops.h) run them after checking the inputs.
 struct DeviceKernels {
   decltype(&cpu::qk) qk;
@@ -60,6 +83,12 @@ struct DeviceKernels {
 
 inline constexpr DeviceKernels kCpuKernels{
     &cpu::qk, &cpu::av, &cpu::inverse, &cpu::rpb_grad, &cpu::fused_forward, &cpu::fused_backward};
+struct SavedAttnKernels {
+  decltype(&cpu::fused_forward_with_attn) fused_forward_with_attn;
+  decltype(&cpu::fused_backward_with_attn) fused_backward_with_attn;
+};
+
+inline constexpr SavedAttnKernels kCpuSavedAttnKernels{&cpu::fused_forward_with_attn, &cpu::fused_backward_with_attn};
 #if defined(DINAT_M2F_WITH_CUDA)
 inline constexpr DeviceKernels kCudaKernels{
     &cuda::qk, &cuda::av, &cuda::inverse, &cuda::rpb_grad, &cuda::fused_forward, &cuda::fused_backward};

@@ -45,6 +45,23 @@ std::tuple<at::Tensor, at::Tensor> qkv_fused_backward_op(const DeviceKernels& ke
                                                          const at::Tensor& grad_out, const at::Tensor& qkv,
                                                          const std::optional<at::Tensor>& rpb, const at::Tensor& out,
                                                          const at::Tensor& lse, double scale);
+// CPU only (training): the fused forward that also returns the weights, and the backward that reads them.
+std::tuple<at::Tensor, at::Tensor> fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                              const at::Tensor& q, const at::Tensor& k,
+                                                              const at::Tensor& v, const std::optional<at::Tensor>& rpb,
+                                                              double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward_with_attn_op(
+    const SavedAttnKernels& kernels, const Call& c, const at::Tensor& grad_out, const at::Tensor& q,
+    const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb, const at::Tensor& out,
+    const at::Tensor& attn, double scale);
+std::tuple<at::Tensor, at::Tensor> qkv_fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                                  const at::Tensor& qkv,
+                                                                  const std::optional<at::Tensor>& rpb, double scale);
+std::tuple<at::Tensor, at::Tensor> qkv_fused_backward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
+                                                                   const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                                   const std::optional<at::Tensor>& rpb,
+                                                                   const at::Tensor& out, const at::Tensor& attn,
+                                                                   double scale);
 
 // The ops of one dimensionality with the signatures of their schemas, running the kernels `kKernels`.
 template <int kDims, const DeviceKernels& kKernels>
@@ -115,6 +132,55 @@ void register_ops(torch::Library& m) {
   m.impl("na2d_fused_backward", TORCH_FN(Ops2d::fused_backward));
   m.impl("na2d_qkv_fused_forward", TORCH_FN(Ops2d::qkv_fused_forward));
   m.impl("na2d_qkv_fused_backward", TORCH_FN(Ops2d::qkv_fused_backward));
+}
+
+// The saved-weights ops of one dimensionality (schemas na1d_fused_*_with_attn, na2d_fused_*_with_attn).
+template <int kDims, const SavedAttnKernels& kKernels>
+struct SavedAttnOps {
+  static constexpr bool k2d = kDims == 2;
+
+  static std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                    const std::optional<at::Tensor>& rpb, int64_t kernel_size,
+                                                    int64_t dilation, double scale) {
+    return fused_forward_with_attn_op(kKernels, {k2d ? "na2d" : "na1d", kDims, kernel_size, dilation}, q, k, v, rpb,
+                                      scale);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+      const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& attn, int64_t kernel_size,
+      int64_t dilation, double scale) {
+    return fused_backward_with_attn_op(
+        kKernels,
+        {k2d ? "na2d_fused_backward_with_attn" : "na1d_fused_backward_with_attn", kDims, kernel_size, dilation},
+        grad_out, q, k, v, rpb, out, attn, scale);
+  }
+  static std::tuple<at::Tensor, at::Tensor> qkv_forward(const at::Tensor& qkv, const std::optional<at::Tensor>& rpb,
+                                                        int64_t kernel_size, int64_t dilation, double scale) {
+    return qkv_fused_forward_with_attn_op(kKernels, {k2d ? "na2d_qkv" : "na1d_qkv", kDims, kernel_size, dilation}, qkv,
+                                          rpb, scale);
+  }
+  static std::tuple<at::Tensor, at::Tensor> qkv_backward(const at::Tensor& grad_out, const at::Tensor& qkv,
+                                                         const std::optional<at::Tensor>& rpb, const at::Tensor& out,
+                                                         const at::Tensor& attn, int64_t kernel_size, int64_t dilation,
+                                                         double scale) {
+    return qkv_fused_backward_with_attn_op(
+        kKernels,
+        {k2d ? "na2d_qkv_fused_backward_with_attn" : "na1d_qkv_fused_backward_with_attn", kDims, kernel_size, dilation},
+        grad_out, qkv, rpb, out, attn, scale);
+  }
+};
+
+// Registers the saved-weights ops (CPU only; call inside its TORCH_LIBRARY_IMPL block).
+template <const SavedAttnKernels& kKernels>
+void register_saved_attn_ops(torch::Library& m) {
+  m.impl("na1d_fused_forward_with_attn", TORCH_FN((SavedAttnOps<1, kKernels>::forward)));
+  m.impl("na1d_fused_backward_with_attn", TORCH_FN((SavedAttnOps<1, kKernels>::backward)));
+  m.impl("na2d_fused_forward_with_attn", TORCH_FN((SavedAttnOps<2, kKernels>::forward)));
+  m.impl("na2d_fused_backward_with_attn", TORCH_FN((SavedAttnOps<2, kKernels>::backward)));
+  m.impl("na1d_qkv_fused_forward_with_attn", TORCH_FN((SavedAttnOps<1, kKernels>::qkv_forward)));
+  m.impl("na1d_qkv_fused_backward_with_attn", TORCH_FN((SavedAttnOps<1, kKernels>::qkv_backward)));
+  m.impl("na2d_qkv_fused_forward_with_attn", TORCH_FN((SavedAttnOps<2, kKernels>::qkv_forward)));
+  m.impl("na2d_qkv_fused_backward_with_attn", TORCH_FN((SavedAttnOps<2, kKernels>::qkv_backward)));
 }
 
 }  // namespace dinat_m2f::na
