@@ -67,8 +67,10 @@ class MSDeformAttnTransformerEncoderLayer(nn.Module):
     def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask=None):
         src2 = self.self_attn(src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask)
         src = self.norm1(src + self.dropout1(src2))
-        # ReLU in place: linear1's output is a fresh tensor that its backward does not need
-        src2 = self.linear2(self.dropout2(F.relu(self.linear1(src), inplace=True)))
+        # ReLU in place without autograd only: linear1's output is a fresh tensor (with autograd, an in-place op on
+        # it may add a CopySlices node to the backward)
+        hidden = self.linear1(src)
+        src2 = self.linear2(self.dropout2(F.relu(hidden, inplace=not hidden.requires_grad)))
         return self.norm2(src + self.dropout3(src2))
 
 

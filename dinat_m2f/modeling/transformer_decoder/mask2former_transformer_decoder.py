@@ -110,8 +110,10 @@ class FFNLayer(nn.Module):
 
     def forward(self, tgt: torch.Tensor) -> torch.Tensor:
         x = self.norm(tgt) if self.normalize_before else tgt
-        # in place: linear1's output is a fresh tensor that its backward does not need
-        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True)))
+        # in place without autograd only: linear1's output is a fresh tensor (with autograd, an in-place op on it
+        # may add a CopySlices node to the backward)
+        h = self.linear1(x)
+        tgt2 = self.linear2(self.dropout(F.relu(h, inplace=not h.requires_grad)))
         if self.normalize_before:
             return tgt + self.dropout(tgt2)
         return self.norm(tgt + self.dropout(tgt2))
@@ -130,7 +132,7 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x)
             if i < len(self.layers) - 1:
-                x = F.relu(x, inplace=True)  # the linear's fresh output, which its backward does not need
+                x = F.relu(x, inplace=not x.requires_grad)  # the linear's fresh output; in place without autograd
         return x
 
 
