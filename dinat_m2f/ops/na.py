@@ -590,7 +590,8 @@ def _dense_attention(q, k, v, kernel_size: int, dilation: int, dims: int, rpb, s
     # so the caller's reshape to [B, *spatial, C] is free; contiguous for contiguous q.
     order = _memory_order(q)
     grouped = [[0], [1], *([2 + 2 * a, 3 + 2 * a] for a in range(dims)), [2 + 2 * dims]]  # q's dims in `out`
-    physical = out.permute([g for d in order for g in grouped[d]]).reshape([q.shape[d] for d in order])
+    # (reshape alone may return a view: with dilation 1 the grouped axes are singletons)
+    physical = out.permute([g for d in order for g in grouped[d]]).reshape([q.shape[d] for d in order]).contiguous()
     return physical.permute([order.index(d) for d in range(q.dim())]).to(q.dtype)
 
 

@@ -105,6 +105,8 @@ NA_FLOP_HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "dinat_m2f::na2d_qkv_fused_forward": _packed_fused_handle(2),
     "dinat_m2f::na1d_fused_forward_with_attn": _fused_handle(1),  # same arguments, also returns the weights
     "dinat_m2f::na2d_fused_forward_with_attn": na_fused_flop,
+    "dinat_m2f::na1d_qkv_fused_forward_with_attn": _packed_fused_handle(1),  # training on the CPU
+    "dinat_m2f::na2d_qkv_fused_forward_with_attn": _packed_fused_handle(2),
     "dinat_m2f::na1d_triton_forward": _fused_handle(1),  # same arguments as the native fused op
     "dinat_m2f::na2d_triton_forward": na_fused_flop,
     "aten::baddbmm": baddbmm_flop,
