@@ -359,59 +359,25 @@ def _register_autograd(dim: int) -> None:
         grad_v = inverse_op(attn, grad_out, ks, dil) if ctx.needs_input_grad[1] else None
         return grad_attn, grad_v, None, None
 
-    def fused_setup(ctx, inputs, output):
-        q, k, v, rpb, kernel_size, dilation, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, rpb, out, lse)
-        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+    def fused_autograd(backward_op):
+        """setup_context and backward of a fused forward op whose inputs are (*tokens, rpb, kernel_size, dilation,
+        scale) -- tokens: q, k, v or the packed qkv -- and whose outputs are (out, what its backward reads: the row
+        logsumexp or the saved weights); ``backward_op(grad_out, *tokens, rpb, out, saved, ...)`` returns the tokens'
+        gradients (a packed qkv gets one buffer of its shape: no stack of three) and the bias gradient."""
 
-    def fused_backward(ctx, grad_out, _grad_lse):
-        q, k, v, rpb, out, lse = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_rpb = fused_backward_op(
-            grad_out, q, k, v, rpb, out, lse, ctx.kernel_size, ctx.dilation, ctx.scale
-        )
-        return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
+        def setup(ctx, inputs, output):
+            *tokens, rpb, kernel_size, dilation, scale = inputs
+            ctx.save_for_backward(*tokens, rpb, *output)
+            ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
 
-    def qkv_fused_setup(ctx, inputs, output):
-        qkv, rpb, kernel_size, dilation, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(qkv, rpb, out, lse)
-        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+        def backward(ctx, grad_out, _grad_saved):
+            *tokens, rpb, out, saved = ctx.saved_tensors
+            *token_grads, grad_rpb = backward_op(
+                grad_out, *tokens, rpb, out, saved, ctx.kernel_size, ctx.dilation, ctx.scale
+            )
+            return *token_grads, (grad_rpb if rpb is not None else None), None, None, None
 
-    def qkv_fused_backward(ctx, grad_out, _grad_lse):
-        # grad_qkv is one buffer of qkv's shape, the gradient of the qkv projection output: no stack of three grads.
-        qkv, rpb, out, lse = ctx.saved_tensors
-        grad_qkv, grad_rpb = qkv_fused_backward_op(
-            grad_out, qkv, rpb, out, lse, ctx.kernel_size, ctx.dilation, ctx.scale
-        )
-        return grad_qkv, (grad_rpb if rpb is not None else None), None, None, None
-
-    def fused_with_attn_setup(ctx, inputs, output):
-        q, k, v, rpb, kernel_size, dilation, scale = inputs
-        out, attn = output
-        ctx.save_for_backward(q, k, v, rpb, out, attn)
-        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
-
-    def fused_with_attn_backward(ctx, grad_out, _grad_attn):
-        q, k, v, rpb, out, attn = ctx.saved_tensors
-        grad_q, grad_k, grad_v, grad_rpb = fused_backward_with_attn_op(
-            grad_out, q, k, v, rpb, out, attn, ctx.kernel_size, ctx.dilation, ctx.scale
-        )
-        return grad_q, grad_k, grad_v, (grad_rpb if rpb is not None else None), None, None, None
-
-    def qkv_fused_with_attn_setup(ctx, inputs, output):
-        qkv, rpb, kernel_size, dilation, scale = inputs
-        out, attn = output
-        ctx.save_for_backward(qkv, rpb, out, attn)
-        ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
-
-    def qkv_fused_with_attn_backward(ctx, grad_out, _grad_attn):
-        # The saved weights, and one packed gradient buffer (as qkv_fused_backward's).
-        qkv, rpb, out, attn = ctx.saved_tensors
-        grad_qkv, grad_rpb = qkv_fused_backward_with_attn_op(
-            grad_out, qkv, rpb, out, attn, ctx.kernel_size, ctx.dilation, ctx.scale
-        )
-        return grad_qkv, (grad_rpb if rpb is not None else None), None, None, None
+        return setup, backward
 
     # inverse(w, x) is bilinear and rpb_grad linear: their gradients are again NA primitives, so the unfused ops
     # support double backward.
@@ -449,20 +415,20 @@ def _register_autograd(dim: int) -> None:
     )
     torch.library.register_autograd(f"{p}_qk", qk_backward, setup_context=qk_setup)
     torch.library.register_autograd(f"{p}_av", av_backward, setup_context=pair_setup)
-    torch.library.register_autograd(f"{p}_fused_forward", fused_backward, setup_context=fused_setup)
-    torch.library.register_autograd(f"{p}_qkv_fused_forward", qkv_fused_backward, setup_context=qkv_fused_setup)
+    setup, backward = fused_autograd(fused_backward_op)
+    torch.library.register_autograd(f"{p}_fused_forward", backward, setup_context=setup)
+    setup, backward = fused_autograd(qkv_fused_backward_op)
+    torch.library.register_autograd(f"{p}_qkv_fused_forward", backward, setup_context=setup)
     torch.library.register_autograd(
         f"{p}_fused_backward_with_attn", fused_double_backward, setup_context=fused_backward_setup
     )
-    torch.library.register_autograd(
-        f"{p}_fused_forward_with_attn", fused_with_attn_backward, setup_context=fused_with_attn_setup
-    )
+    setup, backward = fused_autograd(fused_backward_with_attn_op)
+    torch.library.register_autograd(f"{p}_fused_forward_with_attn", backward, setup_context=setup)
     torch.library.register_autograd(
         f"{p}_qkv_fused_backward_with_attn", fused_double_backward, setup_context=fused_backward_setup
     )
-    torch.library.register_autograd(
-        f"{p}_qkv_fused_forward_with_attn", qkv_fused_with_attn_backward, setup_context=qkv_fused_with_attn_setup
-    )
+    setup, backward = fused_autograd(qkv_fused_backward_with_attn_op)
+    torch.library.register_autograd(f"{p}_qkv_fused_forward_with_attn", backward, setup_context=setup)
 
 
 @functools.cache
