@@ -68,6 +68,28 @@ struct RegisterRow {
   }
 };
 
+// Calls fn(std::integral_constant<int64_t, kw>{}) for the window widths the query tiles are compiled for (their kw
+// logits, dO . v and dS are register arrays), fn(std::integral_constant<int64_t, 0>{}) otherwise.
+template <typename F>
+inline void dispatch_window_width(int64_t kw, const F& fn) {
+  switch (kw) {
+    case 3:
+      return fn(std::integral_constant<int64_t, 3>{});
+    case 5:
+      return fn(std::integral_constant<int64_t, 5>{});
+    case 7:
+      return fn(std::integral_constant<int64_t, 7>{});
+    case 9:
+      return fn(std::integral_constant<int64_t, 9>{});
+    case 11:
+      return fn(std::integral_constant<int64_t, 11>{});
+    case 13:
+      return fn(std::integral_constant<int64_t, 13>{});
+    default:
+      return fn(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 // Query tiles: kLanes consecutive queries of one dilation group along W whose windows are not clamped along W (the
 // "interior"). Their keys at window column kj are consecutive group columns (lane l: j'0 - kw/2 + kj + l), so with
 // k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous
@@ -94,35 +116,42 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
   return t;
 }
 
-// True when some dilation group along W holds a full tile of interior queries and the ISA uses tiles.
+// True when some dilation group along W holds a full tile of interior queries, the ISA uses tiles and kw is one of
+// dispatch_window_width's.
 bool has_query_tiles(const Problem& p) {
   if (!DINAT_M2F_CPU_QUERY_TILES) return false;
+  bool compiled = false;
+  dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
   const int64_t longest_group = group_length(0, p.width, p.dw);
-  return longest_group - 2 * (p.kw / 2) >= kLanes;
+  return compiled && longest_group - 2 * (p.kw / 2) >= kLanes;
 }
 
 // Arrays of T, read and written as Lanes<T> (element-aligned vectors, see na_cpu_simd.h): a std::vector of the
 // vector type itself would be allocated with the alignment of the baseline ISA, not the one the region's code assumes.
 template <typename T>
 struct TileScratch {
-  std::vector<T> qt, acc, probs;
+  std::vector<T> qt, acc;
   std::vector<T> logits;  // saving the weights: the tile's kh * kw logits ([slot][lanes]); empty otherwise
-  TileScratch(int64_t dim, int64_t kw, int64_t window_if_saving)
-      : qt(dim * kLanes), acc(dim * kLanes), probs(kw * kLanes), logits(window_if_saving * kLanes) {}
+  TileScratch(int64_t dim, int64_t window_if_saving)
+      : qt(dim * kLanes), acc(dim * kLanes), logits(window_if_saving * kLanes) {}
 };
 
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
 // lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
-template <typename T, int64_t kD>
+// One window row at a time with d outermost, as backward_tile: the row's kw logits (then weights) stay in registers
+// and each Q / accumulator vector is loaded once per row, not once per key (a kj-outer loop read two vectors per
+// multiply-add, and the loads, not the multiply-adds, bounded it).
+template <typename T, int64_t kD, int64_t kKW>
 void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t i,
                   int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
                   TileScratch<T>& s) {
   using V = Lanes<T>;
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KW = p.kw;
+  static_assert(kKW > 0, "forward tiles need a compile-time window width");
+  constexpr int64_t KW = kKW;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
   const int64_t row = bh * H + i, h = bh % p.heads;
   V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
-  V* __restrict probs = reinterpret_cast<V*>(s.probs.data());
   // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
   T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
   for (int64_t l = 0; l < kLanes; ++l) {
@@ -138,26 +167,29 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
     const T* vrow = vt + key_row * D * W + col0;
     // Interior windows along W all start at bias column kw / 2.
     const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
+    V logit[KW];
+    for (int64_t kj = 0; kj < KW; ++kj) logit[kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
+    for (int64_t d = 0; d < D; ++d) {
+      const V qd = qt[d];
+      const T* kd = krow + d * W;
+      for (int64_t kj = 0; kj < KW; ++kj) logit[kj] += qd * load_lanes(kd + kj);
+    }
     V new_max = running_max;
     for (int64_t kj = 0; kj < KW; ++kj) {
-      V logit = V{} + (brow != nullptr ? brow[kj] : T(0));
-      const T* kcol = krow + kj;
-      for (int64_t d = 0; d < D; ++d) logit += qt[d] * load_lanes(kcol + d * W);
-      probs[kj] = logit;
-      if (kept_logits != nullptr) store_lanes(kept_logits + (ki * KW + kj) * kLanes, logit);
-      new_max = logit > new_max ? logit : new_max;
+      if (kept_logits != nullptr) store_lanes(kept_logits + (ki * KW + kj) * kLanes, logit[kj]);
+      new_max = logit[kj] > new_max ? logit[kj] : new_max;
     }
     const V factor = exp_lanes(running_max - new_max);  // rescale what was accumulated under the old max
     running_max = new_max;
     running_sum *= factor;
     for (int64_t kj = 0; kj < KW; ++kj) {
-      probs[kj] = exp_lanes(probs[kj] - running_max);
-      running_sum += probs[kj];
+      logit[kj] = exp_lanes(logit[kj] - running_max);  // the row's unnormalised weights in place of its logits
+      running_sum += logit[kj];
     }
     for (int64_t d = 0; d < D; ++d) {
       V a = acc[d] * factor;
       const T* vd = vrow + d * W;
-      for (int64_t kj = 0; kj < KW; ++kj) a += probs[kj] * load_lanes(vd + kj);
+      for (int64_t kj = 0; kj < KW; ++kj) a += logit[kj] * load_lanes(vd + kj);
       acc[d] = a;
     }
   }
@@ -261,46 +293,31 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
       for (int64_t j = 0; j < W; ++j) one_query(j);
       return;
     }
-    TileScratch<T> scratch(D, p.kw, weights != nullptr ? KK : 0);
-    for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-      const int64_t glen = group_length(r, W, p.dw);
-      const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
-      int64_t jg = 0;
-      while (jg < glen) {
-        if (jg >= half && jg + kLanes <= interior_end) {
-          forward_tile<T, kD>(q, kt, vt, rpb, out, lse, bh, i, r, jg, group_offset[r] + jg - half, p, win, scale,
-                              scratch);
-          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
-          jg += kLanes;
-        } else {
-          one_query(r + p.dw * jg);
-          ++jg;
+    TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
+    dispatch_window_width(p.kw, [&](auto kw) {
+      constexpr int64_t kKW = decltype(kw)::value;
+      if constexpr (kKW == 0) {
+        TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+      } else {
+        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+          const int64_t glen = group_length(r, W, p.dw);
+          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
+          int64_t jg = 0;
+          while (jg < glen) {
+            if (jg >= half && jg + kLanes <= interior_end) {
+              forward_tile<T, kD, kKW>(q, kt, vt, rpb, out, lse, bh, i, r, jg, group_offset[r] + jg - half, p, win,
+                                       scale, scratch);
+              if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
+              jg += kLanes;
+            } else {
+              one_query(r + p.dw * jg);
+              ++jg;
+            }
+          }
         }
       }
-    }
+    });
   });
-}
-
-// Calls fn(std::integral_constant<int64_t, kw>{}) for the window widths the backward's query tiles are compiled for
-// (their kw logits, dO . v and dS are register arrays), fn(std::integral_constant<int64_t, 0>{}) otherwise.
-template <typename F>
-inline void dispatch_window_width(int64_t kw, const F& fn) {
-  switch (kw) {
-    case 3:
-      return fn(std::integral_constant<int64_t, 3>{});
-    case 5:
-      return fn(std::integral_constant<int64_t, 5>{});
-    case 7:
-      return fn(std::integral_constant<int64_t, 7>{});
-    case 9:
-      return fn(std::integral_constant<int64_t, 9>{});
-    case 11:
-      return fn(std::integral_constant<int64_t, 11>{});
-    case 13:
-      return fn(std::integral_constant<int64_t, 13>{});
-    default:
-      return fn(std::integral_constant<int64_t, 0>{});
-  }
 }
 
 // True when the backward's query pass uses lane-parallel tiles: some dilation group along W holds a full tile of
