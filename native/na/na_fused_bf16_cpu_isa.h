@@ -1,0 +1,301 @@
+// The bfloat16 fused neighborhood-attention forward on the CPU: out = softmax(scale * q.k + rpb) v with bf16 q, k, v
+// and out, float32 logits, softmax and accumulation, float32 row logsumexp (and float32 saved weights).
+//
+// It reads q, k, v in place (any strides with a unit-stride last dim), never as float32 copies of whole tensors:
+// - Work unit: a block of consecutive query rows of one (batch, head) slice and one dilation group along H. The key
+//   rows their windows cover (the block's rows plus kh - 1 more, in the group) are converted once per unit into a
+//   per-thread float32 scratch, so each k and v element is converted ~(block + kh - 1) / block times, not once per
+//   window it appears in (kh * kw times).
+// - q.k: with vdpbf16ps (DINAT_M2F_CPU_BF16_DOT, the AVX512_BF16 translation unit na_cpu_avx512bf16.cpp) straight
+//   from the bf16 rows of q and k, pairs of head-dim elements per instruction with float32 sums, so k is not
+//   converted at all; without it from the float32 scratch, as the float32 kernel does.
+// - Softmax over the window and the weighted sum of v in float32 (v from the scratch), then one rounding of the
+//   output to bf16 (round to nearest even, as c10::BFloat16).
+// The float32 kernels (na_fused_cpu_isa.h) are untouched by this path; the bf16 backward still runs them on float32
+// copies (na_fused_cpu_isa.h's fused_backward*).
+//
+// Included (no include guard) inside one ISA's namespace and `#pragma GCC target` region, after na_cpu_simd.h:
+// by na_cpu_isa_kernels.h for the AVX2 and AVX-512 variants, and by na_cpu_avx512bf16.cpp for the AVX512_BF16 one.
+
+#if !defined(DINAT_M2F_CPU_BF16_DOT)
+#define DINAT_M2F_CPU_BF16_DOT 0
+#endif
+
+namespace {
+
+// bf16 values as their 16 bits: the kernels only load, widen and round them.
+using Bf16Bits = uint16_t;
+
+typedef uint16_t Bf16Lanes
+    __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(alignof(uint16_t)), may_alias));
+typedef uint32_t Bf16WideLanes __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// kLanes bf16 values as floats: a bf16 is the upper half of the float with the same value.
+inline Lanes<float> bf16_load_lanes(const Bf16Bits* p) {
+  const Bf16WideLanes wide = __builtin_convertvector(*reinterpret_cast<const Bf16Lanes*>(p), Bf16WideLanes) << 16;
+  return (Lanes<float>)wide;  // same-size vector cast: reinterprets the bits
+}
+
+inline float bf16_to_float(Bf16Bits x) { return std::bit_cast<float>(static_cast<uint32_t>(x) << 16); }
+
+// Round to nearest even, NaN stays a (quiet) NaN: c10::BFloat16's conversion, so outputs match torch's .to(bf16).
+inline Bf16Bits float_to_bf16(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  return static_cast<Bf16Bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void bf16_store_lanes(Bf16Bits* p, Lanes<float> x) {
+  Bf16WideLanes bits = (Bf16WideLanes)x;
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  bits = x != x ? Bf16WideLanes{} + 0x7FC0u : bits;
+  *reinterpret_cast<Bf16Lanes*>(p) = __builtin_convertvector(bits, Bf16Lanes);
+}
+
+// out[0..n) = float(in[0..n)).
+inline void bf16_widen_row(const Bf16Bits* __restrict in, float* __restrict out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, bf16_load_lanes(in + i));
+  for (; i < n; ++i) out[i] = bf16_to_float(in[i]);
+}
+
+// out[0..n) = bf16(alpha * in[0..n)).
+inline void bf16_round_row(float alpha, const float* __restrict in, Bf16Bits* __restrict out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) bf16_store_lanes(out + i, load_lanes(in + i) * alpha);
+  for (; i < n; ++i) out[i] = float_to_bf16(alpha * in[i]);
+}
+
+#if DINAT_M2F_CPU_BF16_DOT
+// The 8 sums of 8 vectors in one vector (a transposing hadd tree).
+inline __m256 bf16_sum8x8(const __m256* acc) {
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]);
+  const __m256 h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]);
+  const __m256 h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23);
+  const __m256 h4567 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+inline __m256bh bf16_load16(const Bf16Bits* p) {
+  return reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// out[t] = q . keys[t] for t < n, d % 16 == 0: vdpbf16ps multiplies 16 pairs of bf16 elements and adds each pair's
+// sum to a float lane, so a 32-dim dot is two instructions; 8 keys at a time, reduced by one hadd tree.
+inline void bf16_dots(const Bf16Bits* __restrict q, const Bf16Bits* const* keys, int64_t n, int64_t d,
+                      float* __restrict out) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m256bh qv = bf16_load16(q + i);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_dpbf16_ps(acc[u], qv, bf16_load16(keys[t + u] + i));
+    }
+    _mm256_storeu_ps(out + t, bf16_sum8x8(acc));
+  }
+  for (; t < n; ++t) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm256_dpbf16_ps(acc, bf16_load16(q + i), bf16_load16(keys[t] + i));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    out[t] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+  }
+}
+#endif
+
+// A work unit: query rows r + m dh, m in [m0, m1), of slice bh (r: the dilation group along H).
+struct Bf16RowBlock {
+  int64_t bh, r, m0, m1;
+};
+
+// Rows per unit: more rows convert each key row fewer times ((rows + kh - 1) / rows), fewer give more units to
+// share between threads.
+constexpr int64_t kBf16BlockRows = 16;
+
+std::vector<Bf16RowBlock> bf16_row_blocks(const Problem& p) {
+  std::vector<Bf16RowBlock> blocks;
+  for (int64_t bh = 0; bh < p.batch_heads; ++bh) {
+    for (int64_t r = 0; r < std::min(p.dh, p.height); ++r) {
+      const int64_t glen = group_length(r, p.height, p.dh);
+      for (int64_t m0 = 0; m0 < glen; m0 += kBf16BlockRows) {
+        blocks.push_back({bh, r, m0, std::min(glen, m0 + kBf16BlockRows)});
+      }
+    }
+  }
+  return blocks;
+}
+
+// Per-thread float32 scratch, kept between calls (fresh pages of a new allocation per unit cost page faults).
+struct Bf16Scratch {
+  std::vector<float> keys, values, query, acc, logits;
+  std::vector<const float*> key_rows, value_rows;
+  std::vector<const Bf16Bits*> key_rows_bf16;
+};
+
+Bf16Scratch& bf16_scratch() {
+  thread_local Bf16Scratch scratch;
+  return scratch;
+}
+
+// Group row of the first key row of query row i's window (key rows are r + m dh, m = this .. this + kh - 1).
+inline int64_t bf16_window_group_row(const Windows& win, int64_t i, int64_t r, int64_t dh) {
+  return (win.h.start[i] - r) / dh;
+}
+
+// The float32 [rows, W, D] copy of group rows [g0, g1) of x (one slice).
+inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p, float* out) {
+  const int64_t W = p.width, D = p.dim;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t i = r + g * p.dh;
+    float* dst = out + (g - g0) * W * D;
+    for (int64_t j = 0; j < W; ++j) bf16_widen_row(x.at(i, j), dst + j * D, D);
+  }
+}
+
+// One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0).
+template <int64_t kD, bool kDot>
+void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
+                        const float* rpb, Strided<Bf16Bits> out_all, float* lse, float* weights, const Problem& p,
+                        const Windows& win, float scale, const Bf16RowBlock& block) {
+  static_assert(!kDot || DINAT_M2F_CPU_BF16_DOT, "vdpbf16ps logits are compiled in the AVX512_BF16 unit only");
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> q = q_all.slice(block.bh), k = k_all.slice(block.bh), v = v_all.slice(block.bh);
+  const Slice<Bf16Bits> out = out_all.slice(block.bh);
+  // The key rows of the block's windows: window starts are non-decreasing along the group.
+  const int64_t g0 = bf16_window_group_row(win, r + block.m0 * dh, r, dh);
+  const int64_t g1 = bf16_window_group_row(win, r + (block.m1 - 1) * dh, r, dh) + p.kh;
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16Scratch& s = bf16_scratch();
+  if (s.values.size() < cached) s.values.resize(cached);
+  bf16_widen_rows(v, r, g0, g1, p, s.values.data());
+  if constexpr (!kDot) {
+    if (s.keys.size() < cached) s.keys.resize(cached);
+    bf16_widen_rows(k, r, g0, g1, p, s.keys.data());
+  }
+  s.query.resize(D);
+  s.acc.resize(D);
+  s.logits.resize(KK);
+  s.key_rows.resize(KK);
+  s.value_rows.resize(KK);
+  s.key_rows_bf16.resize(KK);
+  float* const logits = s.logits.data();
+  const int64_t h = block.bh % p.heads;
+  for (int64_t m = block.m0; m < block.m1; ++m) {
+    const int64_t i = r + m * dh, row = block.bh * H + i;
+    const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
+    for (int64_t j = 0; j < W; ++j) {
+      // The window's key / value rows.
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t cache_row = (g_first + ki) * W;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t col = win.w.start[j] + kj * p.dw, n = ki * p.kw + kj;
+          s.value_rows[n] = s.values.data() + (cache_row + col) * D;
+          if constexpr (kDot) {
+            s.key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
+          } else {
+            s.key_rows[n] = s.keys.data() + (cache_row + col) * D;
+          }
+        }
+      }
+#if DINAT_M2F_CPU_BF16_DOT
+      if constexpr (kDot) {
+        bf16_dots(q.at(i, j), s.key_rows_bf16.data(), KK, D, logits);
+      }
+#endif
+      if constexpr (!kDot) {
+        bf16_widen_row(q.at(i, j), s.query.data(), D);
+        dots(s.query.data(), s.key_rows.data(), KK, D, logits);
+      }
+      for (int64_t n = 0; n < KK; ++n) logits[n] *= scale;
+      if (rpb != nullptr) {
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* brow = rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j];
+          for (int64_t kj = 0; kj < p.kw; ++kj) logits[ki * p.kw + kj] += brow[kj];
+        }
+      }
+      const float max = max_of(logits, KK);
+      exp_shifted(logits, max, logits, KK);
+      float sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t n = 0; n < KK; ++n) sum += logits[n];
+      const float inv = 1.0f / sum;
+      lse[row * W + j] = max + std::log(sum);
+      if (weights != nullptr) {
+        float* w = weights + (row * W + j) * KK;
+        for (int64_t n = 0; n < KK; ++n) w[n] = logits[n] * inv;
+      }
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        // The sum stays in registers (see na_fused_cpu_isa.h's RegisterRow), then one rounding to bf16.
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+        for (int64_t n = 0; n < KK; ++n) {
+          const float* vrow = s.value_rows[n];
+          for (int64_t c = 0; c < kVectors; ++c) acc[c] += logits[n] * load_lanes(vrow + c * kLanes);
+        }
+        Bf16Bits* o = out.at(i, j);
+        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
+      } else {
+        float* acc = s.acc.data();
+        std::fill(acc, acc + D, 0.0f);
+        for (int64_t n = 0; n < KK; ++n) axpy(logits[n], s.value_rows[n], acc, D);
+        bf16_round_row(inv, acc, out.at(i, j), D);
+      }
+    }
+  }
+}
+
+template <typename T>
+Strided<T> bf16_strided(const at::Tensor& t) {
+  using Elem = std::remove_const_t<T>;
+  static_assert(std::is_same_v<Elem, Bf16Bits>);
+  if constexpr (std::is_const_v<T>) {
+    return {reinterpret_cast<const Bf16Bits*>(t.const_data_ptr<at::BFloat16>()), cpu_math::strides_of(t)};
+  } else {
+    return {reinterpret_cast<Bf16Bits*>(t.mutable_data_ptr<at::BFloat16>()), cpu_math::strides_of(t)};
+  }
+}
+
+}  // namespace
+
+// fused_forward for bf16 q, k, v (and rpb, out); lse float32. attn: undefined, or the float32 weights to save
+// (fused_forward_with_attn).
+void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& attn, const Problem& p, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "na fused forward (CPU, bf16): q, k, v and out must be bfloat16");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "na fused forward (CPU, bf16): lse must be a contiguous float32 tensor");
+  TORCH_CHECK(!attn.defined() || (attn.is_contiguous() && attn.scalar_type() == at::kFloat),
+              "na fused forward (CPU, bf16): attn must be a contiguous float32 tensor");
+  const at::Tensor rpb_f = rpb.has_value() ? rpb->to(at::kFloat).contiguous() : at::Tensor();
+  const Windows win(p);
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
+  const auto qs = bf16_strided<const Bf16Bits>(q), ks = bf16_strided<const Bf16Bits>(k);
+  const auto vs = bf16_strided<const Bf16Bits>(v);
+  const auto os = bf16_strided<Bf16Bits>(out);
+  const float* rp = rpb_f.defined() ? rpb_f.const_data_ptr<float>() : nullptr;
+  float* lp = lse.mutable_data_ptr<float>();
+  float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
+  const auto fs = static_cast<float>(scale);
+  // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
+  const auto run = [&](auto dot) {
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(static_cast<int64_t>(blocks.size()), 1, [&](int64_t b) {
+        bf16_forward_block<dim.value, decltype(dot)::value>(qs, ks, vs, rp, os, lp, wp, p, win, fs, blocks[b]);
+      });
+    });
+  };
+#if DINAT_M2F_CPU_BF16_DOT
+  if (p.dim % 16 == 0) {
+    run(std::true_type{});
+    return;
+  }
+#endif
+  run(std::false_type{});
+}
