@@ -52,9 +52,10 @@ DeviceKernels kernels_of(CpuIsa isa) {
 
 // The bf16 fused forward of the selected path: with vdpbf16ps logits where selected_cpu_bf16_dot().
 decltype(&avx2::fused_forward_bf16) selected_bf16_forward() {
+  const bool dot = selected_cpu_bf16_dot();  // first: it rejects DINAT_M2F_CPU_BF16=on on the AVX2 path
 #if defined(__x86_64__)
   if (selected_cpu_isa() == CpuIsa::avx512) {
-    return selected_cpu_bf16_dot() ? &avx512::bf16_dot::fused_forward_bf16 : &avx512::fused_forward_bf16;
+    return dot ? &avx512::bf16_dot::fused_forward_bf16 : &avx512::fused_forward_bf16;
   }
 #endif
   return &avx2::fused_forward_bf16;
