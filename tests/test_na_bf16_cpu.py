@@ -153,3 +153,31 @@ def test_bf16_override_is_honoured_and_loud_when_wrong(monkeypatch):
     monkeypatch.setenv(ISA_ENV, "avx2")
     with pytest.raises(RuntimeError, match="DINAT_M2F_CPU_BF16=on needs the AVX-512 path"):
         _fused(2, False)(q, q, q, None, 3, 1, 1.0)
+
+
+@pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES)
+def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, shape, dim, heads_last):
+    """Training's backward (ops.na*d on the CPU with grad: the forward saves the weights) in bf16: gradients within
+    the bf16 tolerance of float64 autograd, and the float32 kernel's on the upcast inputs up to bf16 rounding."""
+    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + 1)
+    q, k, v, grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
+    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
+    scale = dim**-0.5
+    backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
+    out, attn = _fused(dims, True)(q, k, v, rpb, kernel, dilation, scale)
+    grads = backward(grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale)
+    assert all(t.dtype == torch.bfloat16 for t in grads)
+    # float64 autograd of the reference on the same bf16 inputs.
+    leaves = [t.double().requires_grad_() for t in (q, k, v, rpb)]
+    want_out, _, _ = _reference(*leaves[:3], kernel, dilation, leaves[3], scale, dims)
+    want = torch.autograd.grad(want_out, leaves, grad_out.double())
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+    # The float32 kernel on the upcast inputs (and the float32 out and attn it saved).
+    q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
+    out32, attn32 = _fused(dims, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
+    want32 = backward(go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale)
+    for got, exp in zip(grads, want32):
+        torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)

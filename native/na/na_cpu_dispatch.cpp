@@ -174,6 +174,16 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
                               const at::Tensor& out, const at::Tensor& attn, const at::Tensor& grad_q,
                               const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& grad_rpb,
                               const Problem& p, double scale) {
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__x86_64__)
+    if (selected_cpu_isa() == CpuIsa::avx512) {
+      avx512::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+      return;
+    }
+#endif
+    avx2::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+    return;
+  }
   selected_saved_attn_kernels().fused_backward_with_attn(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb,
                                                          p, scale);
 }

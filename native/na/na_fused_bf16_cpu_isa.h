@@ -299,3 +299,214 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 #endif
   run(std::false_type{});
 }
+
+#if !DINAT_M2F_CPU_BF16_DOT
+// ------------------------------------------------------------------------------------------ backward, saved weights
+// The bf16 fused_backward_with_attn (training on the CPU): the float32 kernel's two passes (na_fused_cpu_isa.h) on
+// row blocks with float32 scratch of the rows they read, instead of float32 copies of the whole tensors:
+// - query pass, per block of query rows: dS = P (dO . v - dO . O) into a float32 workspace, dQ = scale sum dS k
+//   (k and v rows of the block's windows converted once per block);
+// - key pass, per block of key rows: dK = scale sum dS q, dV = sum P dO over each key's inverse neighborhood (the q
+//   and dO rows of the block's inverse neighborhoods converted once per block).
+// Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
+// Compiled in the AVX2 and AVX-512 variants; its dot products are float32 ones, so it gains nothing from vdpbf16ps.
+namespace {
+
+// Group row range [begin, end) of the queries whose windows hold some key row of [x0, x1) (group rows of group r).
+inline std::pair<int64_t, int64_t> bf16_inverse_group_rows(const Windows& win, int64_t r, int64_t x0, int64_t x1,
+                                                           int64_t dh) {
+  return {(win.h.inverse[r + x0 * dh].begin - r) / dh, (win.h.inverse[r + (x1 - 1) * dh].end - r + dh - 1) / dh};
+}
+
+// The window sum of rows (rows[n] weighted by w[n], n < KK) times alpha, rounded to bf16 into out.
+template <int64_t kD>
+inline void bf16_weighted_rows(const float* w, const float* const* rows, int64_t KK, int64_t D, float alpha,
+                               float* scratch, Bf16Bits* out) {
+  if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+    constexpr int64_t kVectors = kD / kLanes;
+    Lanes<float> acc[kVectors];
+    for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+    for (int64_t n = 0; n < KK; ++n) {
+      for (int64_t c = 0; c < kVectors; ++c) acc[c] += w[n] * load_lanes(rows[n] + c * kLanes);
+    }
+    for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(out + c * kLanes, acc[c] * alpha);
+  } else {
+    std::fill(scratch, scratch + D, 0.0f);
+    for (int64_t n = 0; n < KK; ++n) axpy(w[n], rows[n], scratch, D);
+    bf16_round_row(alpha, scratch, out, D);
+  }
+}
+
+struct Bf16BackwardScratch {
+  std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b, weights_a, weights_b;
+  std::vector<const float*> ptrs_a, ptrs_b;
+};
+
+Bf16BackwardScratch& bf16_backward_scratch() {
+  thread_local Bf16BackwardScratch scratch;
+  return scratch;
+}
+
+// Query pass of one block: dS of its queries into ds_ws (slice bh's rows at (bh - s0) * H), dQ.
+template <int64_t kD>
+void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> k_all,
+                               Strided<const Bf16Bits> v_all, Strided<const Bf16Bits> out_all, const float* attn,
+                               Strided<Bf16Bits> grad_q_all, float* ds_ws, int64_t s0, const Problem& p,
+                               const Windows& win, float scale, const Bf16RowBlock& block) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> grad_out = grad_out_all.slice(block.bh), k = k_all.slice(block.bh);
+  const Slice<const Bf16Bits> v = v_all.slice(block.bh), out = out_all.slice(block.bh);
+  const Slice<Bf16Bits> grad_q = grad_q_all.slice(block.bh);
+  const int64_t g0 = bf16_window_group_row(win, r + block.m0 * dh, r, dh);
+  const int64_t g1 = bf16_window_group_row(win, r + (block.m1 - 1) * dh, r, dh) + p.kh;
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16BackwardScratch& s = bf16_backward_scratch();
+  if (s.rows_a.size() < cached) s.rows_a.resize(cached);
+  if (s.rows_b.size() < cached) s.rows_b.resize(cached);
+  float* const keys = s.rows_a.data();
+  float* const values = s.rows_b.data();
+  bf16_widen_rows(k, r, g0, g1, p, keys);
+  bf16_widen_rows(v, r, g0, g1, p, values);
+  s.grad_out.resize(D);
+  s.out.resize(D);
+  s.acc_a.resize(D);
+  s.go_v.resize(KK);
+  s.ptrs_a.resize(KK);
+  s.ptrs_b.resize(KK);
+  for (int64_t m = block.m0; m < block.m1; ++m) {
+    const int64_t i = r + m * dh, row = block.bh * H + i, local_row = row - s0 * H;
+    const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t at = ((g_first + ki) * W + win.w.start[j] + kj * p.dw) * D;
+          s.ptrs_a[ki * p.kw + kj] = keys + at;
+          s.ptrs_b[ki * p.kw + kj] = values + at;
+        }
+      }
+      bf16_widen_row(grad_out.at(i, j), s.grad_out.data(), D);
+      bf16_widen_row(out.at(i, j), s.out.data(), D);
+      const float delta = dot(s.grad_out.data(), s.out.data(), D);
+      dots(s.grad_out.data(), s.ptrs_b.data(), KK, D, s.go_v.data());
+      const float* prob = attn + (row * W + j) * KK;
+      float* ds = ds_ws + (local_row * W + j) * KK;
+      for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (s.go_v[n] - delta);
+      bf16_weighted_rows<kD>(ds, s.ptrs_a.data(), KK, D, scale, s.acc_a.data(), grad_q.at(i, j));
+    }
+  }
+}
+
+// Key pass of one block (its rows are key rows): dK, dV.
+template <int64_t kD>
+void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all, const float* attn,
+                             const float* ds_ws, Strided<Bf16Bits> grad_k_all, Strided<Bf16Bits> grad_v_all, int64_t s0,
+                             const Problem& p, const Windows& win, float scale, const Bf16RowBlock& block) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> grad_out = grad_out_all.slice(block.bh), q = q_all.slice(block.bh);
+  const Slice<Bf16Bits> grad_k = grad_k_all.slice(block.bh), grad_v = grad_v_all.slice(block.bh);
+  const auto [g0, g1] = bf16_inverse_group_rows(win, r, block.m0, block.m1, dh);
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16BackwardScratch& s = bf16_backward_scratch();
+  if (s.rows_a.size() < cached) s.rows_a.resize(cached);
+  if (s.rows_b.size() < cached) s.rows_b.resize(cached);
+  float* const queries = s.rows_a.data();
+  float* const grads = s.rows_b.data();
+  bf16_widen_rows(q, r, g0, g1, p, queries);
+  bf16_widen_rows(grad_out, r, g0, g1, p, grads);
+  s.acc_a.resize(D);
+  s.acc_b.resize(D);
+  std::vector<int64_t> slot_w;
+  const float* const slice_ds = ds_ws + (block.bh - s0) * H * W * KK;
+  const float* const slice_prob = attn + block.bh * H * W * KK;
+  for (int64_t x = block.m0; x < block.m1; ++x) {
+    const int64_t xi = r + x * dh;
+    for (int64_t xj = 0; xj < W; ++xj) {
+      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
+      slot_w.clear();
+      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
+      // The terms of the key's sums: weights and the rows they scale.
+      s.weights_a.clear();
+      s.weights_b.clear();
+      s.ptrs_a.clear();
+      s.ptrs_b.clear();
+      for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
+        const int64_t ki = window_slot(xi, win.h.start[i], dh);
+        const int64_t cache_row = ((i - r) / dh - g0) * W;
+        const float* ds_row = slice_ds + i * W * KK + ki * p.kw;
+        const float* prob_row = slice_prob + i * W * KK + ki * p.kw;
+        for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
+          const int64_t at = j * KK + slot_w[t];
+          s.weights_a.push_back(ds_row[at]);
+          s.weights_b.push_back(prob_row[at]);
+          s.ptrs_a.push_back(queries + (cache_row + j) * D);
+          s.ptrs_b.push_back(grads + (cache_row + j) * D);
+        }
+      }
+      const auto terms = static_cast<int64_t>(s.weights_a.size());
+      bf16_weighted_rows<kD>(s.weights_a.data(), s.ptrs_a.data(), terms, D, scale, s.acc_a.data(), grad_k.at(xi, xj));
+      bf16_weighted_rows<kD>(s.weights_b.data(), s.ptrs_b.data(), terms, D, 1.0f, s.acc_b.data(), grad_v.at(xi, xj));
+    }
+  }
+}
+
+std::vector<Bf16RowBlock> bf16_row_blocks_of(const std::vector<Bf16RowBlock>& all, int64_t s0, int64_t s1) {
+  std::vector<Bf16RowBlock> some;
+  for (const Bf16RowBlock& b : all) {
+    if (b.bh >= s0 && b.bh < s1) some.push_back(b);
+  }
+  return some;
+}
+
+}  // namespace
+
+// fused_backward_with_attn for bf16 grad_out, q, k, v, out and grads; float32 attn (the saved weights) and grad_rpb
+// (undefined without a bias).
+void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& attn,
+                                   const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                                   const at::Tensor& grad_rpb, const Problem& p, double scale) {
+  for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out, &grad_q, &grad_k, &grad_v}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16,
+                "na fused backward (CPU, bf16): grad_out, q, k, v, out and the gradients must be bfloat16");
+  }
+  TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == at::kFloat,
+              "na fused backward (CPU, bf16): attn must be a contiguous float32 tensor");
+  TORCH_CHECK(!grad_rpb.defined() || (grad_rpb.is_contiguous() && grad_rpb.scalar_type() == at::kFloat),
+              "na fused backward (CPU, bf16): grad_rpb must be a contiguous float32 tensor");
+  const Windows win(p);
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
+  const auto gos = bf16_strided<const Bf16Bits>(grad_out), qs = bf16_strided<const Bf16Bits>(q);
+  const auto ks = bf16_strided<const Bf16Bits>(k), vs = bf16_strided<const Bf16Bits>(v);
+  const auto os = bf16_strided<const Bf16Bits>(out);
+  const auto gqs = bf16_strided<Bf16Bits>(grad_q), gks = bf16_strided<Bf16Bits>(grad_k);
+  const auto gvs = bf16_strided<Bf16Bits>(grad_v);
+  const float* prob = attn.const_data_ptr<float>();
+  float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
+  const auto fs = static_cast<float>(scale);
+  // dS of a bounded group of slices (at most ~64 MiB, at least one slice), kept per calling thread between calls:
+  // the float32 kernel's workspace rule.
+  const int64_t slice_elems = p.tokens() * p.window();
+  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(float));
+  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
+  thread_local std::vector<float> workspace;
+  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
+  if (workspace.size() < group_elems) workspace.resize(group_elems);
+  float* const ds_ws = workspace.data();
+  dispatch_head_dim(p.dim, [&](auto dim) {
+    for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
+      const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+      const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
+      const auto n = static_cast<int64_t>(group.size());
+      parallel(n, 1, [&](int64_t b) {
+        bf16_backward_query_block<dim.value>(gos, ks, vs, os, prob, gqs, ds_ws, s0, p, win, fs, group[b]);
+      });
+      parallel(n, 1, [&](int64_t b) {
+        bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
+      });
+      if (rpb_grad != nullptr) {
+        rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
+      }
+    }
+  });
+}
+#endif

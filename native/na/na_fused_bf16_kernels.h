@@ -1,5 +1,5 @@
-// Entry points of the bf16 fused forward of each CPU variant (native/na/na_fused_bf16_cpu_isa.h); na_cpu_dispatch.cpp
-// picks one for bfloat16 inputs.
+// Entry points of the bf16 fused forward (and backward from saved weights) of each CPU variant
+// (native/na/na_fused_bf16_cpu_isa.h); na_cpu_dispatch.cpp picks one for bfloat16 inputs.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,12 +17,26 @@
                           const at::Tensor& attn, const Problem& p, double scale);                              \
   }
 
+// The bf16 fused_backward_with_attn (float32 attn and grad_rpb); no AVX512_BF16 variant (float32 dot products).
+#define DINAT_NA_DECLARE_BF16_BACKWARD(ns)                                                                         \
+  namespace ns {                                                                                                   \
+  void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,         \
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& attn,           \
+                                     const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v, \
+                                     const at::Tensor& grad_rpb, const Problem& p, double scale);                  \
+  }
+
 namespace dinat_m2f::na::cpu {
 DINAT_NA_DECLARE_BF16_FORWARD(avx2)
 #if defined(__x86_64__)
 DINAT_NA_DECLARE_BF16_FORWARD(avx512)
 DINAT_NA_DECLARE_BF16_FORWARD(avx512::bf16_dot)
 #endif
+DINAT_NA_DECLARE_BF16_BACKWARD(avx2)
+#if defined(__x86_64__)
+DINAT_NA_DECLARE_BF16_BACKWARD(avx512)
+#endif
 }  // namespace dinat_m2f::na::cpu
 
 #undef DINAT_NA_DECLARE_BF16_FORWARD
+#undef DINAT_NA_DECLARE_BF16_BACKWARD
