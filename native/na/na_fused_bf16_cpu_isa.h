@@ -338,7 +338,7 @@ inline void bf16_weighted_rows(const float* w, const float* const* rows, int64_t
 }
 
 struct Bf16BackwardScratch {
-  std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b, weights_a, weights_b;
+  std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b;
   std::vector<const float*> ptrs_a, ptrs_b;
 };
 
@@ -424,27 +424,45 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
       const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
       slot_w.clear();
       for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
-      // The terms of the key's sums: weights and the rows they scale.
-      s.weights_a.clear();
-      s.weights_b.clear();
-      s.ptrs_a.clear();
-      s.ptrs_b.clear();
-      for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
-        const int64_t ki = window_slot(xi, win.h.start[i], dh);
-        const int64_t cache_row = ((i - r) / dh - g0) * W;
-        const float* ds_row = slice_ds + i * W * KK + ki * p.kw;
-        const float* prob_row = slice_prob + i * W * KK + ki * p.kw;
-        for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
-          const int64_t at = j * KK + slot_w[t];
-          s.weights_a.push_back(ds_row[at]);
-          s.weights_b.push_back(prob_row[at]);
-          s.ptrs_a.push_back(queries + (cache_row + j) * D);
-          s.ptrs_b.push_back(grads + (cache_row + j) * D);
+      // dK and dV of the key summed straight from the workspace and the row caches (in registers where they fit).
+      const auto add_terms = [&](auto&& add) {
+        for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
+          const int64_t ki = window_slot(xi, win.h.start[i], dh);
+          const int64_t cache_row = ((i - r) / dh - g0) * W;
+          const float* ds_row = slice_ds + i * W * KK + ki * p.kw;
+          const float* prob_row = slice_prob + i * W * KK + ki * p.kw;
+          for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
+            const int64_t at = j * KK + slot_w[t];
+            add(ds_row[at], prob_row[at], (cache_row + j) * D);
+          }
         }
+      };
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc_k[kVectors], acc_v[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc_k[c] = acc_v[c] = Lanes<float>{};
+        add_terms([&](float ds, float prob, int64_t at) {
+          for (int64_t c = 0; c < kVectors; ++c) {
+            acc_k[c] += ds * load_lanes(queries + at + c * kLanes);
+            acc_v[c] += prob * load_lanes(grads + at + c * kLanes);
+          }
+        });
+        for (int64_t c = 0; c < kVectors; ++c) {
+          bf16_store_lanes(grad_k.at(xi, xj) + c * kLanes, acc_k[c] * scale);
+          bf16_store_lanes(grad_v.at(xi, xj) + c * kLanes, acc_v[c]);
+        }
+      } else {
+        float* acc_k = s.acc_a.data();
+        float* acc_v = s.acc_b.data();
+        std::fill(acc_k, acc_k + D, 0.0f);
+        std::fill(acc_v, acc_v + D, 0.0f);
+        add_terms([&](float ds, float prob, int64_t at) {
+          axpy(ds, queries + at, acc_k, D);
+          axpy(prob, grads + at, acc_v, D);
+        });
+        bf16_round_row(scale, acc_k, grad_k.at(xi, xj), D);
+        bf16_round_row(1.0f, acc_v, grad_v.at(xi, xj), D);
       }
-      const auto terms = static_cast<int64_t>(s.weights_a.size());
-      bf16_weighted_rows<kD>(s.weights_a.data(), s.ptrs_a.data(), terms, D, scale, s.acc_a.data(), grad_k.at(xi, xj));
-      bf16_weighted_rows<kD>(s.weights_b.data(), s.ptrs_b.data(), terms, D, 1.0f, s.acc_b.data(), grad_v.at(xi, xj));
     }
   }
 }
