@@ -131,7 +131,7 @@ std::vector<Bf16RowBlock> bf16_row_blocks(const Problem& p) {
 // Per-thread float32 scratch, kept between calls (fresh pages of a new allocation per unit cost page faults).
 struct Bf16Scratch {
   std::vector<float> keys, values, query, acc, logits;
-  std::vector<const float*> key_rows, value_rows;
+  std::vector<const float*> key_rows;
   std::vector<const Bf16Bits*> key_rows_bf16;
 };
 
@@ -179,9 +179,9 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   s.acc.resize(D);
   s.logits.resize(KK);
   s.key_rows.resize(KK);
-  s.value_rows.resize(KK);
   s.key_rows_bf16.resize(KK);
   float* const logits = s.logits.data();
+  const float* const values = s.values.data();
   const int64_t h = block.bh % p.heads;
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i;
@@ -192,7 +192,6 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         const int64_t cache_row = (g_first + ki) * W;
         for (int64_t kj = 0; kj < p.kw; ++kj) {
           const int64_t col = win.w.start[j] + kj * p.dw, n = ki * p.kw + kj;
-          s.value_rows[n] = s.values.data() + (cache_row + col) * D;
           if constexpr (kDot) {
             s.key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
           } else {
@@ -232,16 +231,22 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         constexpr int64_t kVectors = kD / kLanes;
         Lanes<float> acc[kVectors];
         for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
-        for (int64_t n = 0; n < KK; ++n) {
-          const float* vrow = s.value_rows[n];
-          for (int64_t c = 0; c < kVectors; ++c) acc[c] += logits[n] * load_lanes(vrow + c * kLanes);
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
+          const float* prow = logits + ki * p.kw;
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * p.dw * D + c * kLanes);
+          }
         }
         Bf16Bits* o = out.at(i, j);
         for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
       } else {
         float* acc = s.acc.data();
         std::fill(acc, acc + D, 0.0f);
-        for (int64_t n = 0; n < KK; ++n) axpy(logits[n], s.value_rows[n], acc, D);
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * p.dw * D, acc, D);
+        }
         bf16_round_row(inv, acc, out.at(i, j), D);
       }
     }
@@ -273,13 +278,21 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
               "na fused forward (CPU, bf16): lse must be a contiguous float32 tensor");
   TORCH_CHECK(!attn.defined() || (attn.is_contiguous() && attn.scalar_type() == at::kFloat),
               "na fused forward (CPU, bf16): attn must be a contiguous float32 tensor");
-  const at::Tensor rpb_f = rpb.has_value() ? rpb->to(at::kFloat).contiguous() : at::Tensor();
+  // The bias as floats (a few thousand values): widened here, not by an ATen op, whose dispatch costs more than the
+  // conversion at DiNAT's small stages.
+  std::vector<float> rpb_f;
+  if (rpb.has_value()) {
+    TORCH_CHECK(rpb->is_contiguous() && rpb->scalar_type() == at::kBFloat16,
+                "na fused forward (CPU, bf16): rpb must be a contiguous bfloat16 tensor");
+    rpb_f.resize(rpb->numel());
+    bf16_widen_row(reinterpret_cast<const Bf16Bits*>(rpb->const_data_ptr<at::BFloat16>()), rpb_f.data(), rpb->numel());
+  }
   const Windows win(p);
   const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
   const auto qs = bf16_strided<const Bf16Bits>(q), ks = bf16_strided<const Bf16Bits>(k);
   const auto vs = bf16_strided<const Bf16Bits>(v);
   const auto os = bf16_strided<Bf16Bits>(out);
-  const float* rp = rpb_f.defined() ? rpb_f.const_data_ptr<float>() : nullptr;
+  const float* rp = rpb.has_value() ? rpb_f.data() : nullptr;
   float* lp = lse.mutable_data_ptr<float>();
   float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
@@ -318,28 +331,9 @@ inline std::pair<int64_t, int64_t> bf16_inverse_group_rows(const Windows& win, i
   return {(win.h.inverse[r + x0 * dh].begin - r) / dh, (win.h.inverse[r + (x1 - 1) * dh].end - r + dh - 1) / dh};
 }
 
-// The window sum of rows (rows[n] weighted by w[n], n < KK) times alpha, rounded to bf16 into out.
-template <int64_t kD>
-inline void bf16_weighted_rows(const float* w, const float* const* rows, int64_t KK, int64_t D, float alpha,
-                               float* scratch, Bf16Bits* out) {
-  if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-    constexpr int64_t kVectors = kD / kLanes;
-    Lanes<float> acc[kVectors];
-    for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
-    for (int64_t n = 0; n < KK; ++n) {
-      for (int64_t c = 0; c < kVectors; ++c) acc[c] += w[n] * load_lanes(rows[n] + c * kLanes);
-    }
-    for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(out + c * kLanes, acc[c] * alpha);
-  } else {
-    std::fill(scratch, scratch + D, 0.0f);
-    for (int64_t n = 0; n < KK; ++n) axpy(w[n], rows[n], scratch, D);
-    bf16_round_row(alpha, scratch, out, D);
-  }
-}
-
 struct Bf16BackwardScratch {
   std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b;
-  std::vector<const float*> ptrs_a, ptrs_b;
+  std::vector<const float*> ptrs_b;
 };
 
 Bf16BackwardScratch& bf16_backward_scratch() {
@@ -371,7 +365,6 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
   s.out.resize(D);
   s.acc_a.resize(D);
   s.go_v.resize(KK);
-  s.ptrs_a.resize(KK);
   s.ptrs_b.resize(KK);
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i, local_row = row - s0 * H;
@@ -380,7 +373,6 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         for (int64_t kj = 0; kj < p.kw; ++kj) {
           const int64_t at = ((g_first + ki) * W + win.w.start[j] + kj * p.dw) * D;
-          s.ptrs_a[ki * p.kw + kj] = keys + at;
           s.ptrs_b[ki * p.kw + kj] = values + at;
         }
       }
@@ -391,7 +383,29 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
       const float* prob = attn + (row * W + j) * KK;
       float* ds = ds_ws + (local_row * W + j) * KK;
       for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (s.go_v[n] - delta);
-      bf16_weighted_rows<kD>(ds, s.ptrs_a.data(), KK, D, scale, s.acc_a.data(), grad_q.at(i, j));
+      // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
+      const float* krow0 = keys + (g_first * W + win.w.start[j]) * D;
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* krow = krow0 + ki * W * D;
+          const float* dsrow = ds + ki * p.kw;
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += dsrow[kj] * load_lanes(krow + kj * p.dw * D + c * kLanes);
+          }
+        }
+        Bf16Bits* gq = grad_q.at(i, j);
+        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(gq + c * kLanes, acc[c] * scale);
+      } else {
+        float* acc = s.acc_a.data();
+        std::fill(acc, acc + D, 0.0f);
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(ds[ki * p.kw + kj], krow0 + (ki * W + kj * p.dw) * D, acc, D);
+        }
+        bf16_round_row(scale, acc, grad_q.at(i, j), D);
+      }
     }
   }
 }
