@@ -180,8 +180,13 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   s.logits.resize(KK);
   s.key_rows.resize(KK);
   s.key_rows_bf16.resize(KK);
+  // Plain pointers, read once: stores into the pointer arrays could alias the vectors' own pointers otherwise.
   float* const logits = s.logits.data();
   const float* const values = s.values.data();
+  const float* const key_cache = kDot ? nullptr : s.keys.data();
+  float* const query = s.query.data();
+  const float** const key_rows = s.key_rows.data();
+  const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
   const int64_t h = block.bh % p.heads;
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i;
@@ -193,20 +198,20 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         for (int64_t kj = 0; kj < p.kw; ++kj) {
           const int64_t col = win.w.start[j] + kj * p.dw, n = ki * p.kw + kj;
           if constexpr (kDot) {
-            s.key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
+            key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
           } else {
-            s.key_rows[n] = s.keys.data() + (cache_row + col) * D;
+            key_rows[n] = key_cache + (cache_row + col) * D;
           }
         }
       }
 #if DINAT_M2F_CPU_BF16_DOT
       if constexpr (kDot) {
-        bf16_dots(q.at(i, j), s.key_rows_bf16.data(), KK, D, logits);
+        bf16_dots(q.at(i, j), key_rows_bf16, KK, D, logits);
       }
 #endif
       if constexpr (!kDot) {
-        bf16_widen_row(q.at(i, j), s.query.data(), D);
-        dots(s.query.data(), s.key_rows.data(), KK, D, logits);
+        bf16_widen_row(q.at(i, j), query, D);
+        dots(query, key_rows, KK, D, logits);
       }
       for (int64_t n = 0; n < KK; ++n) logits[n] *= scale;
       if (rpb != nullptr) {
