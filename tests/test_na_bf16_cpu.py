@@ -1,5 +1,5 @@
-"""The bfloat16 fused forward on the CPU (native/na/na_fused_bf16_cpu_isa.h): bf16 q/k/v read in place, float32
-logits/softmax/accumulation, bf16 output, float32 logsumexp and saved weights.
+"""The bfloat16 fused forward and backward from saved weights on the CPU (native/na/na_fused_bf16_cpu_isa.h): bf16
+q/k/v read in place, float32 logits/softmax/accumulation, bf16 outputs, float32 logsumexp and saved weights.
 
 Checked on every kernel path this CPU has: AVX-512 with the AVX512_BF16 instructions (vdpbf16ps logits), AVX-512
 without them (DINAT_M2F_CPU_BF16=off) and AVX2 (DINAT_M2F_CPU_ISA=avx2), against float64 math on the same

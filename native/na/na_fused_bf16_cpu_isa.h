@@ -1,4 +1,4 @@
-// The bfloat16 fused neighborhood-attention forward on the CPU: out = softmax(scale * q.k + rpb) v with bf16 q, k, v
+// The bfloat16 fused neighborhood attention on the CPU, forward: out = softmax(scale * q.k + rpb) v with bf16 q, k, v
 // and out, float32 logits, softmax and accumulation, float32 row logsumexp (and float32 saved weights).
 //
 // It reads q, k, v in place (any strides with a unit-stride last dim), never as float32 copies of whole tensors:
@@ -11,8 +11,9 @@
 //   converted at all; without it from the float32 scratch, as the float32 kernel does.
 // - Softmax over the window and the weighted sum of v in float32 (v from the scratch), then one rounding of the
 //   output to bf16 (round to nearest even, as c10::BFloat16).
-// The float32 kernels (na_fused_cpu_isa.h) are untouched by this path; the bf16 backward still runs them on float32
-// copies (na_fused_cpu_isa.h's fused_backward*).
+// The backward from saved weights (training on the CPU) follows below, in the same row blocks. The float32 kernels
+// (na_fused_cpu_isa.h) are untouched by this path; the bf16 backward that recomputes the weights (fused_backward,
+// not taken by CPU training) still runs them on float32 copies.
 //
 // Included (no include guard) inside one ISA's namespace and `#pragma GCC target` region, after na_cpu_simd.h:
 // by na_cpu_isa_kernels.h for the AVX2 and AVX-512 variants, and by na_cpu_avx512bf16.cpp for the AVX512_BF16 one.
