@@ -28,6 +28,10 @@ pybind11::dict build_info() {
     isas.append(isa);
   }
   info["cpu_isas_supported"] = isas;
+  // Whether the bf16 kernels use the AVX512_BF16 instructions now (DINAT_M2F_CPU_BF16 may turn them off), and whether
+  // the CPU has them.
+  info["cpu_bf16_dot"] = dinat_m2f::na::cpu::selected_cpu_bf16_dot();
+  info["cpu_has_avx512_bf16"] = dinat_m2f::na::cpu::cpu_has_avx512_bf16();
   return info;
 }
 

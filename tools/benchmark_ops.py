@@ -221,7 +221,9 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | N
 
 
 def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
-    print(f"CPU kernels' instruction set: {dinat_m2f.build_info()['cpu_isa']}", file=file)
+    info = dinat_m2f.build_info()
+    print(f"CPU kernels' instruction set: {info['cpu_isa']}", file=file)
+    print(f"bf16 kernels use AVX512_BF16 (vdpbf16ps): {info['cpu_bf16_dot']}", file=file)
     print(f"float32 matmul (1024^3, {torch.get_num_threads()} threads): {matmul:.1f} GFLOP/s", file=file)
     print(f"timer: {'wall time' if _clock is CLOCKS['wall'] else 'process CPU time'}", file=file)
     print("ms = median of the repeats, min = fastest; ref/this compares medians (and fastest repeats)", file=file)
@@ -287,6 +289,47 @@ def print_fused_unfused_summary(records: list[Record], file=sys.stdout) -> None:
                 )
 
 
+def print_dtype_summary(records: list[Record], file=sys.stdout) -> None:
+    """With float32 and bfloat16 both timed: per cell and implementation, float32 time over bfloat16 time (> 1:
+    bfloat16 faster), forward and forward + backward, medians (fastest repeats); then the minimum per implementation."""
+    by_key = {(r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, r.impl): r for r in records}
+    cells = list(dict.fromkeys((r.shape, r.kernel_size, r.dilation, r.impl) for r in records))
+    passes = ("fwd", "fwd+bwd")
+    rows, minima = [], {}
+    for shape, k, d, impl in cells:
+        ratios = []
+        for p in passes:
+            f32 = by_key.get((shape, k, d, "float32", p, impl))
+            bf16 = by_key.get((shape, k, d, "bfloat16", p, impl))
+            if f32 is None or bf16 is None:
+                ratios.append(None)
+                continue
+            ratio = (f32.ms / bf16.ms, f32.ms_min / bf16.ms_min)
+            ratios.append(ratio)
+            minima.setdefault((impl, p), []).append((ratio[0], shape, k, d))
+        if any(r is not None for r in ratios):
+            rows.append(((shape, k, d, impl), ratios))
+    if not rows:
+        return
+    print(
+        "\nbfloat16/float32 speed (float32 ms / bfloat16 ms; > 1: bfloat16 faster), median (fastest repeat)", file=file
+    )
+    print(f"{'shape':>20} {'k':>3} {'d':>3} {'impl':>10} {'fwd':>13} {'fwd+bwd':>13}", file=file)
+
+    def fmt(ratio):
+        return f"{'-':>13}" if ratio is None else f"{ratio[0]:6.2f} ({ratio[1]:4.2f})"
+
+    for (shape, k, d, impl), r in rows:
+        print(f"{shape:>20} {k:>3} {d:>3} {impl:>10} {fmt(r[0])} {fmt(r[1])}", file=file)
+    for (impl, p), values in minima.items():
+        ratio, shape, k, d = min(values)
+        below = sum(1 for v in values if v[0] < 1.0)
+        print(
+            f"minimum {impl} {p} (median): {ratio:.2f} at {shape} k={k} d={d}; {below} of {len(values)} cells below 1.00",
+            file=file,
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="56x56 shapes only, few repeats (< 1 minute)")
@@ -317,6 +360,12 @@ def main(argv: list[str] | None = None) -> None:
         help="CPU kernels' instruction set (DINAT_M2F_CPU_ISA)",
     )
     parser.add_argument(
+        "--bf16",
+        default=None,
+        choices=["auto", "on", "off"],
+        help="whether the bf16 kernels use the AVX512_BF16 instructions (DINAT_M2F_CPU_BF16)",
+    )
+    parser.add_argument(
         "--impls",
         default=None,
         help="comma-separated implementations to time (fused,unfused,reference,sdpa; default all)",
@@ -329,6 +378,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.isa is not None:
         os.environ["DINAT_M2F_CPU_ISA"] = args.isa
+    if args.bf16 is not None:
+        os.environ["DINAT_M2F_CPU_BF16"] = args.bf16
 
     torch.set_num_threads(args.threads)
     global _clock
@@ -357,14 +408,16 @@ def main(argv: list[str] | None = None) -> None:
         and (models is None or c.model in models)
         and (batches is None or c.batch in batches)
     ]
-    for dtype in dtypes:
-        for case in cases:
+    # Every dtype of a case back to back, so a dtype's ratio to another is not skewed by the machine's load drifting.
+    for case in cases:
+        for dtype in dtypes:
             records.extend(bench_case(case, dtype, repeats, impls))
     if args.json:
         print(
             json.dumps(
                 {
                     "cpu_isa": dinat_m2f.build_info()["cpu_isa"],
+                    "cpu_bf16_dot": dinat_m2f.build_info()["cpu_bf16_dot"],
                     "matmul_float32_gflops": matmul,
                     "threads": args.threads,
                     "timer": args.timer,
@@ -376,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         print_table(records, matmul)
         print_fused_unfused_summary(records)
+        print_dtype_summary(records)
 
 
 if __name__ == "__main__":

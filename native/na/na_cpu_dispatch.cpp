@@ -8,11 +8,13 @@
 
 #include "dinat_m2f/na_cpu_isa.h"
 #include "dinat_m2f/na_kernels.h"
+#include "na_fused_bf16_kernels.h"
 
 namespace dinat_m2f::na::cpu {
 namespace {
 
 constexpr const char* kIsaEnv = "DINAT_M2F_CPU_ISA";
+constexpr const char* kBf16Env = "DINAT_M2F_CPU_BF16";
 
 bool cpu_has_avx2() {
 #if defined(__x86_64__)
@@ -46,6 +48,17 @@ DeviceKernels kernels_of(CpuIsa isa) {
     default:
       return {&avx2::qk, &avx2::av, &avx2::inverse, &avx2::rpb_grad, &avx2::fused_forward, &avx2::fused_backward};
   }
+}
+
+// The bf16 fused forward of the selected path: with vdpbf16ps logits where selected_cpu_bf16_dot().
+decltype(&avx2::fused_forward_bf16) selected_bf16_forward() {
+  const bool dot = selected_cpu_bf16_dot();  // first: it rejects DINAT_M2F_CPU_BF16=on on the AVX2 path
+#if defined(__x86_64__)
+  if (selected_cpu_isa() == CpuIsa::avx512) {
+    return dot ? &avx512::bf16_dot::fused_forward_bf16 : &avx512::fused_forward_bf16;
+  }
+#endif
+  return &avx2::fused_forward_bf16;
 }
 
 DeviceKernels selected_kernels() { return kernels_of(selected_cpu_isa()); }
@@ -89,6 +102,31 @@ CpuIsa selected_cpu_isa() {
   return CpuIsa::avx512;
 }
 
+bool cpu_has_avx512_bf16() {
+#if defined(__x86_64__)
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+bool selected_cpu_bf16_dot() {
+  const char* env = std::getenv(kBf16Env);
+  const std::string wanted = env != nullptr ? env : "";
+  const bool avx512_path = selected_cpu_isa() == CpuIsa::avx512;
+  if (wanted.empty() || wanted == "auto") {
+    return avx512_path && cpu_has_avx512_bf16();
+  }
+  if (wanted == "off") {
+    return false;
+  }
+  TORCH_CHECK(wanted == "on", kBf16Env, "='", wanted,
+              "' is not a choice of the bf16 kernels; use on, off or auto (or unset it).");
+  TORCH_CHECK(cpu_has_avx512_bf16(), kBf16Env, "=on but this CPU lacks AVX512_BF16; use off or auto (or unset it).");
+  TORCH_CHECK(avx512_path, kBf16Env, "=on needs the AVX-512 path but ", kIsaEnv, " selects avx2; unset one of them.");
+  return true;
+}
+
 void qk(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& rpb, const at::Tensor& attn,
         const Problem& p) {
   selected_kernels().qk(q, k, rpb, attn, p);
@@ -108,6 +146,10 @@ void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Pro
 
 void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
                    const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
+  if (q.scalar_type() == at::kBFloat16) {
+    selected_bf16_forward()(q, k, v, rpb, out, lse, at::Tensor(), p, scale);
+    return;
+  }
   selected_kernels().fused_forward(q, k, v, rpb, out, lse, p, scale);
 }
 
@@ -121,6 +163,10 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
 void fused_forward_with_attn(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
                              const at::Tensor& attn, const Problem& p, double scale) {
+  if (q.scalar_type() == at::kBFloat16) {
+    selected_bf16_forward()(q, k, v, rpb, out, lse, attn, p, scale);
+    return;
+  }
   selected_saved_attn_kernels().fused_forward_with_attn(q, k, v, rpb, out, lse, attn, p, scale);
 }
 
@@ -128,6 +174,16 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
                               const at::Tensor& out, const at::Tensor& attn, const at::Tensor& grad_q,
                               const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& grad_rpb,
                               const Problem& p, double scale) {
+  if (q.scalar_type() == at::kBFloat16) {
+#if defined(__x86_64__)
+    if (selected_cpu_isa() == CpuIsa::avx512) {
+      avx512::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+      return;
+    }
+#endif
+    avx2::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+    return;
+  }
   selected_saved_attn_kernels().fused_backward_with_attn(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb,
                                                          p, scale);
 }

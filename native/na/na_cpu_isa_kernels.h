@@ -25,4 +25,6 @@ using cpu_math::strided_out;
 
 #include "na_fused_cpu_isa.h"
 
+#include "na_fused_bf16_cpu_isa.h"
+
 }  // namespace dinat_m2f::na::cpu::DINAT_M2F_CPU_ISA

@@ -19,4 +19,11 @@ std::vector<std::string> supported_cpu_isas();
 // The ISA the kernels take now (honours DINAT_M2F_CPU_ISA; raises a c10::Error for a bad or unsupported value).
 CpuIsa selected_cpu_isa();
 
+// Whether this CPU has the AVX512_BF16 instructions.
+bool cpu_has_avx512_bf16();
+
+// Whether the bf16 kernels use them now (honours DINAT_M2F_CPU_BF16 and DINAT_M2F_CPU_ISA; raises a c10::Error for a
+// bad or unsupported value).
+bool selected_cpu_bf16_dot();
+
 }  // namespace dinat_m2f::na::cpu

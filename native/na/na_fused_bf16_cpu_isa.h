@@ -1,0 +1,550 @@
+// The bfloat16 fused neighborhood attention on the CPU, forward: out = softmax(scale * q.k + rpb) v with bf16 q, k, v
+// and out, float32 logits, softmax and accumulation, float32 row logsumexp (and float32 saved weights).
+//
+// It reads q, k, v in place (any strides with a unit-stride last dim), never as float32 copies of whole tensors:
+// - Work unit: a block of consecutive query rows of one (batch, head) slice and one dilation group along H. The key
+//   rows their windows cover (the block's rows plus kh - 1 more, in the group) are converted once per unit into a
+//   per-thread float32 scratch, so each k and v element is converted ~(block + kh - 1) / block times, not once per
+//   window it appears in (kh * kw times).
+// - q.k: with vdpbf16ps (DINAT_M2F_CPU_BF16_DOT, the AVX512_BF16 translation unit na_cpu_avx512bf16.cpp) straight
+//   from the bf16 rows of q and k, pairs of head-dim elements per instruction with float32 sums, so k is not
+//   converted at all; without it from the float32 scratch, as the float32 kernel does.
+// - Softmax over the window and the weighted sum of v in float32 (v from the scratch), then one rounding of the
+//   output to bf16 (round to nearest even, as c10::BFloat16).
+// The backward from saved weights (training on the CPU) follows below, in the same row blocks. The float32 kernels
+// (na_fused_cpu_isa.h) are untouched by this path; the bf16 backward that recomputes the weights (fused_backward,
+// not taken by CPU training) still runs them on float32 copies.
+//
+// Included (no include guard) inside one ISA's namespace and `#pragma GCC target` region, after na_cpu_simd.h:
+// by na_cpu_isa_kernels.h for the AVX2 and AVX-512 variants, and by na_cpu_avx512bf16.cpp for the AVX512_BF16 one.
+
+#if !defined(DINAT_M2F_CPU_BF16_DOT)
+#define DINAT_M2F_CPU_BF16_DOT 0
+#endif
+
+namespace {
+
+// bf16 values as their 16 bits: the kernels only load, widen and round them.
+using Bf16Bits = uint16_t;
+
+typedef uint16_t Bf16Lanes
+    __attribute__((vector_size(kLanes * sizeof(uint16_t)), aligned(alignof(uint16_t)), may_alias));
+typedef uint32_t Bf16WideLanes __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+
+// kLanes bf16 values as floats: a bf16 is the upper half of the float with the same value.
+inline Lanes<float> bf16_load_lanes(const Bf16Bits* p) {
+  const Bf16WideLanes wide = __builtin_convertvector(*reinterpret_cast<const Bf16Lanes*>(p), Bf16WideLanes) << 16;
+  return (Lanes<float>)wide;  // same-size vector cast: reinterprets the bits
+}
+
+inline float bf16_to_float(Bf16Bits x) { return std::bit_cast<float>(static_cast<uint32_t>(x) << 16); }
+
+// Round to nearest even, NaN stays a (quiet) NaN: c10::BFloat16's conversion, so outputs match torch's .to(bf16).
+inline Bf16Bits float_to_bf16(float x) {
+  if (std::isnan(x)) return 0x7FC0;
+  const uint32_t bits = std::bit_cast<uint32_t>(x);
+  return static_cast<Bf16Bits>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+}
+
+inline void bf16_store_lanes(Bf16Bits* p, Lanes<float> x) {
+  Bf16WideLanes bits = (Bf16WideLanes)x;
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  bits = x != x ? Bf16WideLanes{} + 0x7FC0u : bits;
+  *reinterpret_cast<Bf16Lanes*>(p) = __builtin_convertvector(bits, Bf16Lanes);
+}
+
+// out[0..n) = float(in[0..n)).
+inline void bf16_widen_row(const Bf16Bits* __restrict in, float* __restrict out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, bf16_load_lanes(in + i));
+  for (; i < n; ++i) out[i] = bf16_to_float(in[i]);
+}
+
+// out[0..n) = bf16(alpha * in[0..n)).
+inline void bf16_round_row(float alpha, const float* __restrict in, Bf16Bits* __restrict out, int64_t n) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) bf16_store_lanes(out + i, load_lanes(in + i) * alpha);
+  for (; i < n; ++i) out[i] = float_to_bf16(alpha * in[i]);
+}
+
+#if DINAT_M2F_CPU_BF16_DOT
+// The 8 sums of 8 vectors in one vector (a transposing hadd tree).
+inline __m256 bf16_sum8x8(const __m256* acc) {
+  const __m256 h01 = _mm256_hadd_ps(acc[0], acc[1]);
+  const __m256 h23 = _mm256_hadd_ps(acc[2], acc[3]);
+  const __m256 h45 = _mm256_hadd_ps(acc[4], acc[5]);
+  const __m256 h67 = _mm256_hadd_ps(acc[6], acc[7]);
+  const __m256 h0123 = _mm256_hadd_ps(h01, h23);
+  const __m256 h4567 = _mm256_hadd_ps(h45, h67);
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+inline __m256bh bf16_load16(const Bf16Bits* p) {
+  return reinterpret_cast<__m256bh>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// out[t] = q . keys[t] for t < n, d % 16 == 0: vdpbf16ps multiplies 16 pairs of bf16 elements and adds each pair's
+// sum to a float lane, so a 32-dim dot is two instructions; 8 keys at a time, reduced by one hadd tree.
+inline void bf16_dots(const Bf16Bits* __restrict q, const Bf16Bits* const* keys, int64_t n, int64_t d,
+                      float* __restrict out) {
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) acc[u] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m256bh qv = bf16_load16(q + i);
+      for (int u = 0; u < 8; ++u) acc[u] = _mm256_dpbf16_ps(acc[u], qv, bf16_load16(keys[t + u] + i));
+    }
+    _mm256_storeu_ps(out + t, bf16_sum8x8(acc));
+  }
+  for (; t < n; ++t) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) acc = _mm256_dpbf16_ps(acc, bf16_load16(q + i), bf16_load16(keys[t] + i));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    out[t] = _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+  }
+}
+#endif
+
+// A work unit: query rows r + m dh, m in [m0, m1), of slice bh (r: the dilation group along H).
+struct Bf16RowBlock {
+  int64_t bh, r, m0, m1;
+};
+
+// Rows per unit: more rows convert each key row fewer times ((rows + kh - 1) / rows), fewer give more units to
+// share between threads.
+constexpr int64_t kBf16BlockRows = 16;
+
+std::vector<Bf16RowBlock> bf16_row_blocks(const Problem& p) {
+  std::vector<Bf16RowBlock> blocks;
+  for (int64_t bh = 0; bh < p.batch_heads; ++bh) {
+    for (int64_t r = 0; r < std::min(p.dh, p.height); ++r) {
+      const int64_t glen = group_length(r, p.height, p.dh);
+      for (int64_t m0 = 0; m0 < glen; m0 += kBf16BlockRows) {
+        blocks.push_back({bh, r, m0, std::min(glen, m0 + kBf16BlockRows)});
+      }
+    }
+  }
+  return blocks;
+}
+
+// Per-thread float32 scratch, kept between calls (fresh pages of a new allocation per unit cost page faults).
+struct Bf16Scratch {
+  std::vector<float> keys, values, query, acc, logits;
+  std::vector<const float*> key_rows;
+  std::vector<const Bf16Bits*> key_rows_bf16;
+};
+
+Bf16Scratch& bf16_scratch() {
+  thread_local Bf16Scratch scratch;
+  return scratch;
+}
+
+// Group row of the first key row of query row i's window (key rows are r + m dh, m = this .. this + kh - 1).
+inline int64_t bf16_window_group_row(const Windows& win, int64_t i, int64_t r, int64_t dh) {
+  return (win.h.start[i] - r) / dh;
+}
+
+// The float32 [rows, W, D] copy of group rows [g0, g1) of x (one slice).
+inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p, float* out) {
+  const int64_t W = p.width, D = p.dim;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t i = r + g * p.dh;
+    float* dst = out + (g - g0) * W * D;
+    for (int64_t j = 0; j < W; ++j) bf16_widen_row(x.at(i, j), dst + j * D, D);
+  }
+}
+
+// One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0).
+template <int64_t kD, bool kDot>
+void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
+                        const float* rpb, Strided<Bf16Bits> out_all, float* lse, float* weights, const Problem& p,
+                        const Windows& win, float scale, const Bf16RowBlock& block) {
+  static_assert(!kDot || DINAT_M2F_CPU_BF16_DOT, "vdpbf16ps logits are compiled in the AVX512_BF16 unit only");
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> q = q_all.slice(block.bh), k = k_all.slice(block.bh), v = v_all.slice(block.bh);
+  const Slice<Bf16Bits> out = out_all.slice(block.bh);
+  // The key rows of the block's windows: window starts are non-decreasing along the group.
+  const int64_t g0 = bf16_window_group_row(win, r + block.m0 * dh, r, dh);
+  const int64_t g1 = bf16_window_group_row(win, r + (block.m1 - 1) * dh, r, dh) + p.kh;
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16Scratch& s = bf16_scratch();
+  if (s.values.size() < cached) s.values.resize(cached);
+  bf16_widen_rows(v, r, g0, g1, p, s.values.data());
+  if constexpr (!kDot) {
+    if (s.keys.size() < cached) s.keys.resize(cached);
+    bf16_widen_rows(k, r, g0, g1, p, s.keys.data());
+  }
+  s.query.resize(D);
+  s.acc.resize(D);
+  s.logits.resize(KK);
+  s.key_rows.resize(KK);
+  s.key_rows_bf16.resize(KK);
+  // Plain pointers, read once: stores into the pointer arrays could alias the vectors' own pointers otherwise.
+  float* const logits = s.logits.data();
+  const float* const values = s.values.data();
+  const float* const key_cache = kDot ? nullptr : s.keys.data();
+  float* const query = s.query.data();
+  const float** const key_rows = s.key_rows.data();
+  const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
+  const int64_t h = block.bh % p.heads;
+  for (int64_t m = block.m0; m < block.m1; ++m) {
+    const int64_t i = r + m * dh, row = block.bh * H + i;
+    const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
+    for (int64_t j = 0; j < W; ++j) {
+      // The window's key / value rows.
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const int64_t cache_row = (g_first + ki) * W;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t col = win.w.start[j] + kj * p.dw, n = ki * p.kw + kj;
+          if constexpr (kDot) {
+            key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
+          } else {
+            key_rows[n] = key_cache + (cache_row + col) * D;
+          }
+        }
+      }
+#if DINAT_M2F_CPU_BF16_DOT
+      if constexpr (kDot) {
+        bf16_dots(q.at(i, j), key_rows_bf16, KK, D, logits);
+      }
+#endif
+      if constexpr (!kDot) {
+        bf16_widen_row(q.at(i, j), query, D);
+        dots(query, key_rows, KK, D, logits);
+      }
+      for (int64_t n = 0; n < KK; ++n) logits[n] *= scale;
+      if (rpb != nullptr) {
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* brow = rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j];
+          for (int64_t kj = 0; kj < p.kw; ++kj) logits[ki * p.kw + kj] += brow[kj];
+        }
+      }
+      const float max = max_of(logits, KK);
+      exp_shifted(logits, max, logits, KK);
+      float sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t n = 0; n < KK; ++n) sum += logits[n];
+      const float inv = 1.0f / sum;
+      lse[row * W + j] = max + std::log(sum);
+      if (weights != nullptr) {
+        float* w = weights + (row * W + j) * KK;
+        for (int64_t n = 0; n < KK; ++n) w[n] = logits[n] * inv;
+      }
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        // The sum stays in registers (see na_fused_cpu_isa.h's RegisterRow), then one rounding to bf16.
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
+          const float* prow = logits + ki * p.kw;
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * p.dw * D + c * kLanes);
+          }
+        }
+        Bf16Bits* o = out.at(i, j);
+        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
+      } else {
+        float* acc = s.acc.data();
+        std::fill(acc, acc + D, 0.0f);
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * p.dw * D, acc, D);
+        }
+        bf16_round_row(inv, acc, out.at(i, j), D);
+      }
+    }
+  }
+}
+
+template <typename T>
+Strided<T> bf16_strided(const at::Tensor& t) {
+  using Elem = std::remove_const_t<T>;
+  static_assert(std::is_same_v<Elem, Bf16Bits>);
+  if constexpr (std::is_const_v<T>) {
+    return {reinterpret_cast<const Bf16Bits*>(t.const_data_ptr<at::BFloat16>()), cpu_math::strides_of(t)};
+  } else {
+    return {reinterpret_cast<Bf16Bits*>(t.mutable_data_ptr<at::BFloat16>()), cpu_math::strides_of(t)};
+  }
+}
+
+}  // namespace
+
+// fused_forward for bf16 q, k, v (and rpb, out); lse float32. attn: undefined, or the float32 weights to save
+// (fused_forward_with_attn).
+void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
+                        const at::Tensor& attn, const Problem& p, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 &&
+                  v.scalar_type() == at::kBFloat16 && out.scalar_type() == at::kBFloat16,
+              "na fused forward (CPU, bf16): q, k, v and out must be bfloat16");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat,
+              "na fused forward (CPU, bf16): lse must be a contiguous float32 tensor");
+  TORCH_CHECK(!attn.defined() || (attn.is_contiguous() && attn.scalar_type() == at::kFloat),
+              "na fused forward (CPU, bf16): attn must be a contiguous float32 tensor");
+  // The bias as floats (a few thousand values): widened here, not by an ATen op, whose dispatch costs more than the
+  // conversion at DiNAT's small stages.
+  std::vector<float> rpb_f;
+  if (rpb.has_value()) {
+    TORCH_CHECK(rpb->is_contiguous() && rpb->scalar_type() == at::kBFloat16,
+                "na fused forward (CPU, bf16): rpb must be a contiguous bfloat16 tensor");
+    rpb_f.resize(rpb->numel());
+    bf16_widen_row(reinterpret_cast<const Bf16Bits*>(rpb->const_data_ptr<at::BFloat16>()), rpb_f.data(), rpb->numel());
+  }
+  const Windows win(p);
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
+  const auto qs = bf16_strided<const Bf16Bits>(q), ks = bf16_strided<const Bf16Bits>(k);
+  const auto vs = bf16_strided<const Bf16Bits>(v);
+  const auto os = bf16_strided<Bf16Bits>(out);
+  const float* rp = rpb.has_value() ? rpb_f.data() : nullptr;
+  float* lp = lse.mutable_data_ptr<float>();
+  float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
+  const auto fs = static_cast<float>(scale);
+  // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
+  const auto run = [&](auto dot) {
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(static_cast<int64_t>(blocks.size()), 1, [&](int64_t b) {
+        bf16_forward_block<dim.value, decltype(dot)::value>(qs, ks, vs, rp, os, lp, wp, p, win, fs, blocks[b]);
+      });
+    });
+  };
+#if DINAT_M2F_CPU_BF16_DOT
+  if (p.dim % 16 == 0) {
+    run(std::true_type{});
+    return;
+  }
+#endif
+  run(std::false_type{});
+}
+
+#if !DINAT_M2F_CPU_BF16_DOT
+// ------------------------------------------------------------------------------------------ backward, saved weights
+// The bf16 fused_backward_with_attn (training on the CPU): the float32 kernel's two passes (na_fused_cpu_isa.h) on
+// row blocks with float32 scratch of the rows they read, instead of float32 copies of the whole tensors:
+// - query pass, per block of query rows: dS = P (dO . v - dO . O) into a float32 workspace, dQ = scale sum dS k
+//   (k and v rows of the block's windows converted once per block);
+// - key pass, per block of key rows: dK = scale sum dS q, dV = sum P dO over each key's inverse neighborhood (the q
+//   and dO rows of the block's inverse neighborhoods converted once per block).
+// Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
+// Compiled in the AVX2 and AVX-512 variants; its dot products are float32 ones, so it gains nothing from vdpbf16ps.
+namespace {
+
+// Group row range [begin, end) of the queries whose windows hold some key row of [x0, x1) (group rows of group r).
+inline std::pair<int64_t, int64_t> bf16_inverse_group_rows(const Windows& win, int64_t r, int64_t x0, int64_t x1,
+                                                           int64_t dh) {
+  return {(win.h.inverse[r + x0 * dh].begin - r) / dh, (win.h.inverse[r + (x1 - 1) * dh].end - r + dh - 1) / dh};
+}
+
+struct Bf16BackwardScratch {
+  std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b;
+  std::vector<const float*> ptrs_b;
+};
+
+Bf16BackwardScratch& bf16_backward_scratch() {
+  thread_local Bf16BackwardScratch scratch;
+  return scratch;
+}
+
+// Query pass of one block: dS of its queries into ds_ws (slice bh's rows at (bh - s0) * H), dQ.
+template <int64_t kD>
+void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> k_all,
+                               Strided<const Bf16Bits> v_all, Strided<const Bf16Bits> out_all, const float* attn,
+                               Strided<Bf16Bits> grad_q_all, float* ds_ws, int64_t s0, const Problem& p,
+                               const Windows& win, float scale, const Bf16RowBlock& block) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> grad_out = grad_out_all.slice(block.bh), k = k_all.slice(block.bh);
+  const Slice<const Bf16Bits> v = v_all.slice(block.bh), out = out_all.slice(block.bh);
+  const Slice<Bf16Bits> grad_q = grad_q_all.slice(block.bh);
+  const int64_t g0 = bf16_window_group_row(win, r + block.m0 * dh, r, dh);
+  const int64_t g1 = bf16_window_group_row(win, r + (block.m1 - 1) * dh, r, dh) + p.kh;
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16BackwardScratch& s = bf16_backward_scratch();
+  if (s.rows_a.size() < cached) s.rows_a.resize(cached);
+  if (s.rows_b.size() < cached) s.rows_b.resize(cached);
+  float* const keys = s.rows_a.data();
+  float* const values = s.rows_b.data();
+  bf16_widen_rows(k, r, g0, g1, p, keys);
+  bf16_widen_rows(v, r, g0, g1, p, values);
+  s.grad_out.resize(D);
+  s.out.resize(D);
+  s.acc_a.resize(D);
+  s.go_v.resize(KK);
+  s.ptrs_b.resize(KK);
+  for (int64_t m = block.m0; m < block.m1; ++m) {
+    const int64_t i = r + m * dh, row = block.bh * H + i, local_row = row - s0 * H;
+    const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
+    for (int64_t j = 0; j < W; ++j) {
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          const int64_t at = ((g_first + ki) * W + win.w.start[j] + kj * p.dw) * D;
+          s.ptrs_b[ki * p.kw + kj] = values + at;
+        }
+      }
+      bf16_widen_row(grad_out.at(i, j), s.grad_out.data(), D);
+      bf16_widen_row(out.at(i, j), s.out.data(), D);
+      const float delta = dot(s.grad_out.data(), s.out.data(), D);
+      dots(s.grad_out.data(), s.ptrs_b.data(), KK, D, s.go_v.data());
+      const float* prob = attn + (row * W + j) * KK;
+      float* ds = ds_ws + (local_row * W + j) * KK;
+      for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (s.go_v[n] - delta);
+      // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
+      const float* krow0 = keys + (g_first * W + win.w.start[j]) * D;
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          const float* krow = krow0 + ki * W * D;
+          const float* dsrow = ds + ki * p.kw;
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += dsrow[kj] * load_lanes(krow + kj * p.dw * D + c * kLanes);
+          }
+        }
+        Bf16Bits* gq = grad_q.at(i, j);
+        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(gq + c * kLanes, acc[c] * scale);
+      } else {
+        float* acc = s.acc_a.data();
+        std::fill(acc, acc + D, 0.0f);
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(ds[ki * p.kw + kj], krow0 + (ki * W + kj * p.dw) * D, acc, D);
+        }
+        bf16_round_row(scale, acc, grad_q.at(i, j), D);
+      }
+    }
+  }
+}
+
+// Key pass of one block (its rows are key rows): dK, dV.
+template <int64_t kD>
+void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all, const float* attn,
+                             const float* ds_ws, Strided<Bf16Bits> grad_k_all, Strided<Bf16Bits> grad_v_all, int64_t s0,
+                             const Problem& p, const Windows& win, float scale, const Bf16RowBlock& block) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
+  const Slice<const Bf16Bits> grad_out = grad_out_all.slice(block.bh), q = q_all.slice(block.bh);
+  const Slice<Bf16Bits> grad_k = grad_k_all.slice(block.bh), grad_v = grad_v_all.slice(block.bh);
+  const auto [g0, g1] = bf16_inverse_group_rows(win, r, block.m0, block.m1, dh);
+  const auto cached = static_cast<size_t>((g1 - g0) * W * D);
+  Bf16BackwardScratch& s = bf16_backward_scratch();
+  if (s.rows_a.size() < cached) s.rows_a.resize(cached);
+  if (s.rows_b.size() < cached) s.rows_b.resize(cached);
+  float* const queries = s.rows_a.data();
+  float* const grads = s.rows_b.data();
+  bf16_widen_rows(q, r, g0, g1, p, queries);
+  bf16_widen_rows(grad_out, r, g0, g1, p, grads);
+  s.acc_a.resize(D);
+  s.acc_b.resize(D);
+  std::vector<int64_t> slot_w;
+  const float* const slice_ds = ds_ws + (block.bh - s0) * H * W * KK;
+  const float* const slice_prob = attn + block.bh * H * W * KK;
+  for (int64_t x = block.m0; x < block.m1; ++x) {
+    const int64_t xi = r + x * dh;
+    for (int64_t xj = 0; xj < W; ++xj) {
+      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
+      slot_w.clear();
+      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
+      // dK and dV of the key summed straight from the workspace and the row caches (in registers where they fit).
+      const auto add_terms = [&](auto&& add) {
+        for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
+          const int64_t ki = window_slot(xi, win.h.start[i], dh);
+          const int64_t cache_row = ((i - r) / dh - g0) * W;
+          const float* ds_row = slice_ds + i * W * KK + ki * p.kw;
+          const float* prob_row = slice_prob + i * W * KK + ki * p.kw;
+          for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
+            const int64_t at = j * KK + slot_w[t];
+            add(ds_row[at], prob_row[at], (cache_row + j) * D);
+          }
+        }
+      };
+      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+        constexpr int64_t kVectors = kD / kLanes;
+        Lanes<float> acc_k[kVectors], acc_v[kVectors];
+        for (int64_t c = 0; c < kVectors; ++c) acc_k[c] = acc_v[c] = Lanes<float>{};
+        add_terms([&](float ds, float prob, int64_t at) {
+          for (int64_t c = 0; c < kVectors; ++c) {
+            acc_k[c] += ds * load_lanes(queries + at + c * kLanes);
+            acc_v[c] += prob * load_lanes(grads + at + c * kLanes);
+          }
+        });
+        for (int64_t c = 0; c < kVectors; ++c) {
+          bf16_store_lanes(grad_k.at(xi, xj) + c * kLanes, acc_k[c] * scale);
+          bf16_store_lanes(grad_v.at(xi, xj) + c * kLanes, acc_v[c]);
+        }
+      } else {
+        float* acc_k = s.acc_a.data();
+        float* acc_v = s.acc_b.data();
+        std::fill(acc_k, acc_k + D, 0.0f);
+        std::fill(acc_v, acc_v + D, 0.0f);
+        add_terms([&](float ds, float prob, int64_t at) {
+          axpy(ds, queries + at, acc_k, D);
+          axpy(prob, grads + at, acc_v, D);
+        });
+        bf16_round_row(scale, acc_k, grad_k.at(xi, xj), D);
+        bf16_round_row(1.0f, acc_v, grad_v.at(xi, xj), D);
+      }
+    }
+  }
+}
+
+std::vector<Bf16RowBlock> bf16_row_blocks_of(const std::vector<Bf16RowBlock>& all, int64_t s0, int64_t s1) {
+  std::vector<Bf16RowBlock> some;
+  for (const Bf16RowBlock& b : all) {
+    if (b.bh >= s0 && b.bh < s1) some.push_back(b);
+  }
+  return some;
+}
+
+}  // namespace
+
+// fused_backward_with_attn for bf16 grad_out, q, k, v, out and grads; float32 attn (the saved weights) and grad_rpb
+// (undefined without a bias).
+void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, const at::Tensor& out, const at::Tensor& attn,
+                                   const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
+                                   const at::Tensor& grad_rpb, const Problem& p, double scale) {
+  for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out, &grad_q, &grad_k, &grad_v}) {
+    TORCH_CHECK(t->scalar_type() == at::kBFloat16,
+                "na fused backward (CPU, bf16): grad_out, q, k, v, out and the gradients must be bfloat16");
+  }
+  TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == at::kFloat,
+              "na fused backward (CPU, bf16): attn must be a contiguous float32 tensor");
+  TORCH_CHECK(!grad_rpb.defined() || (grad_rpb.is_contiguous() && grad_rpb.scalar_type() == at::kFloat),
+              "na fused backward (CPU, bf16): grad_rpb must be a contiguous float32 tensor");
+  const Windows win(p);
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
+  const auto gos = bf16_strided<const Bf16Bits>(grad_out), qs = bf16_strided<const Bf16Bits>(q);
+  const auto ks = bf16_strided<const Bf16Bits>(k), vs = bf16_strided<const Bf16Bits>(v);
+  const auto os = bf16_strided<const Bf16Bits>(out);
+  const auto gqs = bf16_strided<Bf16Bits>(grad_q), gks = bf16_strided<Bf16Bits>(grad_k);
+  const auto gvs = bf16_strided<Bf16Bits>(grad_v);
+  const float* prob = attn.const_data_ptr<float>();
+  float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
+  const auto fs = static_cast<float>(scale);
+  // dS of a bounded group of slices (at most ~64 MiB, at least one slice), kept per calling thread between calls:
+  // the float32 kernel's workspace rule.
+  const int64_t slice_elems = p.tokens() * p.window();
+  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(float));
+  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
+  thread_local std::vector<float> workspace;
+  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
+  if (workspace.size() < group_elems) workspace.resize(group_elems);
+  float* const ds_ws = workspace.data();
+  dispatch_head_dim(p.dim, [&](auto dim) {
+    for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
+      const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+      const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
+      const auto n = static_cast<int64_t>(group.size());
+      parallel(n, 1, [&](int64_t b) {
+        bf16_backward_query_block<dim.value>(gos, ks, vs, os, prob, gqs, ds_ws, s0, p, win, fs, group[b]);
+      });
+      parallel(n, 1, [&](int64_t b) {
+        bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
+      });
+      if (rpb_grad != nullptr) {
+        rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
+      }
+    }
+  });
+}
+#endif

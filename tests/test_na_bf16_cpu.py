@@ -1,0 +1,183 @@
+"""The bfloat16 fused forward and backward from saved weights on the CPU (native/na/na_fused_bf16_cpu_isa.h): bf16
+q/k/v read in place, float32 logits/softmax/accumulation, bf16 outputs, float32 logsumexp and saved weights.
+
+Checked on every kernel path this CPU has: AVX-512 with the AVX512_BF16 instructions (vdpbf16ps logits), AVX-512
+without them (DINAT_M2F_CPU_BF16=off) and AVX2 (DINAT_M2F_CPU_ISA=avx2), against float64 math on the same
+bf16-rounded inputs (the bf16 tolerances of tests/test_na_ops.py) and, tighter, against the float32 kernel on the
+upcast inputs: the two differ by the output's bf16 rounding only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dinat_m2f
+from dinat_m2f.ops import na as _na  # noqa: F401  (loads the extension, registers the ops)
+from dinat_m2f.ops import reference as ref
+
+ISA_ENV = "DINAT_M2F_CPU_ISA"
+BF16_ENV = "DINAT_M2F_CPU_BF16"
+# tests/test_na_ops.py's bf16 tolerance against float64 math (test_low_precision_within_tolerance).
+BF16_TOL = dict(rtol=2e-2, atol=2e-2)
+# Against the float32 kernel on the same (upcast) inputs: one bf16 rounding of the output (relative 2^-8, up to one
+# ulp 2^-7 where the float32 results round apart) and float32 summation-order differences.
+ROUNDING_TOL = dict(rtol=2**-7, atol=1e-5)
+
+
+def _paths() -> list:
+    info = dinat_m2f.build_info()
+    has_avx512 = "avx512" in info["cpu_isas_supported"]
+    has_bf16 = bool(info["cpu_has_avx512_bf16"])
+    skip_avx512 = pytest.mark.skipif(not has_avx512, reason="this CPU lacks AVX-512")
+    skip_bf16 = pytest.mark.skipif(not has_bf16, reason="this CPU lacks AVX512_BF16")
+    return [
+        pytest.param(("avx512", "on"), marks=[skip_avx512, skip_bf16], id="avx512-bf16dot"),
+        pytest.param(("avx512", "off"), marks=skip_avx512, id="avx512-nobf16"),
+        pytest.param(("avx2", "auto"), id="avx2"),
+    ]
+
+
+@pytest.fixture(params=_paths())
+def path(request, monkeypatch):
+    isa, bf16 = request.param
+    monkeypatch.setenv(ISA_ENV, isa)
+    monkeypatch.setenv(BF16_ENV, bf16)
+    info = dinat_m2f.build_info()
+    assert info["cpu_isa"] == isa
+    assert info["cpu_bf16_dot"] == (bf16 == "on")
+    return request.param
+
+
+# (dims, kernel, dilation, spatial shape): borders on every side, odd and even sizes, every dilation from 1 to
+# "each window is its whole group", maps smaller than 2 windows, DiNAT's 7x7 stage-4 map.
+CASES = [
+    (2, 5, 2, (13, 17)),
+    (2, 7, 1, (21, 40)),
+    (2, 5, 3, (24, 33)),
+    (2, 3, 2, (9, 70)),
+    (2, 7, 1, (7, 7)),
+    (2, 7, 8, (56, 56)),
+    (2, 3, 4, (15, 13)),
+    (1, 7, 3, (23,)),
+    (1, 5, 1, (9,)),
+]
+# 32: DiNAT's head dim (vdpbf16ps logits); 48: a multiple of 16 that is not compiled in; 12: not a multiple of 16
+# (the float32 logits of the AVX512_BF16 variant too), nor of the vector width.
+HEAD_DIMS = [32, 48, 12]
+
+
+def _fused(dims: int, saves_attn: bool):
+    name = f"na{dims}d_fused_forward" + ("_with_attn" if saves_attn else "")
+    return getattr(torch.ops.dinat_m2f, name)
+
+
+def _tokens(shape, dim, heads_last: bool, g: torch.Generator) -> torch.Tensor:
+    """bf16 [B, heads, *shape, dim]; heads_last: a strided view of [B, *shape, heads, dim] memory (as the packed qkv
+    projection output gives), which the kernel must read in place."""
+    batch, heads = 2, 3
+    if heads_last:
+        x = torch.randn(batch, *shape, heads, dim, generator=g).to(torch.bfloat16)
+        return x.movedim(-2, 1)
+    return torch.randn(batch, heads, *shape, dim, generator=g).to(torch.bfloat16)
+
+
+def _reference(q, k, v, kernel, dilation, rpb, scale, dims):
+    """float64 out, logsumexp and weights on the bf16 inputs."""
+    q64, k64, v64, rpb64 = (t.double() for t in (q, k, v, rpb))
+    qk = ref.na2d_qk if dims == 2 else ref.na1d_qk
+    av = ref.na2d_av if dims == 2 else ref.na1d_av
+    logits = qk(q64 * scale, k64, kernel, dilation, rpb64)
+    attn = logits.softmax(-1)
+    return av(attn, v64, kernel, dilation), logits.logsumexp(-1), attn
+
+
+@pytest.mark.parametrize("saves_attn", [False, True], ids=["lse", "attn"])
+@pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES)
+def test_bf16_fused_forward_matches_float64(path, dims, kernel, dilation, shape, dim, heads_last, saves_attn):
+    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim)
+    q, k, v = (_tokens(shape, dim, heads_last, g) for _ in range(3))
+    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
+    scale = dim**-0.5
+    out, second = _fused(dims, saves_attn)(q, k, v, rpb, kernel, dilation, scale)
+    want, want_lse, want_attn = _reference(q, k, v, kernel, dilation, rpb, scale, dims)
+    assert out.dtype == torch.bfloat16 and second.dtype == torch.float32
+    torch.testing.assert_close(out.double(), want, **BF16_TOL)
+    if saves_attn:
+        torch.testing.assert_close(second.double(), want_attn, rtol=1e-4, atol=1e-5)
+    else:
+        torch.testing.assert_close(second.double(), want_lse, rtol=1e-4, atol=1e-4)
+    # The float32 kernel on the upcast inputs: bf16 rounding apart, no more.
+    want32, second32 = _fused(dims, saves_attn)(q.float(), k.float(), v.float(), rpb.float(), kernel, dilation, scale)
+    torch.testing.assert_close(out.float(), want32, **ROUNDING_TOL)
+    torch.testing.assert_close(second, second32, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_fused_forward_without_bias_and_special_values(path):
+    """No rpb, and the output rounding keeps NaN a NaN and rounds half-way values to even (as torch's .to(bf16))."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (_tokens((11, 12), 32, False, g) for _ in range(3))
+    out, lse = _fused(2, False)(q, k, v, None, 5, 2, 0.25)
+    want, want_lse, _ = _reference(q, k, v, 5, 2, torch.zeros(3, 9, 9), 0.25, 2)
+    torch.testing.assert_close(out.double(), want, **BF16_TOL)
+    torch.testing.assert_close(lse.double(), want_lse, rtol=1e-4, atol=1e-4)
+    # v constant along the window: out = v exactly, so out's rounding is the rounding of these floats.
+    halfway = torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), float("nan")]).repeat(8)
+    v_const = halfway.expand(2, 3, 11, 12, 32).to(torch.bfloat16)
+    out_const, _ = _fused(2, False)(q, k, v_const, None, 5, 2, 0.25)
+    assert torch.equal(out_const[..., :3].float(), v_const[..., :3].float())
+    assert out_const[..., 3].isnan().all()
+
+
+def test_bf16_override_is_honoured_and_loud_when_wrong(monkeypatch):
+    info = dinat_m2f.build_info()
+    monkeypatch.delenv(ISA_ENV, raising=False)
+    monkeypatch.delenv(BF16_ENV, raising=False)
+    has_bf16 = bool(info["cpu_has_avx512_bf16"])
+    on_avx512 = dinat_m2f.build_info()["cpu_isa"] == "avx512"
+    assert dinat_m2f.build_info()["cpu_bf16_dot"] == (has_bf16 and on_avx512)
+    monkeypatch.setenv(BF16_ENV, "off")
+    assert dinat_m2f.build_info()["cpu_bf16_dot"] is False
+    q = torch.randn(1, 1, 7, 7, 32).to(torch.bfloat16)
+    monkeypatch.setenv(BF16_ENV, "yes")
+    with pytest.raises(RuntimeError, match="DINAT_M2F_CPU_BF16='yes' is not a choice.*on, off or auto"):
+        _fused(2, False)(q, q, q, None, 3, 1, 1.0)
+    monkeypatch.setenv(BF16_ENV, "on")
+    if not has_bf16:
+        with pytest.raises(RuntimeError, match="DINAT_M2F_CPU_BF16=on but this CPU lacks AVX512_BF16"):
+            _fused(2, False)(q, q, q, None, 3, 1, 1.0)
+        return
+    assert dinat_m2f.build_info()["cpu_bf16_dot"] is True
+    monkeypatch.setenv(ISA_ENV, "avx2")
+    with pytest.raises(RuntimeError, match="DINAT_M2F_CPU_BF16=on needs the AVX-512 path"):
+        _fused(2, False)(q, q, q, None, 3, 1, 1.0)
+
+
+@pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES)
+def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, shape, dim, heads_last):
+    """Training's backward (ops.na*d on the CPU with grad: the forward saves the weights) in bf16: gradients within
+    the bf16 tolerance of float64 autograd, and the float32 kernel's on the upcast inputs up to bf16 rounding."""
+    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + 1)
+    q, k, v, grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
+    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
+    scale = dim**-0.5
+    backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
+    out, attn = _fused(dims, True)(q, k, v, rpb, kernel, dilation, scale)
+    grads = backward(grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale)
+    assert all(t.dtype == torch.bfloat16 for t in grads)
+    # float64 autograd of the reference on the same bf16 inputs.
+    leaves = [t.double().requires_grad_() for t in (q, k, v, rpb)]
+    want_out, _, _ = _reference(*leaves[:3], kernel, dilation, leaves[3], scale, dims)
+    want = torch.autograd.grad(want_out, leaves, grad_out.double())
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+    # The float32 kernel on the upcast inputs (and the float32 out and attn it saved).
+    q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
+    out32, attn32 = _fused(dims, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
+    want32 = backward(go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale)
+    for got, exp in zip(grads, want32):
+        torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
