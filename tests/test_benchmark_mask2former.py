@@ -70,6 +70,7 @@ def test_profile_reports_the_copy_share():
     proc = run_script("--profile", "5", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::copy_" in proc.stdout and "Self CPU" in proc.stdout
+    assert "matrix products (torch.mm 1024^3" in proc.stdout and "aten::addmm" in proc.stdout.split("matrix")[-1]
 
 
 def test_avx2_check_names_every_library_off_its_avx2_path():

@@ -435,7 +435,7 @@ def profile(args: argparse.Namespace) -> int:
         model = build(args.config_file, args.opts, train=mode == "train")
         fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
         fn()  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
             fn()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
@@ -445,7 +445,21 @@ def profile(args: argparse.Namespace) -> int:
             f"NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        print(matrix_product_rates(events, total, args.threads))
     return 0
+
+
+def matrix_product_rates(events, total_us: float, threads: int) -> str:
+    """The matrix-product operators' share of the operator time and their rate (profiler FLOPs over self time,
+    which leaves out addmm's bias copy), against torch.mm's rate on 1024^3 at the same thread count."""
+    lines = [f"matrix products (torch.mm 1024^3 float32 here: {sgemm_gflops(threads):.1f} GFLOP/s):"]
+    for e in events:
+        if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm") and e.self_cpu_time_total > 0:
+            lines.append(
+                f"  {e.key:14s} {e.self_cpu_time_total / 1e3:8.1f} ms  {100 * e.self_cpu_time_total / total_us:5.1f}% "
+                f"of operator time  {e.flops / e.self_cpu_time_total / 1e3:6.1f} GFLOP/s  ({e.count} calls)"
+            )
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
