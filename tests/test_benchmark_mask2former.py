@@ -70,3 +70,24 @@ def test_profile_reports_the_copy_share():
     proc = run_script("--profile", "5", *SMALL)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "aten::copy_" in proc.stdout and "Self CPU" in proc.stdout
+    assert "matrix products (torch.mm 1024^3" in proc.stdout and "aten::addmm" in proc.stdout.split("matrix")[-1]
+
+
+def test_avx2_check_names_every_library_off_its_avx2_path():
+    bench = load_benchmark()
+    good = {"aten": "AVX2", "onednn_conv": "jit:avx2", "mkl": "MKL_ENABLE_INSTRUCTIONS=AVX2", "dinat_m2f": "avx2"}
+    bench.check_avx2_paths(good, "here")
+    bench.check_avx2_paths({**good, "dinat_m2f": "-march=x86-64-v3"}, "here")  # a tree built for AVX2
+    bad = {**good, "aten": "AVX512", "onednn_conv": "jit:avx512_core", "dinat_m2f": "-march=native"}
+    with pytest.raises(RuntimeError, match="ATEN_CPU_CAPABILITY.*ONEDNN_MAX_CPU_ISA.*DINAT_M2F_CPU_ARCH=x86-64-v3"):
+        bench.check_avx2_paths(bad, "here")
+
+
+@pytest.mark.slow
+def test_cpu_isa_avx2_puts_both_workers_on_the_avx2_paths():
+    proc = run_script("--cpu-isa", "avx2", "--baseline", str(ROOT), "--json", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for paths in [result["isa_paths"]] + [tree["isa_paths"] for tree in result["trees"].values()]:
+        assert paths["aten"] == "AVX2" and paths["onednn_conv"] == "jit:avx2" and paths["dinat_m2f"] == "avx2"
+    assert result["sgemm_gflops"] > 0

@@ -1,6 +1,7 @@
 """The leaner Mask2Former head and post-processing give bit-identical results to the straightforward (official)
 formulations: the attention mask fixed up before the repeat over heads, ReLU in place, the sigmoid of semantic
-inference in place, and no resize when the size does not change."""
+inference in place, no resize when the size does not change, and at inference the intermediate predictions made
+only as attention masks (mask logits at the resize's taps, pixels-major)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,12 @@ from test_mask2former import tiny_cfg
 
 from dinat_m2f.modeling.meta_arch.maskformer import sem_seg_postprocess
 from dinat_m2f.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoderLayer
-from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder import MLP, FFNLayer
+from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder import (
+    MLP,
+    FFNLayer,
+    features_at_resize_taps,
+    resize_taps,
+)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -207,3 +213,76 @@ def test_semantic_only_inference_matches_the_straightforward_path_bitwise(size, 
     assert bitwise_equal(got, want)
     with torch.no_grad():  # autograd on (eval without no_grad): the out-of-place branch, same values
         assert bitwise_equal(model([{"image": image, "height": out[0], "width": out[1]}])[0]["sem_seg"], want)
+
+
+def recorded_attn_masks(dec, x, mask_features, aux_outputs: bool) -> tuple[dict, list[torch.Tensor]]:
+    """The decoder's outputs and the attention masks its layers got."""
+    masks = []
+    heads_attn_mask = dec.heads_attn_mask
+    dec.heads_attn_mask = lambda m: masks.append(m) or heads_attn_mask(m)
+    try:
+        with torch.no_grad():
+            out = dec(x, mask_features, aux_outputs=aux_outputs)
+    finally:
+        del dec.heads_attn_mask
+    return out, masks
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("factors", ["integer", "other"])
+def test_decoder_without_aux_outputs_makes_the_same_masks_and_outputs_bitwise(tiny_model, batch, factors):
+    """Inference skips the intermediate class logits and full-size mask logits: the attention masks (made from the
+    mask logits at the resize's taps, pixels-major) and the last layer's outputs stay bit-identical. "integer":
+    the mask features are 8, 4 and 2 times the levels' sizes (the taps are gathered), "other": they are not."""
+    dec = tiny_model.sem_seg_head.predictor
+    x, mask_features = decoder_inputs(tiny_model, batch)
+    if factors == "integer":
+        g = torch.Generator().manual_seed(3)
+        x = [torch.randn(batch, t.shape[1], h, w, generator=g) for t, (h, w) in zip(x, [(4, 5), (8, 10), (16, 20)])]
+        mask_features = torch.randn(batch, mask_features.shape[1], 32, 40, generator=g)
+    with torch.no_grad():
+        dec.mask_embed.layers[-1].bias[3] = -1e4  # one query blocked everywhere: the fix-up branch
+    try:
+        full, full_masks = recorded_attn_masks(dec, x, mask_features, aux_outputs=True)
+        lean, lean_masks = recorded_attn_masks(dec, x, mask_features, aux_outputs=False)
+    finally:
+        with torch.no_grad():
+            dec.mask_embed.layers[-1].bias[3] = 0.0
+    assert "aux_outputs" not in lean and len(full["aux_outputs"]) == dec.num_layers
+    assert len(lean_masks) == len(full_masks) == dec.num_layers
+    for got, want in zip(lean_masks, full_masks):
+        assert bitwise_equal(got, want)
+    assert bitwise_equal(lean["pred_logits"], full["pred_logits"])
+    assert bitwise_equal(lean["pred_masks"], full["pred_masks"])
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((128, 128), (16, 16)), ((64, 80), (16, 10)), ((48, 40), (12, 7))])
+def test_resize_at_the_taps_equals_the_resize_of_all_pixels_bitwise(in_hw, out_hw):
+    maps = torch.randn(2, 5, *in_hw, generator=torch.Generator().manual_seed(0)) * 4
+    taps = features_at_resize_taps(maps, out_hw)
+    gathered = [maps.shape[d] != taps.shape[d] for d in (2, 3)]
+    assert gathered == [in_hw[i] % out_hw[i] == 0 and (in_hw[i] // out_hw[i]) % 2 == 0 for i in range(2)]
+    want = F.interpolate(maps, size=out_hw, mode="bilinear", align_corners=False)
+    got = F.interpolate(taps, size=out_hw, mode="bilinear", align_corners=False)
+    assert bitwise_equal(got, want)
+    # and pixels-major (channels_last) input, which the decoder's inference path feeds the resize
+    got_cl = F.interpolate(taps.contiguous(memory_format=torch.channels_last), size=out_hw, mode="bilinear")
+    assert bitwise_equal(got_cl, want)
+
+
+def test_resize_taps_are_the_two_rows_around_each_sample():
+    assert resize_taps(32, 4).tolist() == [3, 4, 11, 12, 19, 20, 27, 28]  # factor 8: rows 8i + 3.5 -/+ 0.5
+    assert resize_taps(16, 4).tolist() == [1, 2, 5, 6, 9, 10, 13, 14]  # factor 4
+    assert resize_taps(8, 4) is None  # factor 2 reads every row
+    assert resize_taps(12, 4) is None  # factor 3: one row per output, weight 1
+    assert resize_taps(18, 4) is None  # not a whole factor
+
+
+def test_inference_makes_one_full_prediction(tiny_model, monkeypatch):
+    dec = tiny_model.sem_seg_head.predictor
+    calls = []
+    heads = dec.forward_prediction_heads
+    monkeypatch.setattr(dec, "forward_prediction_heads", lambda *a: calls.append(a[2]) or heads(*a))
+    with torch.inference_mode():
+        tiny_model([{"image": torch.rand(3, 64, 64) * 255}])
+    assert calls == [None]  # the last layer's, without an attention mask

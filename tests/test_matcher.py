@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from detectron2.projects.point_rend.point_features import point_sample
 
-from dinat_m2f.modeling.matcher import HungarianMatcher
+from dinat_m2f.modeling.matcher import HungarianMatcher, batch_dice_loss, batch_sigmoid_ce_loss
 
 
 def brute_force_min_cost(cost: torch.Tensor) -> float:
@@ -128,3 +128,27 @@ def test_bad_arguments():
         HungarianMatcher(0, 0, 0, num_points=10)
     with pytest.raises(ValueError, match="num_points must be positive"):
         HungarianMatcher(1, 1, 1, num_points=0)
+
+
+@pytest.mark.parametrize("num_targets", [0, 3])
+def test_cost_matrix_samples_the_masks_as_the_official_code_bitwise(num_targets):
+    """The masks are sampled as the channels of one image (one grid); the official code samples each as an image
+    of its own with a repeated grid: the same cost, bit for bit."""
+    g = torch.Generator().manual_seed(0)
+    pred_logits, pred_masks = torch.randn(7, 4, generator=g), torch.randn(7, 24, 20, generator=g)
+    labels = torch.randint(0, 3, (num_targets,), generator=g)
+    masks = torch.rand(num_targets, 96, 80, generator=g) > 0.5
+    coords = torch.rand(1, 50, 2, generator=g)
+    matcher = HungarianMatcher(cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=50)
+    cost = matcher.cost_matrix(pred_logits, pred_masks, labels, masks, coords)
+
+    def per_mask(m):
+        return point_sample(m[:, None], coords.repeat(m.shape[0], 1, 1), align_corners=False).squeeze(1)
+
+    out_points, tgt_points = per_mask(pred_masks), per_mask(masks.float())
+    official = (
+        5.0 * batch_sigmoid_ce_loss(out_points, tgt_points)
+        - 2.0 * pred_logits.softmax(-1)[:, labels]
+        + 5.0 * batch_dice_loss(out_points, tgt_points)
+    )
+    assert cost.shape == (7, num_targets) and torch.equal(cost, official)

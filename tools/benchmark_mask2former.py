@@ -3,7 +3,8 @@
 native deformable-attention op against grid_sample.
 
     python tools/benchmark_mask2former.py [--config-file CFG] [--size 512] [--rounds 5] [--threads N] [--json]
-        [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [KEY VALUE ...]
+        [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [--cpu-isa native|avx2]
+        [KEY VALUE ...]
 
 Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
 mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
@@ -27,6 +28,15 @@ the first variant's, > 1: the first variant is faster) are reported. With ``--ba
 time (all threads) per request is reported too: on a machine that other processes load, wall time includes the
 time the workers wait for a core, and the CPU-time ratio is the steadier of the two.
 
+``--cpu-isa avx2`` runs everything (the workers too) on the AVX2 code paths of every library, to see what a
+CPU without AVX-512 would run: ATEN_CPU_CAPABILITY=avx2 (torch's vectorized kernels), ONEDNN_MAX_CPU_ISA=AVX2
+(oneDNN's convolutions), MKL_ENABLE_INSTRUCTIONS=AVX2 (MKL) and DINAT_M2F_CPU_ISA=avx2 (this project's NA kernels;
+a tree too old to read it must be built with DINAT_M2F_CPU_ARCH=x86-64-v3). Each worker reports the path each
+library takes (torch's capability, the oneDNN kernel a convolution runs, build_info) and a mismatch is an error.
+MKL cannot be asked; on AMD CPUs its float32 GEMM runs the AVX2 "zen" kernels whatever the variable says (ymm
+registers only), so the matrix products are the same code on both paths there. This is AVX2 code on the same CPU
+(same cores, caches and clock), not a machine without AVX-512.
+
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
 """
@@ -34,12 +44,15 @@ warm-up) and prints the N operators with the most self CPU time and the share of
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +63,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_IN_TREE = Path("configs/ade20k/semantic-segmentation/dinat/maskformer2_dinat_tiny_bs16_160k.yaml")
 DEFAULT_CONFIG = ROOT / CONFIG_IN_TREE
 MODES = ("inference", "train")
+# the environment that puts every library on its AVX2 code path (--cpu-isa avx2)
+AVX2_ENV = {
+    "ATEN_CPU_CAPABILITY": "avx2",  # torch's vectorized (ATen) kernels
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN (convolutions)
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",  # MKL (its AMD "zen" GEMM kernels are AVX2 anyway)
+    "DINAT_M2F_CPU_ISA": "avx2",  # this project's NA kernels
+}
 
 
 def build(config_file: Path, opts: list[str], train: bool = False) -> torch.nn.Module:
@@ -159,10 +179,72 @@ def digest(t: torch.Tensor) -> str:
 
 
 def cpu_isa() -> str:
+    """The instruction set of the NA kernels: build_info's cpu_isa, or the -march of a tree too old to choose."""
     import dinat_m2f
 
     info = getattr(dinat_m2f, "build_info", None)
-    return info().get("cpu_isa", "unknown") if info else "unknown (no build_info)"
+    if info is None:
+        return "unknown (no build_info)"
+    info = info()
+    if "cpu_isa" in info:
+        return info["cpu_isa"]
+    march = re.search(r"-march=(\S+)", info.get("cxx_flags", ""))
+    return f"-march={march.group(1)}" if march else "unknown"
+
+
+def onednn_conv_kernel() -> str:
+    """The oneDNN kernel a float32 convolution (a patch embedding) runs here, e.g. "jit:avx2", from oneDNN's
+    verbose lines (printed by C code on file descriptor 1, so read back from a temporary file)."""
+    x, w = torch.randn(1, 3, 128, 128), torch.randn(64, 3, 4, 4)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                torch.nn.functional.conv2d(x, w, stride=4)
+            ctypes.CDLL(None).fflush(None)
+        finally:
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        lines = [line for line in f.read().splitlines() if ",convolution," in line]
+    return lines[0].split(",convolution,", 1)[1].split(",", 1)[0] if lines else "none (no oneDNN convolution ran)"
+
+
+def isa_paths() -> dict[str, str]:
+    """The code path each library takes in this process."""
+    return {
+        "aten": torch.backends.cpu.get_cpu_capability(),
+        "onednn_conv": onednn_conv_kernel(),
+        "mkl": "MKL_ENABLE_INSTRUCTIONS=" + os.environ.get("MKL_ENABLE_INSTRUCTIONS", "(unset)"),
+        "dinat_m2f": cpu_isa(),
+    }
+
+
+def check_avx2_paths(paths: dict[str, str], where: str) -> None:
+    """Raise unless every library of ``paths`` takes its AVX2 path (--cpu-isa avx2)."""
+    wrong = []
+    if paths["aten"] != "AVX2":
+        wrong.append(f"torch's capability is {paths['aten']} (ATEN_CPU_CAPABILITY=avx2 not read?)")
+    if paths["onednn_conv"] != "jit:avx2":
+        wrong.append(f"oneDNN convolutions run {paths['onednn_conv']} (ONEDNN_MAX_CPU_ISA=AVX2 not read?)")
+    if paths["dinat_m2f"] not in ("avx2", "-march=x86-64-v3"):
+        wrong.append(
+            f"the NA kernels take {paths['dinat_m2f']}: a tree without DINAT_M2F_CPU_ISA must be built with "
+            "DINAT_M2F_CPU_ARCH=x86-64-v3"
+        )
+    if wrong:
+        raise RuntimeError(f"--cpu-isa avx2: {where}: " + "; ".join(wrong))
+
+
+def sgemm_gflops(threads: int, n: int = 1024, reps: int = 10) -> float:
+    """The machine's float32 matrix-product rate (torch.mm, n x n x n, best of ``reps``) at ``threads`` threads."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = min(timed(lambda: torch.mm(a, b))[0] for _ in range(reps))
+    return 2 * n**3 / best / 1e9
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -189,6 +271,7 @@ def worker_main(args: argparse.Namespace) -> int:
             out = torch.cat([out.view(1), *(p.detach().flatten() for p in model.parameters())])
         info[f"{mode}_first_output"] = {"sha1": digest(out), "sum": float(out.double().sum())}
     info["cpu_isa"] = cpu_isa()
+    info["isa_paths"] = isa_paths()
     answers.write(json.dumps(info) + "\n")
     for line in sys.stdin:
         request = line.strip()
@@ -222,6 +305,12 @@ class Worker:
         self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._answer()
+        if args.cpu_isa == "avx2":
+            try:
+                check_avx2_paths(self.info["isa_paths"], f"the worker for {tree}")
+            except RuntimeError:
+                self.close()
+                raise
         built_from = Path(self.info["dinat_m2f"]).resolve().parent
         if built_from != tree.resolve():
             self.close()
@@ -346,7 +435,7 @@ def profile(args: argparse.Namespace) -> int:
         model = build(args.config_file, args.opts, train=mode == "train")
         fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
         fn()  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
             fn()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
@@ -356,7 +445,21 @@ def profile(args: argparse.Namespace) -> int:
             f"NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        print(matrix_product_rates(events, total, args.threads))
     return 0
+
+
+def matrix_product_rates(events, total_us: float, threads: int) -> str:
+    """The matrix-product operators' share of the operator time and their rate (profiler FLOPs over self time,
+    which leaves out addmm's bias copy), against torch.mm's rate on 1024^3 at the same thread count."""
+    lines = [f"matrix products (torch.mm 1024^3 float32 here: {sgemm_gflops(threads):.1f} GFLOP/s):"]
+    for e in events:
+        if e.key in ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm") and e.self_cpu_time_total > 0:
+            lines.append(
+                f"  {e.key:14s} {e.self_cpu_time_total / 1e3:8.1f} ms  {100 * e.self_cpu_time_total / total_us:5.1f}% "
+                f"of operator time  {e.flops / e.self_cpu_time_total / 1e3:6.1f} GFLOP/s  ({e.count} calls)"
+            )
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -370,6 +473,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--baseline", type=Path, default=None, help="a tree of another commit, extension built")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N operators instead")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument(
+        "--cpu-isa",
+        choices=("native", "avx2"),
+        default="native",
+        help="avx2: every library on its AVX2 code path (an AVX2-only CPU's code, on this CPU)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -383,12 +492,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"config file not found: {args.config_file}")
     if args.rounds < 1 or args.batch < 1 or args.size < 32:
         parser.error("--rounds and --batch must be >= 1 and --size >= 32")
+    if args.cpu_isa == "avx2" and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        # the libraries read these variables once, at start-up: run again with them set (the workers inherit them)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
     if args.worker:
         return worker_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.threads = torch.get_num_threads()  # the workers get the same count
+    paths = isa_paths()
+    if args.cpu_isa == "avx2":
+        check_avx2_paths(paths, "this process")
     if args.profile:
+        print(f"code paths: {paths}")
         return profile(args)
     if args.baseline is not None and not (args.baseline / "dinat_m2f").is_dir():
         parser.error(f"--baseline {args.baseline}: no dinat_m2f package there (a checkout of this project?)")
@@ -401,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "cpu_isa": cpu_isa() if args.baseline is None else None,
         "rounds": args.rounds,
+        "cpu_isa_option": args.cpu_isa,
+        "isa_paths": paths,
+        "sgemm_gflops": round(sgemm_gflops(args.threads), 1),
     }
     if args.baseline is not None:
         result["baseline"] = str(args.baseline)
@@ -417,6 +536,10 @@ def main(argv: list[str] | None = None) -> int:
         f"{result['config']}  input {result['input']}  {result['params_m']}M params  {result['threads']} threads  "
         f"{args.rounds} rounds  NA kernels: {result['cpu_isa']}  ({against})"
     )
+    print(f"  --cpu-isa {args.cpu_isa}; torch.mm 1024^3 float32: {result['sgemm_gflops']} GFLOP/s")
+    trees = result.get("trees", {"this": {"isa_paths": paths}})
+    for name, info in trees.items():
+        print(f"  code paths ({name}): " + ", ".join(f"{k} {v}" for k, v in info["isa_paths"].items()))
     print("\n".join(lines))
     return 0
 

@@ -55,12 +55,10 @@ class HungarianMatcher(nn.Module):
         tgt_masks [T, H, W], point_coords [1, P, 2] normalised (x, y)."""
         cost_class = -pred_logits.float().softmax(-1)[:, tgt_labels]
         tgt_masks = tgt_masks.to(pred_masks)
-        out_points = point_sample(
-            pred_masks[:, None], point_coords.repeat(pred_masks.shape[0], 1, 1), align_corners=False
-        ).squeeze(1)
-        tgt_points = point_sample(
-            tgt_masks[:, None], point_coords.repeat(tgt_masks.shape[0], 1, 1), align_corners=False
-        ).squeeze(1)
+        # the masks as the channels of one image: one grid for all (the official code samples each mask as an
+        # image of its own with a copy of the grid, the same weights and values)
+        out_points = point_sample(pred_masks[None], point_coords, align_corners=False)[0]
+        tgt_points = point_sample(tgt_masks[None], point_coords, align_corners=False)[0]
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
             out_points = out_points.float()
             tgt_points = tgt_points.float()

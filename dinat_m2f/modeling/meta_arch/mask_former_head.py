@@ -93,6 +93,7 @@ class MaskFormerHead(nn.Module):
                 )
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
 
-    def forward(self, features, mask=None) -> dict:
+    def forward(self, features, mask=None, *, aux_outputs: bool = True) -> dict:
+        """The transformer decoder's predictions; ``aux_outputs=False``: those of its last layer only."""
         mask_features, _, multi_scale_features = self.pixel_decoder.forward_features(features)
-        return self.predictor(multi_scale_features, mask_features, mask)
+        return self.predictor(multi_scale_features, mask_features, mask, aux_outputs=aux_outputs)

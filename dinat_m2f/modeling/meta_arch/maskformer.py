@@ -165,15 +165,14 @@ class MaskFormer(nn.Module):
         images = ImageList.from_tensors(images, self.size_divisibility)
 
         features = self.backbone(images.tensor)
-        outputs = self.sem_seg_head(features)
+        # inference reads the last layer's predictions only (the others just make the attention masks)
+        outputs = self.sem_seg_head(features, aux_outputs=self.training and self.deep_supervision)
 
         if self.training:
             if "instances" not in batched_inputs[0]:
                 raise ValueError("MaskFormer: training inputs need 'instances' (gt_classes, gt_masks)")
             gt_instances = [x["instances"].to(self.device) for x in batched_inputs]
             targets = self.prepare_targets(gt_instances, images)
-            if not self.deep_supervision:
-                outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
             losses = self.criterion(outputs, targets)
             weight_dict = self.criterion.weight_dict
             return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}

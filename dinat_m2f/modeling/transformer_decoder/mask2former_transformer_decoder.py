@@ -230,7 +230,18 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
                     state_dict[k.replace("static_query", "query_feat")] = state_dict.pop(k)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errs)
 
-    def forward(self, x: list[torch.Tensor], mask_features: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+    def forward(
+        self,
+        x: list[torch.Tensor],
+        mask_features: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        *,
+        aux_outputs: bool = True,
+    ) -> dict:
+        """Class logits and mask logits of the last layer, and with ``aux_outputs`` those of the learnable queries
+        and of every layer but the last ("aux_outputs", for deep supervision). Without ``aux_outputs`` (inference)
+        the intermediate predictions only make the next layer's attention mask (``predict_attn_mask``: the same
+        mask, computed at the pixels its resize reads)."""
         if len(x) != self.num_feature_levels:
             raise ValueError(f"expected {self.num_feature_levels} multi-scale features, got {len(x)}")
         del mask  # padding masks do not affect the results (as in the official implementation)
@@ -247,33 +258,40 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         output = self.query_feat.weight.unsqueeze(1).repeat(1, bs, 1)
 
         predictions_class, predictions_mask = [], []
-        outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(output, mask_features, size_list[0])
-        predictions_class.append(outputs_class)
-        predictions_mask.append(outputs_mask)
-        for i in range(self.num_layers):
-            level_index = i % self.num_feature_levels
-            output = self.transformer_cross_attention_layers[i](
-                output,
-                src[level_index],
-                memory_mask=self.heads_attn_mask(attn_mask),
-                pos=pos[level_index],
-                query_pos=query_embed,
-            )
-            output = self.transformer_self_attention_layers[i](output, query_pos=query_embed)
-            output = self.transformer_ffn_layers[i](output)
-            outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
-                output, mask_features, size_list[(i + 1) % self.num_feature_levels]
-            )
-            predictions_class.append(outputs_class)
-            predictions_mask.append(outputs_mask)
+        features_at_taps: dict[tuple[int, int], torch.Tensor] = {}  # mask features at each level's resize taps
+        attn_mask = None  # made by each prediction for the layer after it
+        for i in range(self.num_layers + 1):  # prediction i is made after i layers (0: the learnable queries)
+            if i > 0:
+                level_index = (i - 1) % self.num_feature_levels
+                output = self.transformer_cross_attention_layers[i - 1](
+                    output,
+                    src[level_index],
+                    memory_mask=self.heads_attn_mask(attn_mask),
+                    pos=pos[level_index],
+                    query_pos=query_embed,
+                )
+                output = self.transformer_self_attention_layers[i - 1](output, query_pos=query_embed)
+                output = self.transformer_ffn_layers[i - 1](output)
+            # the last prediction needs no attention mask: no layer follows it
+            target_size = size_list[i % self.num_feature_levels] if i < self.num_layers else None
+            if aux_outputs or i == self.num_layers:
+                outputs_class, outputs_mask, attn_mask = self.forward_prediction_heads(
+                    output, mask_features, target_size
+                )
+                predictions_class.append(outputs_class)
+                predictions_mask.append(outputs_mask)
+            else:
+                size = tuple(target_size)
+                if size not in features_at_taps:
+                    features_at_taps[size] = features_at_resize_taps(mask_features, size)
+                attn_mask = self.predict_attn_mask(output, features_at_taps[size], size)
 
-        return {
-            "pred_logits": predictions_class[-1],
-            "pred_masks": predictions_mask[-1],
-            "aux_outputs": [
+        out = {"pred_logits": predictions_class[-1], "pred_masks": predictions_mask[-1]}
+        if aux_outputs:
+            out["aux_outputs"] = [
                 {"pred_logits": c, "pred_masks": m} for c, m in zip(predictions_class[:-1], predictions_mask[:-1])
-            ],
-        }
+            ]
+        return out
 
     def heads_attn_mask(self, attn_mask: torch.Tensor) -> torch.Tensor:
         """The cross-attention mask [B*heads, Q, h*w] (True = blocked) from the per-image one [B, Q, h*w].
@@ -287,15 +305,58 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
 
     def forward_prediction_heads(
         self, output: torch.Tensor, mask_features: torch.Tensor, attn_mask_target_size
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Class logits [B, Q, K+1], mask logits [B, Q, H/4, W/4] and the boolean attention mask [B, Q, h*w]
         (True = blocked, not yet repeated for the heads) for the next layer's level of size
-        ``attn_mask_target_size``."""
+        ``attn_mask_target_size`` (None: no mask)."""
         decoder_output = self.decoder_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
         outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        if attn_mask_target_size is None:
+            return outputs_class, outputs_mask, None
+        return outputs_class, outputs_mask, attn_mask_from_logits(outputs_mask, attn_mask_target_size)
 
-        attn_mask = F.interpolate(outputs_mask, size=attn_mask_target_size, mode="bilinear", align_corners=False)
-        attn_mask = attn_mask.sigmoid().flatten(2) < 0.5
-        return outputs_class, outputs_mask, attn_mask.detach()
+    def predict_attn_mask(
+        self, output: torch.Tensor, features_at_taps: torch.Tensor, attn_mask_target_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """``forward_prediction_heads``' attention mask alone, bit for bit, from ``features_at_resize_taps``: the
+        mask logits only at the pixels the resize reads, and pixels-major ([B, h, w, Q] memory, a channels_last
+        view), which the CPU resize reads as is (a [B, Q, H, W] input it first copies to that layout). The product
+        is the einsum's with the operands swapped and transposed, the same BLAS problem."""
+        mask_embed = self.mask_embed(self.decoder_norm(output).transpose(0, 1))
+        b, _, h, w = features_at_taps.shape
+        logits = torch.bmm(features_at_taps.flatten(2).transpose(1, 2), mask_embed.transpose(1, 2))
+        return attn_mask_from_logits(logits.view(b, h, w, -1).permute(0, 3, 1, 2), attn_mask_target_size)
+
+
+def attn_mask_from_logits(mask_logits: torch.Tensor, size) -> torch.Tensor:
+    """The boolean attention mask [B, Q, h*w] (True = blocked: mask probability < 0.5) of mask logits
+    [B, Q, H, W] resized bilinearly to ``size`` (h, w)."""
+    attn_mask = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    return (attn_mask.sigmoid() < 0.5).flatten(2).detach()
+
+
+def resize_taps(in_size: int, out_size: int) -> torch.Tensor | None:
+    """The input rows a bilinear resize (align_corners=False) from ``in_size`` to ``out_size`` reads, as a factor-2
+    resize of the gathered rows reads them with the same weights; None when that is not so (all rows are needed).
+
+    Shrinking by an even factor f samples output row i at f*i + f/2 - 1/2: rows f*i + f/2 - 1 and f*i + f/2, weight
+    1/2 each. A factor-2 resize of those 2*out_size rows samples output i at 2*i + 1/2: the same rows and weights.
+    (f = 2 reads every row; other factors weigh the rows differently.)
+    """
+    factor = in_size // out_size
+    if in_size != factor * out_size or factor < 4 or factor % 2:
+        return None
+    first = torch.arange(out_size) * factor + (factor // 2 - 1)
+    return torch.stack((first, first + 1), 1).flatten()
+
+
+def features_at_resize_taps(mask_features: torch.Tensor, size) -> torch.Tensor:
+    """``mask_features`` [B, C, H, W] at the rows and columns a bilinear resize to ``size`` (h, w) reads: mask
+    logits computed from these and resized to ``size`` equal those of all pixels resized (``resize_taps``)."""
+    for dim, out_size in ((2, int(size[0])), (3, int(size[1]))):
+        taps = resize_taps(mask_features.shape[dim], out_size)
+        if taps is not None:
+            mask_features = mask_features.index_select(dim, taps.to(mask_features.device))
+    return mask_features
