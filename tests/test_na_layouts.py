@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_recorder import RecordNativeOps
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -236,28 +237,17 @@ def test_both_packed_backwards_match_reference(case, saves_attn):
     torch.testing.assert_close(rpb1.grad, rpb2.grad, rtol=1e-7, atol=1e-9)
 
 
-class _RecordNativeOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "dinat_m2f":
-            self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dims", [1, 2])
 def test_packed_path_saves_the_weights_in_cpu_training_only(dims):
     shape = (9, 11) if dims == 2 else (17,)
     qkv, _ = _packed(dims, shape, 2, 8, torch.float32)
     rpb = _rpb(dims, 2, 3, torch.float32)
     fn = ops.na2d_qkv if dims == 2 else ops.na1d_qkv
-    with _RecordNativeOps() as training:
+    with RecordNativeOps() as training:
         fn(qkv.clone().requires_grad_(), 3, 2, rpb, backend="native").sum().backward()
     p = f"na{dims}d_qkv_fused"
     assert training.names == [f"{p}_forward_with_attn", f"{p}_backward_with_attn"]
-    with torch.no_grad(), _RecordNativeOps() as inference:
+    with torch.no_grad(), RecordNativeOps() as inference:
         fn(qkv.clone().requires_grad_(), 3, 2, rpb, backend="native")
     assert inference.names == [f"{p}_forward"]
 

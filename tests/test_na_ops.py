@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from op_recorder import RecordNativeOps
 
 from dinat_m2f import ops
 from dinat_m2f.ops import na as _na  # noqa: F401  (registers the fakes and autograd test_opcheck needs)
@@ -177,33 +178,20 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
         torch.testing.assert_close(attn, rqk(q * 0.6, key, k, d, rpb).softmax(-1), **tol)
 
 
-class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """The dinat_m2f ops that run (below autograd, so the backward's ops too)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == "dinat_m2f":
-            self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("dims", [1, 2])
 def test_training_on_cpu_saves_the_weights_and_inference_does_not(dims):
     fused = _funcs(dims)[2]
     shape = (9, 11) if dims == 2 else (17,)
     q, key, v = _inputs(shape, 8, torch.float32, "cpu")
     rpb = _rpb(3, 3, dims, torch.float32, "cpu").requires_grad_()
-    with _RecordOps() as training:
+    with RecordNativeOps() as training:
         fused(q, key, v, 3, 2, rpb).sum().backward()
     assert training.names == [f"na{dims}d_fused_forward_with_attn", f"na{dims}d_fused_backward_with_attn"]
     for no_grad in (torch.no_grad(), torch.inference_mode()):
-        with no_grad, _RecordOps() as inference:
+        with no_grad, RecordNativeOps() as inference:
             fused(q, key, v, 3, 2, rpb)
         assert inference.names == [f"na{dims}d_fused_forward"]
-    with _RecordOps() as no_input_needs_grad:
+    with RecordNativeOps() as no_input_needs_grad:
         fused(q, key, v, 3, 2, rpb.detach())
     assert no_input_needs_grad.names == [f"na{dims}d_fused_forward"]
 
