@@ -47,7 +47,7 @@ lint: $(VENV)/.stamp-deps
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 	# The NA kernels once more on the AVX2 baseline path: the run above took AVX-512 where the CPU has it.
-	DINAT_M2F_CPU_ISA=avx2 $(PY) -m pytest -q tests/test_na_ops.py tests/test_na_reference.py tests/test_cpu_isa.py
+	DINAT_M2F_CPU_ISA=avx2 $(PY) -m pytest -q tests/test_na_ops.py tests/test_na_layouts.py tests/test_na_reference.py tests/test_cpu_isa.py
 	$(MAKE) test-triton
 
 # The Triton kernels on the CPU: TRITON_INTERPRET must be set before triton is imported, hence a process of its own.
