@@ -163,6 +163,29 @@ GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
   return t;
 }
 
+// Row i's queries dilation group by dilation group: each full tile of kLanes interior queries (windows not clamped
+// along W) goes to tile(r, jg, col0) (group r, its queries jg .. jg + kLanes - 1, col0 the W' column of lane 0's first
+// key), every other query to one_query(j).
+template <typename One, typename Tile>
+inline void for_each_tile_or_query(const Problem& p, const std::vector<int64_t>& group_offset, const One& one_query,
+                                   const Tile& tile) {
+  const int64_t W = p.width, half = p.kw / 2;
+  for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+    const int64_t glen = group_length(r, W, p.dw);
+    const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
+    int64_t jg = 0;
+    while (jg < glen) {
+      if (jg >= half && jg + kLanes <= interior_end) {
+        tile(r, jg, group_offset[r] + jg - half);
+        jg += kLanes;
+      } else {
+        one_query(r + p.dw * jg);
+        ++jg;
+      }
+    }
+  }
+}
+
 // True when some dilation group along W holds a full tile of interior queries, the ISA uses tiles and kw is one of
 // dispatch_window_width's.
 bool has_query_tiles(const Problem& p) {
@@ -325,7 +348,7 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
                     Strided<T> out_all, T* lse, const Problem& p, T scale, const T* kt, const T* vt,
                     const std::vector<int64_t>& group_offset, T* weights) {
   const Windows win(p);
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, half = p.kw / 2, KK = p.window();
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
     const int64_t bh = row / H, i = row % H;
     const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
@@ -346,22 +369,10 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
       } else {
-        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-          const int64_t glen = group_length(r, W, p.dw);
-          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
-          int64_t jg = 0;
-          while (jg < glen) {
-            if (jg >= half && jg + kLanes <= interior_end) {
-              forward_tile<T, kD, kKW>(q, kt, vt, rpb, out, lse, bh, i, r, jg, group_offset[r] + jg - half, p, win,
-                                       scale, scratch);
-              if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
-              jg += kLanes;
-            } else {
-              one_query(r + p.dw * jg);
-              ++jg;
-            }
-          }
-        }
+        for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+          forward_tile<T, kD, kKW>(q, kt, vt, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
+          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
+        });
       }
     });
   });
@@ -497,7 +508,7 @@ void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, 
                          Strided<T> grad_q_all, T* prob_ws, T* ds_ws, int64_t s0, int64_t s1, const Problem& p,
                          const Windows& win, T scale, const T* kt, const T* vt,
                          const std::vector<int64_t>& group_offset) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, i = row % H;
@@ -520,21 +531,10 @@ void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, 
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
       } else {
-        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-          const int64_t glen = group_length(r, W, p.dw);
-          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
-          int64_t jg = 0;
-          while (jg < glen) {
-            if (jg >= half && jg + kLanes <= interior_end) {
-              backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r, jg,
-                                        group_offset[r] + jg - half, p, win, scale, scratch);
-              jg += kLanes;
-            } else {
-              one_query(r + p.dw * jg);
-              ++jg;
-            }
-          }
-        }
+        for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+          backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r, jg, col0,
+                                    p, win, scale, scratch);
+        });
       }
     });
   });
@@ -750,7 +750,7 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
                                Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
                                int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt, const T* vt,
                                const std::vector<int64_t>& group_offset) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), half = p.kw / 2;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t row = s0 * H + local_row;
     const int64_t bh = row / H, i = row % H;
@@ -773,21 +773,10 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
       } else {
-        for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-          const int64_t glen = group_length(r, W, p.dw);
-          const int64_t interior_end = glen - half;  // exclusive: queries [half, glen - half) have unclamped windows
-          int64_t jg = 0;
-          while (jg < glen) {
-            if (jg >= half && jg + kLanes <= interior_end) {
-              backward_tile_saved<T, kD, kKW>(grad_out, kt, vt, out, weights, grad_q, ds_ws, s0, bh, i, r, jg,
-                                              group_offset[r] + jg - half, p, win, scale, scratch);
-              jg += kLanes;
-            } else {
-              one_query(r + p.dw * jg);
-              ++jg;
-            }
-          }
-        }
+        for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+          backward_tile_saved<T, kD, kKW>(grad_out, kt, vt, out, weights, grad_q, ds_ws, s0, bh, i, r, jg, col0, p, win,
+                                          scale, scratch);
+        });
       }
     });
   });
