@@ -161,12 +161,16 @@ def _two_worker_evaluation(out_dir: str, data_dir: str) -> None:
     from detectron2.utils import comm
 
     rank = comm.get_rank()
+    # Each rank writes its own copy of the (seeded, identical) data: two processes writing the same files raced (a
+    # rank could read another's half-written annotation file).
+    rank_dir = os.path.join(data_dir, f"rank{rank}")
+    os.makedirs(rank_dir, exist_ok=True)
     results = {}
     for kind, make, evaluator_cls in (
         ("instances", make_instance_dataset, COCOEvaluator),
         ("semantic", make_semantic_dataset, SemSegEvaluator),
     ):
-        name, inputs, outputs = make(data_dir, "workers")
+        name, inputs, outputs = make(rank_dir, "workers")
         kwargs = {"use_fast_impl": False} if kind == "instances" else {}
         ev = evaluator_cls(name, distributed=True, output_dir=os.path.join(out_dir, kind), **kwargs)
         ev.reset()
