@@ -178,6 +178,48 @@ std::optional<Tensor> optional_rpb(const Call& c, const std::optional<Tensor>& r
   return rpb_as2d(c, *rpb);
 }
 
+// Checks q, k, v (one token shape) and the optional bias of an attention op and returns its problem.
+Problem check_qkv(const Call& c, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& rpb) {
+  const Problem p = token_problem(c, q, "q");
+  check_same_shape(c, k, "k", q, "q");
+  check_same_shape(c, v, "v", q, "q");
+  if (rpb.has_value()) {
+    check_rpb(c, *rpb, q);
+  }
+  return p;
+}
+
+// check_qkv, and the forward output and its gradient of a backward op, both of q's shape.
+Problem check_backward_inputs(const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                              const std::optional<Tensor>& rpb, const Tensor& out) {
+  const Problem p = check_qkv(c, q, k, v, rpb);
+  check_same_shape(c, out, "out", q, "q");
+  check_same_shape(c, grad_out, "grad_out", q, "q");
+  return p;
+}
+
+// A backward kernel's run into grad_q, grad_k, grad_v (views of q's shape with any strides, e.g. slices of one
+// packed buffer): the kernel writes through run(rpb, gq, gk, gv, grad_rpb_acc); returns the bias gradient (empty
+// without rpb).
+template <typename RunKernel>
+Tensor run_backward_into(const Call& c, const Tensor& q, const std::optional<Tensor>& rpb_in, const Tensor& grad_q_in,
+                         const Tensor& grad_k_in, const Tensor& grad_v_in, RunKernel run) {
+  const auto rpb = optional_rpb(c, rpb_in);
+  const Tensor grad_q = c.dims == 2 ? grad_q_in : grad_q_in.unsqueeze(2);
+  const Tensor grad_k = c.dims == 2 ? grad_k_in : grad_k_in.unsqueeze(2);
+  const Tensor grad_v = c.dims == 2 ? grad_v_in : grad_v_in.unsqueeze(2);
+  const Tensor gq = kernel_output(grad_q), gk = kernel_output(grad_k), gv = kernel_output(grad_v);
+  Tensor grad_rpb_acc;
+  if (rpb.has_value()) {
+    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(acc_type(q.scalar_type())));
+  }
+  run(rpb, gq, gk, gv, grad_rpb_acc);
+  finish_output(grad_q, gq);
+  finish_output(grad_k, gk);
+  finish_output(grad_v, gv);
+  return rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+}
+
 // ----------------------------------------------------------------------------------------------- ops
 
 }  // namespace
@@ -240,12 +282,7 @@ Tensor rpb_grad_op(const DeviceKernels& kernels, const Call& c, const Tensor& g_
 std::tuple<Tensor, Tensor> fused_forward_op(const DeviceKernels& kernels, const Call& c, const Tensor& q_in,
                                             const Tensor& k_in, const Tensor& v_in, const std::optional<Tensor>& rpb_in,
                                             double scale) {
-  const Problem p = token_problem(c, q_in, "q");
-  check_same_shape(c, k_in, "k", q_in, "q");
-  check_same_shape(c, v_in, "v", q_in, "q");
-  if (rpb_in.has_value()) {
-    check_rpb(c, *rpb_in, q_in);
-  }
+  const Problem p = check_qkv(c, q_in, k_in, v_in, rpb_in);
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in);
   const auto rpb = optional_rpb(c, rpb_in);
   Tensor out = empty_in_order_of(q.sizes(), q, q.options());
@@ -267,33 +304,18 @@ Tensor fused_backward_into(const DeviceKernels& kernels, const Call& c, const Pr
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in), out = as2d(c, out_in);
   const Tensor grad_out = as2d(c, grad_out_in);
   const Tensor lse = c.dims == 2 ? lse_in.contiguous() : lse_in.contiguous().unsqueeze(2);
-  const auto rpb = optional_rpb(c, rpb_in);
-  const Tensor grad_q = c.dims == 2 ? grad_q_in : grad_q_in.unsqueeze(2);
-  const Tensor grad_k = c.dims == 2 ? grad_k_in : grad_k_in.unsqueeze(2);
-  const Tensor grad_v = c.dims == 2 ? grad_v_in : grad_v_in.unsqueeze(2);
-  const Tensor gq = kernel_output(grad_q), gk = kernel_output(grad_k), gv = kernel_output(grad_v);
-  Tensor grad_rpb_acc;
-  if (rpb.has_value()) {
-    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(acc_type(q.scalar_type())));
-  }
-  kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, gq, gk, gv, grad_rpb_acc, p, scale);
-  finish_output(grad_q, gq);
-  finish_output(grad_k, gk);
-  finish_output(grad_v, gv);
-  return rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+  return run_backward_into(c, q, rpb_in, grad_q_in, grad_k_in, grad_v_in,
+                           [&](const std::optional<Tensor>& rpb, const Tensor& gq, const Tensor& gk, const Tensor& gv,
+                               const Tensor& grad_rpb_acc) {
+                             kernels.fused_backward(grad_out, q, k, v, rpb, out, lse, gq, gk, gv, grad_rpb_acc, p,
+                                                    scale);
+                           });
 }
 
 // Checks the inputs of a fused backward and returns its problem.
 Problem check_fused_backward(const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
                              const std::optional<Tensor>& rpb, const Tensor& out, const Tensor& lse) {
-  const Problem p = token_problem(c, q, "q");
-  check_same_shape(c, k, "k", q, "q");
-  check_same_shape(c, v, "v", q, "q");
-  check_same_shape(c, out, "out", q, "q");
-  check_same_shape(c, grad_out, "grad_out", q, "q");
-  if (rpb.has_value()) {
-    check_rpb(c, *rpb, q);
-  }
+  const Problem p = check_backward_inputs(c, grad_out, q, k, v, rpb, out);
   const auto lse_dtype = acc_type(q.scalar_type());
   TORCH_CHECK(
       lse.scalar_type() == lse_dtype && lse.device() == q.device() && lse.sizes() == q.sizes().slice(0, q.dim() - 1),
@@ -352,12 +374,7 @@ std::tuple<Tensor, Tensor> qkv_fused_backward_op(const DeviceKernels& kernels, c
 std::tuple<Tensor, Tensor> fused_forward_with_attn_op(const SavedAttnKernels& kernels, const Call& c,
                                                       const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                       const std::optional<Tensor>& rpb_in, double scale) {
-  const Problem p = token_problem(c, q_in, "q");
-  check_same_shape(c, k_in, "k", q_in, "q");
-  check_same_shape(c, v_in, "v", q_in, "q");
-  if (rpb_in.has_value()) {
-    check_rpb(c, *rpb_in, q_in);
-  }
+  const Problem p = check_qkv(c, q_in, k_in, v_in, rpb_in);
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in);
   const auto rpb = optional_rpb(c, rpb_in);
   const auto acc_options = q.options().dtype(acc_type(q.scalar_type()));
@@ -377,14 +394,7 @@ namespace {
 Problem check_backward_with_attn(const Call& c, const Tensor& grad_out, const Tensor& q, const Tensor& k,
                                  const Tensor& v, const std::optional<Tensor>& rpb, const Tensor& out,
                                  const Tensor& attn) {
-  const Problem p = token_problem(c, q, "q");
-  check_same_shape(c, k, "k", q, "q");
-  check_same_shape(c, v, "v", q, "q");
-  check_same_shape(c, out, "out", q, "q");
-  check_same_shape(c, grad_out, "grad_out", q, "q");
-  if (rpb.has_value()) {
-    check_rpb(c, *rpb, q);
-  }
+  const Problem p = check_backward_inputs(c, grad_out, q, k, v, rpb, out);
   const auto attn_dtype = acc_type(q.scalar_type());
   std::vector<int64_t> attn_shape(q.sizes().begin(), q.sizes().end() - 1);
   attn_shape.push_back(p.window());
@@ -405,20 +415,13 @@ Tensor fused_backward_with_attn_into(const SavedAttnKernels& kernels, const Call
                                      const Tensor& grad_k_in, const Tensor& grad_v_in) {
   const Tensor q = as2d(c, q_in), k = as2d(c, k_in), v = as2d(c, v_in), out = as2d(c, out_in);
   const Tensor grad_out = as2d(c, grad_out_in), attn = as2d(c, attn_in).contiguous();
-  const auto rpb = optional_rpb(c, rpb_in);
-  const Tensor grad_q = c.dims == 2 ? grad_q_in : grad_q_in.unsqueeze(2);
-  const Tensor grad_k = c.dims == 2 ? grad_k_in : grad_k_in.unsqueeze(2);
-  const Tensor grad_v = c.dims == 2 ? grad_v_in : grad_v_in.unsqueeze(2);
-  const Tensor gq = kernel_output(grad_q), gk = kernel_output(grad_k), gv = kernel_output(grad_v);
-  Tensor grad_rpb_acc;
-  if (rpb.has_value()) {
-    grad_rpb_acc = at::zeros(rpb->sizes(), rpb->options().dtype(acc_type(q.scalar_type())));
-  }
-  kernels.fused_backward_with_attn(grad_out, q, k, v, out, attn, gq, gk, gv, grad_rpb_acc, p, scale);
-  finish_output(grad_q, gq);
-  finish_output(grad_k, gk);
-  finish_output(grad_v, gv);
-  return rpb.has_value() ? grad_rpb_acc.to(rpb->scalar_type()).view(rpb_in->sizes()) : at::empty({0}, q.options());
+  // The weights already hold the bias: the kernel needs only its gradient's accumulator.
+  return run_backward_into(c, q, rpb_in, grad_q_in, grad_k_in, grad_v_in,
+                           [&](const std::optional<Tensor>&, const Tensor& gq, const Tensor& gk, const Tensor& gv,
+                               const Tensor& grad_rpb_acc) {
+                             kernels.fused_backward_with_attn(grad_out, q, k, v, out, attn, gq, gk, gv, grad_rpb_acc, p,
+                                                              scale);
+                           });
 }
 
 }  // namespace
