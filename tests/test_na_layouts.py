@@ -198,21 +198,7 @@ def test_packed_path_matches_reference_forward_and_backward(case):
     qkv, _ = _packed(dims, shape, 3, 5, torch.float64)
     rpb = _rpb(dims, 3, k, torch.float64)
     fn = ops.na2d_qkv if dims == 2 else ops.na1d_qkv
-    reference = ref.na2d if dims == 2 else ref.na1d
-
-    def unpacked(x, r):
-        packed = dims + 1
-        return reference(*(x.select(packed, i).movedim(packed, 1) for i in range(3)), k, d, r, 0.6)
-
-    qkv1, rpb1, qkv2, rpb2 = (t.clone().requires_grad_() for t in (qkv, rpb, qkv, rpb))
-    out = fn(qkv1, k, d, rpb1, 0.6, backend="native")
-    want = unpacked(qkv2, rpb2)
-    torch.testing.assert_close(out, want, rtol=1e-7, atol=1e-9)
-    g = _heads_last_like(out, seed=9)
-    (out * g).sum().backward()
-    (want * g).sum().backward()
-    torch.testing.assert_close(qkv1.grad, qkv2.grad, rtol=1e-7, atol=1e-9)
-    torch.testing.assert_close(rpb1.grad, rpb2.grad, rtol=1e-7, atol=1e-9)
+    _assert_packed_op_matches_reference(case, qkv, rpb, lambda x, r: fn(x, k, d, r, 0.6, backend="native"))
 
 
 @pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
@@ -224,10 +210,17 @@ def test_both_packed_backwards_match_reference(case, saves_attn):
     qkv, _ = _packed(dims, shape, 3, 5, torch.float64)
     rpb = _rpb(dims, 3, k, torch.float64)
     name = f"na{dims}d_qkv_fused_forward" + ("_with_attn" if saves_attn else "")
+    op = getattr(LIB, name)
+    _assert_packed_op_matches_reference(case, qkv, rpb, lambda x, r: op(x, r, k, d, 0.6)[0])
+
+
+def _assert_packed_op_matches_reference(case, qkv, rpb, packed_op):
+    """``packed_op(qkv, rpb)``'s output and the gradients of qkv and rpb equal the reference's on the unpacked views."""
+    dims, k, d, _ = case
     reference = ref.na2d if dims == 2 else ref.na1d
     packed = dims + 1
     qkv1, rpb1, qkv2, rpb2 = (t.clone().requires_grad_() for t in (qkv, rpb, qkv, rpb))
-    out = getattr(LIB, name)(qkv1, rpb1, k, d, 0.6)[0]
+    out = packed_op(qkv1, rpb1)
     want = reference(*(qkv2.select(packed, i).movedim(packed, 1) for i in range(3)), k, d, rpb2, 0.6)
     torch.testing.assert_close(out, want, rtol=1e-7, atol=1e-9)
     g = _heads_last_like(out, seed=9)
