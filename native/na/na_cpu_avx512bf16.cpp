@@ -1,5 +1,6 @@
-// The bf16 fused forward with AVX512_BF16 (vdpbf16ps) logits, on top of the AVX-512 variant's instructions; runs only
-// where the CPU has them and DINAT_M2F_CPU_BF16 allows (native/na/na_cpu_dispatch.cpp). Its own translation unit:
+// The bf16 fused forward with AVX512_BF16 (vdpbf16ps) logits and the bf16 backward's query pass with vdpbf16ps dO . v,
+// on top of the AVX-512 variant's instructions; run only where the CPU has them and DINAT_M2F_CPU_BF16 allows
+// (native/na/na_cpu_dispatch.cpp). Its own translation unit:
 // the target pragma of the AVX-512 unit must not gain avx512bf16, which lets the compiler emit bf16 instructions in
 // code that AVX-512 CPUs without them run. The namespace dinat_m2f::na::cpu::avx512::bf16_dot keeps its code inside
 // the one tests/test_cpu_isa.py allows AVX-512 instructions in.

@@ -61,6 +61,18 @@ decltype(&avx2::fused_forward_bf16) selected_bf16_forward() {
   return &avx2::fused_forward_bf16;
 }
 
+// The query pass of the bf16 backward from saved weights on the selected path: dO . v with vdpbf16ps where
+// selected_cpu_bf16_dot().
+Bf16BackwardQueryPass selected_bf16_backward_query_pass() {
+  const bool dot = selected_cpu_bf16_dot();  // first: it rejects DINAT_M2F_CPU_BF16=on on the AVX2 path
+#if defined(__x86_64__)
+  if (selected_cpu_isa() == CpuIsa::avx512) {
+    return dot ? &avx512::bf16_dot::fused_backward_query_pass_bf16 : &avx512::fused_backward_query_pass_bf16;
+  }
+#endif
+  return &avx2::fused_backward_query_pass_bf16;
+}
+
 DeviceKernels selected_kernels() { return kernels_of(selected_cpu_isa()); }
 
 SavedAttnKernels selected_saved_attn_kernels() {
@@ -175,13 +187,16 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
                               const at::Tensor& grad_k, const at::Tensor& grad_v, const at::Tensor& grad_rpb,
                               const Problem& p, double scale) {
   if (q.scalar_type() == at::kBFloat16) {
+    const Bf16BackwardQueryPass query_pass = selected_bf16_backward_query_pass();
 #if defined(__x86_64__)
     if (selected_cpu_isa() == CpuIsa::avx512) {
-      avx512::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+      avx512::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale,
+                                            query_pass);
       return;
     }
 #endif
-    avx2::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale);
+    avx2::fused_backward_with_attn_bf16(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb, p, scale,
+                                        query_pass);
     return;
   }
   selected_saved_attn_kernels().fused_backward_with_attn(grad_out, q, k, v, out, attn, grad_q, grad_k, grad_v, grad_rpb,

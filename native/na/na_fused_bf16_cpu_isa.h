@@ -129,6 +129,17 @@ std::vector<Bf16RowBlock> bf16_row_blocks(const Problem& p) {
   return blocks;
 }
 
+// Calls fn(j) for every column j < W dilation group by dilation group (r, r + dw, ..., then r + 1, ...), as
+// na_fused_cpu_isa.h's for_each_in_group_order (not compiled into the AVX512_BF16 unit): consecutive columns then
+// share all but one window column, still in L1. In column order the bf16 backward at d 4 and 8 was 1.3x slower than
+// float32's.
+template <typename F>
+inline void bf16_for_each_in_group_order(int64_t W, int64_t dw, const F& fn) {
+  for (int64_t r = 0; r < std::min(dw, W); ++r) {
+    for (int64_t j = r; j < W; j += dw) fn(j);
+  }
+}
+
 // Per-thread float32 scratch, kept between calls (fresh pages of a new allocation per unit cost page faults).
 struct Bf16Scratch {
   std::vector<float> keys, values, query, acc, logits;
@@ -146,13 +157,26 @@ inline int64_t bf16_window_group_row(const Windows& win, int64_t i, int64_t r, i
   return (win.h.start[i] - r) / dh;
 }
 
-// The float32 [rows, W, D] copy of group rows [g0, g1) of x (one slice).
-inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p, float* out) {
+// The scratch column of each column j < W: the row scratch stores a row's columns dilation group by dilation group
+// (r, r + dw, r + 2 dw, ..., then r + 1, ...), so the dw-strided keys of a window are consecutive (kw * D contiguous
+// floats per window row), as in the float32 kernel's group-transposed k and v. In column order the AVX2 bf16 forward
+// was 0.84x float32 at 56x56 d 8 (1.16x with this order; d 1 unchanged). Per thread, rebuilt per block (W values).
+inline const int64_t* bf16_column_slots(const Problem& p) {
+  thread_local std::vector<int64_t> slots;
+  slots.resize(p.width);
+  int64_t next = 0;
+  bf16_for_each_in_group_order(p.width, p.dw, [&](int64_t j) { slots[j] = next++; });
+  return slots.data();
+}
+
+// The float32 [rows, W, D] copy of group rows [g0, g1) of x (one slice), columns in bf16_column_slots order.
+inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p,
+                            const int64_t* slots, float* out) {
   const int64_t W = p.width, D = p.dim;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t i = r + g * p.dh;
     float* dst = out + (g - g0) * W * D;
-    for (int64_t j = 0; j < W; ++j) bf16_widen_row(x.at(i, j), dst + j * D, D);
+    for (int64_t j = 0; j < W; ++j) bf16_widen_row(x.at(i, j), dst + slots[j] * D, D);
   }
 }
 
@@ -171,10 +195,11 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   const auto cached = static_cast<size_t>((g1 - g0) * W * D);
   Bf16Scratch& s = bf16_scratch();
   if (s.values.size() < cached) s.values.resize(cached);
-  bf16_widen_rows(v, r, g0, g1, p, s.values.data());
+  const int64_t* const slots = bf16_column_slots(p);
+  bf16_widen_rows(v, r, g0, g1, p, slots, s.values.data());
   if constexpr (!kDot) {
     if (s.keys.size() < cached) s.keys.resize(cached);
-    bf16_widen_rows(k, r, g0, g1, p, s.keys.data());
+    bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
   s.query.resize(D);
   s.acc.resize(D);
@@ -192,16 +217,16 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i;
     const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
-    for (int64_t j = 0; j < W; ++j) {
+    bf16_for_each_in_group_order(W, p.dw, [&](int64_t j) {
       // The window's key / value rows.
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t cache_row = (g_first + ki) * W;
         for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t col = win.w.start[j] + kj * p.dw, n = ki * p.kw + kj;
+          const int64_t n = ki * p.kw + kj;
           if constexpr (kDot) {
-            key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, col);
+            key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, win.w.start[j] + kj * p.dw);
           } else {
-            key_rows[n] = key_cache + (cache_row + col) * D;
+            key_rows[n] = key_cache + (cache_row + slots[win.w.start[j]] + kj) * D;
           }
         }
       }
@@ -238,10 +263,10 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         Lanes<float> acc[kVectors];
         for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
         for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
+          const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
           const float* prow = logits + ki * p.kw;
           for (int64_t kj = 0; kj < p.kw; ++kj) {
-            for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * p.dw * D + c * kLanes);
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * D + c * kLanes);
           }
         }
         Bf16Bits* o = out.at(i, j);
@@ -250,12 +275,12 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         float* acc = s.acc.data();
         std::fill(acc, acc + D, 0.0f);
         for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* vrow = values + ((g_first + ki) * W + win.w.start[j]) * D;
-          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * p.dw * D, acc, D);
+          const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * D, acc, D);
         }
         bf16_round_row(inv, acc, out.at(i, j), D);
       }
-    }
+    });
   }
 }
 
@@ -319,27 +344,26 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   run(std::false_type{});
 }
 
-#if !DINAT_M2F_CPU_BF16_DOT
 // ------------------------------------------------------------------------------------------ backward, saved weights
 // The bf16 fused_backward_with_attn (training on the CPU): the float32 kernel's two passes (na_fused_cpu_isa.h) on
-// row blocks with float32 scratch of the rows they read, instead of float32 copies of the whole tensors:
+// row blocks, reading the bf16 tensors in place (float32 scratch of only the rows a block reads, never float32
+// copies of whole tensors):
 // - query pass, per block of query rows: dS = P (dO . v - dO . O) into a float32 workspace, dQ = scale sum dS k
-//   (k and v rows of the block's windows converted once per block);
+//   (the k rows of the block's windows converted once per block). With vdpbf16ps (the AVX512_BF16 unit) dO . v and
+//   dO . O straight from the bf16 rows, so v, dO and O are not converted at all; without it v's rows converted once
+//   per block like k's, dO and O once per query.
 // - key pass, per block of key rows: dK = scale sum dS q, dV = sum P dO over each key's inverse neighborhood (the q
 //   and dO rows of the block's inverse neighborhoods converted once per block).
 // Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
-// Compiled in the AVX2 and AVX-512 variants; its dot products are float32 ones, so it gains nothing from vdpbf16ps.
+// dS and P are float32 (the float32 kernel's precision): dQ, dK and dV by vdpbf16ps would round them to bf16 first.
+// The query pass is compiled in every unit (fused_backward_query_pass_bf16); the key pass and the driver in the
+// AVX2 and AVX-512 ones, which take the query pass of the selected unit.
 namespace {
-
-// Group row range [begin, end) of the queries whose windows hold some key row of [x0, x1) (group rows of group r).
-inline std::pair<int64_t, int64_t> bf16_inverse_group_rows(const Windows& win, int64_t r, int64_t x0, int64_t x1,
-                                                           int64_t dh) {
-  return {(win.h.inverse[r + x0 * dh].begin - r) / dh, (win.h.inverse[r + (x1 - 1) * dh].end - r + dh - 1) / dh};
-}
 
 struct Bf16BackwardScratch {
   std::vector<float> rows_a, rows_b, grad_out, out, go_v, acc_a, acc_b;
   std::vector<const float*> ptrs_b;
+  std::vector<const Bf16Bits*> ptrs_bf16;
 };
 
 Bf16BackwardScratch& bf16_backward_scratch() {
@@ -347,12 +371,23 @@ Bf16BackwardScratch& bf16_backward_scratch() {
   return scratch;
 }
 
-// Query pass of one block: dS of its queries into ds_ws (slice bh's rows at (bh - s0) * H), dQ.
-template <int64_t kD>
+#if DINAT_M2F_CPU_BF16_DOT
+// x . y for d % 16 == 0 with vdpbf16ps (bf16_dots's single-key path).
+inline float bf16_dot(const Bf16Bits* x, const Bf16Bits* y, int64_t d) {
+  float out;
+  bf16_dots(x, &y, 1, d, &out);
+  return out;
+}
+#endif
+
+// Query pass of one block: dS of its queries into ds_ws (slice bh's rows at (bh - s0) * H), dQ. kDot: dO . v and
+// dO . O with vdpbf16ps from the bf16 rows (needs D % 16 == 0).
+template <int64_t kD, bool kDot>
 void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> k_all,
                                Strided<const Bf16Bits> v_all, Strided<const Bf16Bits> out_all, const float* attn,
                                Strided<Bf16Bits> grad_q_all, float* ds_ws, int64_t s0, const Problem& p,
                                const Windows& win, float scale, const Bf16RowBlock& block) {
+  static_assert(!kDot || DINAT_M2F_CPU_BF16_DOT, "vdpbf16ps dot products are compiled in the AVX512_BF16 unit only");
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
   const Slice<const Bf16Bits> grad_out = grad_out_all.slice(block.bh), k = k_all.slice(block.bh);
   const Slice<const Bf16Bits> v = v_all.slice(block.bh), out = out_all.slice(block.bh);
@@ -362,35 +397,59 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
   const auto cached = static_cast<size_t>((g1 - g0) * W * D);
   Bf16BackwardScratch& s = bf16_backward_scratch();
   if (s.rows_a.size() < cached) s.rows_a.resize(cached);
-  if (s.rows_b.size() < cached) s.rows_b.resize(cached);
   float* const keys = s.rows_a.data();
-  float* const values = s.rows_b.data();
-  bf16_widen_rows(k, r, g0, g1, p, keys);
-  bf16_widen_rows(v, r, g0, g1, p, values);
+  const int64_t* const slots = bf16_column_slots(p);
+  bf16_widen_rows(k, r, g0, g1, p, slots, keys);
+  float* values = nullptr;
+  if constexpr (!kDot) {
+    if (s.rows_b.size() < cached) s.rows_b.resize(cached);
+    values = s.rows_b.data();
+    bf16_widen_rows(v, r, g0, g1, p, slots, values);
+  }
   s.grad_out.resize(D);
   s.out.resize(D);
   s.acc_a.resize(D);
   s.go_v.resize(KK);
   s.ptrs_b.resize(KK);
+  s.ptrs_bf16.resize(KK);
+  // Plain pointers, read once (as the forward's).
+  float* const go_v = s.go_v.data();
+  float* const grad_out_f = s.grad_out.data();
+  float* const out_f = s.out.data();
+  [[maybe_unused]] const float** const value_rows = s.ptrs_b.data();
+  [[maybe_unused]] const Bf16Bits** const value_rows_bf16 = s.ptrs_bf16.data();
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i, local_row = row - s0 * H;
     const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
-    for (int64_t j = 0; j < W; ++j) {
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t at = ((g_first + ki) * W + win.w.start[j] + kj * p.dw) * D;
-          s.ptrs_b[ki * p.kw + kj] = values + at;
+    bf16_for_each_in_group_order(W, p.dw, [&](int64_t j) {
+      float delta;
+#if DINAT_M2F_CPU_BF16_DOT
+      if constexpr (kDot) {
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            value_rows_bf16[ki * p.kw + kj] = v.at(win.h.start[i] + ki * dh, win.w.start[j] + kj * p.dw);
+          }
         }
+        delta = bf16_dot(grad_out.at(i, j), out.at(i, j), D);
+        bf16_dots(grad_out.at(i, j), value_rows_bf16, KK, D, go_v);
       }
-      bf16_widen_row(grad_out.at(i, j), s.grad_out.data(), D);
-      bf16_widen_row(out.at(i, j), s.out.data(), D);
-      const float delta = dot(s.grad_out.data(), s.out.data(), D);
-      dots(s.grad_out.data(), s.ptrs_b.data(), KK, D, s.go_v.data());
+#endif
+      if constexpr (!kDot) {
+        for (int64_t ki = 0; ki < p.kh; ++ki) {
+          for (int64_t kj = 0; kj < p.kw; ++kj) {
+            value_rows[ki * p.kw + kj] = values + ((g_first + ki) * W + slots[win.w.start[j]] + kj) * D;
+          }
+        }
+        bf16_widen_row(grad_out.at(i, j), grad_out_f, D);
+        bf16_widen_row(out.at(i, j), out_f, D);
+        delta = dot(grad_out_f, out_f, D);
+        dots(grad_out_f, value_rows, KK, D, go_v);
+      }
       const float* prob = attn + (row * W + j) * KK;
       float* ds = ds_ws + (local_row * W + j) * KK;
-      for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (s.go_v[n] - delta);
+      for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (go_v[n] - delta);
       // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
-      const float* krow0 = keys + (g_first * W + win.w.start[j]) * D;
+      const float* krow0 = keys + (g_first * W + slots[win.w.start[j]]) * D;
       if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
         constexpr int64_t kVectors = kD / kLanes;
         Lanes<float> acc[kVectors];
@@ -399,7 +458,7 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
           const float* krow = krow0 + ki * W * D;
           const float* dsrow = ds + ki * p.kw;
           for (int64_t kj = 0; kj < p.kw; ++kj) {
-            for (int64_t c = 0; c < kVectors; ++c) acc[c] += dsrow[kj] * load_lanes(krow + kj * p.dw * D + c * kLanes);
+            for (int64_t c = 0; c < kVectors; ++c) acc[c] += dsrow[kj] * load_lanes(krow + kj * D + c * kLanes);
           }
         }
         Bf16Bits* gq = grad_q.at(i, j);
@@ -408,12 +467,59 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
         float* acc = s.acc_a.data();
         std::fill(acc, acc + D, 0.0f);
         for (int64_t ki = 0; ki < p.kh; ++ki) {
-          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(ds[ki * p.kw + kj], krow0 + (ki * W + kj * p.dw) * D, acc, D);
+          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(ds[ki * p.kw + kj], krow0 + (ki * W + kj) * D, acc, D);
         }
         bf16_round_row(scale, acc, grad_q.at(i, j), D);
       }
-    }
+    });
   }
+}
+
+std::vector<Bf16RowBlock> bf16_row_blocks_of(const std::vector<Bf16RowBlock>& all, int64_t s0, int64_t s1) {
+  std::vector<Bf16RowBlock> some;
+  for (const Bf16RowBlock& b : all) {
+    if (b.bh >= s0 && b.bh < s1) some.push_back(b);
+  }
+  return some;
+}
+
+}  // namespace
+
+// The query pass for slices [s0, s1): dS into ds (their rows from slice s0 on), dQ.
+void fused_backward_query_pass_bf16(const at::Tensor& grad_out, const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& out, const at::Tensor& attn, const at::Tensor& grad_q, float* ds,
+                                    int64_t s0, int64_t s1, const Problem& p, double scale) {
+  const Windows win(p);
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks_of(bf16_row_blocks(p), s0, s1);
+  const auto gos = bf16_strided<const Bf16Bits>(grad_out), ks = bf16_strided<const Bf16Bits>(k);
+  const auto vs = bf16_strided<const Bf16Bits>(v), os = bf16_strided<const Bf16Bits>(out);
+  const auto gqs = bf16_strided<Bf16Bits>(grad_q);
+  const float* prob = attn.const_data_ptr<float>();
+  const auto fs = static_cast<float>(scale);
+  const auto run = [&](auto dot) {
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(static_cast<int64_t>(blocks.size()), 1, [&](int64_t b) {
+        bf16_backward_query_block<dim.value, decltype(dot)::value>(gos, ks, vs, os, prob, gqs, ds, s0, p, win, fs,
+                                                                   blocks[b]);
+      });
+    });
+  };
+#if DINAT_M2F_CPU_BF16_DOT
+  if (p.dim % 16 == 0) {
+    run(std::true_type{});
+    return;
+  }
+#endif
+  run(std::false_type{});
+}
+
+#if !DINAT_M2F_CPU_BF16_DOT
+namespace {
+
+// Group row range [begin, end) of the queries whose windows hold some key row of [x0, x1) (group rows of group r).
+inline std::pair<int64_t, int64_t> bf16_inverse_group_rows(const Windows& win, int64_t r, int64_t x0, int64_t x1,
+                                                           int64_t dh) {
+  return {(win.h.inverse[r + x0 * dh].begin - r) / dh, (win.h.inverse[r + (x1 - 1) * dh].end - r + dh - 1) / dh};
 }
 
 // Key pass of one block (its rows are key rows): dK, dV.
@@ -431,30 +537,40 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
   if (s.rows_b.size() < cached) s.rows_b.resize(cached);
   float* const queries = s.rows_a.data();
   float* const grads = s.rows_b.data();
-  bf16_widen_rows(q, r, g0, g1, p, queries);
-  bf16_widen_rows(grad_out, r, g0, g1, p, grads);
+  const int64_t* const slots = bf16_column_slots(p);
+  bf16_widen_rows(q, r, g0, g1, p, slots, queries);
+  bf16_widen_rows(grad_out, r, g0, g1, p, slots, grads);
   s.acc_a.resize(D);
   s.acc_b.resize(D);
-  std::vector<int64_t> slot_w;
   const float* const slice_ds = ds_ws + (block.bh - s0) * H * W * KK;
   const float* const slice_prob = attn + block.bh * H * W * KK;
+  // Window columns and rows without an integer division per (key, query): each query's window start along W in
+  // group columns, and each key row's query rows (their dS / P rows at the key's window row, their cache row) once
+  // per key row, not per key (divisions per term made this pass 1.3x slower than float32's).
+  std::vector<int64_t> start_g(W), slot_w;
+  for (int64_t j = 0; j < W; ++j) start_g[j] = win.w.start[j] / p.dw;
+  struct QueryRow {
+    const float *ds, *prob;
+    int64_t cache_at;
+  };
+  std::vector<QueryRow> rows;
   for (int64_t x = block.m0; x < block.m1; ++x) {
     const int64_t xi = r + x * dh;
-    for (int64_t xj = 0; xj < W; ++xj) {
-      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end;
+    rows.clear();
+    for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
+      const int64_t ki = window_slot(xi, win.h.start[i], dh), at = i * W * KK + ki * p.kw;
+      rows.push_back({slice_ds + at, slice_prob + at, ((i - r) / dh - g0) * W * D});
+    }
+    bf16_for_each_in_group_order(W, p.dw, [&](int64_t xj) {
+      const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end, xg = xj / p.dw;
       slot_w.clear();
-      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(window_slot(xj, win.w.start[j], p.dw));
+      for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(j * KK + xg - start_g[j]);
+      const auto n_w = static_cast<int64_t>(slot_w.size());
       // dK and dV of the key summed straight from the workspace and the row caches (in registers where they fit).
       const auto add_terms = [&](auto&& add) {
-        for (int64_t i = win.h.inverse[xi].begin; i < win.h.inverse[xi].end; i += dh) {
-          const int64_t ki = window_slot(xi, win.h.start[i], dh);
-          const int64_t cache_row = ((i - r) / dh - g0) * W;
-          const float* ds_row = slice_ds + i * W * KK + ki * p.kw;
-          const float* prob_row = slice_prob + i * W * KK + ki * p.kw;
-          for (int64_t t = 0, j = j0; j < j1; ++t, j += p.dw) {
-            const int64_t at = j * KK + slot_w[t];
-            add(ds_row[at], prob_row[at], (cache_row + j) * D);
-          }
+        for (const QueryRow& row : rows) {
+          const int64_t at0 = row.cache_at + slots[j0] * D;  // the inverse's columns: consecutive slots
+          for (int64_t t = 0; t < n_w; ++t) add(row.ds[slot_w[t]], row.prob[slot_w[t]], at0 + t * D);
         }
       };
       if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
@@ -483,26 +599,19 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
         bf16_round_row(scale, acc_k, grad_k.at(xi, xj), D);
         bf16_round_row(1.0f, acc_v, grad_v.at(xi, xj), D);
       }
-    }
+    });
   }
-}
-
-std::vector<Bf16RowBlock> bf16_row_blocks_of(const std::vector<Bf16RowBlock>& all, int64_t s0, int64_t s1) {
-  std::vector<Bf16RowBlock> some;
-  for (const Bf16RowBlock& b : all) {
-    if (b.bh >= s0 && b.bh < s1) some.push_back(b);
-  }
-  return some;
 }
 
 }  // namespace
 
 // fused_backward_with_attn for bf16 grad_out, q, k, v, out and grads; float32 attn (the saved weights) and grad_rpb
-// (undefined without a bias).
+// (undefined without a bias). query_pass: fused_backward_query_pass_bf16 of the selected unit.
 void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                    const at::Tensor& v, const at::Tensor& out, const at::Tensor& attn,
                                    const at::Tensor& grad_q, const at::Tensor& grad_k, const at::Tensor& grad_v,
-                                   const at::Tensor& grad_rpb, const Problem& p, double scale) {
+                                   const at::Tensor& grad_rpb, const Problem& p, double scale,
+                                   decltype(&fused_backward_query_pass_bf16) query_pass) {
   for (const at::Tensor* t : {&grad_out, &q, &k, &v, &out, &grad_q, &grad_k, &grad_v}) {
     TORCH_CHECK(t->scalar_type() == at::kBFloat16,
                 "na fused backward (CPU, bf16): grad_out, q, k, v, out and the gradients must be bfloat16");
@@ -514,10 +623,7 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   const Windows win(p);
   const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
   const auto gos = bf16_strided<const Bf16Bits>(grad_out), qs = bf16_strided<const Bf16Bits>(q);
-  const auto ks = bf16_strided<const Bf16Bits>(k), vs = bf16_strided<const Bf16Bits>(v);
-  const auto os = bf16_strided<const Bf16Bits>(out);
-  const auto gqs = bf16_strided<Bf16Bits>(grad_q), gks = bf16_strided<Bf16Bits>(grad_k);
-  const auto gvs = bf16_strided<Bf16Bits>(grad_v);
+  const auto gks = bf16_strided<Bf16Bits>(grad_k), gvs = bf16_strided<Bf16Bits>(grad_v);
   const float* prob = attn.const_data_ptr<float>();
   float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
@@ -530,21 +636,18 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
   if (workspace.size() < group_elems) workspace.resize(group_elems);
   float* const ds_ws = workspace.data();
-  dispatch_head_dim(p.dim, [&](auto dim) {
-    for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
-      const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-      const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
-      const auto n = static_cast<int64_t>(group.size());
-      parallel(n, 1, [&](int64_t b) {
-        bf16_backward_query_block<dim.value>(gos, ks, vs, os, prob, gqs, ds_ws, s0, p, win, fs, group[b]);
-      });
-      parallel(n, 1, [&](int64_t b) {
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+    query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);
+    const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(static_cast<int64_t>(group.size()), 1, [&](int64_t b) {
         bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
       });
-      if (rpb_grad != nullptr) {
-        rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
-      }
+    });
+    if (rpb_grad != nullptr) {
+      rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
     }
-  });
+  }
 }
 #endif
