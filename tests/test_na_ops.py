@@ -162,6 +162,38 @@ def test_fused_cpu_kernels_over_several_slice_groups(k, d, saves_attn, dtype):
     torch.testing.assert_close(grads[3], want_grads[3].to(dtype), **rpb_tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
+@pytest.mark.parametrize(
+    "dims,k,d,shape,head_dim",
+    [
+        (2, 7, 2, (14, 14), 32),  # DiNAT-T's 14x14 d 2: 49 queries per group, tiles of 16 (8) and a partial one
+        (2, 3, 4, (12, 12), 5),
+        (2, 5, 3, (15, 15), 16),
+        (2, 3, 1, (3, 3), 32),  # dilation 1: the whole map is the one group
+        (1, 7, 3, (21,), 32),
+        (1, 5, 2, (10,), 5),
+    ],
+)
+def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, with_rpb, dtype):
+    """Inference on maps of exactly k * d per axis (every window is its whole dilation group) takes the CPU fused
+    forward's whole-group tiles; their output, and the logsumexp the recomputing backward reads, match the
+    reference."""
+    q, key, v = _inputs(shape, head_dim, dtype, "cpu")
+    rpb = _rpb(3, k, dims, dtype, "cpu") if with_rpb else None
+    fused, rfused = _funcs(dims)[2], _funcs(dims)[5]
+    tol = TOL[dtype]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(q, key, v, k, d, rpb, 0.6), rfused(q, key, v, k, d, rpb, 0.6), **tol)
+    tensors = [q, key, v] + ([rpb] if with_rpb else [])
+    op = _fused_native(dims, saves_attn=False)
+    out, grads = _grads(lambda a, b, c, *r: op(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    want, want_grads = _grads(lambda a, b, c, *r: rfused(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+
 def _fused_native(dims, saves_attn):
     """The fused native op with its autograd: the saved-weights op (training on the CPU) or the recomputing one."""
     load_extension()  # registers torch.ops.dinat_m2f.* when no op was called yet (a test run on its own)

@@ -424,6 +424,146 @@ void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const P
   slots_to_rows(slots, KK, weights + token0 * KK, p.dw * KK);
 }
 
+// ----------------------------------------------------------------------------------------------- whole groups
+// When every window is its whole dilation group (H == kh * dh and W == kw * dw, e.g. DiNAT-T's dilated layers at
+// 224: 56x56 d 8, 28x28 d 4, 14x14 d 2), all kh * kw queries of a 2D dilation group share one window: the group's
+// keys. A tile of kLanes of them (in group slot order, the last tile partial) computes its logits as
+// sum_d q[lane][d] * k_n[d] with k_n[d] broadcast and its output as sum_n p_n[lane] * v_n[d] broadcast: the dense
+// per-group products, lane-parallel, from q, k and v in place (no transposes). These problems have no interior query
+// tiles (their groups are k wide), and the per-query path spent about twice the instructions per query.
+// Inference only: the tile's queries are not equally spaced tokens, so the saved-weights forward keeps its path.
+
+inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
+
+// The bias of query slot s and key slot n of a group (both a * kw + b, the same in every group) per head, stored
+// [heads][n][s] with s padded to `padded` (a whole number of vectors past the last slot): the tile of query slots
+// s0 .. s0 + kLanes - 1 reads one vector per key.
+template <typename T>
+std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& win, int64_t padded) {
+  const int64_t KK = p.window();
+  std::vector<T> bias(p.heads * KK * padded, T(0));
+  if (rpb == nullptr) return bias;
+  for (int64_t h = 0; h < p.heads; ++h) {
+    for (int64_t s = 0; s < KK; ++s) {
+      const int64_t i = (s / p.kw) * p.dh, j = (s % p.kw) * p.dw;  // slot s of group (0, 0)
+      for (int64_t n = 0; n < KK; ++n) {
+        const int64_t ki = n / p.kw, kj = n % p.kw;
+        bias[(h * KK + n) * padded + s] = rpb[(h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j] + kj];
+      }
+    }
+  }
+  return bias;
+}
+
+// Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
+// head's whole_group_bias from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
+// keys and values kh * kw pointers.
+template <typename T, int64_t kD>
+void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* bias, int64_t bias_stride,
+                      Slice<T> out, T* lse, int64_t bh, int64_t rh, int64_t rw, int64_t s0, const Problem& p, T scale,
+                      T* qt_mem, T* logit_mem, const T** keys, const T** values) {
+  using V = Lanes<T>;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t lanes = std::min(kLanes, KK - s0);
+  V* __restrict qt = reinterpret_cast<V*>(qt_mem);
+  V* __restrict logit = reinterpret_cast<V*>(logit_mem);
+  const auto token_i = [&](int64_t slot) { return rh + (slot / p.kw) * p.dh; };
+  const auto token_j = [&](int64_t slot) { return rw + (slot % p.kw) * p.dw; };
+  for (int64_t n = 0; n < KK; ++n) {
+    keys[n] = k.at(token_i(n), token_j(n));
+    values[n] = v.at(token_i(n), token_j(n));
+  }
+  for (int64_t d = 0; d < D; ++d) qt[d] = V{};
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* qv = q.at(token_i(s0 + l), token_j(s0 + l));
+    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
+  }
+  // Logits four keys at a time (each Q vector loaded once per four multiply-adds), then the max.
+  V row_max = V{} - std::numeric_limits<T>::infinity();
+  int64_t n = 0;
+  for (; n + 4 <= KK; n += 4) {
+    V l0 = load_lanes(bias + n * bias_stride), l1 = load_lanes(bias + (n + 1) * bias_stride);
+    V l2 = load_lanes(bias + (n + 2) * bias_stride), l3 = load_lanes(bias + (n + 3) * bias_stride);
+    const T *k0 = keys[n], *k1 = keys[n + 1], *k2 = keys[n + 2], *k3 = keys[n + 3];
+    for (int64_t d = 0; d < D; ++d) {
+      const V qd = qt[d];
+      l0 += qd * k0[d];
+      l1 += qd * k1[d];
+      l2 += qd * k2[d];
+      l3 += qd * k3[d];
+    }
+    logit[n] = l0;
+    logit[n + 1] = l1;
+    logit[n + 2] = l2;
+    logit[n + 3] = l3;
+  }
+  for (; n < KK; ++n) {
+    V l0 = load_lanes(bias + n * bias_stride);
+    const T* k0 = keys[n];
+    for (int64_t d = 0; d < D; ++d) l0 += qt[d] * k0[d];
+    logit[n] = l0;
+  }
+  for (n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
+  V sum = V{};
+  for (n = 0; n < KK; ++n) {
+    logit[n] = exp_lanes(logit[n] - row_max);
+    sum += logit[n];
+  }
+  // Output eight channels at a time (the sums in registers), each weight vector loaded once per eight.
+  const V inv = T(1) / sum;
+  T* outs[kLanes];
+  for (int64_t l = 0; l < lanes; ++l) outs[l] = out.at(token_i(s0 + l), token_j(s0 + l));
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    const int64_t width = std::min<int64_t>(8, D - d0);
+    V acc[8];
+    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
+    if (width == 8) {
+      for (n = 0; n < KK; ++n) {
+        const V pn = logit[n];
+        const T* vn = values[n] + d0;
+        for (int64_t c = 0; c < 8; ++c) acc[c] += pn * vn[c];
+      }
+    } else {
+      for (n = 0; n < KK; ++n) {
+        const V pn = logit[n];
+        const T* vn = values[n] + d0;
+        for (int64_t c = 0; c < width; ++c) acc[c] += pn * vn[c];
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const V o = acc[c] * inv;
+      for (int64_t l = 0; l < lanes; ++l) outs[l][d0 + c] = o[l];
+    }
+  }
+  const int64_t row0 = bh * H;
+  for (int64_t l = 0; l < lanes; ++l) {
+    lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
+  }
+}
+
+template <typename T, int64_t kD>
+void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
+                                Strided<T> out_all, T* lse, const Problem& p, T scale) {
+  const Windows win(p);
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t tiles = (KK + kLanes - 1) / kLanes, padded = tiles * kLanes;
+  const std::vector<T> bias = whole_group_bias(rpb, p, win, padded);
+  // One task per (slice, group): its tiles share the scratch and the key / value pointers.
+  const int64_t groups = p.dh * p.dw;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(padded * KK * D, 1));
+  parallel(p.batch_heads * groups, grain, [&](int64_t task) {
+    const int64_t bh = task / groups, group = task % groups;
+    std::vector<T> qt(D * kLanes), logit(KK * kLanes);
+    std::vector<const T*> keys(KK), values(KK);
+    const T* const head_bias = bias.data() + (bh % p.heads) * KK * padded;
+    for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
+      whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
+                              out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
+                              logit.data(), keys.data(), values.data());
+    }
+  });
+}
+
 // tiles: whether interior queries go through forward_tile (has_query_tiles); then k and v are group-transposed one
 // group of slices at a time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving.
 template <typename T, int64_t kD>
@@ -921,6 +1061,13 @@ void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
+      if (!weights.defined() && window_is_whole_group(p)) {
+        whole_group_forward_kernel<scalar_t, dim.value>(
+            strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+            rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
+            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale));
+        return;
+      }
       forward_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
                                           rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
                                           strided_out<scalar_t>(oc), lse.mutable_data_ptr<scalar_t>(), p,
