@@ -11,6 +11,7 @@ import torch
 from op_recorder import RecordNativeOps
 
 from dinat_m2f import ops
+from dinat_m2f._ext import load_extension
 from dinat_m2f.ops import na as _na  # noqa: F401  (registers the fakes and autograd test_opcheck needs)
 from dinat_m2f.ops import reference as ref
 
@@ -138,8 +139,64 @@ def test_fused_gradients_on_query_tiles(k, d, shape, dtype):
         torch.testing.assert_close(got, exp, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
+@pytest.mark.parametrize("k,d", [(7, 1), (7, 2), (5, 3)])
+def test_fused_cpu_kernels_over_several_slice_groups(k, d, saves_attn, dtype):
+    """The CPU fused kernels work through the (batch, head) slices in groups whose transposed k / v and workspace fit
+    about 2 MiB: at 2x3x40x40x32 the forward and both backwards take 2-3 groups, the last one partial, on query tiles
+    and per-query borders alike."""
+    q, key, v = _inputs((40, 40), 32, dtype, "cpu", heads=3, batch=2)
+    rpb = _rpb(3, k, 2, dtype, "cpu")
+    fused = _fused_native(2, saves_attn)
+    tensors = [q, key, v, rpb]
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.6), tensors)
+    # The reference in float64 on the same inputs: each bias gradient sums 3200 dS terms, whose float32 rounding
+    # (up to 8e-5 in the float32 reference itself) exceeds the float32 tolerance; it gets its own below.
+    want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.6), [t.double() for t in tensors])
+    tol = TOL[dtype]
+    torch.testing.assert_close(out, want.to(dtype), **tol)
+    for got, exp in zip(grads[:3], want_grads[:3]):
+        torch.testing.assert_close(got, exp.to(dtype), **tol)
+    rpb_tol = tol if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-4)
+    torch.testing.assert_close(grads[3], want_grads[3].to(dtype), **rpb_tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
+@pytest.mark.parametrize(
+    "dims,k,d,shape,head_dim",
+    [
+        (2, 7, 2, (14, 14), 32),  # DiNAT-T's 14x14 d 2: 49 queries per group, tiles of 16 (8) and a partial one
+        (2, 3, 4, (12, 12), 5),
+        (2, 5, 3, (15, 15), 16),
+        (2, 3, 1, (3, 3), 32),  # dilation 1: the whole map is the one group
+        (1, 7, 3, (21,), 32),
+        (1, 5, 2, (10,), 5),
+    ],
+)
+def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, with_rpb, dtype):
+    """Inference on maps of exactly k * d per axis (every window is its whole dilation group) takes the CPU fused
+    forward's whole-group tiles; their output, and the logsumexp the recomputing backward reads, match the
+    reference."""
+    q, key, v = _inputs(shape, head_dim, dtype, "cpu")
+    rpb = _rpb(3, k, dims, dtype, "cpu") if with_rpb else None
+    fused, rfused = _funcs(dims)[2], _funcs(dims)[5]
+    tol = TOL[dtype]
+    with torch.no_grad():
+        torch.testing.assert_close(fused(q, key, v, k, d, rpb, 0.6), rfused(q, key, v, k, d, rpb, 0.6), **tol)
+    tensors = [q, key, v] + ([rpb] if with_rpb else [])
+    op = _fused_native(dims, saves_attn=False)
+    out, grads = _grads(lambda a, b, c, *r: op(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    want, want_grads = _grads(lambda a, b, c, *r: rfused(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+
+
 def _fused_native(dims, saves_attn):
     """The fused native op with its autograd: the saved-weights op (training on the CPU) or the recomputing one."""
+    load_extension()  # registers torch.ops.dinat_m2f.* when no op was called yet (a test run on its own)
     lib = torch.ops.dinat_m2f
     if saves_attn:
         op = lib.na2d_fused_forward_with_attn if dims == 2 else lib.na1d_fused_forward_with_attn

@@ -126,41 +126,60 @@ inline void dispatch_window_width(int64_t kw, const F& fn) {
 // k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous
 // loads: logits and the weighted sum become lane-parallel multiply-adds with no horizontal reductions.
 
-// k or v as [BH * H, D, W'] (contiguous) where W' lists the columns group by group (r = 0..dw-1, then r + dw, r + 2 dw,
-// ...).
-struct GroupTransposed {
-  at::Tensor data;
-  std::vector<int64_t> group_offset;  // first W' column of each dilation group
+// The W' order of the columns, group by group (r = 0..dw-1, then r + dw, r + 2 dw, ...): perm[c] is the column at W'
+// position c, group_offset[r] the first W' position of group r.
+struct GroupOrder {
+  std::vector<int64_t> perm;
+  std::vector<int64_t> group_offset;
 };
 
-GroupTransposed group_transpose(const at::Tensor& x, const Problem& p) {
-  GroupTransposed t;
-  std::vector<int64_t> perm;
-  perm.reserve(p.width);
+inline GroupOrder group_order(const Problem& p) {
+  GroupOrder order;
+  order.perm.reserve(p.width);
   for (int64_t r = 0; r < p.dw && r < p.width; ++r) {
-    t.group_offset.push_back(static_cast<int64_t>(perm.size()));
-    for (int64_t j = r; j < p.width; j += p.dw) perm.push_back(j);
+    order.group_offset.push_back(static_cast<int64_t>(order.perm.size()));
+    for (int64_t j = r; j < p.width; j += p.dw) order.perm.push_back(j);
   }
-  // x is a [B, heads, H, W, D] view with any strides (unit-stride D); the result is contiguous [B, heads, H, D, W'].
-  // One pass over x: index_select and then a contiguous transpose copied everything twice, which cost as much as a
-  // tenth of a training step's kernels at 56x56 (four transposes per forward + backward).
-  t.data = at::empty({x.size(0), x.size(1), x.size(2), x.size(4), x.size(3)}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "na_group_transpose_cpu", [&] {
-    const Strided<const scalar_t> src = strided_in<scalar_t>(x);
-    scalar_t* const dst = t.data.mutable_data_ptr<scalar_t>();
-    const int64_t H = p.height, W = p.width, D = p.dim;
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(W * D, 1));  // a row is W * D copies
-    parallel(p.batch_heads * H, grain, [&](int64_t row) {
-      const Slice<const scalar_t> slice = src.slice(row / H);
-      const int64_t i = row % H;
-      scalar_t* const out = dst + row * D * W;
-      for (int64_t c = 0; c < W; ++c) {
-        const scalar_t* token = slice.at(i, perm[c]);
-        for (int64_t d = 0; d < D; ++d) out[d * W + c] = token[d];
-      }
-    });
+  return order;
+}
+
+// k and v of the slices [s0, s1) as [s1 - s0, H, D, W'] (contiguous, W' in group order) into kt and vt, both in one
+// parallel loop. Done per group of slices right before the passes that read them, so the transposed rows are still in
+// cache there: transposing all of k and v up front (four times 6.4 MB at 8x2x56x56x32) sent them through memory.
+template <typename T>
+void group_transpose_slices(Strided<const T> k, Strided<const T> v, int64_t s0, int64_t s1, const GroupOrder& order,
+                            const Problem& p, T* kt, T* vt) {
+  const int64_t H = p.height, W = p.width, D = p.dim, rows = (s1 - s0) * H;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(W * D, 1));  // a row is W * D copies
+  parallel(2 * rows, grain, [&](int64_t task) {
+    const bool is_v = task >= rows;
+    const int64_t local_row = is_v ? task - rows : task;
+    const int64_t bh = s0 + local_row / H, i = local_row % H;
+    const Slice<const T> slice = (is_v ? v : k).slice(bh);
+    T* const out = (is_v ? vt : kt) + local_row * D * W;
+    for (int64_t c = 0; c < W; ++c) {
+      const T* token = slice.at(i, order.perm[c]);
+      for (int64_t d = 0; d < D; ++d) out[d * W + c] = token[d];
+    }
   });
-  return t;
+}
+
+// (batch, head) slices per group of the fused kernels: as many as fit their per-slice scratch (transposed k and v,
+// the backward's P / dS workspace) into about the L2 caches, at least one. The passes over a group then find what the
+// previous pass wrote in cache; one group of all slices (8x2x56x56: 23 MB of workspace and transposes) made every
+// pass stream it from memory, and batch 8 ran at half the per-image speed of batch 1 with two threads.
+inline int64_t slices_per_group(int64_t bytes_per_slice, const Problem& p) {
+  constexpr int64_t kGroupBytes = int64_t{2} << 20;
+  return std::clamp<int64_t>(kGroupBytes / std::max<int64_t>(bytes_per_slice, 1), 1, p.batch_heads);
+}
+
+// A grow-only scratch array kept between calls per calling thread: the fresh pages of a new allocation cost page
+// faults and zeroing comparable to a pass over them (measured with perf). Every caller writes what it reads.
+template <typename T>
+T* kept_scratch(int64_t elems) {
+  thread_local std::vector<T> scratch;
+  if (scratch.size() < static_cast<size_t>(elems)) scratch.resize(static_cast<size_t>(elems));
+  return scratch.data();
 }
 
 // Row i's queries dilation group by dilation group: each full tile of kLanes interior queries (windows not clamped
@@ -194,6 +213,71 @@ bool has_query_tiles(const Problem& p) {
   dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
   const int64_t longest_group = group_length(0, p.width, p.dw);
   return compiled && longest_group - 2 * (p.kw / 2) >= kLanes;
+}
+
+// A tile's per-lane rows of window values (lane l's n values at rows + l * stride: its P or dS row) and the same
+// values as per-slot vectors (slots[m * kLanes + l]), converted 8 x 8 blocks at a time in registers; the last n % 8
+// slots (1 for every odd square window) one by one. Reading or writing the kLanes rows one value at a time cost
+// two instructions per value, as much as the tile's multiply-adds in the saved-weights backward.
+#if defined(__x86_64__)
+inline void transpose_8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+template <typename T>
+void rows_to_slots(const T* rows, int64_t stride, int64_t n, T* slots) {
+  int64_t m0 = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float> && kLanes % 8 == 0) {
+    for (; m0 + 8 <= n; m0 += 8) {
+      for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
+        __m256 r[8];
+        for (int64_t l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(rows + (l0 + l) * stride + m0);
+        transpose_8x8(r);
+        for (int64_t m = 0; m < 8; ++m) _mm256_storeu_ps(slots + (m0 + m) * kLanes + l0, r[m]);
+      }
+    }
+  }
+#endif
+  for (int64_t m = m0; m < n; ++m) {
+    for (int64_t l = 0; l < kLanes; ++l) slots[m * kLanes + l] = rows[l * stride + m];
+  }
+}
+
+template <typename T>
+void slots_to_rows(const T* slots, int64_t n, T* rows, int64_t stride) {
+  int64_t m0 = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float> && kLanes % 8 == 0) {
+    for (; m0 + 8 <= n; m0 += 8) {
+      for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
+        __m256 r[8];
+        for (int64_t m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(slots + (m0 + m) * kLanes + l0);
+        transpose_8x8(r);
+        for (int64_t l = 0; l < 8; ++l) _mm256_storeu_ps(rows + (l0 + l) * stride + m0, r[l]);
+      }
+    }
+  }
+#endif
+  for (int64_t m = m0; m < n; ++m) {
+    for (int64_t l = 0; l < kLanes; ++l) rows[l * stride + m] = slots[m * kLanes + l];
+  }
 }
 
 // Arrays of T, read and written as Lanes<T> (element-aligned vectors, see na_cpu_simd.h): a std::vector of the
@@ -232,7 +316,7 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
   V running_max = V{} - std::numeric_limits<T>::infinity();
   V running_sum = V{};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
+    const int64_t key_row = win.h.start[i] + ki * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
     // Interior windows along W all start at bias column kw / 2.
@@ -328,54 +412,205 @@ inline void store_query_weights(const T* exp_logits, int64_t window, T* weights)
 // Saving the weights: P = exp(logit - lse) of a forward_tile's kLanes queries (tokens token0 + dw * l) from the logits
 // it kept, once the online softmax has their logsumexp: a second, cheap pass over the window.
 template <typename T>
-void store_tile_weights(const TileScratch<T>& s, const T* lse, int64_t token0, const Problem& p, T* weights) {
+void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const Problem& p, T* weights) {
   using V = Lanes<T>;
   const int64_t KK = p.window();
   V row_lse;
   for (int64_t l = 0; l < kLanes; ++l) row_lse[l] = lse[token0 + p.dw * l];
-  T* first = weights + token0 * KK;
-  const int64_t lane_stride = p.dw * KK;
+  T* const slots = s.logits.data();
   for (int64_t n = 0; n < KK; ++n) {
-    const V prob = exp_lanes(load_lanes(s.logits.data() + n * kLanes) - row_lse);
-    for (int64_t l = 0; l < kLanes; ++l) first[l * lane_stride + n] = prob[l];
+    store_lanes(slots + n * kLanes, exp_lanes(load_lanes(slots + n * kLanes) - row_lse));
+  }
+  slots_to_rows(slots, KK, weights + token0 * KK, p.dw * KK);
+}
+
+// ----------------------------------------------------------------------------------------------- whole groups
+// When every window is its whole dilation group (H == kh * dh and W == kw * dw, e.g. DiNAT-T's dilated layers at
+// 224: 56x56 d 8, 28x28 d 4, 14x14 d 2), all kh * kw queries of a 2D dilation group share one window: the group's
+// keys. A tile of kLanes of them (in group slot order, the last tile partial) computes its logits as
+// sum_d q[lane][d] * k_n[d] with k_n[d] broadcast and its output as sum_n p_n[lane] * v_n[d] broadcast: the dense
+// per-group products, lane-parallel, from q, k and v in place (no transposes). These problems have no interior query
+// tiles (their groups are k wide), and the per-query path spent about twice the instructions per query.
+// Inference only: the tile's queries are not equally spaced tokens, so the saved-weights forward keeps its path.
+
+inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
+
+// The bias of query slot s and key slot n of a group (both a * kw + b, the same in every group) per head, stored
+// [heads][n][s] with s padded to `padded` (a whole number of vectors past the last slot): the tile of query slots
+// s0 .. s0 + kLanes - 1 reads one vector per key.
+template <typename T>
+std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& win, int64_t padded) {
+  const int64_t KK = p.window();
+  std::vector<T> bias(p.heads * KK * padded, T(0));
+  if (rpb == nullptr) return bias;
+  for (int64_t h = 0; h < p.heads; ++h) {
+    for (int64_t s = 0; s < KK; ++s) {
+      const int64_t i = (s / p.kw) * p.dh, j = (s % p.kw) * p.dw;  // slot s of group (0, 0)
+      for (int64_t n = 0; n < KK; ++n) {
+        const int64_t ki = n / p.kw, kj = n % p.kw;
+        bias[(h * KK + n) * padded + s] = rpb[(h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j] + kj];
+      }
+    }
+  }
+  return bias;
+}
+
+// Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
+// head's whole_group_bias from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
+// keys and values kh * kw pointers.
+template <typename T, int64_t kD>
+void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* bias, int64_t bias_stride,
+                      Slice<T> out, T* lse, int64_t bh, int64_t rh, int64_t rw, int64_t s0, const Problem& p, T scale,
+                      T* qt_mem, T* logit_mem, const T** keys, const T** values) {
+  using V = Lanes<T>;
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t lanes = std::min(kLanes, KK - s0);
+  V* __restrict qt = reinterpret_cast<V*>(qt_mem);
+  V* __restrict logit = reinterpret_cast<V*>(logit_mem);
+  const auto token_i = [&](int64_t slot) { return rh + (slot / p.kw) * p.dh; };
+  const auto token_j = [&](int64_t slot) { return rw + (slot % p.kw) * p.dw; };
+  for (int64_t n = 0; n < KK; ++n) {
+    keys[n] = k.at(token_i(n), token_j(n));
+    values[n] = v.at(token_i(n), token_j(n));
+  }
+  for (int64_t d = 0; d < D; ++d) qt[d] = V{};
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* qv = q.at(token_i(s0 + l), token_j(s0 + l));
+    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
+  }
+  // Logits four keys at a time (each Q vector loaded once per four multiply-adds), then the max.
+  V row_max = V{} - std::numeric_limits<T>::infinity();
+  int64_t n = 0;
+  for (; n + 4 <= KK; n += 4) {
+    V l0 = load_lanes(bias + n * bias_stride), l1 = load_lanes(bias + (n + 1) * bias_stride);
+    V l2 = load_lanes(bias + (n + 2) * bias_stride), l3 = load_lanes(bias + (n + 3) * bias_stride);
+    const T *k0 = keys[n], *k1 = keys[n + 1], *k2 = keys[n + 2], *k3 = keys[n + 3];
+    for (int64_t d = 0; d < D; ++d) {
+      const V qd = qt[d];
+      l0 += qd * k0[d];
+      l1 += qd * k1[d];
+      l2 += qd * k2[d];
+      l3 += qd * k3[d];
+    }
+    logit[n] = l0;
+    logit[n + 1] = l1;
+    logit[n + 2] = l2;
+    logit[n + 3] = l3;
+  }
+  for (; n < KK; ++n) {
+    V l0 = load_lanes(bias + n * bias_stride);
+    const T* k0 = keys[n];
+    for (int64_t d = 0; d < D; ++d) l0 += qt[d] * k0[d];
+    logit[n] = l0;
+  }
+  for (n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
+  V sum = V{};
+  for (n = 0; n < KK; ++n) {
+    logit[n] = exp_lanes(logit[n] - row_max);
+    sum += logit[n];
+  }
+  // Output eight channels at a time (the sums in registers), each weight vector loaded once per eight.
+  const V inv = T(1) / sum;
+  T* outs[kLanes];
+  for (int64_t l = 0; l < lanes; ++l) outs[l] = out.at(token_i(s0 + l), token_j(s0 + l));
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    const int64_t width = std::min<int64_t>(8, D - d0);
+    V acc[8];
+    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
+    if (width == 8) {
+      for (n = 0; n < KK; ++n) {
+        const V pn = logit[n];
+        const T* vn = values[n] + d0;
+        for (int64_t c = 0; c < 8; ++c) acc[c] += pn * vn[c];
+      }
+    } else {
+      for (n = 0; n < KK; ++n) {
+        const V pn = logit[n];
+        const T* vn = values[n] + d0;
+        for (int64_t c = 0; c < width; ++c) acc[c] += pn * vn[c];
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const V o = acc[c] * inv;
+      for (int64_t l = 0; l < lanes; ++l) outs[l][d0 + c] = o[l];
+    }
+  }
+  const int64_t row0 = bh * H;
+  for (int64_t l = 0; l < lanes; ++l) {
+    lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
   }
 }
 
-// kt, vt: group-transposed k and v (nullptr: no query tiles, every query takes the per-query path). weights: where
-// to save P ([BH * H * W, kh * kw]), nullptr when not saving.
+template <typename T, int64_t kD>
+void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
+                                Strided<T> out_all, T* lse, const Problem& p, T scale) {
+  const Windows win(p);
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t tiles = (KK + kLanes - 1) / kLanes, padded = tiles * kLanes;
+  const std::vector<T> bias = whole_group_bias(rpb, p, win, padded);
+  // One task per (slice, group): its tiles share the scratch and the key / value pointers.
+  const int64_t groups = p.dh * p.dw;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(padded * KK * D, 1));
+  parallel(p.batch_heads * groups, grain, [&](int64_t task) {
+    const int64_t bh = task / groups, group = task % groups;
+    std::vector<T> qt(D * kLanes), logit(KK * kLanes);
+    std::vector<const T*> keys(KK), values(KK);
+    const T* const head_bias = bias.data() + (bh % p.heads) * KK * padded;
+    for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
+      whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
+                              out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
+                              logit.data(), keys.data(), values.data());
+    }
+  });
+}
+
+// tiles: whether interior queries go through forward_tile (has_query_tiles); then k and v are group-transposed one
+// group of slices at a time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving.
 template <typename T, int64_t kD>
 void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
-                    Strided<T> out_all, T* lse, const Problem& p, T scale, const T* kt, const T* vt,
-                    const std::vector<int64_t>& group_offset, T* weights) {
+                    Strided<T> out_all, T* lse, const Problem& p, T scale, bool tiles, T* weights) {
   const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
-  parallel(p.batch_heads * H, row_grain(p), [&](int64_t row) {
-    const int64_t bh = row / H, i = row % H;
-    const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
-    const Slice<T> out = out_all.slice(bh);
-    std::vector<T> acc(D), logits(KK);
-    std::vector<const T*> keys(KK);
-    const auto one_query = [&](int64_t j) {
-      forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
-      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
-    };
-    if (kt == nullptr) {
-      for_each_in_group_order(W, p.dw, one_query);
-      return;
-    }
-    TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
-    dispatch_window_width(p.kw, [&](auto kw) {
-      constexpr int64_t kKW = decltype(kw)::value;
-      if constexpr (kKW == 0) {
-        TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
-      } else {
-        for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-          forward_tile<T, kD, kKW>(q, kt, vt, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
-          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
-        });
+  const int64_t slice_kv = p.tokens() * D;  // elements of one slice of k (or v)
+  const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+  // Without tiles nothing is transposed and every row reads k and v in place: one group of all slices.
+  const int64_t group = tiles ? slices_per_group(2 * slice_kv * static_cast<int64_t>(sizeof(T)), p) : p.batch_heads;
+  T* const kt = tiles ? kept_scratch<T>(2 * group * slice_kv) : nullptr;
+  T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group);
+    if (tiles) group_transpose_slices(k_all, v_all, s0, s1, order, p, kt, vt);
+    parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+      const int64_t row = s0 * H + local_row;
+      const int64_t bh = row / H, i = row % H;
+      const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
+      const Slice<T> out = out_all.slice(bh);
+      std::vector<T> acc(D), logits(KK);
+      std::vector<const T*> keys(KK);
+      const auto one_query = [&](int64_t j) {
+        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
+        if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
+      };
+      if (!tiles) {
+        for_each_in_group_order(W, p.dw, one_query);
+        return;
       }
+      const T* const kts = kt + (bh - s0) * slice_kv;
+      const T* const vts = vt + (bh - s0) * slice_kv;
+      TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
+      dispatch_window_width(p.kw, [&](auto kw) {
+        constexpr int64_t kKW = decltype(kw)::value;
+        if constexpr (kKW == 0) {
+          TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+        } else {
+          for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+            forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
+            if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
+          });
+        }
+      });
     });
-  });
+  }
 }
 
 // True when the backward's query pass uses lane-parallel tiles: some dilation group along W holds a full tile of
@@ -391,7 +626,9 @@ bool has_backward_query_tiles(const Problem& p) {
 template <typename T>
 struct BackwardTileScratch {
   std::vector<T> qt, got, acc;
-  explicit BackwardTileScratch(int64_t dim) : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes) {}
+  std::vector<T> prob, ds;  // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
+  BackwardTileScratch(int64_t dim, int64_t window)
+      : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes), prob(window * kLanes), ds(window * kLanes) {}
 };
 
 // Query pass of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh (col0: the W' column of
@@ -425,8 +662,10 @@ void backward_tile(Slice<const T> grad_out, Slice<const T> q, const T* kt, const
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   // Lane l's workspace row is (local_row * W + r + dw * (jg0 + l)) * KK: lanes are dw * KK apart.
   const int64_t ws0 = (local_row * W + r + p.dw * jg0) * KK, lane_stride = p.dw * KK;
+  T* const prob_slots = s.prob.data();
+  T* const ds_slots = s.ds.data();
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
+    const int64_t key_row = win.h.start[i] + ki * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
     const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
@@ -452,10 +691,8 @@ void backward_tile(Slice<const T> grad_out, Slice<const T> q, const T* kt, const
       const V ds = prob * (go_v[kj] - delta);
       logit[kj] = ds;  // dS in place of the logit
       const int64_t slot = ki * KW + kj;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        prob_ws[ws0 + l * lane_stride + slot] = prob[l];
-        ds_ws[ws0 + l * lane_stride + slot] = ds[l];
-      }
+      store_lanes(prob_slots + slot * kLanes, prob);
+      store_lanes(ds_slots + slot * kLanes, ds);
     }
     for (int64_t d = 0; d < D; ++d) {
       V a = acc[d];
@@ -464,6 +701,8 @@ void backward_tile(Slice<const T> grad_out, Slice<const T> q, const T* kt, const
       acc[d] = a;
     }
   }
+  slots_to_rows(prob_slots, KK, prob_ws + ws0, lane_stride);
+  slots_to_rows(ds_slots, KK, ds_ws + ws0, lane_stride);
   for (int64_t l = 0; l < kLanes; ++l) {
     T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
@@ -500,8 +739,8 @@ void backward_query(Slice<const T> grad_out, Slice<const T> q, Slice<const T> k,
   }
 }
 
-// Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ. kt, vt: group-transposed k and v
-// (nullptr: no query tiles).
+// Query pass of the backward for slices [s0, s1): P and dS into the workspace, dQ. kt, vt: k and v of these slices,
+// group-transposed (nullptr: no query tiles).
 template <typename T, int64_t kD>
 void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
                          Strided<const T> v_all, const T* rpb, Strided<const T> out_all, const T* lse,
@@ -525,15 +764,18 @@ void backward_query_pass(Strided<const T> grad_out_all, Strided<const T> q_all, 
       for_each_in_group_order(W, p.dw, one_query);
       return;
     }
-    BackwardTileScratch<T> scratch(D);
+    // kt and vt hold slices [s0, s1).
+    const T* const kts = kt + (bh - s0) * p.tokens() * D;
+    const T* const vts = vt + (bh - s0) * p.tokens() * D;
+    BackwardTileScratch<T> scratch(D, KK);
     dispatch_window_width(p.kw, [&](auto kw) {
       constexpr int64_t kKW = decltype(kw)::value;
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
       } else {
         for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-          backward_tile<T, kD, kKW>(grad_out, q, kt, vt, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r, jg, col0,
-                                    p, win, scale, scratch);
+          backward_tile<T, kD, kKW>(grad_out, q, kts, vts, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, bh, i, r, jg,
+                                    col0, p, win, scale, scratch);
         });
       }
     });
@@ -624,28 +866,26 @@ void backward_key_pass(Strided<const T> grad_out_all, Strided<const T> q_all, co
   });
 }
 
+// tiles: whether the query pass uses backward_tile (has_backward_query_tiles).
 template <typename T, int64_t kD>
 void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                      const T* rpb, Strided<const T> out, const T* lse, Strided<T> grad_q, Strided<T> grad_k,
-                     Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
-                     const std::vector<int64_t>& group_offset) {
+                     Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, bool tiles) {
   const Windows win(p);
-  // Workspace for P and dS: at most ~64 MiB, but always at least one (batch, head) slice.
-  const int64_t slice_elems = p.tokens() * p.window();
-  const int64_t budget = (int64_t{64} << 20) / (2 * static_cast<int64_t>(sizeof(T)));
-  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
-  // Kept between calls (per calling thread, grow-only, so at most the ~64 MiB above): the fresh pages of a new
-  // allocation of this size cost page faults and zeroing comparable to the query pass (measured with perf). The query
-  // pass writes every element the key pass and rpb_grad_slices read, so stale contents are never used.
-  thread_local std::vector<T> workspace;
-  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
-  if (workspace.size() < 2 * group_elems) workspace.resize(2 * group_elems);
-  T* const prob_ws = workspace.data();
-  T* const ds_ws = prob_ws + group_elems;
-  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
-    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+  const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+  // Per group of slices: P and dS (the workspace), and k and v group-transposed with tiles.
+  const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
+  const int64_t group = slices_per_group((2 * slice_elems + 2 * slice_kv) * static_cast<int64_t>(sizeof(T)), p);
+  // The query pass writes every element of P and dS the key pass and rpb_grad_slices read.
+  T* const prob_ws = kept_scratch<T>(group * (2 * slice_elems + 2 * slice_kv));
+  T* const ds_ws = prob_ws + group * slice_elems;
+  T* const kt = tiles ? ds_ws + group * slice_elems : nullptr;
+  T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group);
+    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
     backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale, kt, vt,
-                               group_offset);
+                               order.group_offset);
     backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
@@ -681,10 +921,11 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
   for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   // Lane l's rows of P and of the workspace are dw * KK apart.
   const int64_t lane_stride = p.dw * KK;
-  const T* prob0 = weights + (row * W + r + p.dw * jg0) * KK;
-  T* ds0 = ds_ws + (local_row * W + r + p.dw * jg0) * KK;
+  T* const prob_slots = s.prob.data();
+  T* const ds_slots = s.ds.data();
+  rows_to_slots(weights + (row * W + r + p.dw * jg0) * KK, lane_stride, KK, prob_slots);
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = bh * H + win.h.start[i] + ki * p.dh;
+    const int64_t key_row = win.h.start[i] + ki * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
     V go_v[KW];  // dO . v of the row's kw keys, then dS in its place
@@ -696,11 +937,9 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
     }
     for (int64_t kj = 0; kj < KW; ++kj) {
       const int64_t slot = ki * KW + kj;
-      V prob;
-      for (int64_t l = 0; l < kLanes; ++l) prob[l] = prob0[l * lane_stride + slot];
-      const V ds = prob * (go_v[kj] - delta);
+      const V ds = load_lanes(prob_slots + slot * kLanes) * (go_v[kj] - delta);
       go_v[kj] = ds;
-      for (int64_t l = 0; l < kLanes; ++l) ds0[l * lane_stride + slot] = ds[l];
+      store_lanes(ds_slots + slot * kLanes, ds);
     }
     for (int64_t d = 0; d < D; ++d) {
       V a = acc[d];
@@ -709,6 +948,7 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
       acc[d] = a;
     }
   }
+  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + r + p.dw * jg0) * KK, lane_stride);
   for (int64_t l = 0; l < kLanes; ++l) {
     T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
     for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
@@ -743,8 +983,8 @@ void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const
   }
 }
 
-// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ. kt, vt: group-transposed k and v
-// (nullptr: no query tiles).
+// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ. kt, vt: k and v of these slices,
+// group-transposed (nullptr: no query tiles).
 template <typename T, int64_t kD>
 void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k_all, Strided<const T> v_all,
                                Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
@@ -767,15 +1007,18 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
       for_each_in_group_order(W, p.dw, one_query);
       return;
     }
-    BackwardTileScratch<T> scratch(D);
+    // kt and vt hold slices [s0, s1).
+    const T* const kts = kt + (bh - s0) * p.tokens() * D;
+    const T* const vts = vt + (bh - s0) * p.tokens() * D;
+    BackwardTileScratch<T> scratch(D, KK);
     dispatch_window_width(p.kw, [&](auto kw) {
       constexpr int64_t kKW = decltype(kw)::value;
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
       } else {
         for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-          backward_tile_saved<T, kD, kKW>(grad_out, kt, vt, out, weights, grad_q, ds_ws, s0, bh, i, r, jg, col0, p, win,
-                                          scale, scratch);
+          backward_tile_saved<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, i, r, jg, col0, p,
+                                          win, scale, scratch);
         });
       }
     });
@@ -785,22 +1028,20 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
-                           Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, const T* kt, const T* vt,
-                           const std::vector<int64_t>& group_offset) {
+                           Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, bool tiles) {
   const Windows win(p);
-  // Workspace for dS only (P is the saved tensor): at most ~64 MiB, but always at least one (batch, head) slice;
-  // kept between calls per calling thread, as backward_kernel's and for the same reason (page faults of fresh pages).
-  const int64_t slice_elems = p.tokens() * p.window();
-  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(T));
-  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
-  thread_local std::vector<T> workspace;
-  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
-  if (workspace.size() < group_elems) workspace.resize(group_elems);
-  T* const ds_ws = workspace.data();
-  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
-    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+  const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+  // Per group of slices: dS (P is the saved tensor), and k and v group-transposed with tiles.
+  const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
+  const int64_t group = slices_per_group((slice_elems + 2 * slice_kv) * static_cast<int64_t>(sizeof(T)), p);
+  T* const ds_ws = kept_scratch<T>(group * (slice_elems + 2 * slice_kv));
+  T* const kt = tiles ? ds_ws + group * slice_elems : nullptr;
+  T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group);
+    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
     backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
-                                     group_offset);
+                                     order.group_offset);
     backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
@@ -818,20 +1059,20 @@ void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
                        const at::Tensor& weights, const Problem& p, double scale) {
   const at::Tensor qc = as_compute(q), kc = as_compute(k), vc = as_compute(v), oc = as_compute(out);
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
-  GroupTransposed kt, vt;
-  if (has_query_tiles(p)) {
-    kt = group_transpose(kc, p);
-    vt = group_transpose(vc, p);
-  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      forward_kernel<scalar_t, dim.value>(
-          strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
-          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
-          lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
-          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
-          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset,
-          weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
+      if (!weights.defined() && window_is_whole_group(p)) {
+        whole_group_forward_kernel<scalar_t, dim.value>(
+            strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+            rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
+            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale));
+        return;
+      }
+      forward_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
+                                          rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
+                                          strided_out<scalar_t>(oc), lse.mutable_data_ptr<scalar_t>(), p,
+                                          static_cast<scalar_t>(scale), has_query_tiles(p),
+                                          weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
   if (!oc.is_same(out)) out.copy_(oc);
@@ -859,11 +1100,6 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
   const at::Tensor goc = as_compute(grad_out), qc = as_compute(q), kc = as_compute(k), vc = as_compute(v);
   const at::Tensor oc = as_compute(out), rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
-  GroupTransposed kt, vt;
-  if (has_backward_query_tiles(p)) {
-    kt = group_transpose(kc, p);
-    vt = group_transpose(vc, p);
-  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
       backward_kernel<scalar_t, dim.value>(
@@ -871,8 +1107,7 @@ void fused_backward(const at::Tensor& grad_out, const at::Tensor& q, const at::T
           rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_in<scalar_t>(oc),
           lse.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc), strided_out<scalar_t>(gkc),
           strided_out<scalar_t>(gvc), grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p,
-          static_cast<scalar_t>(scale), kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
-          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
+          static_cast<scalar_t>(scale), has_backward_query_tiles(p));
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
@@ -889,11 +1124,6 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
   const at::Tensor gqc = as_compute(grad_q), gkc = as_compute(grad_k), gvc = as_compute(grad_v);
   TORCH_CHECK(attn.is_contiguous() && attn.scalar_type() == qc.scalar_type(),
               "na fused backward (CPU): attn must be a contiguous tensor of the accumulation dtype");
-  GroupTransposed kt, vt;
-  if (has_backward_query_tiles(p)) {
-    kt = group_transpose(kc, p);
-    vt = group_transpose(vc, p);
-  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_backward_with_attn_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
       backward_saved_kernel<scalar_t, dim.value>(
@@ -901,8 +1131,7 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
           strided_in<scalar_t>(oc), attn.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc),
           strided_out<scalar_t>(gkc), strided_out<scalar_t>(gvc),
           grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale),
-          kt.data.defined() ? kt.data.const_data_ptr<scalar_t>() : nullptr,
-          vt.data.defined() ? vt.data.const_data_ptr<scalar_t>() : nullptr, kt.group_offset);
+          has_backward_query_tiles(p));
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
