@@ -157,6 +157,20 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return memory, shapes_list, level_start_index
 
 
+def with_batch_stride(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [B, C, H, W] itself, or for a single image stored channels-last the same memory with the batch stride
+    of a dense channels-last tensor.
+
+    The encoder's maps are views of its [B, HW, C] tokens; for B = 1 the view's batch stride is C (the size-1 dim's
+    stride is arbitrary), so ``suggest_memory_format`` calls them contiguous and the CPU bilinear resize, which
+    computes a channels-last input channels-last, copies its result to NCHW. With the dense stride it returns the
+    channels-last result itself: the same values, one copy of the upsampled map fewer."""
+    b, c, h, w = x.shape
+    if b != 1 or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return x
+    return x.as_strided((b, c, h, w), (c * h * w, 1, w * c, c))
+
+
 @SEM_SEG_HEADS_REGISTRY.register()
 class MSDeformAttnPixelDecoder(nn.Module):
     @configurable
@@ -294,7 +308,10 @@ class MSDeformAttnPixelDecoder(nn.Module):
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            coarser = F.interpolate(
+                with_batch_stride(out[-1]), size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False
+            )
+            y = cur_fpn + coarser
             out.append(self.output_convs[idx](y))
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
