@@ -7,6 +7,8 @@ official code, instance predictions get boxes computed from their masks, so box 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -33,6 +35,27 @@ def sem_seg_postprocess(result: torch.Tensor, img_size, output_height: int, outp
     return d2_sem_seg_postprocess(result, img_size, output_height, output_width)
 
 
+# MODEL.MASK_FORMER.TEST.DTYPE -> the autocast dtype of inference (None: float32, no autocast)
+INFERENCE_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of MODEL.MASK_FORMER.TEST.DTYPE ``name`` on ``device_type`` (None: float32)."""
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"MODEL.MASK_FORMER.TEST.DTYPE must be one of {list(INFERENCE_DTYPES)}, got {name!r}")
+    dtype = INFERENCE_DTYPES[name]
+    if dtype == torch.float16 and device_type == "cpu":
+        raise ValueError(
+            "MODEL.MASK_FORMER.TEST.DTYPE float16 runs on CUDA only (the CPU kernels have no float16): "
+            "use bfloat16 on the CPU"
+        )
+    return dtype
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     @configurable
@@ -55,6 +78,7 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         deep_supervision: bool = True,
+        inference_dtype: torch.dtype | None = None,
     ):
         """
         Args:
@@ -67,6 +91,9 @@ class MaskFormer(nn.Module):
             sem_seg_postprocess_before_inference: resize mask logits to the output size before inference
                 (needed for panoptic and instance inference).
             test_topk_per_image: instances kept per image.
+            inference_dtype: None (float32), or the autocast dtype (bfloat16, float16) that the backbone and the
+                head run in at inference; the post-processing reads their outputs in float32. Training is not
+                affected (SOLVER.AMP is its switch).
         """
         super().__init__()
         if not semantic_on and not sem_seg_postprocess_before_inference:
@@ -92,6 +119,7 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
         self.deep_supervision = deep_supervision
+        self.inference_dtype = inference_dtype
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -141,6 +169,7 @@ class MaskFormer(nn.Module):
             "panoptic_on": test.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "deep_supervision": mf.DEEP_SUPERVISION,
+            "inference_dtype": inference_dtype(test.DTYPE, torch.device(cfg.MODEL.DEVICE).type),
         }
 
     @property
@@ -164,9 +193,10 @@ class MaskFormer(nn.Module):
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         images = ImageList.from_tensors(images, self.size_divisibility)
 
-        features = self.backbone(images.tensor)
-        # inference reads the last layer's predictions only (the others just make the attention masks)
-        outputs = self.sem_seg_head(features, aux_outputs=self.training and self.deep_supervision)
+        with self.inference_autocast():
+            features = self.backbone(images.tensor)
+            # inference reads the last layer's predictions only (the others just make the attention masks)
+            outputs = self.sem_seg_head(features, aux_outputs=self.training and self.deep_supervision)
 
         if self.training:
             if "instances" not in batched_inputs[0]:
@@ -177,9 +207,9 @@ class MaskFormer(nn.Module):
             weight_dict = self.criterion.weight_dict
             return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
 
-        mask_cls_results = outputs["pred_logits"]
+        mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = F.interpolate(
-            outputs["pred_masks"],
+            outputs["pred_masks"].float(),
             size=(images.tensor.shape[-2], images.tensor.shape[-1]),
             mode="bilinear",
             align_corners=False,
@@ -213,6 +243,12 @@ class MaskFormer(nn.Module):
                     mask_cls_result, mask_pred_result
                 )
         return processed_results
+
+    def inference_autocast(self):
+        """Autocast to ``inference_dtype`` in eval mode (nothing in training or for float32)."""
+        if self.training or self.inference_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.inference_dtype)
 
     def prepare_targets(self, targets: list[Instances], images: ImageList) -> list[dict]:
         """Zero-pad each image's gt masks to the padded batch size."""
