@@ -57,6 +57,37 @@ def test_default_is_float32_without_autocast():
     assert out["sem_seg"].dtype == torch.float32
 
 
+def output_dtypes(model, inputs, train: bool = False) -> dict[str, torch.dtype]:
+    """The output dtype of some pixel-decoder modules in one forward (training: a loss, under bf16 autocast)."""
+    layer = model.sem_seg_head.pixel_decoder.transformer.encoder.layers[0]
+    modules = {
+        "value_proj": layer.self_attn.value_proj,
+        "sampling_offsets": layer.self_attn.sampling_offsets,
+        "attention_weights": layer.self_attn.attention_weights,
+        "linear1": layer.linear1,
+        "output_proj": layer.self_attn.output_proj,
+    }
+    seen: dict[str, torch.dtype] = {}
+
+    def hook(name: str):
+        def record(module, inputs, output) -> None:
+            seen.setdefault(name, output.dtype)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    try:
+        if train:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                model(inputs)
+        else:
+            run(model, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return seen
+
+
 def test_bfloat16_runs_the_network_in_bfloat16_with_the_bf16_na_kernels():
     model = tiny_model("MODEL.MASK_FORMER.TEST.DTYPE", "bfloat16")
     assert model.inference_dtype == torch.bfloat16
@@ -67,8 +98,15 @@ def test_bfloat16_runs_the_network_in_bfloat16_with_the_bf16_na_kernels():
         assert rec.dtypes(op) == {torch.bfloat16}, op
     assert torch.bfloat16 in rec.dtypes("aten::addmm")  # the Linears (backbone, decoder)
     assert torch.bfloat16 in rec.dtypes("aten::convolution")  # the patch embedding
-    # the deformable attention stays float32 (the pixel decoder runs without autocast, as in the official code)
+    # the pixel decoder's projections and FFN in bf16, its deformable sampling in float32
     assert rec.dtypes("dinat_m2f::ms_deform_attn_forward") == {torch.float32}
+    assert output_dtypes(model, image_input()) == {
+        "value_proj": torch.bfloat16,
+        "sampling_offsets": torch.float32,
+        "attention_weights": torch.float32,
+        "output_proj": torch.bfloat16,
+        "linear1": torch.bfloat16,
+    }
     # post-processing in float32: the outputs are float32 whatever the network ran in
     assert out["sem_seg"].dtype == torch.float32 and out["instances"].scores.dtype == torch.float32
 
@@ -100,6 +138,9 @@ def test_training_ignores_the_inference_dtype():
         losses = model([{**image_input()[0], "instances": inst}])
     assert {dtype for _, dtype in rec.calls} <= {torch.float32, torch.float64}
     assert all(v.dtype == torch.float32 for v in losses.values())
+    # and under training's own autocast (SOLVER.AMP) the pixel decoder stays float32, as in the official code
+    batch = [{**image_input()[0], "instances": inst}]
+    assert set(output_dtypes(model, batch, train=True).values()) == {torch.float32}
 
 
 def test_bad_dtypes_are_config_errors():

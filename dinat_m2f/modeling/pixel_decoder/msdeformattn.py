@@ -1,8 +1,9 @@
 """MSDeformAttnPixelDecoder: a deformable-attention encoder over res3..res5 plus an FPN level on res2.
 
 Outputs of ``forward_features``: mask features (stride 4, MASK_DIM channels), the stride-32 encoder output, and
-the 3 multi-scale maps (strides 32, 16, 8) that the transformer decoder attends to. Runs in float32 under
-autocast (as the official code does). Parameter names match the official implementation.
+the 3 multi-scale maps (strides 32, 16, 8) that the transformer decoder attends to. In training it runs in float32
+under autocast (as the official code does); at inference under autocast only the deformable sampling does.
+Parameter names match the official implementation.
 """
 
 from __future__ import annotations
@@ -286,9 +287,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         }
 
     def forward_features(self, features: dict[str, torch.Tensor]):
-        """Returns (mask_features, stride-32 encoder output, [3 multi-scale maps from low to high resolution])."""
+        """Returns (mask_features, stride-32 encoder output, [3 multi-scale maps from low to high resolution]).
+
+        In training it runs in float32 whatever autocast says, as the official code does (for float16 AMP). At
+        inference under autocast (MODEL.MASK_FORMER.TEST.DTYPE bfloat16) the convolutions, projections and FFNs run
+        in autocast's dtype and the deformable sampling in float32 (MSDeformAttn)."""
         device_type = next(iter(features.values())).device.type
-        # deformable attention runs in float32 (as in the official code): no autocast in here
+        if not self.training and torch.is_autocast_enabled(device_type):
+            return self._forward_features(features)
         with torch.autocast(device_type=device_type, enabled=False):
             return self._forward_features(features)
 
