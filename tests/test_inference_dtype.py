@@ -172,3 +172,43 @@ def test_predictor_takes_the_config_dtype_unless_told_otherwise(weights):
     half = from_config(image).raw["sem_seg"]
     assert half.dtype == torch.float32 and not torch.equal(half, full)
     torch.testing.assert_close(half, full, atol=0.05, rtol=0)
+
+
+class RecordCastsOf(TorchDispatchMode):
+    """How many times a tensor whose storage is one of ``data_ptrs`` is cast (aten::_to_copy)."""
+
+    def __init__(self, data_ptrs: set[int]):
+        super().__init__()
+        self.data_ptrs, self.casts = data_ptrs, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default and args[0].data_ptr() in self.data_ptrs:
+            self.casts += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_weights_are_cast_once_and_again_only_after_an_update(monkeypatch):
+    """The bf16 copies of the weights give autocast's own results bit for bit, spare its casts at every forward,
+    and follow in-place updates of the float32 parameters."""
+    import contextlib
+
+    model = tiny_model("MODEL.MASK_FORMER.TEST.DTYPE", "bfloat16")
+    weights = {p.data_ptr() for m, n in model._low_precision_weights.slots(model) for p in [getattr(m, n)]}
+    inputs = image_input()
+    first, _ = run(model, inputs)  # makes the copies
+    with RecordCastsOf(weights) as rec:
+        again, _ = run(model, inputs)
+    assert rec.casts == 0
+    with monkeypatch.context() as m:  # plain autocast: every weight cast at its op
+        m.setattr(model._low_precision_weights, "swapped_in", lambda *a: contextlib.nullcontext())
+        with RecordCastsOf(weights) as rec:
+            plain, _ = run(model, inputs)
+        assert rec.casts >= len(weights)
+        assert torch.equal(again["sem_seg"], plain["sem_seg"]) and torch.equal(first["sem_seg"], plain["sem_seg"])
+        with torch.no_grad():
+            model.sem_seg_head.predictor.class_embed.weight.mul_(3.0)
+        plain_updated, _ = run(model, inputs)
+    updated, _ = run(model, inputs)
+    assert torch.equal(updated["sem_seg"], plain_updated["sem_seg"])
+    assert not torch.equal(updated["sem_seg"], plain["sem_seg"])
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the model's own parameters untouched

@@ -56,6 +56,58 @@ def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
     return dtype
 
 
+# the parameters that autocast would cast to the low-precision dtype at every call (matrix products, convolutions)
+_LOW_PRECISION_PARAMS = {
+    nn.Linear: ("weight", "bias"),
+    nn.Conv2d: ("weight", "bias"),
+    nn.MultiheadAttention: ("in_proj_weight", "in_proj_bias"),
+}
+
+
+class LowPrecisionWeights:
+    """Copies of the weights of matrix products and convolutions in the inference dtype, made once and kept while
+    the float32 parameters are unchanged (same tensor, same ``_version``), and swapped in for a forward.
+
+    Under autocast every such op casts its float32 weight again at every call (autocast keeps its casts only until
+    the outermost autocast region exits); with the copies in place its casts of them are no-ops. The values are
+    autocast's own casts (``Tensor.to``), so the outputs are the same, bit for bit.
+    """
+
+    def __init__(self):
+        self._copies: dict[tuple[int, str], tuple[torch.Tensor, int, nn.Parameter]] = {}
+
+    def slots(self, model: nn.Module):
+        """(module, parameter name) of every weight to copy; submodules that a module lists in its
+        ``float32_submodules`` (they run with autocast off) keep theirs."""
+        float32 = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "float32_submodules", ())}
+        for module in model.modules():
+            if id(module) in float32:
+                continue
+            for kind, names in _LOW_PRECISION_PARAMS.items():
+                if isinstance(module, kind):
+                    for name in names:
+                        if module._parameters.get(name) is not None:
+                            yield module, name
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module, dtype: torch.dtype):
+        swapped = []
+        try:
+            for module, name in list(self.slots(model)):
+                param = module._parameters[name]
+                key = (id(module), name)
+                entry = self._copies.get(key)
+                if entry is None or entry[0] is not param or entry[1] != param._version or entry[2].dtype != dtype:
+                    copy = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                    entry = self._copies[key] = (param, param._version, copy)
+                module._parameters[name] = entry[2]
+                swapped.append((module, name, param))
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     @configurable
@@ -120,6 +172,7 @@ class MaskFormer(nn.Module):
         self.test_topk_per_image = test_topk_per_image
         self.deep_supervision = deep_supervision
         self.inference_dtype = inference_dtype
+        self._low_precision_weights = LowPrecisionWeights()
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -244,11 +297,18 @@ class MaskFormer(nn.Module):
                 )
         return processed_results
 
+    @contextlib.contextmanager
     def inference_autocast(self):
-        """Autocast to ``inference_dtype`` in eval mode (nothing in training or for float32)."""
+        """Autocast to ``inference_dtype`` in eval mode, with the weights of the backbone and the head copied to it
+        once (``LowPrecisionWeights``); nothing in training or for float32."""
         if self.training or self.inference_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.inference_dtype)
+            yield
+            return
+        with (
+            self._low_precision_weights.swapped_in(self, self.inference_dtype),
+            torch.autocast(device_type=self.device.type, dtype=self.inference_dtype),
+        ):
+            yield
 
     def prepare_targets(self, targets: list[Instances], images: ImageList) -> list[dict]:
         """Zero-pad each image's gt masks to the padded batch size."""

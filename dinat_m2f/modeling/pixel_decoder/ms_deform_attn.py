@@ -20,6 +20,9 @@ IMPLS = ("native", "pytorch")
 
 
 class MSDeformAttn(nn.Module):
+    # run with autocast off (the sampling is float32 at any precision): their weights stay float32
+    float32_submodules = ("sampling_offsets", "attention_weights")
+
     def __init__(
         self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str = "native"
     ):
