@@ -445,7 +445,8 @@ def profile(args: argparse.Namespace) -> int:
         model = build(args.config_file, [*args.opts, *dtype_opts(args)], train=mode == "train")
         fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
         fn()  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, with_flops=True, record_shapes=True) as prof:
             fn()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
@@ -455,8 +456,27 @@ def profile(args: argparse.Namespace) -> int:
             f"{torch.get_num_threads()} threads, NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        print(copy_sites(prof.events(), total, args.profile))
         print(matrix_product_rates(events, total, args.threads))
     return 0
+
+
+def copy_sites(events, total_us: float, rows: int) -> str:
+    """The ``aten::copy_`` time by the operator that called it and the copied shape, largest first."""
+    sites: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.name != "aten::copy_":
+            continue
+        caller = e.cpu_parent.name if e.cpu_parent is not None else "(python)"
+        if caller in ("aten::_to_copy", "aten::clone") and e.cpu_parent.cpu_parent is not None:
+            caller = f"{e.cpu_parent.cpu_parent.name} > {caller}"
+        site = sites.setdefault((caller, str(e.input_shapes[0]) if e.input_shapes else "?"), [0.0, 0])
+        site[0] += e.self_cpu_time_total
+        site[1] += 1
+    lines = ["aten::copy_ by caller and shape:"]
+    for (caller, shape), (us, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"  {us / 1e3:8.1f} ms  {100 * us / total_us:5.1f}%  x{count:<4d} {caller}  {shape}")
+    return "\n".join(lines)
 
 
 def precision(args: argparse.Namespace, mode: str) -> str:
