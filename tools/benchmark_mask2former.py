@@ -37,8 +37,8 @@ MKL cannot be asked; on AMD CPUs its float32 GEMM runs the AVX2 "zen" kernels wh
 registers only), so the matrix products are the same code on both paths there. This is AVX2 code on the same CPU
 (same cores, caches and clock), not a machine without AVX-512.
 
-``--dtype bfloat16`` runs this tree's inference in bfloat16 (MODEL.MASK_FORMER.TEST.DTYPE: the backbone and the
-transformer decoder under autocast, the pixel decoder and the post-processing in float32); the baseline and
+``--dtype bfloat16`` runs this tree's inference in bfloat16 (MODEL.MASK_FORMER.TEST.DTYPE: the network under
+autocast, the deformable sampling and the post-processing in float32); the baseline and
 ``--mode train`` stay float32 (the key is this tree's; SOLVER.AMP is training's switch). The header says which
 variant ran in which precision. Without ``--baseline`` both MSDeformAttn variants run in that precision.
 
@@ -483,7 +483,7 @@ def precision(args: argparse.Namespace, mode: str) -> str:
     """How this tree runs ``mode``: "float32", or "bfloat16 inference (...)" with --dtype bfloat16."""
     if mode == "train" or args.dtype == "float32":
         return "float32"
-    return f"{args.dtype} inference: backbone and transformer decoder under autocast"
+    return f"{args.dtype} inference: autocast, deformable sampling and post-processing float32"
 
 
 def matrix_product_rates(events, total_us: float, threads: int) -> str:
