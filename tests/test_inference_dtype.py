@@ -212,3 +212,16 @@ def test_weights_are_cast_once_and_again_only_after_an_update(monkeypatch):
     assert torch.equal(updated["sem_seg"], plain_updated["sem_seg"])
     assert not torch.equal(updated["sem_seg"], plain["sem_seg"])
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the model's own parameters untouched
+
+
+def test_bfloat16_on_a_cpu_without_fast_bfloat16_warns(monkeypatch):
+    """On the AVX2 path the bf16 matrix products and convolutions are many times slower than float32: a warning
+    that says so and suggests float32."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    with pytest.warns(UserWarning, match=r"without AVX-512 bfloat16 instructions.*capability: AVX2.*Use float32"):
+        tiny_model("MODEL.MASK_FORMER.TEST.DTYPE", "bfloat16")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tiny_model()  # float32: no warning

@@ -8,6 +8,7 @@ official code, instance predictions get boxes computed from their masks, so box 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +54,22 @@ def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
             "MODEL.MASK_FORMER.TEST.DTYPE float16 runs on CUDA only (the CPU kernels have no float16): "
             "use bfloat16 on the CPU"
         )
+    if dtype == torch.bfloat16 and device_type == "cpu" and not cpu_has_fast_bfloat16():
+        warnings.warn(
+            "MODEL.MASK_FORMER.TEST.DTYPE bfloat16 on a CPU without AVX-512 bfloat16 instructions (torch's CPU "
+            f"capability: {torch.backends.cpu.get_cpu_capability()}): the bfloat16 matrix products and convolutions "
+            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15x slower). "
+            "Use float32 on this CPU.",
+            stacklevel=2,
+        )
     return dtype
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether torch runs on the CPU's AVX-512 code path and the CPU has AVX512_BF16: the bfloat16 matrix products
+    and convolutions (oneDNN) are fast there; on the AVX2 path they were 2-17x slower than float32."""
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and has_bf16
 
 
 # the parameters that autocast would cast to the low-precision dtype at every call (matrix products, convolutions)
