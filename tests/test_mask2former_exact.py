@@ -15,7 +15,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess as d2_sem_seg
 from test_mask2former import tiny_cfg
 
 from dinat_m2f.modeling.meta_arch.maskformer import sem_seg_postprocess
-from dinat_m2f.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoderLayer, with_batch_stride
+from dinat_m2f.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoderLayer
 from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder import (
     MLP,
     CrossAttentionLayer,
@@ -212,19 +212,18 @@ def test_pixel_decoder_matches_the_straightforward_formulation_bitwise(tiny_mode
         assert bitwise_equal(got, ref) and got.stride() == ref.stride()
 
 
-def test_with_batch_stride_restrides_one_channels_last_image_only():
-    tokens = torch.randn(1, 30, 8)
-    view = tokens[:, 10:].transpose(1, 2).reshape(1, 8, 4, 5)  # the encoder's map: batch stride 8
-    dense = with_batch_stride(view)
-    assert dense.stride() == (160, 1, 40, 8) and dense.data_ptr() == view.data_ptr() and torch.equal(dense, view)
-    # the CPU resize returns its channels-last result as it is for the dense stride, copied to NCHW otherwise
-    resized = F.interpolate(dense, size=(8, 10), mode="bilinear", align_corners=False)
-    assert resized.is_contiguous(memory_format=torch.channels_last) and not resized.is_contiguous()
-    assert F.interpolate(view, size=(8, 10), mode="bilinear", align_corners=False).is_contiguous()
-    nchw = torch.randn(1, 8, 4, 5)
-    assert with_batch_stride(nchw) is nchw
-    two = torch.randn(2, 30, 8)[:, 10:].transpose(1, 2).reshape(2, 8, 4, 5)
-    assert with_batch_stride(two) is two
+def test_fpn_resize_of_one_image_returns_its_channels_last_result(tiny_model, monkeypatch):
+    """The FPN resize reads the encoder's finest map as a dense channels-last view: the CPU resize returns its
+    channels-last result as it is (given the map with batch stride C it copied the result to NCHW)."""
+    pd = tiny_model.sem_seg_head.pixel_decoder
+    shapes = tiny_model.backbone.output_shape()
+    feats = {k: torch.randn(1, v.channels, 96 // v.stride, 96 // v.stride) for k, v in shapes.items()}
+    results = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: results.append(interpolate(*a, **k)) or results[-1])
+    with torch.no_grad():
+        pd.forward_features(feats)
+    assert results and results[0].is_contiguous(memory_format=torch.channels_last) and not results[0].is_contiguous()
 
 
 def test_heads_attn_mask_is_the_repeat_then_fix_up(tiny_model):

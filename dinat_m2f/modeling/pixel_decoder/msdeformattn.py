@@ -158,20 +158,6 @@ class MSDeformAttnTransformerEncoderOnly(nn.Module):
         return memory, shapes_list, level_start_index
 
 
-def with_batch_stride(x: torch.Tensor) -> torch.Tensor:
-    """``x`` [B, C, H, W] itself, or for a single image stored channels-last the same memory with the batch stride
-    of a dense channels-last tensor.
-
-    The encoder's maps are views of its [B, HW, C] tokens; for B = 1 the view's batch stride is C (the size-1 dim's
-    stride is arbitrary), so ``suggest_memory_format`` calls them contiguous and the CPU bilinear resize, which
-    computes a channels-last input channels-last, copies its result to NCHW. With the dense stride it returns the
-    channels-last result itself: the same values, one copy of the upsampled map fewer."""
-    b, c, h, w = x.shape
-    if b != 1 or not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-        return x
-    return x.as_strided((b, c, h, w), (c * h * w, 1, w * c, c))
-
-
 @SEM_SEG_HEADS_REGISTRY.register()
 class MSDeformAttnPixelDecoder(nn.Module):
     @configurable
@@ -309,16 +295,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
         bs = y.shape[0]
         y = torch.split(y, [h * w for h, w in shapes_list], dim=1)
         out = [z.transpose(1, 2).reshape(bs, -1, h, w) for z, (h, w) in zip(y, shapes_list)]
+        # The finest encoder map for the FPN resize as a channels-last view of its tokens with the batch stride of
+        # the token tensor: the view above has batch stride C when B = 1 (a size-1 dim's stride is arbitrary), so
+        # suggest_memory_format calls it contiguous and the CPU resize, which computes a channels-last input
+        # channels-last, copies its result to NCHW. The same values, one copy of the upsampled map fewer.
+        coarser = y[-1].reshape(bs, *shapes_list[-1], -1).permute(0, 3, 1, 2)
 
         # extra FPN levels on the higher-resolution features
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            coarser = F.interpolate(
-                with_batch_stride(out[-1]), size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False
-            )
-            y = cur_fpn + coarser
+            upsampled = F.interpolate(coarser, size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            y = cur_fpn + upsampled
             out.append(self.output_convs[idx](y))
+            coarser = out[-1]
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale_features
