@@ -123,7 +123,12 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--confidence-threshold", type=float, default=0.5, help="minimum score of drawn instances")
     parser.add_argument("--max-frames", type=int, default=0, help="stop a video after this many frames (0 = all)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="inference precision (autocast; default: the config's MODEL.MASK_FORMER.TEST.DTYPE, float32)",
+    )
     parser.add_argument(
         "--trust-weights",
         action="store_true",

@@ -12,7 +12,6 @@ Numpy arrays are RGB (as PIL and ``read_image`` give them); convert OpenCV's BGR
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -160,7 +159,8 @@ class Predictor:
         weights: a checkpoint; default: the model zoo's file for a zoo name, else the config's MODEL.WEIGHTS.
             Loaded through ``AtomicCheckpointer`` (the project's checkpoint loader).
         device: "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
-        dtype: None / "float32" (full precision), "bfloat16" or "float16" (autocast).
+        dtype: "float32" (full precision), "bfloat16" or "float16" (CUDA only): the precision of the backbone and
+            the head (autocast; post-processing in float32). None: the config's MODEL.MASK_FORMER.TEST.DTYPE.
         opts: config overrides, ``["KEY", "VALUE", ...]``.
         metadata_name: the dataset whose class names and colours to use (default: the config's first test set,
             else its first training set).
@@ -212,8 +212,11 @@ class Predictor:
                 f"no weights for {name!r}: pass weights=... (or set MODEL.WEIGHTS); a model with random "
                 "weights predicts nothing useful"
             )
-        self.dtype = self._resolve_dtype(dtype)
+        dtype = self._resolve_dtype(dtype)
         self.model = build_model(cfg).eval()
+        if dtype is not None:  # an explicit dtype wins over MODEL.MASK_FORMER.TEST.DTYPE
+            self.model.inference_dtype = None if dtype == torch.float32 else dtype
+        self.dtype = self.model.inference_dtype  # None: float32
         # MODEL.TRUST_WEIGHTS / MODEL.WEIGHTS_REINIT of the config decide how strictly the file is read and fitted
         AtomicCheckpointer.from_config(cfg, self.model).load(weights)
         self.weights = weights
@@ -255,12 +258,7 @@ class Predictor:
             raise ValueError(
                 "dtype float16 runs on CUDA only (the CPU kernels have no float16): use 'bfloat16' on the CPU"
             )
-        return None if dtype == torch.float32 else dtype
-
-    def _autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=torch.device(self.device).type, dtype=self.dtype)
+        return dtype
 
     def _model_input(self, rgb: np.ndarray) -> dict:
         height, width = rgb.shape[:2]
@@ -277,7 +275,7 @@ class Predictor:
         out: list[Prediction] = []
         for start in range(0, len(batch), batch_size):
             inputs = [self._model_input(_as_rgb(im)) for im in batch[start : start + batch_size]]
-            with torch.inference_mode(), self._autocast():
+            with torch.inference_mode():  # the model autocasts to its inference_dtype itself
                 raw = self.model(inputs)
             out.extend(self._structure(r) for r in raw)
         return out[0] if single else out

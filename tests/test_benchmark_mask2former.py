@@ -91,3 +91,15 @@ def test_cpu_isa_avx2_puts_both_workers_on_the_avx2_paths():
     for paths in [result["isa_paths"]] + [tree["isa_paths"] for tree in result["trees"].values()]:
         assert paths["aten"] == "AVX2" and paths["onednn_conv"] == "jit:avx2" and paths["dinat_m2f"] == "avx2"
     assert result["sgemm_gflops"] > 0
+
+
+@pytest.mark.slow
+def test_dtype_bfloat16_runs_this_tree_in_bfloat16_and_the_baseline_in_float32():
+    proc = run_script("--baseline", str(ROOT), "--dtype", "bfloat16", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "inference: this tree bfloat16 inference" in proc.stdout and "baseline float32" in proc.stdout
+    # the same tree and seed, another precision: the first outputs differ
+    assert "first outputs bit-identical: False" in proc.stdout
+    profile = run_script("--profile", "5", "--dtype", "bfloat16", *SMALL)
+    assert profile.returncode == 0, profile.stderr[-3000:]
+    assert "inference (bfloat16 inference" in profile.stdout and "aten::copy_ by caller and shape" in profile.stdout

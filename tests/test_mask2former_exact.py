@@ -5,6 +5,8 @@ only as attention masks (mask logits at the resize's taps, pixels-major)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,10 +18,13 @@ from dinat_m2f.modeling.meta_arch.maskformer import sem_seg_postprocess
 from dinat_m2f.modeling.pixel_decoder.msdeformattn import MSDeformAttnTransformerEncoderLayer
 from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder import (
     MLP,
+    CrossAttentionLayer,
     FFNLayer,
+    SelfAttentionLayer,
     features_at_resize_taps,
     resize_taps,
 )
+from dinat_m2f.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -104,6 +109,121 @@ def test_decoder_matches_the_official_formulation_bitwise(tiny_model, batch):
     assert len(got_masks) == len(ref["masks"]) == dec.num_layers + 1
     for got, want in zip(got_classes + got_masks, ref["classes"] + ref["masks"]):
         assert bitwise_equal(got, want)
+
+
+def test_heads_attn_mask_of_one_image_is_its_fixed_up_rows(tiny_model):
+    """nn.MultiheadAttention broadcasts a [Q, S] mask over the heads: one image's mask is not repeated."""
+    dec = tiny_model.sem_seg_head.predictor
+    attn = torch.rand(1, 7, 30, generator=torch.Generator().manual_seed(1)) < 0.5
+    attn[0, 2] = True
+    official = attn.repeat(dec.num_heads, 1, 1)
+    official[torch.where(official.sum(-1) == official.shape[-1])] = False
+    got = dec.heads_attn_mask(attn)
+    assert got.shape == (7, 30) and torch.equal(got.expand(dec.num_heads, -1, -1), official)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("layer_type", [CrossAttentionLayer, SelfAttentionLayer])
+def test_attention_layers_equal_nn_multihead_attention_with_averaged_weights(batch, layer_type):
+    """The layers ask nn.MultiheadAttention for per-head weights (no mean over heads, which nothing reads): the
+    attention output is the default call's, bit for bit, with a [Q, S] or a [B*heads, Q, S] mask."""
+    torch.manual_seed(0)
+    layer = layer_type(16, 4)
+    g = torch.Generator().manual_seed(1)
+    tgt, query_pos = torch.randn(7, batch, 16, generator=g), torch.randn(7, batch, 16, generator=g)
+    if layer_type is CrossAttentionLayer:
+        memory, pos = torch.randn(11, batch, 16, generator=g), torch.randn(11, batch, 16, generator=g)
+        mask = torch.rand(7, 11, generator=g) < 0.3
+        mask = mask if batch == 1 else mask.repeat(batch * 4, 1, 1)
+        out = layer(tgt, memory, memory_mask=mask, pos=pos, query_pos=query_pos)
+        want = layer.multihead_attn(tgt + query_pos, memory + pos, memory, attn_mask=mask)[0]
+    else:
+        out = layer(tgt, query_pos=query_pos)
+        want = layer.self_attn(tgt + query_pos, tgt + query_pos, tgt)[0]
+    assert bitwise_equal(out, layer.norm(tgt + want))
+
+
+def detr_position_encoding(x: torch.Tensor, num_pos_feats: int, normalize: bool) -> torch.Tensor:
+    """DETR's PositionEmbeddingSine.forward without a padding mask, as published (cumulative sums over the map)."""
+    not_mask = torch.ones(x.shape[0], x.shape[2], x.shape[3], dtype=torch.bool)
+    y_embed = not_mask.cumsum(1, dtype=torch.float32)
+    x_embed = not_mask.cumsum(2, dtype=torch.float32)
+    if normalize:
+        y_embed = y_embed / (y_embed[:, -1:, :] + 1e-6) * (2 * math.pi)
+        x_embed = x_embed / (x_embed[:, :, -1:] + 1e-6) * (2 * math.pi)
+    dim_t = torch.arange(num_pos_feats, dtype=torch.float32)
+    dim_t = 10000 ** (2 * (dim_t // 2) / num_pos_feats)
+    pos_x = x_embed[:, :, :, None] / dim_t
+    pos_y = y_embed[:, :, :, None] / dim_t
+    pos_x = torch.stack((pos_x[:, :, :, 0::2].sin(), pos_x[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    pos_y = torch.stack((pos_y[:, :, :, 0::2].sin(), pos_y[:, :, :, 1::2].cos()), dim=4).flatten(3)
+    return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("num_pos_feats", [128, 16])
+@pytest.mark.parametrize("bhw", [(1, 16, 16), (1, 64, 64), (1, 128, 128), (2, 17, 33), (3, 1, 5), (1, 100, 75)])
+def test_position_encoding_from_rows_and_columns_equals_detr_bitwise(normalize, num_pos_feats, bhw):
+    """The maskless encoding takes the sines of the H rows and W columns only: DETR's values and layout."""
+    b, h, w = bhw
+    pe = PositionEmbeddingSine(num_pos_feats, normalize=normalize)
+    x = torch.empty(b, 3, h, w)
+    want = detr_position_encoding(x, num_pos_feats, normalize)
+    got = pe(x)
+    assert bitwise_equal(got, want) and got.stride() == want.stride()
+    assert bitwise_equal(pe(x, torch.zeros(b, h, w, dtype=torch.bool)), want)  # the masked formulation too
+
+
+def test_position_encoding_computes_sines_of_rows_and_columns_only(monkeypatch):
+    sizes = []
+    sin = torch.Tensor.sin
+    monkeypatch.setattr(torch.Tensor, "sin", lambda t: sizes.append(t.numel()) or sin(t))
+    PositionEmbeddingSine(16, normalize=True)(torch.empty(1, 3, 12, 20))
+    assert sorted(sizes) == [12 * 8, 20 * 8]
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_pixel_decoder_matches_the_straightforward_formulation_bitwise(tiny_model, batch):
+    """The FPN resize of the encoder's finest map reads it with a dense channels-last stride (its result stays
+    channels-last, no copy to NCHW): every output bit-identical to the published formulation."""
+    pd = tiny_model.sem_seg_head.pixel_decoder
+    g = torch.Generator().manual_seed(4)
+    shapes = tiny_model.backbone.output_shape()
+    feats = {k: torch.randn(batch, v.channels, 96 // v.stride, 96 // v.stride, generator=g) for k, v in shapes.items()}
+
+    def reference(features):
+        srcs, pos = [], []
+        for idx, f in enumerate(pd.transformer_in_features[::-1]):
+            srcs.append(pd.input_proj[idx](features[f]))
+            pos.append(detr_position_encoding(features[f], pd.pe_layer.num_pos_feats, normalize=True))
+        y, shapes_list, _ = pd.transformer(srcs, pos)
+        y = torch.split(y, [h * w for h, w in shapes_list], dim=1)
+        out = [z.transpose(1, 2).reshape(batch, -1, h, w) for z, (h, w) in zip(y, shapes_list)]
+        for idx, f in enumerate(pd.in_features[: pd.num_fpn_levels][::-1]):
+            cur_fpn = pd.lateral_convs[idx](features[f])
+            y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            out.append(pd.output_convs[idx](y))
+        return [pd.mask_features(out[-1]), out[0], *out[:3]]
+
+    with torch.no_grad():
+        mask_features, coarsest, multi_scale = pd.forward_features(feats)
+        want = reference(feats)
+    for got, ref in zip([mask_features, coarsest, *multi_scale], want):
+        assert bitwise_equal(got, ref) and got.stride() == ref.stride()
+
+
+def test_fpn_resize_of_one_image_returns_its_channels_last_result(tiny_model, monkeypatch):
+    """The FPN resize reads the encoder's finest map as a dense channels-last view: the CPU resize returns its
+    channels-last result as it is (given the map with batch stride C it copied the result to NCHW)."""
+    pd = tiny_model.sem_seg_head.pixel_decoder
+    shapes = tiny_model.backbone.output_shape()
+    feats = {k: torch.randn(1, v.channels, 96 // v.stride, 96 // v.stride) for k, v in shapes.items()}
+    results = []
+    interpolate = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: results.append(interpolate(*a, **k)) or results[-1])
+    with torch.no_grad():
+        pd.forward_features(feats)
+    assert results and results[0].is_contiguous(memory_format=torch.channels_last) and not results[0].is_contiguous()
 
 
 def test_heads_attn_mask_is_the_repeat_then_fix_up(tiny_model):

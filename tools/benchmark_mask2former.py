@@ -4,7 +4,7 @@ native deformable-attention op against grid_sample.
 
     python tools/benchmark_mask2former.py [--config-file CFG] [--size 512] [--rounds 5] [--threads N] [--json]
         [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [--cpu-isa native|avx2]
-        [KEY VALUE ...]
+        [--dtype float32|bfloat16] [KEY VALUE ...]
 
 Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
 mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
@@ -36,6 +36,11 @@ library takes (torch's capability, the oneDNN kernel a convolution runs, build_i
 MKL cannot be asked; on AMD CPUs its float32 GEMM runs the AVX2 "zen" kernels whatever the variable says (ymm
 registers only), so the matrix products are the same code on both paths there. This is AVX2 code on the same CPU
 (same cores, caches and clock), not a machine without AVX-512.
+
+``--dtype bfloat16`` runs this tree's inference in bfloat16 (MODEL.MASK_FORMER.TEST.DTYPE: the network under
+autocast, the deformable sampling and the post-processing in float32); the baseline and
+``--mode train`` stay float32 (the key is this tree's; SOLVER.AMP is training's switch). The header says which
+variant ran in which precision. Without ``--baseline`` both MSDeformAttn variants run in that precision.
 
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
@@ -289,7 +294,7 @@ def worker_main(args: argparse.Namespace) -> int:
 class Worker:
     """A worker process for the tree at ``tree``: PYTHONPATH=tree, cwd=tree, the config of that tree."""
 
-    def __init__(self, tree: Path, args: argparse.Namespace):
+    def __init__(self, tree: Path, args: argparse.Namespace, extra_opts: tuple[str, ...] = ()):
         config = args.config_file
         if args.config_file.is_relative_to(ROOT):
             config = tree / args.config_file.relative_to(ROOT)
@@ -300,7 +305,7 @@ class Worker:
             env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config-file", str(config)]
         cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
-        cmd += ["--mode", args.mode, *args.opts]
+        cmd += ["--mode", args.mode, *args.opts, *extra_opts]
         self.tree = tree
         self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -360,8 +365,13 @@ def summarize(times: dict[str, list[float]], result: dict, mode: str) -> None:
             result[f"{mode}_{name}_over_{names[0]}"] = round(median / first, 3)
 
 
+def dtype_opts(args: argparse.Namespace) -> tuple[str, ...]:
+    """The config overrides of ``--dtype`` for this tree (nothing for float32: the config's default)."""
+    return () if args.dtype == "float32" else ("MODEL.MASK_FORMER.TEST.DTYPE", args.dtype)
+
+
 def compare_trees(args: argparse.Namespace, result: dict) -> list[str]:
-    workers = {"this": Worker(ROOT, args)}
+    workers = {"this": Worker(ROOT, args, dtype_opts(args))}
     try:
         workers["baseline"] = Worker(args.baseline, args)
         result["trees"] = {name: w.info for name, w in workers.items()}
@@ -397,7 +407,7 @@ def compare_impls(args: argparse.Namespace, result: dict) -> list[str]:
 def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[str]:
     """Native against grid_sample deformable attention in one model of this tree, for one mode."""
     impls = ("native", "pytorch")
-    model = build(args.config_file, args.opts, train=mode == "train")
+    model = build(args.config_file, [*args.opts, *dtype_opts(args)], train=mode == "train")
     result["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     timer = AttnTimer(set_impl(model, "native"))
     fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
@@ -432,21 +442,48 @@ def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[
 def profile(args: argparse.Namespace) -> int:
     """Top operators by self CPU time of one inference and/or one training step of this tree."""
     for mode in args.modes:
-        model = build(args.config_file, args.opts, train=mode == "train")
+        model = build(args.config_file, [*args.opts, *dtype_opts(args)], train=mode == "train")
         fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
         fn()  # warm-up
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        with torch.profiler.profile(activities=activities, with_flops=True, record_shapes=True) as prof:
             fn()
         events = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in events)
         copy = sum(e.self_cpu_time_total for e in events if e.key == "aten::copy_")
         print(
-            f"{mode}: {total / 1e6:.3f} s self CPU time in operators, {torch.get_num_threads()} threads, "
-            f"NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
+            f"{mode} ({precision(args, mode)}): {total / 1e6:.3f} s self CPU time in operators, "
+            f"{torch.get_num_threads()} threads, NA kernels: {cpu_isa()}; aten::copy_ {100 * copy / total:.1f}%"
         )
         print(events.table(sort_by="self_cpu_time_total", row_limit=args.profile))
+        print(copy_sites(prof.events(), total, args.profile))
         print(matrix_product_rates(events, total, args.threads))
     return 0
+
+
+def copy_sites(events, total_us: float, rows: int) -> str:
+    """The ``aten::copy_`` time by the operator that called it and the copied shape, largest first."""
+    sites: dict[tuple[str, str], list[float]] = {}
+    for e in events:
+        if e.name != "aten::copy_":
+            continue
+        caller = e.cpu_parent.name if e.cpu_parent is not None else "(python)"
+        if caller in ("aten::_to_copy", "aten::clone") and e.cpu_parent.cpu_parent is not None:
+            caller = f"{e.cpu_parent.cpu_parent.name} > {caller}"
+        site = sites.setdefault((caller, str(e.input_shapes[0]) if e.input_shapes else "?"), [0.0, 0])
+        site[0] += e.self_cpu_time_total
+        site[1] += 1
+    lines = ["aten::copy_ by caller and shape:"]
+    for (caller, shape), (us, count) in sorted(sites.items(), key=lambda kv: -kv[1][0])[:rows]:
+        lines.append(f"  {us / 1e3:8.1f} ms  {100 * us / total_us:5.1f}%  x{count:<4d} {caller}  {shape}")
+    return "\n".join(lines)
+
+
+def precision(args: argparse.Namespace, mode: str) -> str:
+    """How this tree runs ``mode``: "float32", or "bfloat16 inference (...)" with --dtype bfloat16."""
+    if mode == "train" or args.dtype == "float32":
+        return "float32"
+    return f"{args.dtype} inference: autocast, deformable sampling and post-processing float32"
 
 
 def matrix_product_rates(events, total_us: float, threads: int) -> str:
@@ -478,6 +515,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         choices=("native", "avx2"),
         default="native",
         help="avx2: every library on its AVX2 code path (an AVX2-only CPU's code, on this CPU)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="this tree's inference precision (MODEL.MASK_FORMER.TEST.DTYPE); the baseline stays float32",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -518,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_isa": cpu_isa() if args.baseline is None else None,
         "rounds": args.rounds,
         "cpu_isa_option": args.cpu_isa,
+        "this_inference_dtype": args.dtype,
         "isa_paths": paths,
         "sgemm_gflops": round(sgemm_gflops(args.threads), 1),
     }
@@ -537,6 +581,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.rounds} rounds  NA kernels: {result['cpu_isa']}  ({against})"
     )
     print(f"  --cpu-isa {args.cpu_isa}; torch.mm 1024^3 float32: {result['sgemm_gflops']} GFLOP/s")
+    variants = "this tree" if args.baseline is not None else "both variants"
+    for mode in args.modes:
+        print(f"  {mode}: {variants} {precision(args, mode)}" + (", baseline float32" if args.baseline else ""))
     trees = result.get("trees", {"this": {"isa_paths": paths}})
     for name, info in trees.items():
         print(f"  code paths ({name}): " + ", ".join(f"{k} {v}" for k, v in info["isa_paths"].items()))

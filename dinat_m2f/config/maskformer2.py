@@ -59,6 +59,11 @@ def add_maskformer2_config(cfg: CN) -> None:
     cfg.MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.OVERLAP_THRESHOLD = 0.0
     cfg.MODEL.MASK_FORMER.TEST.SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE = False
+    # Inference precision: "float32", or "bfloat16" / "float16" (CUDA only): the network runs under torch.autocast of
+    # that dtype (the deformable sampling stays float32), the post-processing reads its outputs in float32. The
+    # predictor, the demo and evaluation (train_net.py --eval-only, evaluation during training) all honour it;
+    # training does not (SOLVER.AMP).
+    cfg.MODEL.MASK_FORMER.TEST.DTYPE = "float32"
     # pad the batch to a multiple of this; < 0 uses the backbone's size_divisibility
     cfg.MODEL.MASK_FORMER.SIZE_DIVISIBILITY = 32
     # point sampling of the mask losses and of the matcher

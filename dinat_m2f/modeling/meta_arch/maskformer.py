@@ -7,6 +7,9 @@ official code, instance predictions get boxes computed from their masks, so box 
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -33,6 +36,94 @@ def sem_seg_postprocess(result: torch.Tensor, img_size, output_height: int, outp
     return d2_sem_seg_postprocess(result, img_size, output_height, output_width)
 
 
+# MODEL.MASK_FORMER.TEST.DTYPE -> the autocast dtype of inference (None: float32, no autocast)
+INFERENCE_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
+    """The autocast dtype of MODEL.MASK_FORMER.TEST.DTYPE ``name`` on ``device_type`` (None: float32)."""
+    if name not in INFERENCE_DTYPES:
+        raise ValueError(f"MODEL.MASK_FORMER.TEST.DTYPE must be one of {list(INFERENCE_DTYPES)}, got {name!r}")
+    dtype = INFERENCE_DTYPES[name]
+    if dtype == torch.float16 and device_type == "cpu":
+        raise ValueError(
+            "MODEL.MASK_FORMER.TEST.DTYPE float16 runs on CUDA only (the CPU kernels have no float16): "
+            "use bfloat16 on the CPU"
+        )
+    if dtype == torch.bfloat16 and device_type == "cpu" and not cpu_has_fast_bfloat16():
+        warnings.warn(
+            "MODEL.MASK_FORMER.TEST.DTYPE bfloat16 on a CPU without AVX-512 bfloat16 instructions (torch's CPU "
+            f"capability: {torch.backends.cpu.get_cpu_capability()}): the bfloat16 matrix products and convolutions "
+            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15x slower). "
+            "Use float32 on this CPU.",
+            stacklevel=2,
+        )
+    return dtype
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """Whether torch runs on the CPU's AVX-512 code path and the CPU has AVX512_BF16: the bfloat16 matrix products
+    and convolutions (oneDNN) are fast there; on the AVX2 path they were 2-17x slower than float32."""
+    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and has_bf16
+
+
+# the parameters that autocast would cast to the low-precision dtype at every call (matrix products, convolutions)
+_LOW_PRECISION_PARAMS = {
+    nn.Linear: ("weight", "bias"),
+    nn.Conv2d: ("weight", "bias"),
+    nn.MultiheadAttention: ("in_proj_weight", "in_proj_bias"),
+}
+
+
+class LowPrecisionWeights:
+    """Copies of the weights of matrix products and convolutions in the inference dtype, made once and kept while
+    the float32 parameters are unchanged (same tensor, same ``_version``), and swapped in for a forward.
+
+    Under autocast every such op casts its float32 weight again at every call (autocast keeps its casts only until
+    the outermost autocast region exits); with the copies in place its casts of them are no-ops. The values are
+    autocast's own casts (``Tensor.to``), so the outputs are the same, bit for bit.
+    """
+
+    def __init__(self):
+        self._copies: dict[tuple[int, str], tuple[torch.Tensor, int, nn.Parameter]] = {}
+
+    def slots(self, model: nn.Module):
+        """(module, parameter name) of every weight to copy; submodules that a module lists in its
+        ``float32_submodules`` (they run with autocast off) keep theirs."""
+        float32 = {id(getattr(m, n)) for m in model.modules() for n in getattr(m, "float32_submodules", ())}
+        for module in model.modules():
+            if id(module) in float32:
+                continue
+            for kind, names in _LOW_PRECISION_PARAMS.items():
+                if isinstance(module, kind):
+                    for name in names:
+                        if module._parameters.get(name) is not None:
+                            yield module, name
+
+    @contextlib.contextmanager
+    def swapped_in(self, model: nn.Module, dtype: torch.dtype):
+        swapped = []
+        try:
+            for module, name in list(self.slots(model)):
+                param = module._parameters[name]
+                key = (id(module), name)
+                entry = self._copies.get(key)
+                if entry is None or entry[0] is not param or entry[1] != param._version or entry[2].dtype != dtype:
+                    copy = nn.Parameter(param.detach().to(dtype), requires_grad=False)
+                    entry = self._copies[key] = (param, param._version, copy)
+                module._parameters[name] = entry[2]
+                swapped.append((module, name, param))
+            yield
+        finally:
+            for module, name, param in swapped:
+                module._parameters[name] = param
+
+
 @META_ARCH_REGISTRY.register()
 class MaskFormer(nn.Module):
     @configurable
@@ -55,6 +146,7 @@ class MaskFormer(nn.Module):
         instance_on: bool,
         test_topk_per_image: int,
         deep_supervision: bool = True,
+        inference_dtype: torch.dtype | None = None,
     ):
         """
         Args:
@@ -67,6 +159,9 @@ class MaskFormer(nn.Module):
             sem_seg_postprocess_before_inference: resize mask logits to the output size before inference
                 (needed for panoptic and instance inference).
             test_topk_per_image: instances kept per image.
+            inference_dtype: None (float32), or the autocast dtype (bfloat16, float16) that the backbone and the
+                head run in at inference; the post-processing reads their outputs in float32. Training is not
+                affected (SOLVER.AMP is its switch).
         """
         super().__init__()
         if not semantic_on and not sem_seg_postprocess_before_inference:
@@ -92,6 +187,8 @@ class MaskFormer(nn.Module):
         self.panoptic_on = panoptic_on
         self.test_topk_per_image = test_topk_per_image
         self.deep_supervision = deep_supervision
+        self.inference_dtype = inference_dtype
+        self._low_precision_weights = LowPrecisionWeights()
 
     @classmethod
     def from_config(cls, cfg) -> dict:
@@ -141,6 +238,7 @@ class MaskFormer(nn.Module):
             "panoptic_on": test.PANOPTIC_ON,
             "test_topk_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
             "deep_supervision": mf.DEEP_SUPERVISION,
+            "inference_dtype": inference_dtype(test.DTYPE, torch.device(cfg.MODEL.DEVICE).type),
         }
 
     @property
@@ -164,9 +262,10 @@ class MaskFormer(nn.Module):
         images = [(x - self.pixel_mean) / self.pixel_std for x in images]
         images = ImageList.from_tensors(images, self.size_divisibility)
 
-        features = self.backbone(images.tensor)
-        # inference reads the last layer's predictions only (the others just make the attention masks)
-        outputs = self.sem_seg_head(features, aux_outputs=self.training and self.deep_supervision)
+        with self.inference_autocast():
+            features = self.backbone(images.tensor)
+            # inference reads the last layer's predictions only (the others just make the attention masks)
+            outputs = self.sem_seg_head(features, aux_outputs=self.training and self.deep_supervision)
 
         if self.training:
             if "instances" not in batched_inputs[0]:
@@ -177,9 +276,9 @@ class MaskFormer(nn.Module):
             weight_dict = self.criterion.weight_dict
             return {k: v * weight_dict[k] for k, v in losses.items() if k in weight_dict}
 
-        mask_cls_results = outputs["pred_logits"]
+        mask_cls_results = outputs["pred_logits"].float()
         mask_pred_results = F.interpolate(
-            outputs["pred_masks"],
+            outputs["pred_masks"].float(),
             size=(images.tensor.shape[-2], images.tensor.shape[-1]),
             mode="bilinear",
             align_corners=False,
@@ -213,6 +312,19 @@ class MaskFormer(nn.Module):
                     mask_cls_result, mask_pred_result
                 )
         return processed_results
+
+    @contextlib.contextmanager
+    def inference_autocast(self):
+        """Autocast to ``inference_dtype`` in eval mode, with the weights of the backbone and the head copied to it
+        once (``LowPrecisionWeights``); nothing in training or for float32."""
+        if self.training or self.inference_dtype is None:
+            yield
+            return
+        with (
+            self._low_precision_weights.swapped_in(self, self.inference_dtype),
+            torch.autocast(device_type=self.device.type, dtype=self.inference_dtype),
+        ):
+            yield
 
     def prepare_targets(self, targets: list[Instances], images: ImageList) -> list[dict]:
         """Zero-pad each image's gt masks to the padded batch size."""

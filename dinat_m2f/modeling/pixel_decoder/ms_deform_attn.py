@@ -20,6 +20,9 @@ IMPLS = ("native", "pytorch")
 
 
 class MSDeformAttn(nn.Module):
+    # run with autocast off (the sampling is float32 at any precision): their weights stay float32
+    float32_submodules = ("sampling_offsets", "attention_weights")
+
     def __init__(
         self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, impl: str = "native"
     ):
@@ -101,7 +104,33 @@ class MSDeformAttn(nn.Module):
         """
         N, Len_q, _ = query.shape
         _, Len_in, _ = input_flatten.shape
-        value = self.value_proj(input_flatten)
+        # Under autocast (bfloat16 inference) the projections run in its dtype; the sampling (offsets, weights,
+        # locations and the op) in float32. Without autocast .float() returns the float32 tensors themselves.
+        value = self.value_proj(input_flatten).float()
+        with torch.autocast(query.device.type, enabled=False):
+            output = self._sample(
+                query.float(),
+                reference_points,
+                value,
+                input_spatial_shapes,
+                input_level_start_index,
+                input_padding_mask,
+            )
+        return self.output_proj(output)
+
+    def _sample(
+        self,
+        query: torch.Tensor,
+        reference_points: torch.Tensor,
+        value: torch.Tensor,
+        input_spatial_shapes: torch.Tensor,
+        input_level_start_index: torch.Tensor,
+        input_padding_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The attention-weighted sum of the projected values ``value`` [N, S, C] at the sampling locations the
+        query predicts: [N, Lq, C]."""
+        N, Len_q, _ = query.shape
+        _, Len_in, _ = value.shape
         if input_padding_mask is not None:
             value = value.masked_fill(input_padding_mask[..., None], 0.0)
         value = value.view(N, Len_in, self.n_heads, self.d_model // self.n_heads)
@@ -134,4 +163,4 @@ class MSDeformAttn(nn.Module):
             )
         else:
             output = ms_deform_attn_reference(value, input_spatial_shapes, sampling_locations, attention_weights)
-        return self.output_proj(output)
+        return output

@@ -1,8 +1,9 @@
 """MSDeformAttnPixelDecoder: a deformable-attention encoder over res3..res5 plus an FPN level on res2.
 
 Outputs of ``forward_features``: mask features (stride 4, MASK_DIM channels), the stride-32 encoder output, and
-the 3 multi-scale maps (strides 32, 16, 8) that the transformer decoder attends to. Runs in float32 under
-autocast (as the official code does). Parameter names match the official implementation.
+the 3 multi-scale maps (strides 32, 16, 8) that the transformer decoder attends to. In training it runs in float32
+under autocast (as the official code does); at inference under autocast only the deformable sampling does.
+Parameter names match the official implementation.
 """
 
 from __future__ import annotations
@@ -272,9 +273,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         }
 
     def forward_features(self, features: dict[str, torch.Tensor]):
-        """Returns (mask_features, stride-32 encoder output, [3 multi-scale maps from low to high resolution])."""
+        """Returns (mask_features, stride-32 encoder output, [3 multi-scale maps from low to high resolution]).
+
+        In training it runs in float32 whatever autocast says, as the official code does (for float16 AMP). At
+        inference under autocast (MODEL.MASK_FORMER.TEST.DTYPE bfloat16) the convolutions, projections and FFNs run
+        in autocast's dtype and the deformable sampling in float32 (MSDeformAttn)."""
         device_type = next(iter(features.values())).device.type
-        # deformable attention runs in float32 (as in the official code): no autocast in here
+        if not self.training and torch.is_autocast_enabled(device_type):
+            return self._forward_features(features)
         with torch.autocast(device_type=device_type, enabled=False):
             return self._forward_features(features)
 
@@ -289,13 +295,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
         bs = y.shape[0]
         y = torch.split(y, [h * w for h, w in shapes_list], dim=1)
         out = [z.transpose(1, 2).reshape(bs, -1, h, w) for z, (h, w) in zip(y, shapes_list)]
+        # The finest encoder map for the FPN resize as a channels-last view of its tokens with the batch stride of
+        # the token tensor: the view above has batch stride C when B = 1 (a size-1 dim's stride is arbitrary), so
+        # suggest_memory_format calls it contiguous and the CPU resize, which computes a channels-last input
+        # channels-last, copies its result to NCHW. The same values, one copy of the upsampled map fewer.
+        coarser = y[-1].reshape(bs, *shapes_list[-1], -1).permute(0, 3, 1, 2)
 
         # extra FPN levels on the higher-resolution features
         for idx, f in enumerate(self.in_features[: self.num_fpn_levels][::-1]):
             x = features[f].float()
             cur_fpn = self.lateral_convs[idx](x)
-            y = cur_fpn + F.interpolate(out[-1], size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            upsampled = F.interpolate(coarser, size=cur_fpn.shape[-2:], mode="bilinear", align_corners=False)
+            y = cur_fpn + upsampled
             out.append(self.output_convs[idx](y))
+            coarser = out[-1]
 
         multi_scale_features = out[: self.maskformer_num_feature_levels]
         return self.mask_features(out[-1]), out[0], multi_scale_features

@@ -71,7 +71,14 @@ class SelfAttentionLayer(_AttentionLayer):
     ) -> torch.Tensor:
         value = self.norm(tgt) if self.normalize_before else tgt
         q = k = _with_pos_embed(value, query_pos)
-        tgt2 = self.self_attn(q, k, value=value, attn_mask=tgt_mask, key_padding_mask=tgt_key_padding_mask)[0]
+        tgt2 = self.self_attn(
+            q,
+            k,
+            value=value,
+            attn_mask=tgt_mask,
+            key_padding_mask=tgt_key_padding_mask,
+            average_attn_weights=False,  # the weights are not read: no mean over heads
+        )[0]
         return self._add_residual(tgt, tgt2)
 
 
@@ -94,6 +101,7 @@ class CrossAttentionLayer(_AttentionLayer):
             value=memory,
             attn_mask=memory_mask,
             key_padding_mask=memory_key_padding_mask,
+            average_attn_weights=False,  # the weights are not read: no mean over heads
         )[0]
         return self._add_residual(tgt, tgt2)
 
@@ -294,13 +302,17 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         return out
 
     def heads_attn_mask(self, attn_mask: torch.Tensor) -> torch.Tensor:
-        """The cross-attention mask [B*heads, Q, h*w] (True = blocked) from the per-image one [B, Q, h*w].
+        """The cross-attention mask [B*heads, Q, h*w] (True = blocked) from the per-image one [B, Q, h*w]; for one
+        image its rows [Q, h*w], which nn.MultiheadAttention broadcasts over the heads itself (the same additive
+        mask, so the same results, without repeating the mask and converting it to floats once per head).
 
         A query whose mask blocks every position attends everywhere (no row of -inf in the softmax): a dense
         formulation without data-dependent indexing, so that the decoder exports to ONNX / torch.export. Decided
         once per image, then repeated for the heads (the official code repeats first; the rows are the same).
         """
         attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
+        if attn_mask.shape[0] == 1:
+            return attn_mask[0]
         return attn_mask.unsqueeze(1).repeat(1, self.num_heads, 1, 1).flatten(0, 1)
 
     def forward_prediction_heads(
