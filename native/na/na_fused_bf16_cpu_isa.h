@@ -129,6 +129,19 @@ std::vector<Bf16RowBlock> bf16_row_blocks(const Problem& p) {
   return blocks;
 }
 
+// run(std::true_type{}) where this unit has vdpbf16ps and the head dim is whole 16-wide bf16 vectors, else
+// run(std::false_type{}): the kDot flag of the block kernels.
+template <typename Run>
+void run_with_bf16_dot_where_it_fits(const Problem& p, const Run& run) {
+#if DINAT_M2F_CPU_BF16_DOT
+  if (p.dim % 16 == 0) {
+    run(std::true_type{});
+    return;
+  }
+#endif
+  run(std::false_type{});
+}
+
 // Calls fn(j) for every column j < W dilation group by dilation group (r, r + dw, ..., then r + 1, ...), as
 // na_fused_cpu_isa.h's for_each_in_group_order (not compiled into the AVX512_BF16 unit): consecutive columns then
 // share all but one window column, still in L1. In column order the bf16 backward at d 4 and 8 was 1.3x slower than
@@ -335,13 +348,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
       });
     });
   };
-#if DINAT_M2F_CPU_BF16_DOT
-  if (p.dim % 16 == 0) {
-    run(std::true_type{});
-    return;
-  }
-#endif
-  run(std::false_type{});
+  run_with_bf16_dot_where_it_fits(p, run);
 }
 
 // ------------------------------------------------------------------------------------------ backward, saved weights
@@ -504,13 +511,7 @@ void fused_backward_query_pass_bf16(const at::Tensor& grad_out, const at::Tensor
       });
     });
   };
-#if DINAT_M2F_CPU_BF16_DOT
-  if (p.dim % 16 == 0) {
-    run(std::true_type{});
-    return;
-  }
-#endif
-  run(std::false_type{});
+  run_with_bf16_dot_where_it_fits(p, run);
 }
 
 #if !DINAT_M2F_CPU_BF16_DOT
