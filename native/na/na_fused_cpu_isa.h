@@ -240,44 +240,38 @@ inline void transpose_8x8(__m256 r[8]) {
 }
 #endif
 
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: whole 8 x 8 blocks in registers, the
+// rest one value at a time.
 template <typename T>
-void rows_to_slots(const T* rows, int64_t stride, int64_t n, T* slots) {
-  int64_t m0 = 0;
+void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  int64_t rows8 = 0, cols8 = 0;
 #if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float> && kLanes % 8 == 0) {
-    for (; m0 + 8 <= n; m0 += 8) {
-      for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
-        __m256 r[8];
-        for (int64_t l = 0; l < 8; ++l) r[l] = _mm256_loadu_ps(rows + (l0 + l) * stride + m0);
-        transpose_8x8(r);
-        for (int64_t m = 0; m < 8; ++m) _mm256_storeu_ps(slots + (m0 + m) * kLanes + l0, r[m]);
+  if constexpr (std::is_same_v<T, float>) {
+    rows8 = rows - rows % 8;
+    cols8 = cols - cols % 8;
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+        __m256 x[8];
+        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
+        transpose_8x8(x);
+        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
       }
     }
   }
 #endif
-  for (int64_t m = m0; m < n; ++m) {
-    for (int64_t l = 0; l < kLanes; ++l) slots[m * kLanes + l] = rows[l * stride + m];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
   }
 }
 
 template <typename T>
+void rows_to_slots(const T* rows, int64_t stride, int64_t n, T* slots) {
+  transpose_block(rows, stride, kLanes, n, slots, kLanes);
+}
+
+template <typename T>
 void slots_to_rows(const T* slots, int64_t n, T* rows, int64_t stride) {
-  int64_t m0 = 0;
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float> && kLanes % 8 == 0) {
-    for (; m0 + 8 <= n; m0 += 8) {
-      for (int64_t l0 = 0; l0 < kLanes; l0 += 8) {
-        __m256 r[8];
-        for (int64_t m = 0; m < 8; ++m) r[m] = _mm256_loadu_ps(slots + (m0 + m) * kLanes + l0);
-        transpose_8x8(r);
-        for (int64_t l = 0; l < 8; ++l) _mm256_storeu_ps(rows + (l0 + l) * stride + m0, r[l]);
-      }
-    }
-  }
-#endif
-  for (int64_t m = m0; m < n; ++m) {
-    for (int64_t l = 0; l < kLanes; ++l) rows[l * stride + m] = slots[m * kLanes + l];
-  }
+  transpose_block(slots, kLanes, n, kLanes, rows, stride);
 }
 
 // Arrays of T, read and written as Lanes<T> (element-aligned vectors, see na_cpu_simd.h): a std::vector of the
