@@ -103,3 +103,22 @@ def test_dtype_bfloat16_runs_this_tree_in_bfloat16_and_the_baseline_in_float32()
     profile = run_script("--profile", "5", "--dtype", "bfloat16", *SMALL)
     assert profile.returncode == 0, profile.stderr[-3000:]
     assert "inference (bfloat16 inference" in profile.stdout and "aten::copy_ by caller and shape" in profile.stdout
+
+
+@pytest.mark.slow
+def test_train_amp_autocasts_the_training_step_in_both_trees():
+    amp = run_script("--mode", "train", "--batch", "1", "--baseline", str(ROOT), "--train-amp", "--json", *SMALL)
+    assert amp.returncode == 0, amp.stderr[-3000:]
+    amp_result = json.loads(amp.stdout)
+    assert amp_result["train_amp"] is True and amp_result["train_identical_first_output"] is True
+    fp32 = run_script("--mode", "train", "--batch", "1", "--baseline", str(ROOT), "--json", *SMALL)
+    assert fp32.returncode == 0, fp32.stderr[-3000:]
+    # bfloat16 autocast changes the loss and the updated weights
+    first = {r["trees"]["this"]["train_first_output"]["sha1"] for r in (amp_result, json.loads(fp32.stdout))}
+    assert len(first) == 2
+
+
+def test_train_amp_without_amp_in_the_config_is_a_clear_error():
+    proc = run_script("--mode", "train", "--batch", "1", "--train-amp", *SMALL, "SOLVER.AMP.ENABLED", "False")
+    assert proc.returncode != 0
+    assert "--train-amp" in proc.stderr and "SOLVER.AMP.ENABLED False" in proc.stderr

@@ -4,7 +4,7 @@ native deformable-attention op against grid_sample.
 
     python tools/benchmark_mask2former.py [--config-file CFG] [--size 512] [--rounds 5] [--threads N] [--json]
         [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [--cpu-isa native|avx2]
-        [--dtype float32|bfloat16] [KEY VALUE ...]
+        [--dtype float32|bfloat16] [--train-amp] [KEY VALUE ...]
 
 Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
 mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
@@ -42,6 +42,10 @@ autocast, the deformable sampling and the post-processing in float32); the basel
 ``--mode train`` stay float32 (the key is this tree's; SOLVER.AMP is training's switch). The header says which
 variant ran in which precision. Without ``--baseline`` both MSDeformAttn variants run in that precision.
 
+``--train-amp`` runs the training steps as train_net runs them with the config's SOLVER.AMP.ENABLED (the DiNAT and
+Mask2Former configs enable it): the forward under ``torch.autocast`` in bfloat16 on the CPU (the dtype resolved by
+each tree's own trainer code), backward and AdamW step outside, in every variant, the baseline too.
+
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
 """
@@ -77,19 +81,41 @@ AVX2_ENV = {
 }
 
 
-def build(config_file: Path, opts: list[str], train: bool = False) -> torch.nn.Module:
-    """The model of ``config_file`` on the CPU with random weights (seed 0), in eval or train mode."""
-    from detectron2.modeling import build_model
-
-    import dinat_m2f.modeling  # noqa: F401  (registers the model)
+def load_cfg(config_file: Path, opts: list[str]):
+    """The config of ``config_file`` with ``opts``, on the CPU, without weights."""
     from dinat_m2f.config import get_cfg
 
     cfg = get_cfg()
     cfg.merge_from_file(str(config_file))
     cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *opts])
     cfg.freeze()
+    return cfg
+
+
+def build(config_file: Path, opts: list[str], train: bool = False) -> torch.nn.Module:
+    """The model of ``config_file`` on the CPU with random weights (seed 0), in eval or train mode."""
+    from detectron2.modeling import build_model
+
+    import dinat_m2f.modeling  # noqa: F401  (registers the model)
+
+    cfg = load_cfg(config_file, opts)
     torch.manual_seed(0)
     return build_model(cfg).train(train)
+
+
+def train_amp_dtype(args: argparse.Namespace) -> torch.dtype | None:
+    """The autocast dtype of a training step: None (float32) without ``--train-amp``, else what the config's
+    SOLVER.AMP gives on the CPU, resolved by the tree's own trainer code (bfloat16 for "auto")."""
+    if not args.train_amp:
+        return None
+    from dinat_m2f.engine.train_loop import resolve_amp_dtype
+
+    cfg = load_cfg(args.config_file, args.opts)
+    if not cfg.SOLVER.AMP.ENABLED:
+        raise ValueError(
+            f"--train-amp: {args.config_file} sets SOLVER.AMP.ENABLED False (train_net would not autocast)"
+        )
+    return resolve_amp_dtype(cfg.SOLVER.AMP.DTYPE, "cpu")
 
 
 def set_impl(model: torch.nn.Module, impl: str) -> list:
@@ -156,13 +182,17 @@ def inference_fn(model: torch.nn.Module, size: int) -> Callable[[], torch.Tensor
     return run
 
 
-def train_fn(model: torch.nn.Module, size: int, batch: int) -> Callable[[], torch.Tensor]:
-    """One training step (losses, backward, AdamW step): returns the total loss."""
+def train_fn(
+    model: torch.nn.Module, size: int, batch: int, amp_dtype: torch.dtype | None = None
+) -> Callable[[], torch.Tensor]:
+    """One training step (losses, backward, AdamW step): returns the total loss. With ``amp_dtype`` the forward runs
+    under ``torch.autocast`` in that dtype, as train_net's training loop runs it with SOLVER.AMP.ENABLED."""
     inputs = train_inputs(size, batch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def run() -> torch.Tensor:
-        losses = model(inputs)
+        with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            losses = model(inputs)
         loss = sum(losses.values())
         optimizer.zero_grad()
         loss.backward()
@@ -170,6 +200,13 @@ def train_fn(model: torch.nn.Module, size: int, batch: int) -> Callable[[], torc
         return loss.detach()
 
     return run
+
+
+def step_fn(model: torch.nn.Module, mode: str, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
+    """One inference or one training step of ``model``, as ``args`` ask."""
+    if mode == "inference":
+        return inference_fn(model, args.size)
+    return train_fn(model, args.size, args.batch, train_amp_dtype(args))
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
@@ -270,7 +307,7 @@ def worker_main(args: argparse.Namespace) -> int:
     for mode in args.modes:
         model = build(args.config_file, args.opts, train=mode == "train")
         info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
-        fns[mode] = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+        fns[mode] = step_fn(model, mode, args)
         _, out = timed(fns[mode])  # warm-up; the first output identifies the tree's numerics
         if mode == "train":  # the loss, then every weight after the first step
             out = torch.cat([out.view(1), *(p.detach().flatten() for p in model.parameters())])
@@ -305,7 +342,7 @@ class Worker:
             env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config-file", str(config)]
         cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
-        cmd += ["--mode", args.mode, *args.opts, *extra_opts]
+        cmd += ["--mode", args.mode] + (["--train-amp"] if args.train_amp else []) + [*args.opts, *extra_opts]
         self.tree = tree
         self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -410,7 +447,7 @@ def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[
     model = build(args.config_file, [*args.opts, *dtype_opts(args)], train=mode == "train")
     result["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     timer = AttnTimer(set_impl(model, "native"))
-    fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+    fn = step_fn(model, mode, args)
     outputs, attn_times = {}, {impl: [] for impl in impls}
 
     def run(impl: str) -> float:
@@ -443,7 +480,7 @@ def profile(args: argparse.Namespace) -> int:
     """Top operators by self CPU time of one inference and/or one training step of this tree."""
     for mode in args.modes:
         model = build(args.config_file, [*args.opts, *dtype_opts(args)], train=mode == "train")
-        fn = inference_fn(model, args.size) if mode == "inference" else train_fn(model, args.size, args.batch)
+        fn = step_fn(model, mode, args)
         fn()  # warm-up
         activities = [torch.profiler.ProfilerActivity.CPU]
         with torch.profiler.profile(activities=activities, with_flops=True, record_shapes=True) as prof:
@@ -481,7 +518,9 @@ def copy_sites(events, total_us: float, rows: int) -> str:
 
 def precision(args: argparse.Namespace, mode: str) -> str:
     """How this tree runs ``mode``: "float32", or "bfloat16 inference (...)" with --dtype bfloat16."""
-    if mode == "train" or args.dtype == "float32":
+    if mode == "train":
+        return "bfloat16 autocast (the config's SOLVER.AMP, as train_net runs it)" if args.train_amp else "float32"
+    if args.dtype == "float32":
         return "float32"
     return f"{args.dtype} inference: autocast, deformable sampling and post-processing float32"
 
@@ -521,6 +560,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         choices=("float32", "bfloat16"),
         default="float32",
         help="this tree's inference precision (MODEL.MASK_FORMER.TEST.DTYPE); the baseline stays float32",
+    )
+    parser.add_argument(
+        "--train-amp",
+        action="store_true",
+        help="training steps under the config's SOLVER.AMP autocast (bfloat16 on the CPU), as train_net runs them, "
+        "in every variant (the baseline too)",
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -562,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": args.rounds,
         "cpu_isa_option": args.cpu_isa,
         "this_inference_dtype": args.dtype,
+        "train_amp": args.train_amp,
         "isa_paths": paths,
         "sgemm_gflops": round(sgemm_gflops(args.threads), 1),
     }
@@ -583,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  --cpu-isa {args.cpu_isa}; torch.mm 1024^3 float32: {result['sgemm_gflops']} GFLOP/s")
     variants = "this tree" if args.baseline is not None else "both variants"
     for mode in args.modes:
-        print(f"  {mode}: {variants} {precision(args, mode)}" + (", baseline float32" if args.baseline else ""))
+        baseline = precision(args, mode) if mode == "train" else "float32"
+        print(f"  {mode}: {variants} {precision(args, mode)}" + (f", baseline {baseline}" if args.baseline else ""))
     trees = result.get("trees", {"this": {"isa_paths": paths}})
     for name, info in trees.items():
         print(f"  code paths ({name}): " + ", ".join(f"{k} {v}" for k, v in info["isa_paths"].items()))
