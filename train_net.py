@@ -35,6 +35,7 @@ from dinat_m2f.config import ConfigError, check_config, load_config  # noqa: F40
 from dinat_m2f.data.datasets.custom import register_from_config
 from dinat_m2f.engine import AtomicCheckpointer, launch
 from dinat_m2f.engine.trainer import Trainer, evaluate
+from dinat_m2f.utils.cpu_memory import keep_freed_cpu_memory
 
 
 def setup(args) -> CfgNode:
@@ -58,6 +59,8 @@ def setup(args) -> CfgNode:
 
 def main(args):
     cfg = setup(args)
+    if cfg.MODEL.DEVICE == "cpu":
+        keep_freed_cpu_memory()  # reuse the activations' memory between iterations (DINAT_M2F_KEEP_FREED_MEMORY=0: off)
     if args.eval_only:
         model = Trainer.build_model(cfg)
         AtomicCheckpointer.from_config(cfg, model, cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)

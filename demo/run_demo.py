@@ -29,6 +29,7 @@ from dinat_m2f.config import check_config, load_config  # noqa: E402
 from dinat_m2f.data.datasets import dataset_root  # noqa: E402
 from dinat_m2f.data.synthetic import ensure_synthetic_dataset  # noqa: E402
 from dinat_m2f.engine.trainer import Trainer  # noqa: E402
+from dinat_m2f.utils.cpu_memory import keep_freed_cpu_memory  # noqa: E402
 from dinat_m2f.utils.d2_compat import last_eval_results  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "demo", "maskformer2_dinat_demo.yaml")
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> tuple[float, float, float]:
     # One compute thread, the data-loader worker on the other core: on a small (or shared) machine, two spinning
     # OpenMP threads next to the loader made each step several times slower. OMP_NUM_THREADS overrides this.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    keep_freed_cpu_memory()  # reuse the activations' memory between steps (DINAT_M2F_KEEP_FREED_MEMORY=0: off)
     os.chdir(REPO)  # datasets/ and output/ live in the repository
 
     setup_logger(name="dinat_m2f")

@@ -46,6 +46,10 @@ variant ran in which precision. Without ``--baseline`` both MSDeformAttn variant
 Mask2Former configs enable it): the forward under ``torch.autocast`` in bfloat16 on the CPU (the dtype resolved by
 each tree's own trainer code), backward and AdamW step outside, in every variant, the baseline too.
 
+Each tree does what its entry points (train_net, demo, Predictor) do on the CPU: this tree tells glibc to keep freed
+memory for reuse (``dinat_m2f.utils.cpu_memory``; ``DINAT_M2F_KEEP_FREED_MEMORY=0`` in the environment turns it off
+in every worker), a tree without that module runs glibc's default; the header says which.
+
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
 """
@@ -293,6 +297,18 @@ def sgemm_gflops(threads: int, n: int = 1024, reps: int = 10) -> float:
 # worker: one tree, one process; requests on stdin, one JSON line per answer on the saved stdout
 
 
+def keep_freed_memory_as_the_tree_does() -> bool | None:
+    """What the tree's entry points (train_net, demo, Predictor) do on the CPU: glibc keeps freed memory for reuse,
+    where the tree has dinat_m2f.utils.cpu_memory (None: it has not; False: DINAT_M2F_KEEP_FREED_MEMORY=0)."""
+    import importlib.util
+
+    if importlib.util.find_spec("dinat_m2f.utils.cpu_memory") is None:
+        return None
+    from dinat_m2f.utils.cpu_memory import keep_freed_cpu_memory
+
+    return keep_freed_cpu_memory()
+
+
 def worker_main(args: argparse.Namespace) -> int:
     """Build the model of the tree on sys.path (this process's PYTHONPATH), then time one forward or one training
     step per request line ("inference" / "train") until "quit"."""
@@ -304,6 +320,7 @@ def worker_main(args: argparse.Namespace) -> int:
 
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     info: dict = {"dinat_m2f": str(Path(dinat_m2f.__file__).parent), "threads": torch.get_num_threads()}
+    info["keeps_freed_memory"] = keep_freed_memory_as_the_tree_does()
     for mode in args.modes:
         model = build(args.config_file, args.opts, train=mode == "train")
         info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
@@ -591,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     paths = isa_paths()
     if args.cpu_isa == "avx2":
         check_avx2_paths(paths, "this process")
+    kept = None if args.baseline is not None else keep_freed_memory_as_the_tree_does()  # the workers do their own
     if args.profile:
-        print(f"code paths: {paths}")
+        print(f"code paths: {paths}; glibc keeps freed memory: {kept}")
         return profile(args)
     if args.baseline is not None and not (args.baseline / "dinat_m2f").is_dir():
         parser.error(f"--baseline {args.baseline}: no dinat_m2f package there (a checkout of this project?)")
@@ -631,9 +649,11 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         baseline = precision(args, mode) if mode == "train" else "float32"
         print(f"  {mode}: {variants} {precision(args, mode)}" + (f", baseline {baseline}" if args.baseline else ""))
-    trees = result.get("trees", {"this": {"isa_paths": paths}})
+    trees = result.get("trees", {"this": {"isa_paths": paths, "keeps_freed_memory": kept}})
     for name, info in trees.items():
         print(f"  code paths ({name}): " + ", ".join(f"{k} {v}" for k, v in info["isa_paths"].items()))
+        memory = {True: "yes", False: "no (DINAT_M2F_KEEP_FREED_MEMORY=0)", None: "no (not in this tree)"}
+        print(f"  glibc keeps freed memory ({name}): {memory[info['keeps_freed_memory']]}")
     print("\n".join(lines))
     return 0
 
