@@ -425,7 +425,7 @@ void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const P
 // sum_d q[lane][d] * k_n[d] with k_n[d] broadcast and its output as sum_n p_n[lane] * v_n[d] broadcast: the dense
 // per-group products, lane-parallel, from q, k and v in place (no transposes). These problems have no interior query
 // tiles (their groups are k wide), and the per-query path spent about twice the instructions per query.
-// Inference only: the tile's queries are not equally spaced tokens, so the saved-weights forward keeps its path.
+// Saving the weights (training), each tile also writes its queries' rows of P (store_whole_group_weights).
 
 inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
@@ -449,13 +449,29 @@ std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& w
   return bias;
 }
 
+// Saving the weights: P of a whole-group tile's `lanes` queries from its unnormalised weights (exp_slots: kh * kw
+// vectors, [slot][lane]) and their 1 / sum: one transpose into lane rows (rows_mem, kLanes * kh * kw values), then
+// each row scaled into the query's row of weights (rows[l]). The queries are not equally spaced tokens.
+template <typename T>
+void store_whole_group_weights(const T* exp_slots, Lanes<T> inv, int64_t lanes, int64_t window, T* rows_mem,
+                               T* const* rows) {
+  transpose_block(exp_slots, kLanes, window, lanes, rows_mem, window);
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* src = rows_mem + l * window;
+    T* dst = rows[l];
+    const T inv_l = inv[l];
+    for (int64_t n = 0; n < window; ++n) dst[n] = src[n] * inv_l;
+  }
+}
+
 // Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
 // head's whole_group_bias from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
-// keys and values kh * kw pointers.
+// keys and values kh * kw pointers. weights: where to save P ([BH * H * W, kh * kw], with rows_mem kLanes * kh * kw
+// values of scratch), nullptr when not saving.
 template <typename T, int64_t kD>
 void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* bias, int64_t bias_stride,
                       Slice<T> out, T* lse, int64_t bh, int64_t rh, int64_t rw, int64_t s0, const Problem& p, T scale,
-                      T* qt_mem, T* logit_mem, const T** keys, const T** values) {
+                      T* qt_mem, T* logit_mem, const T** keys, const T** values, T* weights, T* rows_mem) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t lanes = std::min(kLanes, KK - s0);
@@ -507,6 +523,12 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
   const V inv = T(1) / sum;
   T* outs[kLanes];
   for (int64_t l = 0; l < lanes; ++l) outs[l] = out.at(token_i(s0 + l), token_j(s0 + l));
+  const int64_t row0 = bh * H;
+  if (weights != nullptr) {
+    T* rows[kLanes];
+    for (int64_t l = 0; l < lanes; ++l) rows[l] = weights + ((row0 + token_i(s0 + l)) * W + token_j(s0 + l)) * KK;
+    store_whole_group_weights(logit_mem, inv, lanes, KK, rows_mem, rows);
+  }
   for (int64_t d0 = 0; d0 < D; d0 += 8) {
     const int64_t width = std::min<int64_t>(8, D - d0);
     V acc[8];
@@ -529,7 +551,6 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
       for (int64_t l = 0; l < lanes; ++l) outs[l][d0 + c] = o[l];
     }
   }
-  const int64_t row0 = bh * H;
   for (int64_t l = 0; l < lanes; ++l) {
     lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
   }
@@ -537,7 +558,7 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
 
 template <typename T, int64_t kD>
 void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
-                                Strided<T> out_all, T* lse, const Problem& p, T scale) {
+                                Strided<T> out_all, T* lse, const Problem& p, T scale, T* weights) {
   const Windows win(p);
   const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t tiles = (KK + kLanes - 1) / kLanes, padded = tiles * kLanes;
@@ -547,13 +568,13 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(padded * KK * D, 1));
   parallel(p.batch_heads * groups, grain, [&](int64_t task) {
     const int64_t bh = task / groups, group = task % groups;
-    std::vector<T> qt(D * kLanes), logit(KK * kLanes);
+    std::vector<T> qt(D * kLanes), logit(KK * kLanes), weight_rows(weights != nullptr ? KK * kLanes : 0);
     std::vector<const T*> keys(KK), values(KK);
     const T* const head_bias = bias.data() + (bh % p.heads) * KK * padded;
     for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
       whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
                               out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
-                              logit.data(), keys.data(), values.data());
+                              logit.data(), keys.data(), values.data(), weights, weight_rows.data());
     }
   });
 }
@@ -1055,11 +1076,12 @@ void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      if (!weights.defined() && window_is_whole_group(p)) {
+      if (window_is_whole_group(p)) {
         whole_group_forward_kernel<scalar_t, dim.value>(
             strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
             rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
-            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale));
+            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
+            weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
         return;
       }
       forward_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
