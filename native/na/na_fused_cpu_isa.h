@@ -449,6 +449,66 @@ std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& w
   return bias;
 }
 
+// The two products of the whole-group tiles, lane-parallel with one operand broadcast from token rows (rows[n]: D
+// values each). out[n] += sum_d a[d] * rows[n][d] for n < count (a: D vectors): four rows at a time, each a vector
+// loaded once per four multiply-adds.
+template <typename T>
+inline void broadcast_row_dots(const Lanes<T>* a, const T* const* rows, int64_t count, int64_t D, Lanes<T>* out) {
+  using V = Lanes<T>;
+  int64_t n = 0;
+  for (; n + 4 <= count; n += 4) {
+    V l0 = out[n], l1 = out[n + 1], l2 = out[n + 2], l3 = out[n + 3];
+    const T *k0 = rows[n], *k1 = rows[n + 1], *k2 = rows[n + 2], *k3 = rows[n + 3];
+    for (int64_t d = 0; d < D; ++d) {
+      const V ad = a[d];
+      l0 += ad * k0[d];
+      l1 += ad * k1[d];
+      l2 += ad * k2[d];
+      l3 += ad * k3[d];
+    }
+    out[n] = l0;
+    out[n + 1] = l1;
+    out[n + 2] = l2;
+    out[n + 3] = l3;
+  }
+  for (; n < count; ++n) {
+    V l0 = out[n];
+    const T* k0 = rows[n];
+    for (int64_t d = 0; d < D; ++d) l0 += a[d] * k0[d];
+    out[n] = l0;
+  }
+}
+
+// dst[l][d] = factor[l] * sum_n w_n[l] * rows[n][d] for lanes l < lanes, d < D (w_n: the vector at w + n * w_stride):
+// eight channels at a time, their sums in registers and each weight vector loaded once per eight.
+template <typename T>
+inline void weighted_row_sums(const T* w, int64_t w_stride, const T* const* rows, int64_t count, int64_t D,
+                              Lanes<T> factor, T* const* dst, int64_t lanes) {
+  using V = Lanes<T>;
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    const int64_t width = std::min<int64_t>(8, D - d0);
+    V acc[8];
+    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
+    if (width == 8) {
+      for (int64_t n = 0; n < count; ++n) {
+        const V wn = load_lanes(w + n * w_stride);
+        const T* rn = rows[n] + d0;
+        for (int64_t c = 0; c < 8; ++c) acc[c] += wn * rn[c];
+      }
+    } else {
+      for (int64_t n = 0; n < count; ++n) {
+        const V wn = load_lanes(w + n * w_stride);
+        const T* rn = rows[n] + d0;
+        for (int64_t c = 0; c < width; ++c) acc[c] += wn * rn[c];
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const V o = acc[c] * factor;
+      for (int64_t l = 0; l < lanes; ++l) dst[l][d0 + c] = o[l];
+    }
+  }
+}
+
 // Saving the weights: P of a whole-group tile's `lanes` queries from its unnormalised weights (exp_slots: kh * kw
 // vectors, [slot][lane]) and their 1 / sum: one transpose into lane rows (rows_mem, kLanes * kh * kw values), then
 // each row scaled into the query's row of weights (rows[l]). The queries are not equally spaced tokens.
@@ -488,69 +548,26 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
     const T* qv = q.at(token_i(s0 + l), token_j(s0 + l));
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
   }
-  // Logits four keys at a time (each Q vector loaded once per four multiply-adds), then the max.
+  for (int64_t n = 0; n < KK; ++n) logit[n] = load_lanes(bias + n * bias_stride);
+  broadcast_row_dots(qt, keys, KK, D, logit);
   V row_max = V{} - std::numeric_limits<T>::infinity();
-  int64_t n = 0;
-  for (; n + 4 <= KK; n += 4) {
-    V l0 = load_lanes(bias + n * bias_stride), l1 = load_lanes(bias + (n + 1) * bias_stride);
-    V l2 = load_lanes(bias + (n + 2) * bias_stride), l3 = load_lanes(bias + (n + 3) * bias_stride);
-    const T *k0 = keys[n], *k1 = keys[n + 1], *k2 = keys[n + 2], *k3 = keys[n + 3];
-    for (int64_t d = 0; d < D; ++d) {
-      const V qd = qt[d];
-      l0 += qd * k0[d];
-      l1 += qd * k1[d];
-      l2 += qd * k2[d];
-      l3 += qd * k3[d];
-    }
-    logit[n] = l0;
-    logit[n + 1] = l1;
-    logit[n + 2] = l2;
-    logit[n + 3] = l3;
-  }
-  for (; n < KK; ++n) {
-    V l0 = load_lanes(bias + n * bias_stride);
-    const T* k0 = keys[n];
-    for (int64_t d = 0; d < D; ++d) l0 += qt[d] * k0[d];
-    logit[n] = l0;
-  }
-  for (n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
+  for (int64_t n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
   V sum = V{};
-  for (n = 0; n < KK; ++n) {
+  for (int64_t n = 0; n < KK; ++n) {
     logit[n] = exp_lanes(logit[n] - row_max);
     sum += logit[n];
   }
-  // Output eight channels at a time (the sums in registers), each weight vector loaded once per eight.
   const V inv = T(1) / sum;
+  const T* const exp_slots = reinterpret_cast<const T*>(logit);  // [slot][lane], read through `logit` (restrict)
   T* outs[kLanes];
   for (int64_t l = 0; l < lanes; ++l) outs[l] = out.at(token_i(s0 + l), token_j(s0 + l));
   const int64_t row0 = bh * H;
   if (weights != nullptr) {
     T* rows[kLanes];
     for (int64_t l = 0; l < lanes; ++l) rows[l] = weights + ((row0 + token_i(s0 + l)) * W + token_j(s0 + l)) * KK;
-    store_whole_group_weights(logit_mem, inv, lanes, KK, rows_mem, rows);
+    store_whole_group_weights(exp_slots, inv, lanes, KK, rows_mem, rows);
   }
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
-    const int64_t width = std::min<int64_t>(8, D - d0);
-    V acc[8];
-    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
-    if (width == 8) {
-      for (n = 0; n < KK; ++n) {
-        const V pn = logit[n];
-        const T* vn = values[n] + d0;
-        for (int64_t c = 0; c < 8; ++c) acc[c] += pn * vn[c];
-      }
-    } else {
-      for (n = 0; n < KK; ++n) {
-        const V pn = logit[n];
-        const T* vn = values[n] + d0;
-        for (int64_t c = 0; c < width; ++c) acc[c] += pn * vn[c];
-      }
-    }
-    for (int64_t c = 0; c < width; ++c) {
-      const V o = acc[c] * inv;
-      for (int64_t l = 0; l < lanes; ++l) outs[l][d0 + c] = o[l];
-    }
-  }
+  weighted_row_sums(exp_slots, kLanes, values, KK, D, inv, outs, lanes);
   for (int64_t l = 0; l < lanes; ++l) {
     lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
   }
@@ -1040,6 +1057,113 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
   });
 }
 
+// The saved-weights backward of whole-group windows (window_is_whole_group): per (slice, dilation group) the dense
+// products of its kh * kw queries and keys, lane-parallel as the forward's whole_group_tile. The per-query passes read
+// the group's P and dS one value per multiply-add row (gathers); here they are kLanes-wide loads.
+template <typename T>
+struct WholeGroupBackwardScratch {
+  // [slot][padded], padded = kh * kw rounded up to whole vectors, zero past kh * kw: P and dS with rows per query
+  // (prob, ds: the key tiles read a key vector of them) and per key (prob_t, ds_t: the query tiles read a query
+  // vector).
+  std::vector<T> prob, prob_t, ds, ds_t, got, dprob;
+  std::vector<const T*> qs, keys, values, grad_outs;
+  WholeGroupBackwardScratch(int64_t window, int64_t padded, int64_t dim)
+      : prob(window * padded),
+        prob_t(window * padded),
+        ds(window * padded),
+        ds_t(window * padded),
+        got(dim * kLanes),
+        dprob(window * kLanes),
+        qs(window),
+        keys(window),
+        values(window),
+        grad_outs(window) {}
+};
+
+// Query tile of slots s0 .. s0 + lanes - 1 of a whole-group backward: dS (into s.ds_t) and dQ. dP = dO . v with v
+// broadcast, dS = P (dP - delta), dQ = scale sum_n dS_n k_n with k broadcast.
+template <typename T, int64_t kD>
+void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64_t padded, T* const* gq,
+                            const Problem& p, T scale, const int64_t* token_i, const int64_t* token_j,
+                            WholeGroupBackwardScratch<T>& s) {
+  using V = Lanes<T>;
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  V* __restrict got = reinterpret_cast<V*>(s.got.data());
+  V* __restrict dprob = reinterpret_cast<V*>(s.dprob.data());
+  V delta{};
+  for (int64_t d = 0; d < D; ++d) got[d] = V{};
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* go = s.grad_outs[s0 + l];
+    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
+    delta[l] = dot(go, out.at(token_i[s0 + l], token_j[s0 + l]), D);
+  }
+  for (int64_t n = 0; n < KK; ++n) dprob[n] = V{};
+  broadcast_row_dots(got, s.values.data(), KK, D, dprob);
+  T* const ds_t = s.ds_t.data() + s0;
+  for (int64_t n = 0; n < KK; ++n) {
+    store_lanes(ds_t + n * padded, load_lanes(s.prob_t.data() + n * padded + s0) * (dprob[n] - delta));
+  }
+  weighted_row_sums(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
+}
+
+// The whole-group backward of slices [s0, s1): dQ, dK, dV and dS (into ds_ws, the per-query rows rpb_grad_slices
+// reads) from the saved weights.
+template <typename T, int64_t kD>
+void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
+                                 Strided<const T> v_all, Strided<const T> out_all, const T* weights,
+                                 Strided<T> grad_q_all, Strided<T> grad_k_all, Strided<T> grad_v_all, T* ds_ws,
+                                 int64_t s0, int64_t s1, const Problem& p, T scale) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
+  // Slot n of every group is token (rh + token_i[n], rw + token_j[n]); it is also window slot n of each query.
+  std::vector<int64_t> slot_i(KK), slot_j(KK);
+  for (int64_t n = 0; n < KK; ++n) {
+    slot_i[n] = (n / p.kw) * p.dh;
+    slot_j[n] = (n % p.kw) * p.dw;
+  }
+  parallel((s1 - s0) * groups, 1, [&](int64_t task) {
+    const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh), k = k_all.slice(bh);
+    const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
+    const Slice<T> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
+    WholeGroupBackwardScratch<T> s(KK, padded, D);
+    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    for (int64_t n = 0; n < KK; ++n) {
+      token_i[n] = rh + slot_i[n];
+      token_j[n] = rw + slot_j[n];
+      token[n] = (bh * H + token_i[n]) * W + token_j[n];
+      s.qs[n] = q.at(token_i[n], token_j[n]);
+      s.keys[n] = k.at(token_i[n], token_j[n]);
+      s.values[n] = v.at(token_i[n], token_j[n]);
+      s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
+      std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+    }
+    transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+    T* dst[kLanes];
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      for (int64_t l = 0; l < lanes; ++l) dst[l] = grad_q.at(token_i[t0 + l], token_j[t0 + l]);
+      whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
+    }
+    transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
+    for (int64_t n = 0; n < KK; ++n) {
+      const T* row = s.ds.data() + n * padded;
+      std::copy(row, row + KK, ds_ws + (token[n] - s0 * H * W) * KK);
+    }
+    // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
+    T* dst_v[kLanes];
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      for (int64_t l = 0; l < lanes; ++l) {
+        dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
+        dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
+      }
+      weighted_row_sums(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
+      weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v, lanes);
+    }
+  });
+}
+
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
@@ -1054,10 +1178,15 @@ void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Stride
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
-    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
-                                     order.group_offset);
-    backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    if (window_is_whole_group(p)) {
+      whole_group_backward_slices<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, ds_ws, s0, s1, p,
+                                         scale);
+    } else {
+      if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
+      backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
+                                       order.group_offset);
+      backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    }
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }
