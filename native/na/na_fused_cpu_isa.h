@@ -305,11 +305,14 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
   T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const T* qv = q.at(i, r + p.dw * (jg0 + l));
-    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
+  // The tile's rows in and out 8 x 8 blocks at a time (rows_to_slots, slots_to_rows): one value at a time, each
+  // vector was built from kLanes scalar stores, and reading it back stalled on store forwarding.
+  const int64_t j0 = r + p.dw * jg0;
+  rows_to_slots(q.at(i, j0), p.dw * q.col, D, reinterpret_cast<T*>(qt));
+  for (int64_t d = 0; d < D; ++d) {
+    qt[d] *= scale;
+    acc[d] = V{};
   }
-  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   V running_max = V{} - std::numeric_limits<T>::infinity();
   V running_sum = V{};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
@@ -344,13 +347,10 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
       acc[d] = a;
     }
   }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
-    const T inv = T(1) / running_sum[l];
-    T* o = out.at(i, j);
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[d][l] * inv;
-    lse[token] = running_max[l] + std::log(running_sum[l]);
-  }
+  const V inv = T(1) / running_sum;
+  for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+  slots_to_rows(reinterpret_cast<const T*>(acc), D, out.at(i, j0), p.dw * out.col);
+  for (int64_t l = 0; l < kLanes; ++l) lse[row * W + j0 + p.dw * l] = running_max[l] + std::log(running_sum[l]);
 }
 
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
@@ -660,8 +660,8 @@ bool has_backward_query_tiles(const Problem& p) {
 
 template <typename T>
 struct BackwardTileScratch {
-  std::vector<T> qt, got, acc;
-  std::vector<T> prob, ds;  // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
+  std::vector<T> qt, got, acc;  // qt: the saved-weights tile's O
+  std::vector<T> prob, ds;      // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
   BackwardTileScratch(int64_t dim, int64_t window)
       : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes), prob(window * kLanes), ds(window * kLanes) {}
 };
@@ -946,14 +946,16 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
   const int64_t row = bh * H + i, local_row = row - s0 * H;
   V* __restrict got = reinterpret_cast<V*>(s.got.data());
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V* __restrict outt = reinterpret_cast<V*>(s.qt.data());  // O of the tile's queries, [D][lanes]
+  // dO and O in, dQ out 8 x 8 blocks at a time, as in forward_tile.
+  const int64_t j0 = r + p.dw * jg0;
+  rows_to_slots(grad_out.at(i, j0), p.dw * grad_out.col, D, reinterpret_cast<T*>(got));
+  rows_to_slots(out.at(i, j0), p.dw * out.col, D, reinterpret_cast<T*>(outt));
   V delta{};
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t j = r + p.dw * (jg0 + l);
-    const T* go = grad_out.at(i, j);
-    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
-    delta[l] = dot(go, out.at(i, j), D);
+  for (int64_t d = 0; d < D; ++d) {
+    delta += got[d] * outt[d];
+    acc[d] = V{};
   }
-  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   // Lane l's rows of P and of the workspace are dw * KK apart.
   const int64_t lane_stride = p.dw * KK;
   T* const prob_slots = s.prob.data();
@@ -983,11 +985,9 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
       acc[d] = a;
     }
   }
-  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + r + p.dw * jg0) * KK, lane_stride);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
-    for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
-  }
+  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + j0) * KK, lane_stride);
+  for (int64_t d = 0; d < D; ++d) acc[d] *= scale;
+  slots_to_rows(reinterpret_cast<const T*>(acc), D, grad_q.at(i, j0), p.dw * grad_q.col);
 }
 
 // Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
