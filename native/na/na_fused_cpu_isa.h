@@ -1,14 +1,16 @@
 // CPU kernels of fused neighborhood attention: out = softmax(scale * q.k + rpb) v.
 //
 // Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
-// attention weights are materialised in memory; the row logsumexp is stored for the backward. With AVX-512, tiles
-// of kLanes queries run lane-parallel with an online softmax (forward_tile).
+// attention weights are materialised in memory; the row logsumexp is stored for the backward. Tiles of kLanes
+// interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
 // With saved weights (training, fused_forward_with_attn / fused_backward_with_attn): the forward also writes the
 // normalized weights P, and the backward reads them instead of recomputing q.k, so its query pass is dO . v, dS and dQ
 // only (one window product fewer than the recomputing backward, as many as the unfused backward).
+// Windows that are their whole dilation group (maps of k * d, e.g. 56x56 d 8) take dense per-group products instead,
+// forward and saved-weights backward alike (whole_group_tile, whole_group_backward_slices).
 //
 // Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
 // guard: each ISA translation unit includes it once).
@@ -649,8 +651,8 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
 }
 
 // True when the backward's query pass uses lane-parallel tiles: some dilation group along W holds a full tile of
-// interior queries and kw is one of dispatch_window_width's. Unlike the forward's (online softmax, AVX-512 only), the
-// backward's tiles know each row's logsumexp and pay off with 8 lanes too.
+// interior queries and kw is one of dispatch_window_width's. Unlike the forward's (online softmax,
+// DINAT_M2F_CPU_QUERY_TILES), the backward's tiles know each row's logsumexp and pay off with 8 lanes too.
 bool has_backward_query_tiles(const Problem& p) {
   bool compiled = false;
   dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
