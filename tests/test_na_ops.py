@@ -163,6 +163,7 @@ def test_fused_cpu_kernels_over_several_slice_groups(k, d, saves_attn, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("saves_attn", [False, True], ids=["inference", "saved"])
 @pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])
 @pytest.mark.parametrize(
     "dims,k,d,shape,head_dim",
@@ -175,10 +176,10 @@ def test_fused_cpu_kernels_over_several_slice_groups(k, d, saves_attn, dtype):
         (1, 5, 2, (10,), 5),
     ],
 )
-def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, with_rpb, dtype):
-    """Inference on maps of exactly k * d per axis (every window is its whole dilation group) takes the CPU fused
-    forward's whole-group tiles; their output, and the logsumexp the recomputing backward reads, match the
-    reference."""
+def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, with_rpb, saves_attn, dtype):
+    """Maps of exactly k * d per axis (every window is its whole dilation group) take the CPU fused forward's
+    whole-group tiles, in inference and saving the weights (training); their output, the logsumexp the recomputing
+    backward reads and the saved weights the other backward reads match the reference."""
     q, key, v = _inputs(shape, head_dim, dtype, "cpu")
     rpb = _rpb(3, k, dims, dtype, "cpu") if with_rpb else None
     fused, rfused = _funcs(dims)[2], _funcs(dims)[5]
@@ -186,12 +187,16 @@ def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, w
     with torch.no_grad():
         torch.testing.assert_close(fused(q, key, v, k, d, rpb, 0.6), rfused(q, key, v, k, d, rpb, 0.6), **tol)
     tensors = [q, key, v] + ([rpb] if with_rpb else [])
-    op = _fused_native(dims, saves_attn=False)
+    op = _fused_native(dims, saves_attn=saves_attn)
     out, grads = _grads(lambda a, b, c, *r: op(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
     want, want_grads = _grads(lambda a, b, c, *r: rfused(a, b, c, k, d, r[0] if r else None, 0.6), tensors)
     torch.testing.assert_close(out, want, **tol)
     for got, exp in zip(grads, want_grads):
         torch.testing.assert_close(got, exp, **tol)
+    if saves_attn:
+        with_attn = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_forward_with_attn")
+        _, attn = with_attn(q, key, v, rpb, k, d, 0.6)
+        torch.testing.assert_close(attn, _funcs(dims)[3](q * 0.6, key, k, d, rpb).softmax(-1), **tol)
 
 
 def _fused_native(dims, saves_attn):

@@ -1,14 +1,16 @@
 // CPU kernels of fused neighborhood attention: out = softmax(scale * q.k + rpb) v.
 //
 // Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
-// attention weights are materialised in memory; the row logsumexp is stored for the backward. With AVX-512, tiles
-// of kLanes queries run lane-parallel with an online softmax (forward_tile).
+// attention weights are materialised in memory; the row logsumexp is stored for the backward. Tiles of kLanes
+// interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
 // With saved weights (training, fused_forward_with_attn / fused_backward_with_attn): the forward also writes the
 // normalized weights P, and the backward reads them instead of recomputing q.k, so its query pass is dO . v, dS and dQ
 // only (one window product fewer than the recomputing backward, as many as the unfused backward).
+// Windows that are their whole dilation group (maps of k * d, e.g. 56x56 d 8) take dense per-group products instead,
+// forward and saved-weights backward alike (whole_group_tile, whole_group_backward_slices).
 //
 // Included by native/na/na_cpu_isa_kernels.h inside one ISA's namespace and `#pragma GCC target` region (no include
 // guard: each ISA translation unit includes it once).
@@ -143,6 +145,51 @@ inline GroupOrder group_order(const Problem& p) {
   return order;
 }
 
+#if defined(__x86_64__)
+inline void transpose_8x8(__m256 r[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+#endif
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: whole 8 x 8 blocks in registers, the
+// rest one value at a time.
+template <typename T>
+void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  int64_t rows8 = 0, cols8 = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    rows8 = rows - rows % 8;
+    cols8 = cols - cols % 8;
+    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+      for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+        __m256 x[8];
+        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
+        transpose_8x8(x);
+        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
+      }
+    }
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+  }
+}
+
 // k and v of the slices [s0, s1) as [s1 - s0, H, D, W'] (contiguous, W' in group order) into kt and vt, both in one
 // parallel loop. Done per group of slices right before the passes that read them, so the transposed rows are still in
 // cache there: transposing all of k and v up front (four times 6.4 MB at 8x2x56x56x32) sent them through memory.
@@ -157,9 +204,12 @@ void group_transpose_slices(Strided<const T> k, Strided<const T> v, int64_t s0, 
     const int64_t bh = s0 + local_row / H, i = local_row % H;
     const Slice<const T> slice = (is_v ? v : k).slice(bh);
     T* const out = (is_v ? vt : kt) + local_row * D * W;
-    for (int64_t c = 0; c < W; ++c) {
-      const T* token = slice.at(i, order.perm[c]);
-      for (int64_t d = 0; d < D; ++d) out[d * W + c] = token[d];
+    // Group r's tokens (r, r + dw, ...) are equally spaced: one transpose_block each (a value at a time cost a
+    // tenth of the fused backward's time at 56x56 d 1).
+    const int64_t groups = static_cast<int64_t>(order.group_offset.size());
+    for (int64_t r = 0; r < groups; ++r) {
+      const int64_t c0 = order.group_offset[r], c1 = r + 1 < groups ? order.group_offset[r + 1] : W;
+      transpose_block(slice.at(i, r), p.dw * slice.col, c1 - c0, D, out + c0, W);
     }
   });
 }
@@ -219,51 +269,6 @@ bool has_query_tiles(const Problem& p) {
 // values as per-slot vectors (slots[m * kLanes + l]), converted 8 x 8 blocks at a time in registers; the last n % 8
 // slots (1 for every odd square window) one by one. Reading or writing the kLanes rows one value at a time cost
 // two instructions per value, as much as the tile's multiply-adds in the saved-weights backward.
-#if defined(__x86_64__)
-inline void transpose_8x8(__m256 r[8]) {
-  const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
-  const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
-  const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
-  const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
-  const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-  const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-  const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-  const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-  r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
-  r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
-  r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
-  r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
-  r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
-  r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
-  r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
-  r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
-}
-#endif
-
-// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: whole 8 x 8 blocks in registers, the
-// rest one value at a time.
-template <typename T>
-void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
-  int64_t rows8 = 0, cols8 = 0;
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float>) {
-    rows8 = rows - rows % 8;
-    cols8 = cols - cols % 8;
-    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
-      for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
-        __m256 x[8];
-        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
-        transpose_8x8(x);
-        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
-      }
-    }
-  }
-#endif
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
-  }
-}
-
 template <typename T>
 void rows_to_slots(const T* rows, int64_t stride, int64_t n, T* slots) {
   transpose_block(rows, stride, kLanes, n, slots, kLanes);
@@ -302,11 +307,14 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
   // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
   T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const T* qv = q.at(i, r + p.dw * (jg0 + l));
-    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
+  // The tile's rows in and out 8 x 8 blocks at a time (rows_to_slots, slots_to_rows): one value at a time, each
+  // vector was built from kLanes scalar stores, and reading it back stalled on store forwarding.
+  const int64_t j0 = r + p.dw * jg0;
+  rows_to_slots(q.at(i, j0), p.dw * q.col, D, reinterpret_cast<T*>(qt));
+  for (int64_t d = 0; d < D; ++d) {
+    qt[d] *= scale;
+    acc[d] = V{};
   }
-  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   V running_max = V{} - std::numeric_limits<T>::infinity();
   V running_sum = V{};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
@@ -341,13 +349,10 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
       acc[d] = a;
     }
   }
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t j = r + p.dw * (jg0 + l), token = row * W + j;
-    const T inv = T(1) / running_sum[l];
-    T* o = out.at(i, j);
-    for (int64_t d = 0; d < D; ++d) o[d] = acc[d][l] * inv;
-    lse[token] = running_max[l] + std::log(running_sum[l]);
-  }
+  const V inv = T(1) / running_sum;
+  for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
+  slots_to_rows(reinterpret_cast<const T*>(acc), D, out.at(i, j0), p.dw * out.col);
+  for (int64_t l = 0; l < kLanes; ++l) lse[row * W + j0 + p.dw * l] = running_max[l] + std::log(running_sum[l]);
 }
 
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
@@ -425,7 +430,7 @@ void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const P
 // sum_d q[lane][d] * k_n[d] with k_n[d] broadcast and its output as sum_n p_n[lane] * v_n[d] broadcast: the dense
 // per-group products, lane-parallel, from q, k and v in place (no transposes). These problems have no interior query
 // tiles (their groups are k wide), and the per-query path spent about twice the instructions per query.
-// Inference only: the tile's queries are not equally spaced tokens, so the saved-weights forward keeps its path.
+// Saving the weights (training), each tile also writes its queries' rows of P (store_whole_group_weights).
 
 inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
@@ -449,13 +454,89 @@ std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& w
   return bias;
 }
 
+// The two products of the whole-group tiles, lane-parallel with one operand broadcast from token rows (rows[n]: D
+// values each). out[n] += sum_d a[d] * rows[n][d] for n < count (a: D vectors): four rows at a time, each a vector
+// loaded once per four multiply-adds.
+template <typename T>
+inline void broadcast_row_dots(const Lanes<T>* a, const T* const* rows, int64_t count, int64_t D, Lanes<T>* out) {
+  using V = Lanes<T>;
+  int64_t n = 0;
+  for (; n + 4 <= count; n += 4) {
+    V l0 = out[n], l1 = out[n + 1], l2 = out[n + 2], l3 = out[n + 3];
+    const T *k0 = rows[n], *k1 = rows[n + 1], *k2 = rows[n + 2], *k3 = rows[n + 3];
+    for (int64_t d = 0; d < D; ++d) {
+      const V ad = a[d];
+      l0 += ad * k0[d];
+      l1 += ad * k1[d];
+      l2 += ad * k2[d];
+      l3 += ad * k3[d];
+    }
+    out[n] = l0;
+    out[n + 1] = l1;
+    out[n + 2] = l2;
+    out[n + 3] = l3;
+  }
+  for (; n < count; ++n) {
+    V l0 = out[n];
+    const T* k0 = rows[n];
+    for (int64_t d = 0; d < D; ++d) l0 += a[d] * k0[d];
+    out[n] = l0;
+  }
+}
+
+// dst[l][d] = factor[l] * sum_n w_n[l] * rows[n][d] for lanes l < lanes, d < D (w_n: the vector at w + n * w_stride):
+// eight channels at a time, their sums in registers and each weight vector loaded once per eight.
+template <typename T>
+inline void weighted_row_sums(const T* w, int64_t w_stride, const T* const* rows, int64_t count, int64_t D,
+                              Lanes<T> factor, T* const* dst, int64_t lanes) {
+  using V = Lanes<T>;
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    const int64_t width = std::min<int64_t>(8, D - d0);
+    V acc[8];
+    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
+    if (width == 8) {
+      for (int64_t n = 0; n < count; ++n) {
+        const V wn = load_lanes(w + n * w_stride);
+        const T* rn = rows[n] + d0;
+        for (int64_t c = 0; c < 8; ++c) acc[c] += wn * rn[c];
+      }
+    } else {
+      for (int64_t n = 0; n < count; ++n) {
+        const V wn = load_lanes(w + n * w_stride);
+        const T* rn = rows[n] + d0;
+        for (int64_t c = 0; c < width; ++c) acc[c] += wn * rn[c];
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      const V o = acc[c] * factor;
+      for (int64_t l = 0; l < lanes; ++l) dst[l][d0 + c] = o[l];
+    }
+  }
+}
+
+// Saving the weights: P of a whole-group tile's `lanes` queries from its unnormalised weights (exp_slots: kh * kw
+// vectors, [slot][lane]) and their 1 / sum: one transpose into lane rows (rows_mem, kLanes * kh * kw values), then
+// each row scaled into the query's row of weights (rows[l]). The queries are not equally spaced tokens.
+template <typename T>
+void store_whole_group_weights(const T* exp_slots, Lanes<T> inv, int64_t lanes, int64_t window, T* rows_mem,
+                               T* const* rows) {
+  transpose_block(exp_slots, kLanes, window, lanes, rows_mem, window);
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* src = rows_mem + l * window;
+    T* dst = rows[l];
+    const T inv_l = inv[l];
+    for (int64_t n = 0; n < window; ++n) dst[n] = src[n] * inv_l;
+  }
+}
+
 // Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
 // head's whole_group_bias from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
-// keys and values kh * kw pointers.
+// keys and values kh * kw pointers. weights: where to save P ([BH * H * W, kh * kw], with rows_mem kLanes * kh * kw
+// values of scratch), nullptr when not saving.
 template <typename T, int64_t kD>
 void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* bias, int64_t bias_stride,
                       Slice<T> out, T* lse, int64_t bh, int64_t rh, int64_t rw, int64_t s0, const Problem& p, T scale,
-                      T* qt_mem, T* logit_mem, const T** keys, const T** values) {
+                      T* qt_mem, T* logit_mem, const T** keys, const T** values, T* weights, T* rows_mem) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t lanes = std::min(kLanes, KK - s0);
@@ -472,64 +553,26 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
     const T* qv = q.at(token_i(s0 + l), token_j(s0 + l));
     for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
   }
-  // Logits four keys at a time (each Q vector loaded once per four multiply-adds), then the max.
+  for (int64_t n = 0; n < KK; ++n) logit[n] = load_lanes(bias + n * bias_stride);
+  broadcast_row_dots(qt, keys, KK, D, logit);
   V row_max = V{} - std::numeric_limits<T>::infinity();
-  int64_t n = 0;
-  for (; n + 4 <= KK; n += 4) {
-    V l0 = load_lanes(bias + n * bias_stride), l1 = load_lanes(bias + (n + 1) * bias_stride);
-    V l2 = load_lanes(bias + (n + 2) * bias_stride), l3 = load_lanes(bias + (n + 3) * bias_stride);
-    const T *k0 = keys[n], *k1 = keys[n + 1], *k2 = keys[n + 2], *k3 = keys[n + 3];
-    for (int64_t d = 0; d < D; ++d) {
-      const V qd = qt[d];
-      l0 += qd * k0[d];
-      l1 += qd * k1[d];
-      l2 += qd * k2[d];
-      l3 += qd * k3[d];
-    }
-    logit[n] = l0;
-    logit[n + 1] = l1;
-    logit[n + 2] = l2;
-    logit[n + 3] = l3;
-  }
-  for (; n < KK; ++n) {
-    V l0 = load_lanes(bias + n * bias_stride);
-    const T* k0 = keys[n];
-    for (int64_t d = 0; d < D; ++d) l0 += qt[d] * k0[d];
-    logit[n] = l0;
-  }
-  for (n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
+  for (int64_t n = 0; n < KK; ++n) row_max = logit[n] > row_max ? logit[n] : row_max;
   V sum = V{};
-  for (n = 0; n < KK; ++n) {
+  for (int64_t n = 0; n < KK; ++n) {
     logit[n] = exp_lanes(logit[n] - row_max);
     sum += logit[n];
   }
-  // Output eight channels at a time (the sums in registers), each weight vector loaded once per eight.
   const V inv = T(1) / sum;
+  const T* const exp_slots = reinterpret_cast<const T*>(logit);  // [slot][lane], read through `logit` (restrict)
   T* outs[kLanes];
   for (int64_t l = 0; l < lanes; ++l) outs[l] = out.at(token_i(s0 + l), token_j(s0 + l));
-  for (int64_t d0 = 0; d0 < D; d0 += 8) {
-    const int64_t width = std::min<int64_t>(8, D - d0);
-    V acc[8];
-    for (int64_t c = 0; c < 8; ++c) acc[c] = V{};
-    if (width == 8) {
-      for (n = 0; n < KK; ++n) {
-        const V pn = logit[n];
-        const T* vn = values[n] + d0;
-        for (int64_t c = 0; c < 8; ++c) acc[c] += pn * vn[c];
-      }
-    } else {
-      for (n = 0; n < KK; ++n) {
-        const V pn = logit[n];
-        const T* vn = values[n] + d0;
-        for (int64_t c = 0; c < width; ++c) acc[c] += pn * vn[c];
-      }
-    }
-    for (int64_t c = 0; c < width; ++c) {
-      const V o = acc[c] * inv;
-      for (int64_t l = 0; l < lanes; ++l) outs[l][d0 + c] = o[l];
-    }
-  }
   const int64_t row0 = bh * H;
+  if (weights != nullptr) {
+    T* rows[kLanes];
+    for (int64_t l = 0; l < lanes; ++l) rows[l] = weights + ((row0 + token_i(s0 + l)) * W + token_j(s0 + l)) * KK;
+    store_whole_group_weights(exp_slots, inv, lanes, KK, rows_mem, rows);
+  }
+  weighted_row_sums(exp_slots, kLanes, values, KK, D, inv, outs, lanes);
   for (int64_t l = 0; l < lanes; ++l) {
     lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
   }
@@ -537,7 +580,7 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
 
 template <typename T, int64_t kD>
 void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
-                                Strided<T> out_all, T* lse, const Problem& p, T scale) {
+                                Strided<T> out_all, T* lse, const Problem& p, T scale, T* weights) {
   const Windows win(p);
   const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t tiles = (KK + kLanes - 1) / kLanes, padded = tiles * kLanes;
@@ -547,13 +590,13 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(padded * KK * D, 1));
   parallel(p.batch_heads * groups, grain, [&](int64_t task) {
     const int64_t bh = task / groups, group = task % groups;
-    std::vector<T> qt(D * kLanes), logit(KK * kLanes);
+    std::vector<T> qt(D * kLanes), logit(KK * kLanes), weight_rows(weights != nullptr ? KK * kLanes : 0);
     std::vector<const T*> keys(KK), values(KK);
     const T* const head_bias = bias.data() + (bh % p.heads) * KK * padded;
     for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
       whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
                               out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
-                              logit.data(), keys.data(), values.data());
+                              logit.data(), keys.data(), values.data(), weights, weight_rows.data());
     }
   });
 }
@@ -608,8 +651,8 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
 }
 
 // True when the backward's query pass uses lane-parallel tiles: some dilation group along W holds a full tile of
-// interior queries and kw is one of dispatch_window_width's. Unlike the forward's (online softmax, AVX-512 only), the
-// backward's tiles know each row's logsumexp and pay off with 8 lanes too.
+// interior queries and kw is one of dispatch_window_width's. Unlike the forward's (online softmax,
+// DINAT_M2F_CPU_QUERY_TILES), the backward's tiles know each row's logsumexp and pay off with 8 lanes too.
 bool has_backward_query_tiles(const Problem& p) {
   bool compiled = false;
   dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
@@ -619,8 +662,8 @@ bool has_backward_query_tiles(const Problem& p) {
 
 template <typename T>
 struct BackwardTileScratch {
-  std::vector<T> qt, got, acc;
-  std::vector<T> prob, ds;  // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
+  std::vector<T> qt, got, acc;  // qt: the saved-weights tile's O
+  std::vector<T> prob, ds;      // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
   BackwardTileScratch(int64_t dim, int64_t window)
       : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes), prob(window * kLanes), ds(window * kLanes) {}
 };
@@ -905,14 +948,16 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
   const int64_t row = bh * H + i, local_row = row - s0 * H;
   V* __restrict got = reinterpret_cast<V*>(s.got.data());
   V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
+  V* __restrict outt = reinterpret_cast<V*>(s.qt.data());  // O of the tile's queries, [D][lanes]
+  // dO and O in, dQ out 8 x 8 blocks at a time, as in forward_tile.
+  const int64_t j0 = r + p.dw * jg0;
+  rows_to_slots(grad_out.at(i, j0), p.dw * grad_out.col, D, reinterpret_cast<T*>(got));
+  rows_to_slots(out.at(i, j0), p.dw * out.col, D, reinterpret_cast<T*>(outt));
   V delta{};
-  for (int64_t l = 0; l < kLanes; ++l) {
-    const int64_t j = r + p.dw * (jg0 + l);
-    const T* go = grad_out.at(i, j);
-    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
-    delta[l] = dot(go, out.at(i, j), D);
+  for (int64_t d = 0; d < D; ++d) {
+    delta += got[d] * outt[d];
+    acc[d] = V{};
   }
-  for (int64_t d = 0; d < D; ++d) acc[d] = V{};
   // Lane l's rows of P and of the workspace are dw * KK apart.
   const int64_t lane_stride = p.dw * KK;
   T* const prob_slots = s.prob.data();
@@ -942,11 +987,9 @@ void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slic
       acc[d] = a;
     }
   }
-  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + r + p.dw * jg0) * KK, lane_stride);
-  for (int64_t l = 0; l < kLanes; ++l) {
-    T* gq = grad_q.at(i, r + p.dw * (jg0 + l));
-    for (int64_t d = 0; d < D; ++d) gq[d] = acc[d][l] * scale;
-  }
+  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + j0) * KK, lane_stride);
+  for (int64_t d = 0; d < D; ++d) acc[d] *= scale;
+  slots_to_rows(reinterpret_cast<const T*>(acc), D, grad_q.at(i, j0), p.dw * grad_q.col);
 }
 
 // Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
@@ -1019,6 +1062,113 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
   });
 }
 
+// The saved-weights backward of whole-group windows (window_is_whole_group): per (slice, dilation group) the dense
+// products of its kh * kw queries and keys, lane-parallel as the forward's whole_group_tile. The per-query passes read
+// the group's P and dS one value per multiply-add row (gathers); here they are kLanes-wide loads.
+template <typename T>
+struct WholeGroupBackwardScratch {
+  // [slot][padded], padded = kh * kw rounded up to whole vectors, zero past kh * kw: P and dS with rows per query
+  // (prob, ds: the key tiles read a key vector of them) and per key (prob_t, ds_t: the query tiles read a query
+  // vector).
+  std::vector<T> prob, prob_t, ds, ds_t, got, dprob;
+  std::vector<const T*> qs, keys, values, grad_outs;
+  WholeGroupBackwardScratch(int64_t window, int64_t padded, int64_t dim)
+      : prob(window * padded),
+        prob_t(window * padded),
+        ds(window * padded),
+        ds_t(window * padded),
+        got(dim * kLanes),
+        dprob(window * kLanes),
+        qs(window),
+        keys(window),
+        values(window),
+        grad_outs(window) {}
+};
+
+// Query tile of slots s0 .. s0 + lanes - 1 of a whole-group backward: dS (into s.ds_t) and dQ. dP = dO . v with v
+// broadcast, dS = P (dP - delta), dQ = scale sum_n dS_n k_n with k broadcast.
+template <typename T, int64_t kD>
+void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64_t padded, T* const* gq,
+                            const Problem& p, T scale, const int64_t* token_i, const int64_t* token_j,
+                            WholeGroupBackwardScratch<T>& s) {
+  using V = Lanes<T>;
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  V* __restrict got = reinterpret_cast<V*>(s.got.data());
+  V* __restrict dprob = reinterpret_cast<V*>(s.dprob.data());
+  V delta{};
+  for (int64_t d = 0; d < D; ++d) got[d] = V{};
+  for (int64_t l = 0; l < lanes; ++l) {
+    const T* go = s.grad_outs[s0 + l];
+    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
+    delta[l] = dot(go, out.at(token_i[s0 + l], token_j[s0 + l]), D);
+  }
+  for (int64_t n = 0; n < KK; ++n) dprob[n] = V{};
+  broadcast_row_dots(got, s.values.data(), KK, D, dprob);
+  T* const ds_t = s.ds_t.data() + s0;
+  for (int64_t n = 0; n < KK; ++n) {
+    store_lanes(ds_t + n * padded, load_lanes(s.prob_t.data() + n * padded + s0) * (dprob[n] - delta));
+  }
+  weighted_row_sums(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
+}
+
+// The whole-group backward of slices [s0, s1): dQ, dK, dV and dS (into ds_ws, the per-query rows rpb_grad_slices
+// reads) from the saved weights.
+template <typename T, int64_t kD>
+void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
+                                 Strided<const T> v_all, Strided<const T> out_all, const T* weights,
+                                 Strided<T> grad_q_all, Strided<T> grad_k_all, Strided<T> grad_v_all, T* ds_ws,
+                                 int64_t s0, int64_t s1, const Problem& p, T scale) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
+  // Slot n of every group is token (rh + token_i[n], rw + token_j[n]); it is also window slot n of each query.
+  std::vector<int64_t> slot_i(KK), slot_j(KK);
+  for (int64_t n = 0; n < KK; ++n) {
+    slot_i[n] = (n / p.kw) * p.dh;
+    slot_j[n] = (n % p.kw) * p.dw;
+  }
+  parallel((s1 - s0) * groups, 1, [&](int64_t task) {
+    const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
+    const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh), k = k_all.slice(bh);
+    const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
+    const Slice<T> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
+    WholeGroupBackwardScratch<T> s(KK, padded, D);
+    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    for (int64_t n = 0; n < KK; ++n) {
+      token_i[n] = rh + slot_i[n];
+      token_j[n] = rw + slot_j[n];
+      token[n] = (bh * H + token_i[n]) * W + token_j[n];
+      s.qs[n] = q.at(token_i[n], token_j[n]);
+      s.keys[n] = k.at(token_i[n], token_j[n]);
+      s.values[n] = v.at(token_i[n], token_j[n]);
+      s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
+      std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+    }
+    transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+    T* dst[kLanes];
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      for (int64_t l = 0; l < lanes; ++l) dst[l] = grad_q.at(token_i[t0 + l], token_j[t0 + l]);
+      whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
+    }
+    transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
+    for (int64_t n = 0; n < KK; ++n) {
+      const T* row = s.ds.data() + n * padded;
+      std::copy(row, row + KK, ds_ws + (token[n] - s0 * H * W) * KK);
+    }
+    // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
+    T* dst_v[kLanes];
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      for (int64_t l = 0; l < lanes; ++l) {
+        dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
+        dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
+      }
+      weighted_row_sums(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
+      weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v, lanes);
+    }
+  });
+}
+
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
@@ -1033,10 +1183,15 @@ void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Stride
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
-    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
-                                     order.group_offset);
-    backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    if (window_is_whole_group(p)) {
+      whole_group_backward_slices<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, ds_ws, s0, s1, p,
+                                         scale);
+    } else {
+      if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
+      backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
+                                       order.group_offset);
+      backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    }
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }
@@ -1055,11 +1210,12 @@ void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const at::Tensor rc = rpb.has_value() ? as_compute(*rpb) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "na_fused_forward_cpu", [&] {
     dispatch_head_dim(p.dim, [&](auto dim) {
-      if (!weights.defined() && window_is_whole_group(p)) {
+      if (window_is_whole_group(p)) {
         whole_group_forward_kernel<scalar_t, dim.value>(
             strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
             rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr, strided_out<scalar_t>(oc),
-            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale));
+            lse.mutable_data_ptr<scalar_t>(), p, static_cast<scalar_t>(scale),
+            weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
         return;
       }
       forward_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
