@@ -158,10 +158,10 @@ struct Bf16Scratch {
   std::vector<float> keys, values, query, acc, logits;
   std::vector<const float*> key_rows, value_rows;
   std::vector<const Bf16Bits*> key_rows_bf16;
-  std::vector<float> tile_queries, tile_logits;  // query tiles: [D][lane] and [n][lane]
-  std::vector<uint32_t> tile_query_pairs;        // [D / 2][lane] (vdpbf16ps)
-  std::vector<uint32_t> key_words;               // interior tiles: the block's key rows, bf16_transpose_rows
-  std::vector<int64_t> columns;                  // the column of each slot (bf16_column_slots' inverse)
+  std::vector<float> tile_logits;          // query tiles: [n][lane]
+  std::vector<uint32_t> tile_query_words;  // [word][lane], bf16_tile_query_words
+  std::vector<uint32_t> key_words;         // interior tiles: the block's key rows, bf16_transpose_rows
+  std::vector<int64_t> columns;            // the column of each slot (bf16_column_slots' inverse)
 };
 
 Bf16Scratch& bf16_scratch() {
@@ -210,15 +210,6 @@ struct Bf16Tile {
   int64_t lanes;
 };
 
-// qt[d] lane l = float(element d of lane l's query).
-inline void bf16_tile_queries(Slice<const Bf16Bits> q, const Bf16Tile& t, int64_t D, float* qt) {
-  std::fill(qt, qt + D * kLanes, 0.0f);
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const Bf16Bits* row = q.at(t.i[l], t.j[l]);
-    for (int64_t d = 0; d < D; ++d) qt[d * kLanes + l] = bf16_to_float(row[d]);
-  }
-}
-
 // The two bf16 elements 2e, 2e + 1 of row as one 32-bit word: vdpbf16ps multiplies such pairs.
 inline uint32_t bf16_pair(const Bf16Bits* row, int64_t e) {
   uint32_t pair;
@@ -226,22 +217,96 @@ inline uint32_t bf16_pair(const Bf16Bits* row, int64_t e) {
   return pair;
 }
 
-// qt[e] lane l = element pair e of lane l's query, still bf16.
-inline void bf16_tile_query_pairs(Slice<const Bf16Bits> q, const Bf16Tile& t, int64_t D, uint32_t* qt) {
-  std::fill(qt, qt + D / 2 * kLanes, 0u);
-  for (int64_t l = 0; l < t.lanes; ++l) {
-    const Bf16Bits* row = q.at(t.i[l], t.j[l]);
-    for (int64_t e = 0; e < D / 2; ++e) qt[e * kLanes + l] = bf16_pair(row, e);
+typedef uint32_t Bf16Words8 __attribute__((vector_size(8 * sizeof(uint32_t)), aligned(alignof(uint16_t)), may_alias));
+typedef uint16_t Bf16Halves8 __attribute__((vector_size(8 * sizeof(uint16_t)), aligned(alignof(uint16_t)), may_alias));
+
+// out[w] = column w of the 8 x 8 matrix of 32-bit words whose rows are in[0..8): three rounds of interleaving (words,
+// then word pairs, then 128-bit halves).
+inline void bf16_transpose_words8(const Bf16Words8* in, Bf16Words8* out) {
+  Bf16Words8 a[8], b[8];
+  for (int x = 0; x < 8; x += 2) {
+    a[x] = __builtin_shufflevector(in[x], in[x + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    a[x + 1] = __builtin_shufflevector(in[x], in[x + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int x = 0; x < 8; x += 4) {
+    for (int y = 0; y < 2; ++y) {
+      b[x + 2 * y] = __builtin_shufflevector(a[x + y], a[x + y + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      b[x + 2 * y + 1] = __builtin_shufflevector(a[x + y], a[x + y + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int y = 0; y < 4; ++y) {
+    out[y] = __builtin_shufflevector(b[y], b[y + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[y + 4] = __builtin_shufflevector(b[y], b[y + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
-// Calls body(n, count) over n < KK in runs of four (count: a compile-time 4, then 1 for the rest): four keys per
-// pass over the tile's query vectors load each of those once per four multiply-adds.
+// Word w of a bf16 row: the float bits of element w (kWiden) or the element pair w.
+template <bool kWiden>
+inline uint32_t bf16_word(const Bf16Bits* row, int64_t w) {
+  if constexpr (kWiden) {
+    return static_cast<uint32_t>(row[w]) << 16;
+  } else {
+    return bf16_pair(row, w);
+  }
+}
+
+// Words w0 .. w0 + 7 of a bf16 row.
+template <bool kWiden>
+inline Bf16Words8 bf16_words8(const Bf16Bits* row, int64_t w0) {
+  if constexpr (kWiden) {
+    return __builtin_convertvector(*reinterpret_cast<const Bf16Halves8*>(row + w0), Bf16Words8) << 16;
+  } else {
+    return *reinterpret_cast<const Bf16Words8*>(row + 2 * w0);
+  }
+}
+
+// dst[w * dst_stride + c] = word w of rows[c], c < 8, w < words: 8 x 8 blocks transposed in registers.
+template <bool kWiden>
+inline void bf16_transpose_8_rows(const Bf16Bits* const* rows, int64_t words, uint32_t* dst, int64_t dst_stride) {
+  int64_t w0 = 0;
+  for (; w0 + 8 <= words; w0 += 8) {
+    Bf16Words8 in[8], cols[8];
+    for (int c = 0; c < 8; ++c) in[c] = bf16_words8<kWiden>(rows[c], w0);
+    bf16_transpose_words8(in, cols);
+    for (int w = 0; w < 8; ++w) *reinterpret_cast<Bf16Words8*>(dst + (w0 + w) * dst_stride) = cols[w];
+  }
+  for (; w0 < words; ++w0) {
+    for (int c = 0; c < 8; ++c) dst[w0 * dst_stride + c] = bf16_word<kWiden>(rows[c], w0);
+  }
+}
+
+// qt[w][l] = word w of lane l's query (kWiden: its widened elements, as float bits; else its bf16 pairs for
+// vdpbf16ps), zero in the lanes past a partial tile's queries.
+template <bool kWiden>
+inline void bf16_tile_query_words(Slice<const Bf16Bits> q, const Bf16Tile& t, int64_t words, uint32_t* qt) {
+  int64_t l0 = 0;
+  for (; l0 + 8 <= t.lanes; l0 += 8) {
+    const Bf16Bits* rows[8];
+    for (int c = 0; c < 8; ++c) rows[c] = q.at(t.i[l0 + c], t.j[l0 + c]);
+    bf16_transpose_8_rows<kWiden>(rows, words, qt + l0, kLanes);
+  }
+  for (int64_t l = l0; l < kLanes; ++l) {
+    const Bf16Bits* row = l < t.lanes ? q.at(t.i[l], t.j[l]) : nullptr;
+    for (int64_t w = 0; w < words; ++w) qt[w * kLanes + l] = row != nullptr ? bf16_word<kWiden>(row, w) : 0u;
+  }
+}
+
+// Calls body(n, count) over n < KK in runs of up to eight keys (count: a compile-time 8, then one run of the rest):
+// the run's logits stay in registers and each query vector of the tile is loaded once per run, not once per key.
 template <typename Body>
 inline void bf16_for_each_key_run(int64_t KK, const Body& body) {
   int64_t n = 0;
-  for (; n + 4 <= KK; n += 4) body(n, std::integral_constant<int64_t, 4>{});
-  for (; n < KK; ++n) body(n, std::integral_constant<int64_t, 1>{});
+  for (; n + 8 <= KK; n += 8) body(n, std::integral_constant<int64_t, 8>{});
+  const auto rest = [&](auto count) {
+    if (KK - n == decltype(count)::value) body(n, count);
+  };
+  rest(std::integral_constant<int64_t, 1>{});
+  rest(std::integral_constant<int64_t, 2>{});
+  rest(std::integral_constant<int64_t, 3>{});
+  rest(std::integral_constant<int64_t, 4>{});
+  rest(std::integral_constant<int64_t, 5>{});
+  rest(std::integral_constant<int64_t, 6>{});
+  rest(std::integral_constant<int64_t, 7>{});
 }
 
 // In place exp(logit - max) per lane of the tile's logits ([n][lane]); writes the logsumexp (and the normalized
@@ -347,10 +412,10 @@ Bf16GroupBias bf16_group_bias(const float* rpb, const Problem& p, const Windows&
 }
 
 // Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
-// kDot: qt holds bf16 pairs (bf16_tile_query_pairs) and keys_bf16 the key rows, multiplied by vdpbf16ps; otherwise
-// qt holds floats (bf16_tile_queries) and keys the widened key rows.
+// kDot: qt holds bf16 pairs (bf16_tile_query_words) and keys_bf16 the key rows, multiplied by vdpbf16ps; otherwise
+// qt holds floats (bf16_tile_query_words) and keys the widened key rows.
 template <int64_t kD, bool kDot>
-void bf16_whole_group_logits(const void* qt, const Bf16Bits* const* keys_bf16, const float* const* keys, int64_t KK,
+void bf16_whole_group_logits(const uint32_t* qt, const Bf16Bits* const* keys_bf16, const float* const* keys, int64_t KK,
                              int64_t D, float scale, const float* bias, int64_t bias_stride, float* logits) {
   using V = Lanes<float>;
   bf16_for_each_key_run(KK, [&](int64_t n, auto count) {
@@ -358,7 +423,7 @@ void bf16_whole_group_logits(const void* qt, const Bf16Bits* const* keys_bf16, c
     V acc[kCount] = {};
 #if DINAT_M2F_CPU_BF16_DOT
     if constexpr (kDot) {
-      const auto* pairs = static_cast<const uint32_t*>(qt);
+      const uint32_t* pairs = qt;
       __m512 sums[kCount];
       for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
       for (int64_t e = 0; e < D / 2; ++e) {
@@ -373,7 +438,7 @@ void bf16_whole_group_logits(const void* qt, const Bf16Bits* const* keys_bf16, c
     }
 #endif
     if constexpr (!kDot) {
-      const auto* qf = static_cast<const float*>(qt);
+      const auto* qf = reinterpret_cast<const float*>(qt);
       for (int64_t d = 0; d < D; ++d) {
         const V qd = load_lanes(qf + d * kLanes);
         for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * keys[n + u][d];
@@ -394,8 +459,7 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
                             float* weights, const Problem& p, const int64_t* slots, float scale,
                             const Bf16RowBlock& block, Bf16Scratch& s) {
   const int64_t W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), r = block.r;
-  s.tile_queries.resize(D * kLanes);
-  s.tile_query_pairs.resize(D / 2 * kLanes);
+  s.tile_query_words.resize(D * kLanes);
   s.tile_logits.resize(KK * kLanes);
   s.acc.resize(D);
   s.key_rows.resize(KK);
@@ -406,7 +470,7 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
   const float** const key_rows = s.key_rows.data();
   const float** const value_rows = s.value_rows.data();
   const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
-  const void* const qt = kDot ? static_cast<const void*>(s.tile_query_pairs.data()) : s.tile_queries.data();
+  const uint32_t* const qt = s.tile_query_words.data();
   const int64_t first = block.m0 * p.kw, end = block.m1 * p.kw;  // the block's query slots in each group
   for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
     for (int64_t n = 0; n < KK; ++n) {
@@ -425,11 +489,7 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
         t.i[l] = r + ((s0 + l) / p.kw) * p.dh;
         t.j[l] = rw + ((s0 + l) % p.kw) * p.dw;
       }
-      if constexpr (kDot) {
-        bf16_tile_query_pairs(q, t, D, s.tile_query_pairs.data());
-      } else {
-        bf16_tile_queries(q, t, D, s.tile_queries.data());
-      }
+      bf16_tile_query_words<!kDot>(q, t, kDot ? D / 2 : D, s.tile_query_words.data());
       bf16_whole_group_logits<kD, kDot>(qt, key_rows_bf16, key_rows, KK, D, scale, head_bias + s0, bias_stride, logits);
       const Lanes<float> inv = bf16_tile_softmax(logits, KK, t, block.bh * p.height, W, lse, weights);
       bf16_tile_weighted_values<kD, true>(logits, inv, value_rows, 0, KK, D, t, out, acc);
@@ -444,49 +504,6 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
 // key vector of the tile is one load, kLanes consecutive slots. Words: the widened float elements, or with vdpbf16ps
 // the bf16 element pairs (k is never widened there).
 
-typedef uint32_t Bf16Words8 __attribute__((vector_size(8 * sizeof(uint32_t)), aligned(alignof(uint16_t)), may_alias));
-typedef uint16_t Bf16Halves8 __attribute__((vector_size(8 * sizeof(uint16_t)), aligned(alignof(uint16_t)), may_alias));
-
-// out[w] = column w of the 8 x 8 matrix of 32-bit words whose rows are in[0..8): three rounds of interleaving (words,
-// then word pairs, then 128-bit halves).
-inline void bf16_transpose_words8(const Bf16Words8* in, Bf16Words8* out) {
-  Bf16Words8 a[8], b[8];
-  for (int x = 0; x < 8; x += 2) {
-    a[x] = __builtin_shufflevector(in[x], in[x + 1], 0, 8, 1, 9, 4, 12, 5, 13);
-    a[x + 1] = __builtin_shufflevector(in[x], in[x + 1], 2, 10, 3, 11, 6, 14, 7, 15);
-  }
-  for (int x = 0; x < 8; x += 4) {
-    for (int y = 0; y < 2; ++y) {
-      b[x + 2 * y] = __builtin_shufflevector(a[x + y], a[x + y + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-      b[x + 2 * y + 1] = __builtin_shufflevector(a[x + y], a[x + y + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-    }
-  }
-  for (int y = 0; y < 4; ++y) {
-    out[y] = __builtin_shufflevector(b[y], b[y + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-    out[y + 4] = __builtin_shufflevector(b[y], b[y + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-  }
-}
-
-// Word w of a bf16 row: the float bits of element w (kWiden) or the element pair w.
-template <bool kWiden>
-inline uint32_t bf16_word(const Bf16Bits* row, int64_t w) {
-  if constexpr (kWiden) {
-    return static_cast<uint32_t>(row[w]) << 16;
-  } else {
-    return bf16_pair(row, w);
-  }
-}
-
-// Words w0 .. w0 + 7 of a bf16 row.
-template <bool kWiden>
-inline Bf16Words8 bf16_words8(const Bf16Bits* row, int64_t w0) {
-  if constexpr (kWiden) {
-    return __builtin_convertvector(*reinterpret_cast<const Bf16Halves8*>(row + w0), Bf16Words8) << 16;
-  } else {
-    return *reinterpret_cast<const Bf16Words8*>(row + 2 * w0);
-  }
-}
-
 // Group rows [g0, g1) of x (one slice) as [row][word][slot]: out[((g - g0) * words + w) * W + slots[j]] = word w of
 // token (r + g dh, j), 8 x 8 blocks of (slot, word) transposed in registers.
 template <bool kWiden>
@@ -500,16 +517,7 @@ void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t
     for (; c0 + 8 <= W; c0 += 8) {
       const Bf16Bits* rows[8];
       for (int c = 0; c < 8; ++c) rows[c] = x.at(i, columns[c0 + c]);
-      int64_t w0 = 0;
-      for (; w0 + 8 <= words; w0 += 8) {
-        Bf16Words8 in[8], cols[8];
-        for (int c = 0; c < 8; ++c) in[c] = bf16_words8<kWiden>(rows[c], w0);
-        bf16_transpose_words8(in, cols);
-        for (int w = 0; w < 8; ++w) *reinterpret_cast<Bf16Words8*>(dst + (w0 + w) * W + c0) = cols[w];
-      }
-      for (; w0 < words; ++w0) {
-        for (int c = 0; c < 8; ++c) dst[w0 * W + c0 + c] = bf16_word<kWiden>(rows[c], w0);
-      }
+      bf16_transpose_8_rows<kWiden>(rows, words, dst + c0, W);
     }
     for (; c0 < W; ++c0) {
       const Bf16Bits* row = x.at(i, columns[c0]);
@@ -522,7 +530,7 @@ void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t
 // first_row the cache row of window row 0, col0 the slot of lane 0's first key; brow: the tile's bias row of window
 // row 0 (rows rpb_w apart, the same for every lane), or null. kDot: qt and kt hold bf16 pairs, multiplied by vdpbf16ps.
 template <bool kDot>
-void bf16_interior_logits(const void* qt, const uint32_t* kt, int64_t words, int64_t first_row, int64_t col0,
+void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words, int64_t first_row, int64_t col0,
                           const Problem& p, float scale, const float* brow, float* logits) {
   using V = Lanes<float>;
   const int64_t W = p.width;
@@ -533,7 +541,7 @@ void bf16_interior_logits(const void* qt, const uint32_t* kt, int64_t words, int
       V acc[kCount] = {};
 #if DINAT_M2F_CPU_BF16_DOT
       if constexpr (kDot) {
-        const auto* pairs = static_cast<const uint32_t*>(qt);
+        const uint32_t* pairs = qt;
         __m512 sums[kCount];
         for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
         for (int64_t e = 0; e < words; ++e) {
@@ -547,7 +555,7 @@ void bf16_interior_logits(const void* qt, const uint32_t* kt, int64_t words, int
       }
 #endif
       if constexpr (!kDot) {
-        const auto* qf = static_cast<const float*>(qt);
+        const auto* qf = reinterpret_cast<const float*>(qt);
         for (int64_t d = 0; d < words; ++d) {
           const V qd = load_lanes(qf + d * kLanes);
           const auto* kd = reinterpret_cast<const float*>(krow + d * W + kj);
@@ -620,8 +628,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     const auto transposed = static_cast<size_t>((g1 - g0) * words * W);
     if (s.key_words.size() < transposed) s.key_words.resize(transposed);
     bf16_transpose_rows<!kDot>(k, r, g0, g1, p, s.columns.data(), words, s.key_words.data());
-    s.tile_queries.resize(D * kLanes);
-    s.tile_query_pairs.resize(D / 2 * kLanes);
+    s.tile_query_words.resize(D * kLanes);
     s.tile_logits.resize(KK * kLanes);
     s.value_rows.resize(KK);
   }
@@ -640,7 +647,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   const uint32_t* const key_words = s.key_words.data();
   float* const tile_logits = s.tile_logits.data();
   const float** const value_rows = s.value_rows.data();
-  const void* const qt = kDot ? static_cast<const void*>(s.tile_query_pairs.data()) : s.tile_queries.data();
+  const uint32_t* const qt = s.tile_query_words.data();
   const int64_t h = block.bh % p.heads;
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i;
@@ -720,11 +727,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         t.i[l] = i;
         t.j[l] = rw + (jg0 + l) * p.dw;
       }
-      if constexpr (kDot) {
-        bf16_tile_query_pairs(q, t, D, s.tile_query_pairs.data());
-      } else {
-        bf16_tile_queries(q, t, D, s.tile_queries.data());
-      }
+      bf16_tile_query_words<!kDot>(q, t, kDot ? D / 2 : D, s.tile_query_words.data());
       const int64_t col0 = slots[rw] + jg0 - p.kw / 2;
       const float* brow =
           rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + win.w.bias[t.j[0]] : nullptr;
