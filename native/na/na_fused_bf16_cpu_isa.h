@@ -498,44 +498,45 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
 }
 
 // ------------------------------------------------------------------------------------------- interior tiles
-// kLanes consecutive queries of one dilation group along W whose windows are not clamped along W ("interior") and
-// one query row: lane l's key at window slot (ki, kj) is group column jg0 + l - kw / 2 + kj of the same key row for
+// Up to kLanes consecutive queries of one dilation group along W whose windows are not clamped along W ("interior")
+// and one query row: lane l's key at window slot (ki, kj) is group column jg0 + l - kw / 2 + kj of the same key row for
 // every lane, so with the block's key rows transposed to [row][word][slot] (slots in bf16_column_slots order) each
 // key vector of the tile is one load, kLanes consecutive slots. Words: the widened float elements, or with vdpbf16ps
 // the bf16 element pairs (k is never widened there).
 
-// Group rows [g0, g1) of x (one slice) as [row][word][slot]: out[((g - g0) * words + w) * W + slots[j]] = word w of
-// token (r + g dh, j), 8 x 8 blocks of (slot, word) transposed in registers.
+// Group rows [g0, g1) of x (one slice) as [row][word][slot]: out[((g - g0) * words + w) * stride + slots[j]] = word w
+// of token (r + g dh, j), 8 x 8 blocks of (slot, word) transposed in registers. stride: W plus a vector of slots
+// that no column fills, which a partial tile's unused lanes read.
 template <bool kWiden>
 void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p,
-                         const int64_t* columns, int64_t words, uint32_t* out) {
+                         const int64_t* columns, int64_t words, int64_t stride, uint32_t* out) {
   const int64_t W = p.width;
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t i = r + g * p.dh;
-    uint32_t* const dst = out + (g - g0) * words * W;
+    uint32_t* const dst = out + (g - g0) * words * stride;
     int64_t c0 = 0;
     for (; c0 + 8 <= W; c0 += 8) {
       const Bf16Bits* rows[8];
       for (int c = 0; c < 8; ++c) rows[c] = x.at(i, columns[c0 + c]);
-      bf16_transpose_8_rows<kWiden>(rows, words, dst + c0, W);
+      bf16_transpose_8_rows<kWiden>(rows, words, dst + c0, stride);
     }
     for (; c0 < W; ++c0) {
       const Bf16Bits* row = x.at(i, columns[c0]);
-      for (int64_t w = 0; w < words; ++w) dst[w * W + c0] = bf16_word<kWiden>(row, w);
+      for (int64_t w = 0; w < words; ++w) dst[w * stride + c0] = bf16_word<kWiden>(row, w);
     }
   }
 }
 
-// Logits of an interior tile into logits ([n][lane]): kt the block's transposed key rows (bf16_transpose_rows),
+// Logits of an interior tile into logits ([n][lane]): kt the block's transposed key rows (bf16_transpose_rows, rows
+// `stride` slots long),
 // first_row the cache row of window row 0, col0 the slot of lane 0's first key; brow: the tile's bias row of window
 // row 0 (rows rpb_w apart, the same for every lane), or null. kDot: qt and kt hold bf16 pairs, multiplied by vdpbf16ps.
 template <bool kDot>
-void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words, int64_t first_row, int64_t col0,
-                          const Problem& p, float scale, const float* brow, float* logits) {
+void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words, int64_t stride, int64_t first_row,
+                          int64_t col0, const Problem& p, float scale, const float* brow, float* logits) {
   using V = Lanes<float>;
-  const int64_t W = p.width;
   for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const uint32_t* const krow = kt + (first_row + ki) * words * W + col0;
+    const uint32_t* const krow = kt + (first_row + ki) * words * stride + col0;
     bf16_for_each_key_run(p.kw, [&](int64_t kj, auto count) {
       constexpr int64_t kCount = decltype(count)::value;
       V acc[kCount] = {};
@@ -547,7 +548,7 @@ void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words,
         for (int64_t e = 0; e < words; ++e) {
           const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pairs + e * kLanes));
           for (int64_t u = 0; u < kCount; ++u) {
-            const auto kv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow + e * W + kj + u));
+            const auto kv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow + e * stride + kj + u));
             sums[u] = _mm512_dpbf16_ps(sums[u], qv, kv);
           }
         }
@@ -558,7 +559,7 @@ void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words,
         const auto* qf = reinterpret_cast<const float*>(qt);
         for (int64_t d = 0; d < words; ++d) {
           const V qd = load_lanes(qf + d * kLanes);
-          const auto* kd = reinterpret_cast<const float*>(krow + d * W + kj);
+          const auto* kd = reinterpret_cast<const float*>(krow + d * stride + kj);
           for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * load_lanes(kd + u);
         }
       }
@@ -570,25 +571,25 @@ void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words,
   }
 }
 
-// Calls tile(jg0) for the starts of the interior tiles of a dilation group of glen queries along W and query(jg) for
-// every query they leave out: the tiles cover [kw / 2, glen - kw / 2) in steps of kLanes; a remainder of more than
-// a quarter tile takes one more tile overlapping the previous one (its shared queries computed twice, identically),
-// a smaller one goes query by query.
+// Calls tile(jg0, lanes) for the interior tiles of a dilation group of glen queries along W and query(jg) for every
+// query they leave out: the tiles cover [kw / 2, glen - kw / 2) kLanes queries at a time; a remainder of more than a
+// quarter tile is one partial tile, a smaller one goes query by query (as do the clamped windows at both ends).
 template <typename Tile, typename Query>
 inline void bf16_for_each_interior_tile(int64_t glen, int64_t kw, const Tile& tile, const Query& query) {
   const int64_t half = kw / 2, end = glen - half;
-  if (end - half < kLanes) {
-    for (int64_t jg = 0; jg < glen; ++jg) query(jg);
-    return;
-  }
-  for (int64_t jg = 0; jg < half; ++jg) query(jg);
-  int64_t jg = half;
-  for (; jg + kLanes <= end; jg += kLanes) tile(jg);
+  int64_t jg = 0;
+  for (; jg < std::min(half, glen); ++jg) query(jg);
+  for (; end - jg >= kLanes; jg += kLanes) tile(jg, kLanes);
   if (end - jg > kLanes / 4) {
-    tile(end - kLanes);
+    tile(jg, end - jg);
     jg = end;
   }
   for (; jg < glen; ++jg) query(jg);
+}
+
+// True when some dilation group along W gets an interior tile (the first group is the longest).
+inline bool bf16_has_interior_tiles(const Problem& p) {
+  return group_length(0, p.width, p.dw) - 2 * (p.kw / 2) > kLanes / 4;
 }
 
 // One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0). group_bias: where every
@@ -619,15 +620,14 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
                                      weights, p, slots, scale, block, s);
     return;
   }
-  // Interior tiles where some dilation group along W holds one (the first group is the longest).
-  const bool tiles = group_length(0, W, p.dw) - 2 * (p.kw / 2) >= kLanes;
-  const int64_t words = kDot ? D / 2 : D;
+  const bool tiles = bf16_has_interior_tiles(p);
+  const int64_t words = kDot ? D / 2 : D, stride = W + kLanes;
   if (tiles) {
     s.columns.resize(W);
     for (int64_t j = 0; j < W; ++j) s.columns[slots[j]] = j;
-    const auto transposed = static_cast<size_t>((g1 - g0) * words * W);
+    const auto transposed = static_cast<size_t>((g1 - g0) * words * stride);
     if (s.key_words.size() < transposed) s.key_words.resize(transposed);
-    bf16_transpose_rows<!kDot>(k, r, g0, g1, p, s.columns.data(), words, s.key_words.data());
+    bf16_transpose_rows<!kDot>(k, r, g0, g1, p, s.columns.data(), words, stride, s.key_words.data());
     s.tile_query_words.resize(D * kLanes);
     s.tile_logits.resize(KK * kLanes);
     s.value_rows.resize(KK);
@@ -720,10 +720,10 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
       bf16_for_each_in_group_order(W, p.dw, one_query);
       continue;
     }
-    const auto tile = [&](int64_t rw, int64_t jg0) {
+    const auto tile = [&](int64_t rw, int64_t jg0, int64_t lanes) {
       Bf16Tile t;
-      t.lanes = kLanes;
-      for (int64_t l = 0; l < kLanes; ++l) {
+      t.lanes = lanes;
+      for (int64_t l = 0; l < lanes; ++l) {
         t.i[l] = i;
         t.j[l] = rw + (jg0 + l) * p.dw;
       }
@@ -731,14 +731,14 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
       const int64_t col0 = slots[rw] + jg0 - p.kw / 2;
       const float* brow =
           rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + win.w.bias[t.j[0]] : nullptr;
-      bf16_interior_logits<kDot>(qt, key_words, words, g_first, col0, p, scale, brow, tile_logits);
+      bf16_interior_logits<kDot>(qt, key_words, words, stride, g_first, col0, p, scale, brow, tile_logits);
       const Lanes<float> inv = bf16_tile_softmax(tile_logits, KK, t, block.bh * H, W, lse, weights);
       for (int64_t n = 0; n < KK; ++n) value_rows[n] = values + ((g_first + n / p.kw) * W + col0 + n % p.kw) * D;
       bf16_tile_weighted_values<kD, false>(tile_logits, inv, value_rows, D, KK, D, t, out, s.acc.data());
     };
     for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
       bf16_for_each_interior_tile(
-          group_length(rw, W, p.dw), p.kw, [&](int64_t jg0) { tile(rw, jg0); },
+          group_length(rw, W, p.dw), p.kw, [&](int64_t jg0, int64_t lanes) { tile(rw, jg0, lanes); },
           [&](int64_t jg) { one_query(rw + jg * p.dw); });
     }
   }
