@@ -63,15 +63,17 @@ CASES = [
     (1, 5, 1, (9,)),
 ]
 # The forward's query tiles (kLanes queries per vector: 16 on the AVX-512 paths, 8 on AVX2), reached on every path:
-# - interior tiles (a row's windows not clamped along W, at least one tile of them in a dilation group): several
-#   groups, a row's last tile overlapping the one before it or its few last queries one by one, window widths that
-#   are not a multiple of the tile's 4-key runs (5, 9, 11), 1D;
+# - interior tiles (a row's windows not clamped along W, more than a quarter tile of them in a dilation group):
+#   several groups, a row's last interior queries as a partial tile or (two or fewer) one by one, a group whose
+#   interior is shorter than a tile (14x14 k7 on AVX-512), window widths that are not a multiple of the tile's 8-key
+#   runs (3, 5, 7, 9, 11), 1D;
 # - whole-group tiles (every window is its whole dilation group): a group's last tile partial (5x5, 3x3, 7 in 1D).
 # CASES' (21, 40) k7 d1 and (9, 70) k3 d2 have interior tiles too, (7, 7) k7 d1 and (56, 56) k7 d8 whole groups.
 TILE_CASES = [
     (2, 5, 1, (6, 30)),
     (2, 3, 2, (6, 47)),
     (2, 11, 1, (13, 40)),
+    (2, 7, 1, (14, 14)),
     (1, 9, 2, (61,)),
     (2, 5, 2, (10, 10)),
     (2, 3, 5, (15, 15)),
