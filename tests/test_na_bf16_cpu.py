@@ -62,6 +62,23 @@ CASES = [
     (1, 7, 3, (23,)),
     (1, 5, 1, (9,)),
 ]
+# The forward's query tiles (kLanes queries per vector: 16 on the AVX-512 paths, 8 on AVX2), reached on every path:
+# - interior tiles (a row's windows not clamped along W, more than a quarter tile of them in a dilation group):
+#   several groups, a row's last interior queries as a partial tile or (two or fewer) one by one, a group whose
+#   interior is shorter than a tile (14x14 k7 on AVX-512), window widths that are not a multiple of the tile's 8-key
+#   runs (3, 5, 7, 9, 11), 1D;
+# - whole-group tiles (every window is its whole dilation group): a group's last tile partial (5x5, 3x3, 7 in 1D).
+# CASES' (21, 40) k7 d1 and (9, 70) k3 d2 have interior tiles too, (7, 7) k7 d1 and (56, 56) k7 d8 whole groups.
+TILE_CASES = [
+    (2, 5, 1, (6, 30)),
+    (2, 3, 2, (6, 47)),
+    (2, 11, 1, (13, 40)),
+    (2, 7, 1, (14, 14)),
+    (1, 9, 2, (61,)),
+    (2, 5, 2, (10, 10)),
+    (2, 3, 5, (15, 15)),
+    (1, 7, 3, (21,)),
+]
 # 32: DiNAT's head dim (vdpbf16ps logits); 48: a multiple of 16 that is not compiled in; 12: not a multiple of 16
 # (the float32 logits of the AVX512_BF16 variant too), nor of the vector width.
 HEAD_DIMS = [32, 48, 12]
@@ -95,7 +112,7 @@ def _reference(q, k, v, kernel, dilation, rpb, scale, dims):
 @pytest.mark.parametrize("saves_attn", [False, True], ids=["lse", "attn"])
 @pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
 @pytest.mark.parametrize("dim", HEAD_DIMS)
-@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES + TILE_CASES)
 def test_bf16_fused_forward_matches_float64(path, dims, kernel, dilation, shape, dim, heads_last, saves_attn):
     g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim)
     q, k, v = (_tokens(shape, dim, heads_last, g) for _ in range(3))

@@ -156,8 +156,12 @@ inline void bf16_for_each_in_group_order(int64_t W, int64_t dw, const F& fn) {
 // Per-thread float32 scratch, kept between calls (fresh pages of a new allocation per unit cost page faults).
 struct Bf16Scratch {
   std::vector<float> keys, values, query, acc, logits;
-  std::vector<const float*> key_rows;
+  std::vector<const float*> key_rows, value_rows;
   std::vector<const Bf16Bits*> key_rows_bf16;
+  std::vector<float> tile_logits;          // query tiles: [n][lane]
+  std::vector<uint32_t> tile_query_words;  // [word][lane], bf16_tile_query_words
+  std::vector<uint32_t> key_words;         // interior tiles: the block's key rows, bf16_transpose_rows
+  std::vector<int64_t> columns;            // the column of each slot (bf16_column_slots' inverse)
 };
 
 Bf16Scratch& bf16_scratch() {
@@ -193,11 +197,407 @@ inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int6
   }
 }
 
-// One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0).
+// ------------------------------------------------------------------------------------------------ query tiles
+// kLanes queries at a time, one per vector lane: the tile's logits are [window slot][lane] vectors, so q . k is one
+// lane-parallel multiply-add per head-dim element (with vdpbf16ps one per element pair) with no horizontal sums, the
+// softmax runs lane-parallel, and each key row read serves the whole tile. The softmax is the per-query path's (all
+// logits, one max, one exp, float32 sums) and the output is rounded to bf16 once.
+
+// The queries of a tile: lane l < lanes is token (i[l], j[l]); the lanes past `lanes` (a partial tile) compute on
+// zero queries and are never stored.
+struct Bf16Tile {
+  int64_t i[kLanes], j[kLanes];
+  int64_t lanes;
+};
+
+// The two bf16 elements 2e, 2e + 1 of row as one 32-bit word: vdpbf16ps multiplies such pairs.
+inline uint32_t bf16_pair(const Bf16Bits* row, int64_t e) {
+  uint32_t pair;
+  std::memcpy(&pair, row + 2 * e, sizeof(pair));
+  return pair;
+}
+
+typedef uint32_t Bf16Words8 __attribute__((vector_size(8 * sizeof(uint32_t)), aligned(alignof(uint16_t)), may_alias));
+typedef uint16_t Bf16Halves8 __attribute__((vector_size(8 * sizeof(uint16_t)), aligned(alignof(uint16_t)), may_alias));
+
+// out[w] = column w of the 8 x 8 matrix of 32-bit words whose rows are in[0..8): three rounds of interleaving (words,
+// then word pairs, then 128-bit halves).
+inline void bf16_transpose_words8(const Bf16Words8* in, Bf16Words8* out) {
+  Bf16Words8 a[8], b[8];
+  for (int x = 0; x < 8; x += 2) {
+    a[x] = __builtin_shufflevector(in[x], in[x + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    a[x + 1] = __builtin_shufflevector(in[x], in[x + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int x = 0; x < 8; x += 4) {
+    for (int y = 0; y < 2; ++y) {
+      b[x + 2 * y] = __builtin_shufflevector(a[x + y], a[x + y + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      b[x + 2 * y + 1] = __builtin_shufflevector(a[x + y], a[x + y + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int y = 0; y < 4; ++y) {
+    out[y] = __builtin_shufflevector(b[y], b[y + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    out[y + 4] = __builtin_shufflevector(b[y], b[y + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  }
+}
+
+// Word w of a bf16 row: the float bits of element w (kWiden) or the element pair w.
+template <bool kWiden>
+inline uint32_t bf16_word(const Bf16Bits* row, int64_t w) {
+  if constexpr (kWiden) {
+    return static_cast<uint32_t>(row[w]) << 16;
+  } else {
+    return bf16_pair(row, w);
+  }
+}
+
+// Words w0 .. w0 + 7 of a bf16 row.
+template <bool kWiden>
+inline Bf16Words8 bf16_words8(const Bf16Bits* row, int64_t w0) {
+  if constexpr (kWiden) {
+    return __builtin_convertvector(*reinterpret_cast<const Bf16Halves8*>(row + w0), Bf16Words8) << 16;
+  } else {
+    return *reinterpret_cast<const Bf16Words8*>(row + 2 * w0);
+  }
+}
+
+// dst[w * dst_stride + c] = word w of rows[c], c < 8, w < words: 8 x 8 blocks transposed in registers.
+template <bool kWiden>
+inline void bf16_transpose_8_rows(const Bf16Bits* const* rows, int64_t words, uint32_t* dst, int64_t dst_stride) {
+  int64_t w0 = 0;
+  for (; w0 + 8 <= words; w0 += 8) {
+    Bf16Words8 in[8], cols[8];
+    for (int c = 0; c < 8; ++c) in[c] = bf16_words8<kWiden>(rows[c], w0);
+    bf16_transpose_words8(in, cols);
+    for (int w = 0; w < 8; ++w) *reinterpret_cast<Bf16Words8*>(dst + (w0 + w) * dst_stride) = cols[w];
+  }
+  for (; w0 < words; ++w0) {
+    for (int c = 0; c < 8; ++c) dst[w0 * dst_stride + c] = bf16_word<kWiden>(rows[c], w0);
+  }
+}
+
+// qt[w][l] = word w of lane l's query (kWiden: its widened elements, as float bits; else its bf16 pairs for
+// vdpbf16ps), zero in the lanes past a partial tile's queries.
+template <bool kWiden>
+inline void bf16_tile_query_words(Slice<const Bf16Bits> q, const Bf16Tile& t, int64_t words, uint32_t* qt) {
+  int64_t l0 = 0;
+  for (; l0 + 8 <= t.lanes; l0 += 8) {
+    const Bf16Bits* rows[8];
+    for (int c = 0; c < 8; ++c) rows[c] = q.at(t.i[l0 + c], t.j[l0 + c]);
+    bf16_transpose_8_rows<kWiden>(rows, words, qt + l0, kLanes);
+  }
+  for (int64_t l = l0; l < kLanes; ++l) {
+    const Bf16Bits* row = l < t.lanes ? q.at(t.i[l], t.j[l]) : nullptr;
+    for (int64_t w = 0; w < words; ++w) qt[w * kLanes + l] = row != nullptr ? bf16_word<kWiden>(row, w) : 0u;
+  }
+}
+
+// Calls body(n, count) over n < KK in runs of up to eight keys (count: a compile-time 8, then one run of the rest):
+// the run's logits stay in registers and each query vector of the tile is loaded once per run, not once per key.
+template <typename Body>
+inline void bf16_for_each_key_run(int64_t KK, const Body& body) {
+  int64_t n = 0;
+  for (; n + 8 <= KK; n += 8) body(n, std::integral_constant<int64_t, 8>{});
+  const auto rest = [&](auto count) {
+    if (KK - n == decltype(count)::value) body(n, count);
+  };
+  rest(std::integral_constant<int64_t, 1>{});
+  rest(std::integral_constant<int64_t, 2>{});
+  rest(std::integral_constant<int64_t, 3>{});
+  rest(std::integral_constant<int64_t, 4>{});
+  rest(std::integral_constant<int64_t, 5>{});
+  rest(std::integral_constant<int64_t, 6>{});
+  rest(std::integral_constant<int64_t, 7>{});
+}
+
+// In place exp(logit - max) per lane of the tile's logits ([n][lane]); writes the logsumexp (and the normalized
+// weights when saving them) of its queries and returns 1 / sum per lane.
+inline Lanes<float> bf16_tile_softmax(float* logits, int64_t KK, const Bf16Tile& t, int64_t row0, int64_t W, float* lse,
+                                      float* weights) {
+  using V = Lanes<float>;
+  V max = load_lanes(logits);
+  for (int64_t n = 1; n < KK; ++n) {
+    const V x = load_lanes(logits + n * kLanes);
+    max = x > max ? x : max;
+  }
+  V sum = V{};
+  for (int64_t n = 0; n < KK; ++n) {
+    const V e = exp_lanes(load_lanes(logits + n * kLanes) - max);
+    store_lanes(logits + n * kLanes, e);
+    sum += e;
+  }
+  const V inv = 1.0f / sum;
+  for (int64_t l = 0; l < t.lanes; ++l) {
+    const int64_t token = (row0 + t.i[l]) * W + t.j[l];
+    lse[token] = max[l] + std::log(sum[l]);
+    if (weights == nullptr) continue;
+    float* w = weights + token * KK;
+    for (int64_t n = 0; n < KK; ++n) w[n] = logits[n * kLanes + l] * inv[l];
+  }
+  return inv;
+}
+
+// out of each tile query l = inv[l] * sum_n probs[n][l] * (values[n] + l * lane_step), rounded to bf16 once.
+// kSharedValues: lane_step is 0 (a whole-group tile: every lane weighs the same value rows), so each value vector is
+// loaded once per register tile of queries. The sums stay in registers for a head dim of at most 4 vectors.
+template <int64_t kD, bool kSharedValues>
+void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float* const* values, int64_t lane_step,
+                               int64_t KK, int64_t D, const Bf16Tile& t, Slice<Bf16Bits> out, float* acc_row) {
+  using V = Lanes<float>;
+  if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+    constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
+    const auto some_queries = [&](int64_t l0, auto count) {
+      constexpr int64_t kCount = decltype(count)::value;
+      V acc[kCount][kVectors] = {};
+      for (int64_t n = 0; n < KK; ++n) {
+        const float* pn = probs + n * kLanes + l0;
+        if constexpr (kSharedValues) {
+          for (int64_t c = 0; c < kVectors; ++c) {
+            const V x = load_lanes(values[n] + c * kLanes);
+            for (int64_t u = 0; u < kCount; ++u) acc[u][c] += pn[u] * x;
+          }
+        } else {
+          for (int64_t u = 0; u < kCount; ++u) {
+            const float* row = values[n] + (l0 + u) * lane_step;
+            for (int64_t c = 0; c < kVectors; ++c) acc[u][c] += pn[u] * load_lanes(row + c * kLanes);
+          }
+        }
+      }
+      for (int64_t u = 0; u < kCount; ++u) {
+        Bf16Bits* o = out.at(t.i[l0 + u], t.j[l0 + u]);
+        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[u][c] * inv[l0 + u]);
+      }
+    };
+    int64_t l0 = 0;
+    for (; l0 + kQueries <= t.lanes; l0 += kQueries) some_queries(l0, std::integral_constant<int64_t, kQueries>{});
+    for (; l0 < t.lanes; ++l0) some_queries(l0, std::integral_constant<int64_t, 1>{});
+  } else {
+    for (int64_t l = 0; l < t.lanes; ++l) {
+      std::fill(acc_row, acc_row + D, 0.0f);
+      for (int64_t n = 0; n < KK; ++n) axpy(probs[n * kLanes + l], values[n] + l * lane_step, acc_row, D);
+      bf16_round_row(inv[l], acc_row, out.at(t.i[l], t.j[l]), D);
+    }
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- whole groups
+// When every window is its whole dilation group (H == kh * dh and W == kw * dw: DiNAT-T's dilated layers at 224,
+// 56x56 d 8, 28x28 d 4, 14x14 d 2, and its 7x7 stage), the kh * kw queries of a group share one window, the group's
+// keys: a tile of any kLanes of them reads key n's elements as broadcasts (no transposed copy of k), and its output
+// weighs the same value rows in every lane.
+
+inline bool bf16_window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
+
+// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) per head:
+// [heads][n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors.
+struct Bf16GroupBias {
+  std::vector<float> table;
+  int64_t stride = 0;  // between the rows of consecutive n
+};
+
+Bf16GroupBias bf16_group_bias(const float* rpb, const Problem& p, const Windows& win) {
+  const int64_t KK = p.window();
+  Bf16GroupBias bias{std::vector<float>(p.heads * KK * (KK + kLanes), 0.0f), KK + kLanes};
+  if (rpb == nullptr) return bias;
+  for (int64_t h = 0; h < p.heads; ++h) {
+    for (int64_t s = 0; s < KK; ++s) {
+      // Query slot s is token (a dh, b dw) of group (0, 0); its bias window starts at its bias offsets.
+      const float* corner =
+          rpb + (h * p.rpb_h() + win.h.bias[(s / p.kw) * p.dh]) * p.rpb_w() + win.w.bias[(s % p.kw) * p.dw];
+      for (int64_t n = 0; n < KK; ++n) {
+        bias.table[(h * KK + n) * bias.stride + s] = corner[(n / p.kw) * p.rpb_w() + n % p.kw];
+      }
+    }
+  }
+  return bias;
+}
+
+// Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
+// kDot: qt holds bf16 pairs (bf16_tile_query_words) and keys_bf16 the key rows, multiplied by vdpbf16ps; otherwise
+// qt holds floats (bf16_tile_query_words) and keys the widened key rows.
+template <int64_t kD, bool kDot>
+void bf16_whole_group_logits(const uint32_t* qt, const Bf16Bits* const* keys_bf16, const float* const* keys, int64_t KK,
+                             int64_t D, float scale, const float* bias, int64_t bias_stride, float* logits) {
+  using V = Lanes<float>;
+  bf16_for_each_key_run(KK, [&](int64_t n, auto count) {
+    constexpr int64_t kCount = decltype(count)::value;
+    V acc[kCount] = {};
+#if DINAT_M2F_CPU_BF16_DOT
+    if constexpr (kDot) {
+      const uint32_t* pairs = qt;
+      __m512 sums[kCount];
+      for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < D / 2; ++e) {
+        const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pairs + e * kLanes));
+        for (int64_t u = 0; u < kCount; ++u) {
+          const auto kv =
+              reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(bf16_pair(keys_bf16[n + u], e))));
+          sums[u] = _mm512_dpbf16_ps(sums[u], qv, kv);
+        }
+      }
+      for (int64_t u = 0; u < kCount; ++u) acc[u] = reinterpret_cast<V>(sums[u]);
+    }
+#endif
+    if constexpr (!kDot) {
+      const auto* qf = reinterpret_cast<const float*>(qt);
+      for (int64_t d = 0; d < D; ++d) {
+        const V qd = load_lanes(qf + d * kLanes);
+        for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * keys[n + u][d];
+      }
+    }
+    for (int64_t u = 0; u < kCount; ++u) {
+      store_lanes(logits + (n + u) * kLanes, acc[u] * scale + load_lanes(bias + (n + u) * bias_stride));
+    }
+  });
+}
+
+// The queries of a block (group rows [m0, m1) of dilation group r along H) in whole-group tiles, dilation group by
+// dilation group along W. keys, values: the block's widened rows from group row g0 on (bf16_widen_rows; keys unused
+// with kDot, which reads k in place). head_bias: this head's Bf16GroupBias rows.
+template <int64_t kD, bool kDot>
+void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, const float* keys, const float* values,
+                            int64_t g0, const float* head_bias, int64_t bias_stride, Slice<Bf16Bits> out, float* lse,
+                            float* weights, const Problem& p, const int64_t* slots, float scale,
+                            const Bf16RowBlock& block, Bf16Scratch& s) {
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), r = block.r;
+  s.tile_query_words.resize(D * kLanes);
+  s.tile_logits.resize(KK * kLanes);
+  s.acc.resize(D);
+  s.key_rows.resize(KK);
+  s.value_rows.resize(KK);
+  s.key_rows_bf16.resize(KK);
+  float* const logits = s.tile_logits.data();
+  float* const acc = s.acc.data();
+  const float** const key_rows = s.key_rows.data();
+  const float** const value_rows = s.value_rows.data();
+  const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
+  const uint32_t* const qt = s.tile_query_words.data();
+  const int64_t first = block.m0 * p.kw, end = block.m1 * p.kw;  // the block's query slots in each group
+  for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
+    for (int64_t n = 0; n < KK; ++n) {
+      const int64_t ki = n / p.kw, kj = n % p.kw, at = ((ki - g0) * W + slots[rw] + kj) * D;
+      value_rows[n] = values + at;
+      if constexpr (kDot) {
+        key_rows_bf16[n] = k.at(r + ki * p.dh, rw + kj * p.dw);
+      } else {
+        key_rows[n] = keys + at;
+      }
+    }
+    for (int64_t s0 = first; s0 < end; s0 += kLanes) {
+      Bf16Tile t;
+      t.lanes = std::min(kLanes, end - s0);
+      for (int64_t l = 0; l < t.lanes; ++l) {
+        t.i[l] = r + ((s0 + l) / p.kw) * p.dh;
+        t.j[l] = rw + ((s0 + l) % p.kw) * p.dw;
+      }
+      bf16_tile_query_words<!kDot>(q, t, kDot ? D / 2 : D, s.tile_query_words.data());
+      bf16_whole_group_logits<kD, kDot>(qt, key_rows_bf16, key_rows, KK, D, scale, head_bias + s0, bias_stride, logits);
+      const Lanes<float> inv = bf16_tile_softmax(logits, KK, t, block.bh * p.height, W, lse, weights);
+      bf16_tile_weighted_values<kD, true>(logits, inv, value_rows, 0, KK, D, t, out, acc);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------- interior tiles
+// Up to kLanes consecutive queries of one dilation group along W whose windows are not clamped along W ("interior")
+// and one query row: lane l's key at window slot (ki, kj) is group column jg0 + l - kw / 2 + kj of the same key row for
+// every lane, so with the block's key rows transposed to [row][word][slot] (slots in bf16_column_slots order) each
+// key vector of the tile is one load, kLanes consecutive slots. Words: the widened float elements, or with vdpbf16ps
+// the bf16 element pairs (k is never widened there).
+
+// Group rows [g0, g1) of x (one slice) as [row][word][slot]: out[((g - g0) * words + w) * stride + slots[j]] = word w
+// of token (r + g dh, j), 8 x 8 blocks of (slot, word) transposed in registers. stride: W plus a vector of slots
+// that no column fills, which a partial tile's unused lanes read.
+template <bool kWiden>
+void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t g1, const Problem& p,
+                         const int64_t* columns, int64_t words, int64_t stride, uint32_t* out) {
+  const int64_t W = p.width;
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t i = r + g * p.dh;
+    uint32_t* const dst = out + (g - g0) * words * stride;
+    int64_t c0 = 0;
+    for (; c0 + 8 <= W; c0 += 8) {
+      const Bf16Bits* rows[8];
+      for (int c = 0; c < 8; ++c) rows[c] = x.at(i, columns[c0 + c]);
+      bf16_transpose_8_rows<kWiden>(rows, words, dst + c0, stride);
+    }
+    for (; c0 < W; ++c0) {
+      const Bf16Bits* row = x.at(i, columns[c0]);
+      for (int64_t w = 0; w < words; ++w) dst[w * stride + c0] = bf16_word<kWiden>(row, w);
+    }
+  }
+}
+
+// Logits of an interior tile into logits ([n][lane]): kt the block's transposed key rows (bf16_transpose_rows, rows
+// `stride` slots long),
+// first_row the cache row of window row 0, col0 the slot of lane 0's first key; brow: the tile's bias row of window
+// row 0 (rows rpb_w apart, the same for every lane), or null. kDot: qt and kt hold bf16 pairs, multiplied by vdpbf16ps.
+template <bool kDot>
+void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words, int64_t stride, int64_t first_row,
+                          int64_t col0, const Problem& p, float scale, const float* brow, float* logits) {
+  using V = Lanes<float>;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const uint32_t* const krow = kt + (first_row + ki) * words * stride + col0;
+    bf16_for_each_key_run(p.kw, [&](int64_t kj, auto count) {
+      constexpr int64_t kCount = decltype(count)::value;
+      V acc[kCount] = {};
+#if DINAT_M2F_CPU_BF16_DOT
+      if constexpr (kDot) {
+        const uint32_t* pairs = qt;
+        __m512 sums[kCount];
+        for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
+        for (int64_t e = 0; e < words; ++e) {
+          const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pairs + e * kLanes));
+          for (int64_t u = 0; u < kCount; ++u) {
+            const auto kv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow + e * stride + kj + u));
+            sums[u] = _mm512_dpbf16_ps(sums[u], qv, kv);
+          }
+        }
+        for (int64_t u = 0; u < kCount; ++u) acc[u] = reinterpret_cast<V>(sums[u]);
+      }
+#endif
+      if constexpr (!kDot) {
+        const auto* qf = reinterpret_cast<const float*>(qt);
+        for (int64_t d = 0; d < words; ++d) {
+          const V qd = load_lanes(qf + d * kLanes);
+          const auto* kd = reinterpret_cast<const float*>(krow + d * stride + kj);
+          for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * load_lanes(kd + u);
+        }
+      }
+      for (int64_t u = 0; u < kCount; ++u) {
+        const float bias = brow != nullptr ? brow[ki * p.rpb_w() + kj + u] : 0.0f;
+        store_lanes(logits + (ki * p.kw + kj + u) * kLanes, acc[u] * scale + bias);
+      }
+    });
+  }
+}
+
+// Calls tile(jg0, lanes) for the interior tiles of a dilation group of glen queries along W and query(jg) for every
+// query they leave out: the tiles cover [kw / 2, glen - kw / 2) kLanes queries at a time; a remainder of more than a
+// quarter tile is one partial tile, a smaller one goes query by query (as do the clamped windows at both ends).
+template <typename Tile, typename Query>
+inline void bf16_for_each_interior_tile(int64_t glen, int64_t kw, const Tile& tile, const Query& query) {
+  const int64_t half = kw / 2, end = glen - half;
+  int64_t jg = 0;
+  for (; jg < std::min(half, glen); ++jg) query(jg);
+  for (; end - jg >= kLanes; jg += kLanes) tile(jg, kLanes);
+  if (end - jg > kLanes / 4) {
+    tile(jg, end - jg);
+    jg = end;
+  }
+  for (; jg < glen; ++jg) query(jg);
+}
+
+// True when some dilation group along W gets an interior tile (the first group is the longest).
+inline bool bf16_has_interior_tiles(const Problem& p) {
+  return group_length(0, p.width, p.dw) - 2 * (p.kw / 2) > kLanes / 4;
+}
+
+// One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0). group_bias: where every
+// window is its whole group (bf16_window_is_whole_group), whose tiles then take all the block's queries; else null.
 template <int64_t kD, bool kDot>
 void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
-                        const float* rpb, Strided<Bf16Bits> out_all, float* lse, float* weights, const Problem& p,
-                        const Windows& win, float scale, const Bf16RowBlock& block) {
+                        const float* rpb, const Bf16GroupBias* group_bias, Strided<Bf16Bits> out_all, float* lse,
+                        float* weights, const Problem& p, const Windows& win, float scale, const Bf16RowBlock& block) {
   static_assert(!kDot || DINAT_M2F_CPU_BF16_DOT, "vdpbf16ps logits are compiled in the AVX512_BF16 unit only");
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), dh = p.dh, r = block.r;
   const Slice<const Bf16Bits> q = q_all.slice(block.bh), k = k_all.slice(block.bh), v = v_all.slice(block.bh);
@@ -214,6 +614,24 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     if (s.keys.size() < cached) s.keys.resize(cached);
     bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
+  if (group_bias != nullptr) {
+    const float* head_bias = group_bias->table.data() + (block.bh % p.heads) * KK * group_bias->stride;
+    bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
+                                     weights, p, slots, scale, block, s);
+    return;
+  }
+  const bool tiles = bf16_has_interior_tiles(p);
+  const int64_t words = kDot ? D / 2 : D, stride = W + kLanes;
+  if (tiles) {
+    s.columns.resize(W);
+    for (int64_t j = 0; j < W; ++j) s.columns[slots[j]] = j;
+    const auto transposed = static_cast<size_t>((g1 - g0) * words * stride);
+    if (s.key_words.size() < transposed) s.key_words.resize(transposed);
+    bf16_transpose_rows<!kDot>(k, r, g0, g1, p, s.columns.data(), words, stride, s.key_words.data());
+    s.tile_query_words.resize(D * kLanes);
+    s.tile_logits.resize(KK * kLanes);
+    s.value_rows.resize(KK);
+  }
   s.query.resize(D);
   s.acc.resize(D);
   s.logits.resize(KK);
@@ -226,11 +644,15 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   float* const query = s.query.data();
   const float** const key_rows = s.key_rows.data();
   const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
+  const uint32_t* const key_words = s.key_words.data();
+  float* const tile_logits = s.tile_logits.data();
+  const float** const value_rows = s.value_rows.data();
+  const uint32_t* const qt = s.tile_query_words.data();
   const int64_t h = block.bh % p.heads;
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i;
     const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
-    bf16_for_each_in_group_order(W, p.dw, [&](int64_t j) {
+    const auto one_query = [&](int64_t j) {
       // The window's key / value rows.
       for (int64_t ki = 0; ki < p.kh; ++ki) {
         const int64_t cache_row = (g_first + ki) * W;
@@ -293,7 +715,32 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
         }
         bf16_round_row(inv, acc, out.at(i, j), D);
       }
-    });
+    };
+    if (!tiles) {
+      bf16_for_each_in_group_order(W, p.dw, one_query);
+      continue;
+    }
+    const auto tile = [&](int64_t rw, int64_t jg0, int64_t lanes) {
+      Bf16Tile t;
+      t.lanes = lanes;
+      for (int64_t l = 0; l < lanes; ++l) {
+        t.i[l] = i;
+        t.j[l] = rw + (jg0 + l) * p.dw;
+      }
+      bf16_tile_query_words<!kDot>(q, t, kDot ? D / 2 : D, s.tile_query_words.data());
+      const int64_t col0 = slots[rw] + jg0 - p.kw / 2;
+      const float* brow =
+          rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + win.w.bias[t.j[0]] : nullptr;
+      bf16_interior_logits<kDot>(qt, key_words, words, stride, g_first, col0, p, scale, brow, tile_logits);
+      const Lanes<float> inv = bf16_tile_softmax(tile_logits, KK, t, block.bh * H, W, lse, weights);
+      for (int64_t n = 0; n < KK; ++n) value_rows[n] = values + ((g_first + n / p.kw) * W + col0 + n % p.kw) * D;
+      bf16_tile_weighted_values<kD, false>(tile_logits, inv, value_rows, D, KK, D, t, out, s.acc.data());
+    };
+    for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
+      bf16_for_each_interior_tile(
+          group_length(rw, W, p.dw), p.kw, [&](int64_t jg0, int64_t lanes) { tile(rw, jg0, lanes); },
+          [&](int64_t jg) { one_query(rw + jg * p.dw); });
+    }
   }
 }
 
@@ -340,11 +787,13 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* lp = lse.mutable_data_ptr<float>();
   float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
+  const Bf16GroupBias group_bias = bf16_window_is_whole_group(p) ? bf16_group_bias(rp, p, win) : Bf16GroupBias{};
+  const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
   const auto run = [&](auto dot) {
     dispatch_head_dim(p.dim, [&](auto dim) {
       parallel(static_cast<int64_t>(blocks.size()), 1, [&](int64_t b) {
-        bf16_forward_block<dim.value, decltype(dot)::value>(qs, ks, vs, rp, os, lp, wp, p, win, fs, blocks[b]);
+        bf16_forward_block<dim.value, decltype(dot)::value>(qs, ks, vs, rp, whole, os, lp, wp, p, win, fs, blocks[b]);
       });
     });
   };
