@@ -62,3 +62,25 @@ def test_two_gloo_workers_agree_and_match_one_process(tmp_path):
     assert workers == pytest.approx(point_terms(single), rel=0.01)
     total_workers = (sum(r0["losses"].values()) + sum(r1["losses"].values())).item() / 2
     assert total_workers == pytest.approx(sum(single.values()).item(), rel=0.05)
+
+
+def test_worker_teardown_releases_every_reference_to_the_groups(tmp_path):
+    """A group that outlives the interpreter lets a gloo thread free a collective's tensors during finalization
+    (SIGABRT, "terminate called without an active exception"): the teardown must leave no reference behind."""
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    from dinat_m2f.engine.launch import _release_process_groups
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, world_size=1, rank=0)
+    try:
+        comm._LOCAL_PROCESS_GROUP = dist.new_group([0])
+        out = [None]
+        dist.all_gather_object(out, {"rank": 0}, group=comm._get_global_gloo_group())  # detectron2 caches it
+        assert out == [{"rank": 0}] and comm._get_global_gloo_group.cache_info().currsize == 1
+    finally:
+        _release_process_groups()
+    assert not dist.is_initialized()
+    assert comm._LOCAL_PROCESS_GROUP is None
+    assert comm._get_global_gloo_group.cache_info().currsize == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Callable
 from datetime import timedelta
@@ -80,4 +81,20 @@ def _cpu_worker(
     try:
         main_func(*args)
     finally:
-        dist.destroy_process_group()
+        _release_process_groups()
+
+
+def _release_process_groups() -> None:
+    """Destroy the process groups and drop every reference to them while Python is still fully alive.
+
+    ``destroy_process_group`` alone leaves the groups alive when something else holds them (detectron2's
+    ``comm._LOCAL_PROCESS_GROUP`` and the cached ``_get_global_gloo_group``). A gloo group's worker thread may then
+    still be freeing a finished collective whose tensors belong to Python objects when the interpreter finalizes:
+    the thread cannot take the GIL, exits mid-destructor and the worker dies with SIGABRT ("terminate called
+    without an active exception"). Releasing the last reference here joins those threads before the exit (torch
+    releases the GIL while a group's destructor joins them).
+    """
+    dist.destroy_process_group()
+    comm._LOCAL_PROCESS_GROUP = None
+    comm._get_global_gloo_group.cache_clear()
+    gc.collect()  # groups held by reference cycles (a trainer's DDP model) go now, not at finalization
