@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import dinat_m2f
+from dinat_m2f import ops
 from dinat_m2f.ops import na as _na  # noqa: F401  (loads the extension, registers the ops)
 from dinat_m2f.ops import reference as ref
 
@@ -78,6 +79,19 @@ TILE_CASES = [
     (2, 5, 2, (10, 10)),
     (2, 3, 5, (15, 15)),
     (1, 7, 3, (21,)),
+]
+# The backward's whole-group path (every window is its whole dilation group: maps of k * d): 1D and 2D, d 1 to 4,
+# groups of kh kw queries that are not whole tiles (9, 25, 49 slots; 3, 5, 7 in 1D) and one smaller than a tile.
+# CASES' (7, 7) k7 d1 and (56, 56) k7 d8 are whole groups too.
+WHOLE_GROUP_CASES = [
+    (2, 3, 1, (3, 3)),
+    (2, 5, 2, (10, 10)),
+    (2, 3, 3, (9, 9)),
+    (2, 7, 4, (28, 28)),
+    (2, 7, 2, (14, 14)),
+    (1, 7, 3, (21,)),
+    (1, 5, 4, (20,)),
+    (1, 3, 1, (3,)),
 ]
 # 32: DiNAT's head dim (vdpbf16ps logits); 48: a multiple of 16 that is not compiled in; 12: not a multiple of 16
 # (the float32 logits of the AVX512_BF16 variant too), nor of the vector width.
@@ -174,7 +188,7 @@ def test_bf16_override_is_honoured_and_loud_when_wrong(monkeypatch):
 
 @pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
 @pytest.mark.parametrize("dim", HEAD_DIMS)
-@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES + WHOLE_GROUP_CASES)
 def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, shape, dim, heads_last):
     """Training's backward (ops.na*d on the CPU with grad: the forward saves the weights) in bf16: gradients within
     the bf16 tolerance of float64 autograd, and the float32 kernel's on the upcast inputs up to bf16 rounding."""
@@ -220,3 +234,27 @@ def test_bf16_fused_backward_over_several_workspace_groups(path):
     )
     for got, exp in zip(grads, want32):
         torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "shape"), [(7, 2, (14, 14)), (3, 4, (12, 12)), (7, 1, (7, 7)), (5, 3, (17, 16))]
+)
+def test_bf16_qkv_training_matches_float64(path, kernel, dilation, shape):
+    """The model's call (ops.na2d_qkv with grad: q, k, v strided views of the packed projection, the gradients
+    written into one buffer of its shape) in bf16, whole-group maps and one that is not: out and the gradients of qkv
+    and rpb within the bf16 tolerances of float64 autograd on the same inputs (test_bf16_fused_backward_from_saved_weights
+    compares the kernels with float32's more tightly)."""
+    g = torch.Generator().manual_seed(kernel * 10 + dilation)
+    qkv = torch.randn(2, *shape, 3, 3, 32, generator=g).to(torch.bfloat16).requires_grad_()
+    rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(torch.bfloat16).requires_grad_()
+    grad_out = torch.randn(2, 3, *shape, 32, generator=g).to(torch.bfloat16)
+    out = ops.na2d_qkv(qkv, kernel, dilation, rpb=rpb, backend="native")
+    grads = torch.autograd.grad(out, (qkv, rpb), grad_out)
+    assert out.dtype == grads[0].dtype == torch.bfloat16
+    leaves = [t.detach().double().requires_grad_() for t in (qkv, rpb)]
+    q, k, v = (leaves[0][..., i, :, :].permute(0, 3, 1, 2, 4) for i in range(3))
+    want_out, _, _ = _reference(q, k, v, kernel, dilation, leaves[1], 32**-0.5, 2)
+    want = torch.autograd.grad(want_out, leaves, grad_out.double())
+    torch.testing.assert_close(out.double(), want_out, **BF16_TOL)
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)

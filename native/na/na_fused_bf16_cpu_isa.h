@@ -53,18 +53,24 @@ inline void bf16_store_lanes(Bf16Bits* p, Lanes<float> x) {
   *reinterpret_cast<Bf16Lanes*>(p) = __builtin_convertvector(bits, Bf16Lanes);
 }
 
+// The first n - n % kLanes of n elements, whole vectors. The row loops run their scalar tails from it, not from where
+// a loop of `i + kLanes <= n` stopped: GCC cannot see that such an i is at most n (the sum might overflow), so after
+// inlining a compile-time n (the head dim) it warned of undefined behaviour in tails that never run
+// (-Waggressive-loop-optimizations: a false alarm, the tails run n % kLanes times).
+inline int64_t whole_vectors(int64_t n) { return n - n % kLanes; }
+
 // out[0..n) = float(in[0..n)).
 inline void bf16_widen_row(const Bf16Bits* __restrict in, float* __restrict out, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) store_lanes(out + i, bf16_load_lanes(in + i));
-  for (; i < n; ++i) out[i] = bf16_to_float(in[i]);
+  const int64_t body = whole_vectors(n);
+  for (int64_t i = 0; i < body; i += kLanes) store_lanes(out + i, bf16_load_lanes(in + i));
+  for (int64_t i = body; i < n; ++i) out[i] = bf16_to_float(in[i]);
 }
 
 // out[0..n) = bf16(alpha * in[0..n)).
 inline void bf16_round_row(float alpha, const float* __restrict in, Bf16Bits* __restrict out, int64_t n) {
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) bf16_store_lanes(out + i, load_lanes(in + i) * alpha);
-  for (; i < n; ++i) out[i] = float_to_bf16(alpha * in[i]);
+  const int64_t body = whole_vectors(n);
+  for (int64_t i = 0; i < body; i += kLanes) bf16_store_lanes(out + i, load_lanes(in + i) * alpha);
+  for (int64_t i = body; i < n; ++i) out[i] = float_to_bf16(alpha * in[i]);
 }
 
 #if DINAT_M2F_CPU_BF16_DOT
@@ -263,14 +269,14 @@ inline Bf16Words8 bf16_words8(const Bf16Bits* row, int64_t w0) {
 // dst[w * dst_stride + c] = word w of rows[c], c < 8, w < words: 8 x 8 blocks transposed in registers.
 template <bool kWiden>
 inline void bf16_transpose_8_rows(const Bf16Bits* const* rows, int64_t words, uint32_t* dst, int64_t dst_stride) {
-  int64_t w0 = 0;
-  for (; w0 + 8 <= words; w0 += 8) {
+  const int64_t blocks = words - words % 8;  // whole_vectors' bound form
+  for (int64_t w0 = 0; w0 < blocks; w0 += 8) {
     Bf16Words8 in[8], cols[8];
     for (int c = 0; c < 8; ++c) in[c] = bf16_words8<kWiden>(rows[c], w0);
     bf16_transpose_words8(in, cols);
     for (int w = 0; w < 8; ++w) *reinterpret_cast<Bf16Words8*>(dst + (w0 + w) * dst_stride) = cols[w];
   }
-  for (; w0 < words; ++w0) {
+  for (int64_t w0 = blocks; w0 < words; ++w0) {
     for (int c = 0; c < 8; ++c) dst[w0 * dst_stride + c] = bf16_word<kWiden>(rows[c], w0);
   }
 }
@@ -279,13 +285,13 @@ inline void bf16_transpose_8_rows(const Bf16Bits* const* rows, int64_t words, ui
 // vdpbf16ps), zero in the lanes past a partial tile's queries.
 template <bool kWiden>
 inline void bf16_tile_query_words(Slice<const Bf16Bits> q, const Bf16Tile& t, int64_t words, uint32_t* qt) {
-  int64_t l0 = 0;
-  for (; l0 + 8 <= t.lanes; l0 += 8) {
+  const int64_t blocks = t.lanes - t.lanes % 8;  // whole_vectors' bound form
+  for (int64_t l0 = 0; l0 < blocks; l0 += 8) {
     const Bf16Bits* rows[8];
     for (int c = 0; c < 8; ++c) rows[c] = q.at(t.i[l0 + c], t.j[l0 + c]);
     bf16_transpose_8_rows<kWiden>(rows, words, qt + l0, kLanes);
   }
-  for (int64_t l = l0; l < kLanes; ++l) {
+  for (int64_t l = blocks; l < kLanes; ++l) {
     const Bf16Bits* row = l < t.lanes ? q.at(t.i[l], t.j[l]) : nullptr;
     for (int64_t w = 0; w < words; ++w) qt[w * kLanes + l] = row != nullptr ? bf16_word<kWiden>(row, w) : 0u;
   }
@@ -307,6 +313,37 @@ inline void bf16_for_each_key_run(int64_t KK, const Body& body) {
   rest(std::integral_constant<int64_t, 5>{});
   rest(std::integral_constant<int64_t, 6>{});
   rest(std::integral_constant<int64_t, 7>{});
+}
+
+// kLanes 32-bit words, element-aligned: a query or key vector of a tile as float bits or bf16 pairs.
+typedef uint32_t Bf16WordLanes
+    __attribute__((vector_size(kLanes * sizeof(uint32_t)), aligned(alignof(uint32_t)), may_alias));
+
+// acc[u] += sum_w qt[w] * key(u, w) per lane for the u < kCount keys of a run: qt the tile's query words
+// ([word][lane], bf16_tile_query_words), key(u, w) the kLanes words key u meets word w with (Bf16WordLanes: one key
+// broadcast in a whole-group tile, kLanes consecutive keys loaded in an interior tile). kDot: the words are bf16
+// pairs, multiplied by vdpbf16ps; otherwise floats.
+template <int64_t kCount, bool kDot, typename Key>
+inline void bf16_tile_key_dots(const uint32_t* qt, int64_t words, Lanes<float>* acc, const Key& key) {
+  using V = Lanes<float>;
+#if DINAT_M2F_CPU_BF16_DOT
+  if constexpr (kDot) {
+    __m512 sums[kCount];
+    for (int64_t u = 0; u < kCount; ++u) sums[u] = reinterpret_cast<__m512>(acc[u]);
+    for (int64_t w = 0; w < words; ++w) {
+      const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qt + w * kLanes));
+      for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_dpbf16_ps(sums[u], qv, (__m512bh)key(u, w));
+    }
+    for (int64_t u = 0; u < kCount; ++u) acc[u] = reinterpret_cast<V>(sums[u]);
+  }
+#endif
+  if constexpr (!kDot) {
+    const auto* qf = reinterpret_cast<const float*>(qt);
+    for (int64_t w = 0; w < words; ++w) {
+      const V qw = load_lanes(qf + w * kLanes);
+      for (int64_t u = 0; u < kCount; ++u) acc[u] += qw * (V)key(u, w);
+    }
+  }
 }
 
 // In place exp(logit - max) per lane of the tile's logits ([n][lane]); writes the logsumexp (and the normalized
@@ -413,37 +450,20 @@ Bf16GroupBias bf16_group_bias(const float* rpb, const Problem& p, const Windows&
 
 // Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
 // kDot: qt holds bf16 pairs (bf16_tile_query_words) and keys_bf16 the key rows, multiplied by vdpbf16ps; otherwise
-// qt holds floats (bf16_tile_query_words) and keys the widened key rows.
+// qt holds floats (bf16_tile_query_words) and keys the widened key rows. Every lane reads the same key: broadcasts.
 template <int64_t kD, bool kDot>
 void bf16_whole_group_logits(const uint32_t* qt, const Bf16Bits* const* keys_bf16, const float* const* keys, int64_t KK,
                              int64_t D, float scale, const float* bias, int64_t bias_stride, float* logits) {
-  using V = Lanes<float>;
   bf16_for_each_key_run(KK, [&](int64_t n, auto count) {
     constexpr int64_t kCount = decltype(count)::value;
-    V acc[kCount] = {};
-#if DINAT_M2F_CPU_BF16_DOT
-    if constexpr (kDot) {
-      const uint32_t* pairs = qt;
-      __m512 sums[kCount];
-      for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
-      for (int64_t e = 0; e < D / 2; ++e) {
-        const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pairs + e * kLanes));
-        for (int64_t u = 0; u < kCount; ++u) {
-          const auto kv =
-              reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(bf16_pair(keys_bf16[n + u], e))));
-          sums[u] = _mm512_dpbf16_ps(sums[u], qv, kv);
-        }
+    Lanes<float> acc[kCount] = {};
+    bf16_tile_key_dots<kCount, kDot>(qt, kDot ? D / 2 : D, acc, [&](int64_t u, int64_t w) {
+      if constexpr (kDot) {
+        return Bf16WordLanes{} + bf16_pair(keys_bf16[n + u], w);
+      } else {
+        return Bf16WordLanes{} + std::bit_cast<uint32_t>(keys[n + u][w]);
       }
-      for (int64_t u = 0; u < kCount; ++u) acc[u] = reinterpret_cast<V>(sums[u]);
-    }
-#endif
-    if constexpr (!kDot) {
-      const auto* qf = reinterpret_cast<const float*>(qt);
-      for (int64_t d = 0; d < D; ++d) {
-        const V qd = load_lanes(qf + d * kLanes);
-        for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * keys[n + u][d];
-      }
-    }
+    });
     for (int64_t u = 0; u < kCount; ++u) {
       store_lanes(logits + (n + u) * kLanes, acc[u] * scale + load_lanes(bias + (n + u) * bias_stride));
     }
@@ -514,13 +534,13 @@ void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t
   for (int64_t g = g0; g < g1; ++g) {
     const int64_t i = r + g * p.dh;
     uint32_t* const dst = out + (g - g0) * words * stride;
-    int64_t c0 = 0;
-    for (; c0 + 8 <= W; c0 += 8) {
+    const int64_t blocks = W - W % 8;  // whole_vectors' bound form
+    for (int64_t c0 = 0; c0 < blocks; c0 += 8) {
       const Bf16Bits* rows[8];
       for (int c = 0; c < 8; ++c) rows[c] = x.at(i, columns[c0 + c]);
       bf16_transpose_8_rows<kWiden>(rows, words, dst + c0, stride);
     }
-    for (; c0 < W; ++c0) {
+    for (int64_t c0 = blocks; c0 < W; ++c0) {
       const Bf16Bits* row = x.at(i, columns[c0]);
       for (int64_t w = 0; w < words; ++w) dst[w * stride + c0] = bf16_word<kWiden>(row, w);
     }
@@ -534,35 +554,14 @@ void bf16_transpose_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int64_t
 template <bool kDot>
 void bf16_interior_logits(const uint32_t* qt, const uint32_t* kt, int64_t words, int64_t stride, int64_t first_row,
                           int64_t col0, const Problem& p, float scale, const float* brow, float* logits) {
-  using V = Lanes<float>;
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const uint32_t* const krow = kt + (first_row + ki) * words * stride + col0;
     bf16_for_each_key_run(p.kw, [&](int64_t kj, auto count) {
       constexpr int64_t kCount = decltype(count)::value;
-      V acc[kCount] = {};
-#if DINAT_M2F_CPU_BF16_DOT
-      if constexpr (kDot) {
-        const uint32_t* pairs = qt;
-        __m512 sums[kCount];
-        for (int64_t u = 0; u < kCount; ++u) sums[u] = _mm512_setzero_ps();
-        for (int64_t e = 0; e < words; ++e) {
-          const auto qv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pairs + e * kLanes));
-          for (int64_t u = 0; u < kCount; ++u) {
-            const auto kv = reinterpret_cast<__m512bh>(_mm512_loadu_si512(krow + e * stride + kj + u));
-            sums[u] = _mm512_dpbf16_ps(sums[u], qv, kv);
-          }
-        }
-        for (int64_t u = 0; u < kCount; ++u) acc[u] = reinterpret_cast<V>(sums[u]);
-      }
-#endif
-      if constexpr (!kDot) {
-        const auto* qf = reinterpret_cast<const float*>(qt);
-        for (int64_t d = 0; d < words; ++d) {
-          const V qd = load_lanes(qf + d * kLanes);
-          const auto* kd = reinterpret_cast<const float*>(krow + d * stride + kj);
-          for (int64_t u = 0; u < kCount; ++u) acc[u] += qd * load_lanes(kd + u);
-        }
-      }
+      Lanes<float> acc[kCount] = {};
+      bf16_tile_key_dots<kCount, kDot>(qt, words, acc, [&](int64_t u, int64_t w) {
+        return *reinterpret_cast<const Bf16WordLanes*>(krow + w * stride + kj + u);
+      });
       for (int64_t u = 0; u < kCount; ++u) {
         const float bias = brow != nullptr ? brow[ki * p.rpb_w() + kj + u] : 0.0f;
         store_lanes(logits + (ki * p.kw + kj + u) * kLanes, acc[u] * scale + bias);
@@ -1053,6 +1052,97 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
   }
 }
 
+// ----------------------------------------------------------------------------------------------- whole groups
+// The saved-weights backward where every window is its whole dilation group (bf16_window_is_whole_group): per
+// (slice, dilation group) the float32 kernel's dense lane-parallel products (whole_group_query_tile,
+// weighted_row_sums of na_fused_cpu_isa.h) on the group's q, k, v, dO and O rows widened once (kh kw rows each, while
+// the products are kh kw times as many), each gradient rounded to bf16 once. The per-query passes gathered the group's
+// P and dS one value per multiply-add row; on the vdpbf16ps path too this runs widened (its driver is the AVX-512
+// unit's): dO . v is one of the four products, and dS, P are float32 anyway.
+
+// The group's widened rows: row n of each tensor (its slot n) at n * dim.
+struct Bf16GroupRows {
+  std::vector<float> q, k, v, grad_out, out, grads;  // grads: kLanes rows of a tile's gradients before rounding
+};
+
+inline void bf16_widen_group_rows(Slice<const Bf16Bits> x, const int64_t* token_i, const int64_t* token_j,
+                                  int64_t window, int64_t D, std::vector<float>& rows, const float** row_ptrs) {
+  rows.resize(window * D);
+  for (int64_t n = 0; n < window; ++n) {
+    bf16_widen_row(x.at(token_i[n], token_j[n]), rows.data() + n * D, D);
+    if (row_ptrs != nullptr) row_ptrs[n] = rows.data() + n * D;
+  }
+}
+
+// Rounds a tile's float32 gradient rows (tile_rows[l], l < lanes) into the bf16 tokens of slots t0 + l.
+inline void bf16_round_tile_rows(float* const* tile_rows, int64_t lanes, int64_t t0, Slice<Bf16Bits> grad,
+                                 const int64_t* token_i, const int64_t* token_j, int64_t D) {
+  for (int64_t l = 0; l < lanes; ++l) bf16_round_row(1.0f, tile_rows[l], grad.at(token_i[t0 + l], token_j[t0 + l]), D);
+}
+
+// The whole-group backward of slices [s0, s1): dQ, dK, dV and dS (into ds_ws, the per-query rows rpb_grad_slices
+// reads) from the saved float32 weights.
+template <int64_t kD>
+void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all,
+                                      Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
+                                      Strided<const Bf16Bits> out_all, const float* weights,
+                                      Strided<Bf16Bits> grad_q_all, Strided<Bf16Bits> grad_k_all,
+                                      Strided<Bf16Bits> grad_v_all, float* ds_ws, int64_t s0, int64_t s1,
+                                      const Problem& p, float scale) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
+  // whole_group_query_tile reads O of slot n at out.at(n, 0): the widened rows, one slot per row.
+  std::vector<int64_t> slot_rows(KK), slot_cols(KK, 0);
+  for (int64_t n = 0; n < KK; ++n) slot_rows[n] = n;
+  parallel((s1 - s0) * groups, 1, [&](int64_t task) {
+    const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
+    WholeGroupBackwardScratch<float> s(KK, padded, D);
+    thread_local Bf16GroupRows rows;
+    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    for (int64_t n = 0; n < KK; ++n) {
+      token_i[n] = rh + (n / p.kw) * p.dh;
+      token_j[n] = rw + (n % p.kw) * p.dw;
+      token[n] = (bh * H + token_i[n]) * W + token_j[n];
+      std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+    }
+    const int64_t *ti = token_i.data(), *tj = token_j.data();
+    bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
+    bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
+    bf16_widen_group_rows(v_all.slice(bh), ti, tj, KK, D, rows.v, s.values.data());
+    bf16_widen_group_rows(grad_out_all.slice(bh), ti, tj, KK, D, rows.grad_out, s.grad_outs.data());
+    bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
+    const Slice<const float> out_rows{rows.out.data(), D, 0};
+    rows.grads.resize(2 * kLanes * D);
+    float* dst[kLanes];
+    float* dst_v[kLanes];
+    for (int64_t l = 0; l < kLanes; ++l) {
+      dst[l] = rows.grads.data() + l * D;
+      dst_v[l] = rows.grads.data() + (kLanes + l) * D;
+    }
+    const Slice<Bf16Bits> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh);
+    const Slice<Bf16Bits> grad_v = grad_v_all.slice(bh);
+    transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(), slot_cols.data(),
+                                        s);
+      bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
+    }
+    transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
+    for (int64_t n = 0; n < KK; ++n) {
+      std::copy_n(s.ds.data() + n * padded, KK, ds_ws + (token[n] - s0 * H * W) * KK);
+    }
+    // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
+    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      const int64_t lanes = std::min(kLanes, KK - t0);
+      weighted_row_sums(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst, lanes);
+      weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f, dst_v, lanes);
+      bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
+      bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
+    }
+  });
+}
+
 }  // namespace
 
 // fused_backward_with_attn for bf16 grad_out, q, k, v, out and grads; float32 attn (the saved weights) and grad_rpb
@@ -1074,6 +1164,11 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
   const auto gos = bf16_strided<const Bf16Bits>(grad_out), qs = bf16_strided<const Bf16Bits>(q);
   const auto gks = bf16_strided<Bf16Bits>(grad_k), gvs = bf16_strided<Bf16Bits>(grad_v);
+  const auto ks = bf16_strided<const Bf16Bits>(k), vs = bf16_strided<const Bf16Bits>(v);
+  const auto os = bf16_strided<const Bf16Bits>(out);
+  const auto gqs = bf16_strided<Bf16Bits>(grad_q);
+  // Whole-group windows take the dense per-group products; their dS rows land in the same workspace.
+  const bool whole_groups = bf16_window_is_whole_group(p);
   const float* prob = attn.const_data_ptr<float>();
   float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
@@ -1088,13 +1183,19 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   float* const ds_ws = workspace.data();
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
-    query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);
-    const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
-    dispatch_head_dim(p.dim, [&](auto dim) {
-      parallel(static_cast<int64_t>(group.size()), 1, [&](int64_t b) {
-        bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
+    if (whole_groups) {
+      dispatch_head_dim(p.dim, [&](auto dim) {
+        bf16_whole_group_backward_slices<dim.value>(gos, qs, ks, vs, os, prob, gqs, gks, gvs, ds_ws, s0, s1, p, fs);
       });
-    });
+    } else {
+      query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);
+      const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
+      dispatch_head_dim(p.dim, [&](auto dim) {
+        parallel(static_cast<int64_t>(group.size()), 1, [&](int64_t b) {
+          bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
+        });
+      });
+    }
     if (rpb_grad != nullptr) {
       rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
     }
