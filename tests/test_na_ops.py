@@ -332,11 +332,12 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
         torch.testing.assert_close(got_out, want, **tol)
         for got, exp in zip(got_grads, want_grads):
             torch.testing.assert_close(got, exp, **grad_tol)
-    # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps stay dense.
+    # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps stay dense, except bf16 on
+    # the CPU (its fused kernel is faster than the dense bf16 products).
     calls.clear()
     with torch.no_grad():
         fused(q, key, v, k, d, rpb, 0.4)
-    assert bool(calls) == (d == 1)
+    assert bool(calls) == (d == 1 and not (dtype == torch.bfloat16 and device == "cpu"))
     # One larger axis: the NA kernel again (windows no longer cover the map).
     calls.clear()
     wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]
