@@ -809,6 +809,8 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 //   per block like k's, dO and O once per query.
 // - key pass, per block of key rows: dK = scale sum dS q, dV = sum P dO over each key's inverse neighborhood (the q
 //   and dO rows of the block's inverse neighborhoods converted once per block).
+// - where every window is its whole dilation group, neither: one pass per (slice, dilation group) of dense
+//   lane-parallel products on the group's widened rows (bf16_whole_group_backward_slices, in the driver's unit).
 // Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
 // dS and P are float32 (the float32 kernel's precision): dQ, dK and dV by vdpbf16ps would round them to bf16 first.
 // The query pass is compiled in every unit (fused_backward_query_pass_bf16); the key pass and the driver in the
