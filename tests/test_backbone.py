@@ -212,6 +212,25 @@ def test_layer_inference_adds_in_place_bit_identical(layer_scale):
     assert torch.equal(x, kept)
 
 
+def test_conv_tokenizer_runs_channels_last_and_matches_nchw():
+    """The stem's convs keep channels_last weights (also after loading a contiguous state dict): the map reaches the
+    norm contiguous, and the tokens match the NCHW formulation."""
+    from dinat_m2f.modeling.backbone.dinat import ConvTokenizer
+
+    torch.manual_seed(0)
+    stem = ConvTokenizer(3, 64)
+    stem.load_state_dict({name: t.contiguous() for name, t in stem.state_dict().items()})
+    for conv in stem.proj:
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 37, 30)
+    assert stem.proj(x).permute(0, 2, 3, 1).is_contiguous()
+    want = x
+    for conv in stem.proj:
+        want = F.conv2d(want, conv.weight.contiguous(), conv.bias, stride=2, padding=1)
+    want = stem.norm(want.permute(0, 2, 3, 1))
+    torch.testing.assert_close(stem(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_parameters_keep_the_official_layout():
     """The packed path changes no parameter: names, shapes and contiguity are those of NATTEN's module."""
     attn = NeighborhoodAttention2D(12, 3, 5, 2)

@@ -63,6 +63,10 @@ class ConvTokenizer(nn.Module):
             nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1),
             nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
         )
+        # Weights stored channels_last (as ConvDownsampler's): both convs then run channels_last, the NCHW image is
+        # converted once by the first, and the permute of the second's output is contiguous, so the norm copies
+        # nothing. The NCHW convs plus that copy took 2.5x the time (DiNAT-T, batch 8 at 224, one thread).
+        self.proj.to(memory_format=torch.channels_last)
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
