@@ -177,6 +177,60 @@ def test_attention_makes_no_layout_copies():
     assert counter.copies == []
 
 
+@pytest.mark.parametrize("layer_scale", [None, 1e-2])
+def test_layer_inference_adds_in_place_bit_identical(layer_scale):
+    """Without autograd NATLayer adds its residuals and applies the MLP's GELU in place (add_residual, Mlp): no
+    out-of-place add or gelu of a map-sized tensor, the same bits as the autograd path, and the input unchanged."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinat_m2f.modeling.backbone.dinat import NATLayer
+    from dinat_m2f.modeling.backbone.spec import LayerSpec
+
+    class OutOfPlaceCounter(TorchDispatchMode):
+        def __init__(self, min_numel):
+            super().__init__()
+            self.min_numel, self.ops = min_numel, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            if func._schema.name in ("aten::add", "aten::gelu") and result.numel() >= self.min_numel:
+                self.ops.append(func._schema.name)
+            return result
+
+    torch.manual_seed(0)
+    layer = NATLayer(32, 2, 2, 0.1, LayerSpec(kernel_size=3, mlp_ratio=3.0, layer_scale=layer_scale)).eval()
+    x = torch.randn(2, 7, 9, 32)
+    kept = x.clone()
+    want = layer(x.clone().requires_grad_()).detach()
+    with torch.no_grad(), OutOfPlaceCounter(min_numel=x.numel()) as counter:
+        got = layer(x)
+    assert counter.ops == []
+    assert torch.equal(got, want), (got - want).abs().max()
+    assert torch.equal(x, kept)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), want)
+    assert torch.equal(x, kept)
+
+
+def test_conv_tokenizer_runs_channels_last_and_matches_nchw():
+    """The stem's convs keep channels_last weights (also after loading a contiguous state dict): the map reaches the
+    norm contiguous, and the tokens match the NCHW formulation."""
+    from dinat_m2f.modeling.backbone.dinat import ConvTokenizer
+
+    torch.manual_seed(0)
+    stem = ConvTokenizer(3, 64)
+    stem.load_state_dict({name: t.contiguous() for name, t in stem.state_dict().items()})
+    for conv in stem.proj:
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 37, 30)
+    assert stem.proj(x).permute(0, 2, 3, 1).is_contiguous()
+    want = x
+    for conv in stem.proj:
+        want = F.conv2d(want, conv.weight.contiguous(), conv.bias, stride=2, padding=1)
+    want = stem.norm(want.permute(0, 2, 3, 1))
+    torch.testing.assert_close(stem(x), want, rtol=1e-5, atol=1e-5)
+
+
 def test_attention_parameters_keep_the_official_layout():
     """The packed path changes no parameter: names, shapes and contiguity are those of NATTEN's module."""
     attn = NeighborhoodAttention2D(12, 3, 5, 2)

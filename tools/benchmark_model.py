@@ -1,11 +1,16 @@
 #!/usr/bin/env python
 """CPU inference throughput (images/s) of DiNAT-Tiny beside timm's Swin-T and ConvNeXt-T, in one run.
 
-    python tools/benchmark_model.py [--batch-size 8] [--rounds 5] [--threads N] [--json]
+    python tools/benchmark_model.py [--batch-size 8] [--rounds 5] [--threads N] [--keep-freed-memory] [--json]
 
 All models are built with random weights (timm ``pretrained=False``), in eval mode under ``torch.inference_mode``,
 fp32, 224x224 inputs. After warm-up, rounds are interleaved (one batch of each model per round) so that load
 changes on the machine hit every model alike; the median batch time of each model gives its images/s.
+
+By default every model runs under glibc's default malloc settings, which return large freed blocks to the kernel, so
+activations are page-faulted in again on later forwards (timm Swin-T takes about twice DiNAT-T's page faults per
+batch). ``--keep-freed-memory`` applies dinat_m2f.utils.cpu_memory.keep_freed_cpu_memory first (as train_net.py and
+the demo do), process-wide and so for every model alike.
 """
 
 from __future__ import annotations
@@ -76,10 +81,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--keep-freed-memory",
+        action="store_true",
+        help="keep freed CPU memory for reuse (glibc mallopt, every model alike; see dinat_m2f.utils.cpu_memory)",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kept = False
+    if args.keep_freed_memory:
+        from dinat_m2f.utils.cpu_memory import keep_freed_cpu_memory
+
+        kept = keep_freed_cpu_memory()
     results = benchmark(args.models, args.batch_size, args.rounds, args.warmup, args.size)
     meta = {
         "threads": torch.get_num_threads(),
@@ -87,13 +102,14 @@ def main(argv: list[str] | None = None) -> int:
         "size": args.size,
         "torch": torch.__version__,
         "cpu_isa": cpu_isa(),
+        "keeps_freed_memory": kept,
     }
     if args.json:
         print(json.dumps({"setup": meta, "results": results}))
     else:
         print(
             f"CPU inference at {args.size}x{args.size}, batch {args.batch_size}, {meta['threads']} threads, "
-            f"NA kernels' instruction set {meta['cpu_isa']}:"
+            f"NA kernels' instruction set {meta['cpu_isa']}, freed memory kept: {kept}:"
         )
         for name, r in results.items():
             print(f"  {name:32s} {r['images_per_s']:8.2f} images/s  ({r['params_m']:.1f}M params)")

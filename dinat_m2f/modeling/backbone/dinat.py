@@ -63,6 +63,10 @@ class ConvTokenizer(nn.Module):
             nn.Conv2d(in_chans, embed_dim // 2, kernel_size=3, stride=2, padding=1),
             nn.Conv2d(embed_dim // 2, embed_dim, kernel_size=3, stride=2, padding=1),
         )
+        # Weights stored channels_last (as ConvDownsampler's): both convs then run channels_last, the NCHW image is
+        # converted once by the first, and the permute of the second's output is contiguous, so the norm copies
+        # nothing. The NCHW convs plus that copy took 2.5x the time (DiNAT-T, batch 8 at 224, one thread).
+        self.proj.to(memory_format=torch.channels_last)
         self.norm = norm_layer(embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -94,7 +98,20 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        hidden = self.fc1(x)
+        if torch.is_grad_enabled():
+            hidden = self.act(hidden)
+        else:  # in place on fc1's fresh output: one [tokens, mlp_ratio * C] allocation fewer per layer
+            torch.ops.aten.gelu_(hidden, approximate=self.act.approximate)
+        return self.drop(self.fc2(self.drop(hidden)))
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """x + branch, where branch is a layer's fresh output. Without autograd the sum goes into branch's memory
+    (branch + x is the same float sum), one allocation of the map fewer per residual; x is never written."""
+    if torch.is_grad_enabled() or branch.shape != x.shape or branch.dtype != x.dtype or branch is x:
+        return x + branch
+    return branch.add_(x)
 
 
 class NATLayer(nn.Module):
@@ -123,10 +140,10 @@ class NATLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.layer_scale:
-            x = x + self.drop_path(self.attn(self.norm1(x)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
-        x = x + self.drop_path(self.gamma1 * self.attn(self.norm1(x)))
-        return x + self.drop_path(self.gamma2 * self.mlp(self.norm2(x)))
+            x = add_residual(x, self.drop_path(self.attn(self.norm1(x))))
+            return add_residual(x, self.drop_path(self.mlp(self.norm2(x))))
+        x = add_residual(x, self.drop_path(self.gamma1 * self.attn(self.norm1(x))))
+        return add_residual(x, self.drop_path(self.gamma2 * self.mlp(self.norm2(x))))
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
