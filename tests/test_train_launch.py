@@ -84,3 +84,39 @@ def test_worker_teardown_releases_every_reference_to_the_groups(tmp_path):
     assert not dist.is_initialized()
     assert comm._LOCAL_PROCESS_GROUP is None
     assert comm._get_global_gloo_group.cache_info().currsize == 0
+
+
+def _record_group_state(out: list) -> None:
+    from detectron2.utils import comm
+
+    out.append(comm._LOCAL_PROCESS_GROUP is not None)
+
+
+def test_gpu_workers_release_their_groups_too(tmp_path, monkeypatch):
+    """On CUDA, detectron2's launch runs the workers; what it runs must release the groups after main_func."""
+    import importlib
+    import pickle
+
+    import torch.distributed as dist
+    from detectron2.utils import comm
+
+    launch_module = importlib.import_module("dinat_m2f.engine.launch")  # the package exports the function as `launch`
+
+    launched = {}
+    monkeypatch.setattr(launch_module, "d2_launch", lambda fn, *_: launched.update(fn=fn))
+    seen: list = []
+    launch_module.launch(_record_group_state, 2, args=(seen,), device="cuda")
+    worker_main = pickle.loads(pickle.dumps(launched["fn"]))  # spawn pickles it
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, world_size=1, rank=0)
+    try:
+        comm._LOCAL_PROCESS_GROUP = dist.new_group([0])
+        worker_main(seen)
+        assert seen == [True]  # main_func ran with the groups in place
+        assert not dist.is_initialized() and comm._LOCAL_PROCESS_GROUP is None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        comm._LOCAL_PROCESS_GROUP = None
+    worker_main(seen)  # detectron2's one-process path (no group) runs the same wrapper
+    assert seen == [True, False]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 from collections.abc import Callable
@@ -38,7 +39,9 @@ def launch(
         raise ValueError(f"launch: --machine-rank {machine_rank} is outside [0, {num_machines})")
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda:
-        return d2_launch(main_func, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
+        # detectron2's workers never tear their groups down (see _release_process_groups for what that risks).
+        worker_main = functools.partial(_run_then_release_groups, main_func)
+        return d2_launch(worker_main, num_gpus_per_machine, num_machines, machine_rank, dist_url, args, timeout)
     world_size = num_machines * num_gpus_per_machine
     if world_size == 1:
         return main_func(*args)
@@ -78,10 +81,15 @@ def _cpu_worker(
         if i == machine_rank:
             comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
+    _run_then_release_groups(main_func, *args)
+
+
+def _run_then_release_groups(main_func: Callable, *args) -> None:
     try:
         main_func(*args)
     finally:
-        _release_process_groups()
+        if dist.is_initialized():  # detectron2 runs a one-process job without a group
+            _release_process_groups()
 
 
 def _release_process_groups() -> None:
