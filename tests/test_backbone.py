@@ -5,11 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from dinat_m2f import ops
 from dinat_m2f.modeling.backbone import VARIANTS, NeighborhoodAttention2D, build_variant
 from dinat_m2f.modeling.backbone.dinat import check_dilations
 from dinat_m2f.ops import reference
+
+
+class BigOpCounter(TorchDispatchMode):
+    """Records the ops named in `names` that produce a tensor of at least `min_numel` elements."""
+
+    def __init__(self, names: set[str], min_numel: int):
+        super().__init__()
+        self.names, self.min_numel, self.ops = names, min_numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        outs = result if isinstance(result, (tuple, list)) else [result]
+        big = any(isinstance(t, torch.Tensor) and t.numel() >= self.min_numel for t in outs)
+        if func._schema.name in self.names and big:
+            self.ops.append(func._schema.name)
+        return result
+
 
 # --------------------------------------------------------------------------------------------- attention module
 
@@ -152,57 +170,28 @@ def test_attention_output_and_gradients_identical_to_before(height, width, kerne
 
 def test_attention_makes_no_layout_copies():
     """Forward + backward of the module (native backend, no padding): no copy of a q/k/v/output-sized tensor."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     copy_ops = {"aten::copy_", "aten::clone", "aten::select_backward", "aten::stack", "aten::cat", "aten::_to_copy"}
-
-    class CopyCounter(TorchDispatchMode):
-        def __init__(self, min_numel):
-            super().__init__()
-            self.min_numel, self.copies = min_numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            outs = result if isinstance(result, (tuple, list)) else [result]
-            big = any(isinstance(t, torch.Tensor) and t.numel() >= self.min_numel for t in outs)
-            if func._schema.name in copy_ops and big:
-                self.copies.append(func._schema.name)
-            return result
-
     torch.manual_seed(0)
     attn = NeighborhoodAttention2D(32, 2, 3, 2, backend="native").train()
     x = torch.randn(2, 9, 10, 32, requires_grad=True)
-    with CopyCounter(min_numel=x.numel()) as counter:
+    with BigOpCounter(copy_ops, min_numel=x.numel()) as counter:
         attn(x).sum().backward()
-    assert counter.copies == []
+    assert counter.ops == []
 
 
 @pytest.mark.parametrize("layer_scale", [None, 1e-2])
 def test_layer_inference_adds_in_place_bit_identical(layer_scale):
     """Without autograd NATLayer adds its residuals and applies the MLP's GELU in place (add_residual, Mlp): no
     out-of-place add or gelu of a map-sized tensor, the same bits as the autograd path, and the input unchanged."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from dinat_m2f.modeling.backbone.dinat import NATLayer
     from dinat_m2f.modeling.backbone.spec import LayerSpec
-
-    class OutOfPlaceCounter(TorchDispatchMode):
-        def __init__(self, min_numel):
-            super().__init__()
-            self.min_numel, self.ops = min_numel, []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            if func._schema.name in ("aten::add", "aten::gelu") and result.numel() >= self.min_numel:
-                self.ops.append(func._schema.name)
-            return result
 
     torch.manual_seed(0)
     layer = NATLayer(32, 2, 2, 0.1, LayerSpec(kernel_size=3, mlp_ratio=3.0, layer_scale=layer_scale)).eval()
     x = torch.randn(2, 7, 9, 32)
     kept = x.clone()
     want = layer(x.clone().requires_grad_()).detach()
-    with torch.no_grad(), OutOfPlaceCounter(min_numel=x.numel()) as counter:
+    with torch.no_grad(), BigOpCounter({"aten::add", "aten::gelu"}, min_numel=x.numel()) as counter:
         got = layer(x)
     assert counter.ops == []
     assert torch.equal(got, want), (got - want).abs().max()
