@@ -118,6 +118,77 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def _grads_against_reference(value, ss, lsi, loc, attn, seed=0):
+    """Output and gradients (value, locations, weights) of the op and of the float64 reference, for one random
+    output gradient."""
+    inputs = [t.detach().requires_grad_() for t in (value, loc, attn)]
+    inputs64 = [t.detach().double().requires_grad_() for t in (value, loc, attn)]
+    out = ms_deform_attn(inputs[0], ss, lsi, inputs[1], inputs[2])
+    ref = ms_deform_attn_reference(inputs64[0], ss, inputs64[1], inputs64[2])
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    grads = torch.autograd.grad(out, inputs, grad.to(out.dtype))
+    grads_ref = torch.autograd.grad(ref, inputs64, grad)
+    return (out, *grads), (ref, *grads_ref)
+
+
+def _assert_close_to_reference(results, references, tol):
+    names = ("output", "grad of value", "grad of sampling_locations", "grad of attention_weights")
+    for name, a, b in zip(names, results, references):
+        # location gradients scale with the map size: compare relative to their magnitude
+        atol = tol * max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8, 16, 17, 32, 41, 64])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+def test_channel_counts_match_reference(channels, dtype, tol):
+    """Channel counts below one SIMD vector, whole vectors, and vectors plus a remainder (the kernels' channel loops
+    are vectorized), on levels of different sizes with samples inside, across the border and outside."""
+    value, ss, lsi, loc, attn = make_inputs(
+        40 + channels, [(9, 7), (4, 5), (1, 3)], n=2, heads=3, channels=channels, queries=13, points=3, dtype=dtype
+    )
+    _assert_close_to_reference(*_grads_against_reference(value, ss, lsi, loc, attn, seed=channels), tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_samples_on_pixel_centres_edges_and_map_borders_match_reference(dtype, tol):
+    """Locations exactly on pixel centres and edges, on the outermost centres and half a pixel beyond (two corners
+    outside the map), and fully outside; power-of-two sizes keep these coordinates exact in every formula. The
+    coordinate one pixel before the first centre is left out: there the op treats the sample as outside (zero
+    gradient) while grid_sample keeps a derivative towards the first pixel."""
+    shapes = [(4, 8), (2, 4), (1, 2)]
+    value, ss, lsi, loc, attn = make_inputs(50, shapes, n=2, heads=2, channels=19, queries=40, points=4, dtype=dtype)
+    g = torch.Generator().manual_seed(51)
+    for level, (h, w) in enumerate(shapes):
+        for axis, size in ((0, w), (1, h)):
+            # half-pixel steps k / (2 * size): centres at odd k, edges at even k; k = -2 and 2 * size + 2 are outside
+            steps = torch.tensor([-2, *range(0, 2 * size + 1), 2 * size + 1, 2 * size + 2], dtype=torch.float64)
+            pick = torch.randint(len(steps), loc[..., level, :, axis].shape, generator=g)
+            loc[..., level, :, axis] = (steps[pick] / (2 * size)).to(dtype)
+    _assert_close_to_reference(*_grads_against_reference(value, ss, lsi, loc, attn, seed=52), tol)
+
+
+def test_same_bits_for_one_and_two_threads():
+    """Forward and backward are deterministic whatever the thread count (no atomics, each output element written by
+    one task in a fixed order); the sizes are large enough for both kernels to split the work across threads."""
+    value, ss, lsi, loc, attn = make_inputs(
+        60, [(16, 12), (8, 6), (4, 3)], n=2, heads=4, channels=32, queries=300, points=4, dtype=torch.float32
+    )
+    grad = torch.randn(2, 300, 4 * 32, generator=torch.Generator().manual_seed(61))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            inputs = [t.detach().requires_grad_() for t in (value, loc, attn)]
+            out = ms_deform_attn(inputs[0], ss, lsi, inputs[1], inputs[2])
+            results.append((out, *torch.autograd.grad(out, inputs, grad)))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(("output", "grad of value", "grad of locations", "grad of weights"), *results):
+        assert torch.equal(a, b), f"{name} differs between 1 and 2 threads"
+
+
 def test_non_contiguous_inputs():
     value, ss, lsi, loc, attn = make_inputs(9, [(5, 4), (3, 2)])
     value_nc = value.transpose(0, 1).contiguous().transpose(0, 1)
