@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "benchmark_mask2former.py"
@@ -122,3 +123,41 @@ def test_train_amp_without_amp_in_the_config_is_a_clear_error():
     proc = run_script("--mode", "train", "--batch", "1", "--train-amp", *SMALL, "SOLVER.AMP.ENABLED", "False")
     assert proc.returncode != 0
     assert "--train-amp" in proc.stderr and "SOLVER.AMP.ENABLED False" in proc.stderr
+
+
+def test_op_inputs_have_the_encoder_shapes():
+    bench = load_benchmark()
+    value, shapes, starts, loc, weights = bench.op_inputs(128, 2)
+    assert shapes.tolist() == [[16, 16], [8, 8], [4, 4]] and starts.tolist() == [0, 256, 320]
+    assert value.shape == (2, 336, 8, 32) and loc.shape == (2, 336, 8, 3, 4, 2) and weights.shape == (2, 336, 8, 3, 4)
+    torch.testing.assert_close(weights.sum((-1, -2)), torch.ones(2, 336, 8))
+    assert bench.op_multiply_adds(128, 2) == 2 * 336 * 8 * 3 * 4 * 4 * 32
+
+
+def test_op_times_native_against_grid_sample():
+    proc = run_script("--op", "--mode", "both", "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for name in ("inference_forward", "train_forward", "train_forward_backward"):
+        assert result[f"{name}_native_s_median"] > 0 and result[f"{name}_pytorch_over_native"] > 0
+        assert result[f"{name}_max_abs_diff"] < 1e-4
+    assert result["train_backward_over_forward_native"] == pytest.approx(
+        result["train_backward_native_s_from_medians"] / result["train_forward_native_s_median"], rel=1e-2, abs=1e-3
+    )
+
+
+@pytest.mark.slow
+def test_op_baseline_same_tree_matches_outputs():
+    proc = run_script("--op", "--mode", "train", "--baseline", str(ROOT), "--json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    for name in ("train_forward", "train_forward_backward"):
+        assert result[f"{name}_baseline_over_this"] > 0
+        assert result[f"{name}_identical_first_output"] is True
+    assert "inference_forward_this_s_median" not in result
+
+
+def test_op_refuses_model_options():
+    proc = run_script("--op", "--dtype", "bfloat16")
+    assert proc.returncode == 2
+    assert "--op times the float32 op alone" in proc.stderr

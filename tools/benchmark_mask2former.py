@@ -4,7 +4,7 @@ native deformable-attention op against grid_sample.
 
     python tools/benchmark_mask2former.py [--config-file CFG] [--size 512] [--rounds 5] [--threads N] [--json]
         [--mode inference|train|both] [--batch 2] [--baseline PATH] [--profile N] [--cpu-isa native|avx2]
-        [--dtype float32|bfloat16] [--train-amp] [KEY VALUE ...]
+        [--dtype float32|bfloat16] [--train-amp] [--op] [KEY VALUE ...]
 
 Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
 mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
@@ -49,6 +49,17 @@ each tree's own trainer code), backward and AdamW step outside, in every variant
 Each tree does what its entry points (train_net, demo, Predictor) do on the CPU: this tree tells glibc to keep freed
 memory for reuse (``dinat_m2f.utils.cpu_memory``; ``DINAT_M2F_KEEP_FREED_MEMORY=0`` in the environment turns it off
 in every worker), a tree without that module runs glibc's default; the header says which.
+
+``--op`` times the multi-scale deformable attention op alone instead of the model, float32, at the shapes of one
+call in the pixel decoder's encoder at ``--size`` (levels size/8, size/16, size/32, so 64x64, 32x32 and 16x16 at 512;
+queries = all positions of all levels; 8 heads of 32 channels, 4 points per level; locations uniform in [0, 1),
+weights softmaxed over levels and points, seed 0; a training step calls it once per encoder layer, 6 times).
+Inference (batch 1): the forward. Training (batch ``--batch``): the forward, and the forward plus the backward of all
+three inputs' gradients (value, locations, weights) for a random output gradient; the backward alone is the
+difference of those medians. Without ``--baseline`` the variants are the native op and the grid_sample formulation
+(``ms_deform_attn_reference``, autograd for its backward); with ``--baseline PATH`` this tree's native op and
+PATH's, each in its worker. Interleaved rounds, medians and ratios as above; the header says the multiply-adds of
+the sampling (samples x 4 corners x channels; the backward does twice that: dot products and value scatter).
 
 ``--profile N`` instead profiles this tree (``torch.profiler``, one inference and/or one training step after a
 warm-up) and prints the N operators with the most self CPU time and the share of ``aten::copy_``.
@@ -213,6 +224,71 @@ def step_fn(model: torch.nn.Module, mode: str, args: argparse.Namespace) -> Call
     return train_fn(model, args.size, args.batch, train_amp_dtype(args))
 
 
+OP_HEADS, OP_CHANNELS, OP_POINTS, OP_STRIDES = 8, 32, 4, (8, 16, 32)  # the pixel decoder's encoder
+
+
+def op_inputs(size: int, batch: int) -> tuple[torch.Tensor, ...]:
+    """Inputs of one deformable attention call of the encoder at image size ``size`` (seed 0): value, spatial_shapes,
+    level_start_index, sampling_locations, attention_weights."""
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.tensor([[size // s, size // s] for s in OP_STRIDES], dtype=torch.int64)
+    areas = shapes.prod(1)
+    starts = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
+    positions, levels = int(areas.sum()), len(OP_STRIDES)
+    value = torch.randn(batch, positions, OP_HEADS, OP_CHANNELS, generator=g)
+    loc = torch.rand(batch, positions, OP_HEADS, levels, OP_POINTS, 2, generator=g)
+    weights = torch.rand(batch, positions, OP_HEADS, levels * OP_POINTS, generator=g).softmax(-1)
+    return value, shapes, starts, loc, weights.view(batch, positions, OP_HEADS, levels, OP_POINTS)
+
+
+def op_multiply_adds(size: int, batch: int) -> int:
+    """Multiply-adds of one forward's sampling: samples x 4 corners x channels."""
+    positions = sum((size // s) ** 2 for s in OP_STRIDES)
+    return batch * positions * OP_HEADS * len(OP_STRIDES) * OP_POINTS * 4 * OP_CHANNELS
+
+
+def requests(args: argparse.Namespace) -> list[str]:
+    """What a worker times per request: the modes, or with ``--op`` the op timings of ``op_fns``."""
+    if not args.op:
+        return list(args.modes)
+    return [
+        name for mode in args.modes for name in (f"{mode}_forward", f"{mode}_forward_backward")[: 1 + (mode == "train")]
+    ]
+
+
+def op_fns(args: argparse.Namespace, impl: str) -> dict[str, Callable[[], torch.Tensor]]:
+    """The op timings of ``--op`` for ``impl`` ("native" or "pytorch"), by the names of ``requests``: the forward
+    for each mode, and the forward plus backward in training (it returns the three gradients, concatenated)."""
+    from dinat_m2f.ops.ms_deform_attn import ms_deform_attn
+    from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_reference
+
+    def op(value, shapes, starts, loc, weights):
+        if impl == "native":
+            return ms_deform_attn(value, shapes, starts, loc, weights)
+        return ms_deform_attn_reference(value, shapes, loc, weights)
+
+    fns: dict[str, Callable[[], torch.Tensor]] = {}
+    for mode in args.modes:
+        value, shapes, starts, loc, weights = op_inputs(args.size, 1 if mode == "inference" else args.batch)
+
+        def forward(value=value, shapes=shapes, starts=starts, loc=loc, weights=weights) -> torch.Tensor:
+            with torch.no_grad():
+                return op(value, shapes, starts, loc, weights)
+
+        fns[f"{mode}_forward"] = forward
+        if mode == "train":
+            inputs = [t.clone().requires_grad_() for t in (value, loc, weights)]
+            grad = torch.randn(forward().shape, generator=torch.Generator().manual_seed(1))
+
+            def forward_backward(inputs=inputs, shapes=shapes, starts=starts, grad=grad) -> torch.Tensor:
+                out = op(inputs[0], shapes, starts, inputs[1], inputs[2])
+                grads = torch.autograd.grad(out, inputs, grad)
+                return torch.cat([g.flatten() for g in grads])
+
+            fns[f"{mode}_forward_backward"] = forward_backward
+    return fns
+
+
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
     start = time.perf_counter()
     out = fn()
@@ -311,7 +387,7 @@ def keep_freed_memory_as_the_tree_does() -> bool | None:
 
 def worker_main(args: argparse.Namespace) -> int:
     """Build the model of the tree on sys.path (this process's PYTHONPATH), then time one forward or one training
-    step per request line ("inference" / "train") until "quit"."""
+    step per request line ("inference" / "train") until "quit". With ``--op``: the op timings of ``op_fns``."""
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # model-building chatter must not reach the answers
     sys.stdout = sys.stderr
@@ -321,7 +397,12 @@ def worker_main(args: argparse.Namespace) -> int:
     fns: dict[str, Callable[[], torch.Tensor]] = {}
     info: dict = {"dinat_m2f": str(Path(dinat_m2f.__file__).parent), "threads": torch.get_num_threads()}
     info["keeps_freed_memory"] = keep_freed_memory_as_the_tree_does()
-    for mode in args.modes:
+    if args.op:
+        fns = op_fns(args, "native")
+        for name, fn in fns.items():
+            _, out = timed(fn)  # warm-up
+            info[f"{name}_first_output"] = {"sha1": digest(out), "sum": float(out.double().sum())}
+    for mode in () if args.op else args.modes:
         model = build(args.config_file, args.opts, train=mode == "train")
         info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         fns[mode] = step_fn(model, mode, args)
@@ -359,9 +440,10 @@ class Worker:
             env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config-file", str(config)]
         cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
-        cmd += ["--mode", args.mode] + (["--train-amp"] if args.train_amp else []) + [*args.opts, *extra_opts]
+        cmd += ["--mode", args.mode] + (["--train-amp"] if args.train_amp else []) + (["--op"] if args.op else [])
+        cmd += [*args.opts, *extra_opts]
         self.tree = tree
-        self.cpu_times: dict[str, list[float]] = {mode: [] for mode in args.modes}
+        self.cpu_times: dict[str, list[float]] = {name: [] for name in requests(args)}
         self.proc = subprocess.Popen(cmd, cwd=tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info = self._answer()
         if args.cpu_isa == "avx2":
@@ -430,7 +512,8 @@ def compare_trees(args: argparse.Namespace, result: dict) -> list[str]:
         workers["baseline"] = Worker(args.baseline, args)
         result["trees"] = {name: w.info for name, w in workers.items()}
         lines = []
-        for mode in args.modes:
+        width = max(9, *(len(name) for name in requests(args)))
+        for mode in requests(args):
             timers = {name: (lambda w=w, m=mode: w.time(m)) for name, w in workers.items()}
             times = interleaved(timers, args.rounds)
             summarize(times, result, mode)
@@ -438,11 +521,13 @@ def compare_trees(args: argparse.Namespace, result: dict) -> list[str]:
             same = workers["this"].info[f"{mode}_first_output"] == workers["baseline"].info[f"{mode}_first_output"]
             result[f"{mode}_identical_first_output"] = same
             lines.append(
-                f"  {mode:9s} this {result[f'{mode}_this_s_median']:.3f} s  baseline "
-                f"{result[f'{mode}_baseline_s_median']:.3f} s  baseline/this "
+                f"  {mode:{width}s} this {result[f'{mode}_this_s_median']:.4f} s  baseline "
+                f"{result[f'{mode}_baseline_s_median']:.4f} s  baseline/this "
                 f"{result[f'{mode}_baseline_over_this']:.3f}x (process CPU time: "
                 f"{result[f'{mode}_cpu_baseline_over_this']:.3f}x)  first outputs bit-identical: {same}"
             )
+        if args.op:
+            lines += op_backward_lines(result, requests(args), list(workers))
         return lines
     finally:
         for w in workers.values():
@@ -491,6 +576,44 @@ def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[
     ]
     lines.append(f"  {mode:9s} pytorch/native {result[f'{mode}_pytorch_over_native']:.3f}x")
     return lines
+
+
+def compare_op_impls(args: argparse.Namespace, result: dict) -> list[str]:
+    """The native op against the grid_sample formulation, alone (``--op``)."""
+    impls = ("native", "pytorch")
+    fns = {impl: op_fns(args, impl) for impl in impls}
+    width = max(len(name) for name in requests(args))
+    lines = []
+    for name in requests(args):
+        outputs = {impl: fns[impl][name]() for impl in impls}  # warm-up
+        result[f"{name}_max_abs_diff"] = (outputs["native"] - outputs["pytorch"]).abs().max().item()
+        times = interleaved({impl: (lambda fn=fns[impl][name]: timed(fn)[0]) for impl in impls}, args.rounds)
+        summarize(times, result, name)
+        lines.append(
+            f"  {name:{width}s} native {result[f'{name}_native_s_median'] * 1e3:8.2f} ms  pytorch "
+            f"{result[f'{name}_pytorch_s_median'] * 1e3:8.2f} ms  pytorch/native "
+            f"{result[f'{name}_pytorch_over_native']:.3f}x  (max |native - pytorch| {result[f'{name}_max_abs_diff']:.1e})"
+        )
+    return lines + op_backward_lines(result, requests(args), list(impls))
+
+
+def op_backward_lines(result: dict, names: list[str], variants: list[str]) -> list[str]:
+    """The backward alone (forward+backward median minus forward median) and its ratio to the forward."""
+    if "train_forward_backward" not in names:
+        return []
+    backward = {}
+    for v in variants:
+        forward = result[f"train_forward_{v}_s_median"]
+        backward[v] = result[f"train_forward_backward_{v}_s_median"] - forward
+        result[f"train_backward_{v}_s_from_medians"] = round(backward[v], 4)
+        result[f"train_backward_over_forward_{v}"] = round(backward[v] / forward, 3)
+    return [
+        "  train backward (forward+backward minus forward, medians): "
+        + "  ".join(
+            f"{v} {backward[v] * 1e3:.2f} ms ({result[f'train_backward_over_forward_{v}']:.2f}x its forward)"
+            for v in variants
+        )
+    ]
 
 
 def profile(args: argparse.Namespace) -> int:
@@ -555,6 +678,23 @@ def matrix_product_rates(events, total_us: float, threads: int) -> str:
     return "\n".join(lines)
 
 
+def print_op_header(args: argparse.Namespace, result: dict) -> None:
+    against = f"this tree's native op vs {args.baseline}'s" if args.baseline is not None else "native vs grid_sample"
+    levels = "/".join(f"{args.size // s}x{args.size // s}" for s in OP_STRIDES)
+    print(
+        f"ms_deform_attn alone, float32 ({against}): levels {levels}, queries = positions, {OP_HEADS} heads x "
+        f"{OP_CHANNELS} channels, {OP_POINTS} points  {result['threads']} threads  {args.rounds} rounds  "
+        f"torch.mm 1024^3 float32: {result['sgemm_gflops']} GFLOP/s"
+    )
+    for mode in args.modes:
+        batch = 1 if mode == "inference" else args.batch
+        print(
+            f"  {mode}: batch {batch}, {op_multiply_adds(args.size, batch) / 1e6:.1f}M multiply-adds per forward "
+            "(samples x 4 corners x channels; the backward: twice that)"
+        )
+    print("  code paths (this): " + ", ".join(f"{k} {v}" for k, v in result["isa_paths"].items()))
+
+
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", type=Path, default=DEFAULT_CONFIG)
@@ -584,6 +724,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         help="training steps under the config's SOLVER.AMP autocast (bfloat16 on the CPU), as train_net runs them, "
         "in every variant (the baseline too)",
     )
+    parser.add_argument(
+        "--op",
+        action="store_true",
+        help="time the deformable attention op alone at the encoder's shapes (forward; forward+backward in training)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
@@ -609,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_isa == "avx2":
         check_avx2_paths(paths, "this process")
     kept = None if args.baseline is not None else keep_freed_memory_as_the_tree_does()  # the workers do their own
+    if args.op and (args.profile or args.dtype != "float32" or args.train_amp):
+        parser.error("--op times the float32 op alone: it takes no --profile, --dtype or --train-amp")
     if args.profile:
         print(f"code paths: {paths}; glibc keeps freed memory: {kept}")
         return profile(args)
@@ -633,11 +780,15 @@ def main(argv: list[str] | None = None) -> int:
         result["baseline"] = str(args.baseline)
         lines = compare_trees(args, result)
         result["cpu_isa"] = result["trees"]["this"]["cpu_isa"]
-        result["params_m"] = result["trees"]["this"]["params_m"]
+        result["params_m"] = result["trees"]["this"].get("params_m")
     else:
-        lines = compare_impls(args, result)
+        lines = compare_op_impls(args, result) if args.op else compare_impls(args, result)
     if args.json:
         print(json.dumps(result, indent=2))
+        return 0
+    if args.op:
+        print_op_header(args, result)
+        print("\n".join(lines))
         return 0
     against = f"this tree vs {args.baseline}" if args.baseline is not None else "native vs grid_sample MSDA"
     print(

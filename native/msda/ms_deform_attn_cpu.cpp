@@ -3,7 +3,7 @@
 // Both kernels work on one sample at a time (one location of one query, head, level and point) and loop over its D
 // contiguous channels in D-inner loops that the compiler vectorizes (omp simd; the dot products' partial sums
 // per SIMD lane are a fixed order for a given build).
-// Forward: parallel over (batch, head, query); every output row is written by one task.
+// Forward: parallel over (batch, query); every output row is written by one task.
 // Backward: parallel over (batch, head). The gradient of value scatters into value's [n, :, m, :] slice, which no
 // other (batch, head) task touches, and the gradients of locations and weights are per sample: no races, no
 // atomics, and a fixed summation order, so the result is deterministic for any thread count.
