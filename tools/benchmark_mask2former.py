@@ -693,6 +693,15 @@ def print_op_header(args: argparse.Namespace, result: dict) -> None:
             "(samples x 4 corners x channels; the backward: twice that)"
         )
     print("  code paths (this): " + ", ".join(f"{k} {v}" for k, v in result["isa_paths"].items()))
+    print(f"  the op's CPU kernel has no run-time ISA choice: this tree built it with {op_kernel_march()}")
+
+
+def op_kernel_march() -> str:
+    """The -march the extension's baseline code (the deformable attention kernel among it) was compiled for."""
+    import dinat_m2f
+
+    march = re.search(r"-march=(\S+)", dinat_m2f.build_info().get("cxx_flags", ""))
+    return f"-march={march.group(1)}" if march else "an unknown -march (build_info has no cxx_flags)"
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
