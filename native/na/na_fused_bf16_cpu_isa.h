@@ -424,28 +424,60 @@ void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float
 
 inline bool bf16_window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
-// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) per head:
-// [heads][n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors.
+// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) of one head:
+// [n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors. Each thread builds
+// the rows of the heads its blocks meet, once per call (call: a number drawn per fused_forward_bf16 call, so rows of
+// an earlier call's bias are never reused), into storage kept between calls: one table for all heads built before
+// the blocks was 65 of the 170 us of the forward at 1x16x7x7 k 7 (a fresh 180 KiB allocation and a division per
+// element), more than float32's whole forward gains from bf16 at that size.
 struct Bf16GroupBias {
-  std::vector<float> table;
+  const float* rpb = nullptr;  // float32 [heads, rpb_h, rpb_w], or null: no bias (zero rows)
+  uint64_t call = 0;
   int64_t stride = 0;  // between the rows of consecutive n
 };
 
-Bf16GroupBias bf16_group_bias(const float* rpb, const Problem& p, const Windows& win) {
-  const int64_t KK = p.window();
-  Bf16GroupBias bias{std::vector<float>(p.heads * KK * (KK + kLanes), 0.0f), KK + kLanes};
-  if (rpb == nullptr) return bias;
-  for (int64_t h = 0; h < p.heads; ++h) {
-    for (int64_t s = 0; s < KK; ++s) {
-      // Query slot s is token (a dh, b dw) of group (0, 0); its bias window starts at its bias offsets.
-      const float* corner =
-          rpb + (h * p.rpb_h() + win.h.bias[(s / p.kw) * p.dh]) * p.rpb_w() + win.w.bias[(s % p.kw) * p.dw];
-      for (int64_t n = 0; n < KK; ++n) {
-        bias.table[(h * KK + n) * bias.stride + s] = corner[(n / p.kw) * p.rpb_w() + n % p.kw];
+inline uint64_t bf16_next_call() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
+// Row n of head h (slot s at s): rpb at the bias offsets of query slot s = (a, b), token (a dh, b dw) of group
+// (0, 0), plus key slot n = (ki, kj); no division per element.
+inline void bf16_build_group_bias(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h,
+                                  float* rows) {
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    for (int64_t kj = 0; kj < p.kw; ++kj) {
+      float* const row = rows + (ki * p.kw + kj) * bias.stride;
+      std::fill(row, row + bias.stride, 0.0f);
+      if (bias.rpb == nullptr) continue;
+      for (int64_t a = 0; a < p.kh; ++a) {
+        const float* const brow = bias.rpb + (h * p.rpb_h() + win.h.bias[a * p.dh] + ki) * p.rpb_w() + kj;
+        for (int64_t b = 0; b < p.kw; ++b) row[a * p.kw + b] = brow[win.w.bias[b * p.dw]];
       }
     }
   }
-  return bias;
+}
+
+// Head h's rows of this call's group bias, built by this thread on first use.
+inline const float* bf16_group_bias_rows(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h) {
+  struct Rows {
+    uint64_t call = 0;
+    std::vector<float> table;    // [heads][n][stride]
+    std::vector<uint8_t> built;  // per head
+  };
+  thread_local Rows rows;
+  const int64_t head_elems = p.window() * bias.stride;
+  if (rows.call != bias.call) {
+    rows.call = bias.call;
+    rows.built.assign(p.heads, 0);
+    if (rows.table.size() < static_cast<size_t>(p.heads * head_elems)) rows.table.resize(p.heads * head_elems);
+  }
+  float* const head_rows = rows.table.data() + h * head_elems;
+  if (!rows.built[h]) {
+    bf16_build_group_bias(bias, p, win, h, head_rows);
+    rows.built[h] = 1;
+  }
+  return head_rows;
 }
 
 // Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
@@ -614,7 +646,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
   if (group_bias != nullptr) {
-    const float* head_bias = group_bias->table.data() + (block.bh % p.heads) * KK * group_bias->stride;
+    const float* head_bias = bf16_group_bias_rows(*group_bias, p, win, block.bh % p.heads);
     bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
                                      weights, p, slots, scale, block, s);
     return;
@@ -786,7 +818,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* lp = lse.mutable_data_ptr<float>();
   float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
-  const Bf16GroupBias group_bias = bf16_window_is_whole_group(p) ? bf16_group_bias(rp, p, win) : Bf16GroupBias{};
+  const Bf16GroupBias group_bias{rp, bf16_next_call(), p.window() + kLanes};
   const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
   const auto run = [&](auto dot) {
@@ -1067,6 +1099,33 @@ struct Bf16GroupRows {
   std::vector<float> q, k, v, grad_out, out, grads;  // grads: kLanes rows of a tile's gradients before rounding
 };
 
+// A thread's scratch of the whole-group backward, kept between tasks and calls: built per (slice, group) task, its
+// P / dS tables (zeroed, 4 x 11 KiB at k 7) and token vectors cost about as much as the task's products at DiNAT-T's
+// 7x7 stage (49 queries and keys), where bf16's widening and rounding come on top of float32's same products.
+struct Bf16WholeGroupScratch {
+  std::optional<WholeGroupBackwardScratch<float>> tables;
+  int64_t window = 0, padded = 0, dim = 0;  // the shape `tables` was built for
+  std::vector<int64_t> token_i, token_j, token;
+  Bf16GroupRows rows;
+};
+
+// The scratch for a window of `window` slots (`padded` per table row) and head dim `dim`. The tables are rebuilt only
+// when that shape changes: the tasks write only the [window][window] corners, so the padding stays zero as built
+// (whole_group_query_tile reads P's padded lanes).
+inline Bf16WholeGroupScratch& bf16_whole_group_scratch(int64_t window, int64_t padded, int64_t dim) {
+  thread_local Bf16WholeGroupScratch scratch;
+  if (!scratch.tables || scratch.window != window || scratch.padded != padded || scratch.dim != dim) {
+    scratch.tables.emplace(window, padded, dim);
+    scratch.window = window;
+    scratch.padded = padded;
+    scratch.dim = dim;
+    scratch.token_i.resize(window);
+    scratch.token_j.resize(window);
+    scratch.token.resize(window);
+  }
+  return scratch;
+}
+
 inline void bf16_widen_group_rows(Slice<const Bf16Bits> x, const int64_t* token_i, const int64_t* token_j,
                                   int64_t window, int64_t D, std::vector<float>& rows, const float** row_ptrs) {
   rows.resize(window * D);
@@ -1098,16 +1157,19 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
   for (int64_t n = 0; n < KK; ++n) slot_rows[n] = n;
   parallel((s1 - s0) * groups, 1, [&](int64_t task) {
     const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
-    WholeGroupBackwardScratch<float> s(KK, padded, D);
-    thread_local Bf16GroupRows rows;
-    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    Bf16WholeGroupScratch& scratch = bf16_whole_group_scratch(KK, padded, D);
+    WholeGroupBackwardScratch<float>& s = *scratch.tables;
+    Bf16GroupRows& rows = scratch.rows;
+    int64_t* const token_i = scratch.token_i.data();
+    int64_t* const token_j = scratch.token_j.data();
+    int64_t* const token = scratch.token.data();
     for (int64_t n = 0; n < KK; ++n) {
       token_i[n] = rh + (n / p.kw) * p.dh;
       token_j[n] = rw + (n % p.kw) * p.dw;
       token[n] = (bh * H + token_i[n]) * W + token_j[n];
       std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
     }
-    const int64_t *ti = token_i.data(), *tj = token_j.data();
+    const int64_t *ti = token_i, *tj = token_j;
     bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
     bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
     bf16_widen_group_rows(v_all.slice(bh), ti, tj, KK, D, rows.v, s.values.data());
