@@ -268,8 +268,9 @@ def test_bf16_whole_group_scratch_follows_each_call(path):
     rows of an earlier call would miss the tolerance by orders of magnitude."""
     g = torch.Generator().manual_seed(11)
     rpb7 = torch.empty(3, 13, 13, dtype=torch.bfloat16)
-    # (kernel, dilation, map, heads, head dim): whole groups each, the k 7 map thrice with the one bias tensor.
-    calls = [(7, 1, 7, 3, 32), (3, 1, 3, 5, 32), (7, 1, 7, 3, 32), (5, 2, 10, 4, 12), (7, 1, 7, 3, 32)]
+    # (kernel, dilation, map, heads, head dim): whole groups each; the k 7 map twice in a row and once after another
+    # window of as many heads, with the one bias tensor.
+    calls = [(7, 1, 7, 3, 32), (7, 1, 7, 3, 32), (3, 1, 3, 5, 32), (5, 2, 10, 3, 12), (7, 1, 7, 3, 32)]
     for kernel, dilation, size, heads, dim in calls:
         q, k, v, grad_out = (torch.randn(2, heads, size, size, dim, generator=g).to(torch.bfloat16) for _ in range(4))
         if kernel == 7:
