@@ -215,14 +215,37 @@ def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, sh
 
 
 def test_bf16_fused_backward_over_several_workspace_groups(path):
-    """A slice's dS (224 x 224 queries x 169 weights, 32 MiB) fills half of the backward's ~64 MiB workspace, so the
-    three slices run as three groups: the query pass of a later group writes its rows from the workspace's start and
-    the key pass and bias gradient read them there. Checked against the float32 kernel (which groups the same way) on
+    """A slice's dS (224 x 224 queries x 169 weights, 32 MiB) is more than the backward's group of slices holds (the
+    float32 kernel's slices_per_group, about the L2 caches, at least one slice), so the three slices run as three
+    groups: the query pass of a later group writes its rows from the workspace's start and the key pass and bias
+    gradient read them there. Checked against the float32 kernel (which groups the same way) on
     the upcast inputs; the float64 reference would gather [tokens, 169, D] per slice."""
     g = torch.Generator().manual_seed(7)
     kernel, dilation, dim, scale = 13, 2, 16, 0.25
     q, k, v, grad_out = (torch.randn(1, 3, 224, 224, dim, generator=g).to(torch.bfloat16) for _ in range(4))
     rpb = torch.randn(3, 25, 25, generator=g).to(torch.bfloat16)
+    out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, scale)
+    grads = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
+        grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale
+    )
+    q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
+    _, attn32 = _fused(2, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
+    want32 = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
+        go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale
+    )
+    for got, exp in zip(grads, want32):
+        torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+
+
+def test_bf16_fused_backward_over_groups_of_several_slices(path):
+    """A slice's dS here (40 x 40 queries x 121 weights, 0.74 MiB) lets about two slices into a group of the backward
+    (slices_per_group), so five slices run as groups of two, two and one: slices past a group's first read their dS
+    rows at their offset in the workspace, and the bias gradient sums each group's heads. Checked against the float32
+    kernel on the upcast inputs."""
+    g = torch.Generator().manual_seed(8)
+    kernel, dilation, dim, scale = 11, 1, 32, 32**-0.5
+    q, k, v, grad_out = (torch.randn(1, 5, 40, 40, dim, generator=g).to(torch.bfloat16) for _ in range(4))
+    rpb = torch.randn(5, 21, 21, generator=g).to(torch.bfloat16)
     out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, scale)
     grads = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
         grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale
@@ -258,3 +281,37 @@ def test_bf16_qkv_training_matches_float64(path, kernel, dilation, shape):
     torch.testing.assert_close(out.double(), want_out, **BF16_TOL)
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+
+
+def test_bf16_whole_group_scratch_follows_each_call(path):
+    """The whole-group kernels keep scratch per thread between calls (na_fused_bf16_cpu_isa.h: the forward's bias rows
+    per head, built once per call, and the backward's P / dS tables): a call right after one with another window,
+    head count or head dim, or with the same bias tensor changed in place, gets its own. Out and the gradients
+    against the float32 kernel on the upcast inputs, call by call; the biases are far apart (unit normal), so bias
+    rows of an earlier call would miss the tolerance by orders of magnitude."""
+    g = torch.Generator().manual_seed(11)
+    rpb7 = torch.empty(3, 13, 13, dtype=torch.bfloat16)
+    # (kernel, dilation, map, heads, head dim): whole groups each; the k 7 map twice in a row and once after another
+    # window of as many heads, with the one bias tensor.
+    calls = [(7, 1, 7, 3, 32), (7, 1, 7, 3, 32), (3, 1, 3, 5, 32), (5, 2, 10, 3, 12), (7, 1, 7, 3, 32)]
+    for kernel, dilation, size, heads, dim in calls:
+        q, k, v, grad_out = (torch.randn(2, heads, size, size, dim, generator=g).to(torch.bfloat16) for _ in range(4))
+        if kernel == 7:
+            rpb = rpb7
+            rpb.copy_(torch.randn(3, 13, 13, generator=g))
+        else:
+            rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(torch.bfloat16)
+        scale = dim**-0.5
+        out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, scale)
+        grads = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
+            grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale
+        )
+        q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
+        out32, attn32 = _fused(2, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
+        torch.testing.assert_close(out.float(), out32, **ROUNDING_TOL)
+        torch.testing.assert_close(attn, attn32, rtol=1e-5, atol=1e-5)
+        want32 = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
+            go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale
+        )
+        for got, exp in zip(grads, want32):
+            torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)

@@ -424,28 +424,60 @@ void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float
 
 inline bool bf16_window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
-// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) per head:
-// [heads][n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors.
+// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) of one head:
+// [n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors. Each thread builds
+// the rows of the heads its blocks meet, once per call (call: a number drawn per fused_forward_bf16 call, so rows of
+// an earlier call's bias are never reused), into storage kept between calls: one table for all heads built before
+// the blocks was 65 of the 170 us of the forward at 1x16x7x7 k 7 (a fresh 180 KiB allocation and a division per
+// element), more than float32's whole forward gains from bf16 at that size.
 struct Bf16GroupBias {
-  std::vector<float> table;
+  const float* rpb = nullptr;  // float32 [heads, rpb_h, rpb_w], or null: no bias (zero rows)
+  uint64_t call = 0;
   int64_t stride = 0;  // between the rows of consecutive n
 };
 
-Bf16GroupBias bf16_group_bias(const float* rpb, const Problem& p, const Windows& win) {
-  const int64_t KK = p.window();
-  Bf16GroupBias bias{std::vector<float>(p.heads * KK * (KK + kLanes), 0.0f), KK + kLanes};
-  if (rpb == nullptr) return bias;
-  for (int64_t h = 0; h < p.heads; ++h) {
-    for (int64_t s = 0; s < KK; ++s) {
-      // Query slot s is token (a dh, b dw) of group (0, 0); its bias window starts at its bias offsets.
-      const float* corner =
-          rpb + (h * p.rpb_h() + win.h.bias[(s / p.kw) * p.dh]) * p.rpb_w() + win.w.bias[(s % p.kw) * p.dw];
-      for (int64_t n = 0; n < KK; ++n) {
-        bias.table[(h * KK + n) * bias.stride + s] = corner[(n / p.kw) * p.rpb_w() + n % p.kw];
+inline uint64_t bf16_next_call() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
+// Row n of head h (slot s at s): rpb at the bias offsets of query slot s = (a, b), token (a dh, b dw) of group
+// (0, 0), plus key slot n = (ki, kj); no division per element.
+inline void bf16_build_group_bias(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h,
+                                  float* rows) {
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    for (int64_t kj = 0; kj < p.kw; ++kj) {
+      float* const row = rows + (ki * p.kw + kj) * bias.stride;
+      std::fill(row, row + bias.stride, 0.0f);
+      if (bias.rpb == nullptr) continue;
+      for (int64_t a = 0; a < p.kh; ++a) {
+        const float* const brow = bias.rpb + (h * p.rpb_h() + win.h.bias[a * p.dh] + ki) * p.rpb_w() + kj;
+        for (int64_t b = 0; b < p.kw; ++b) row[a * p.kw + b] = brow[win.w.bias[b * p.dw]];
       }
     }
   }
-  return bias;
+}
+
+// Head h's rows of this call's group bias, built by this thread on first use.
+inline const float* bf16_group_bias_rows(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h) {
+  struct Rows {
+    uint64_t call = 0;
+    std::vector<float> table;    // [heads][n][stride]
+    std::vector<uint8_t> built;  // per head
+  };
+  thread_local Rows rows;
+  const int64_t head_elems = p.window() * bias.stride;
+  if (rows.call != bias.call) {
+    rows.call = bias.call;
+    rows.built.assign(p.heads, 0);
+    if (rows.table.size() < static_cast<size_t>(p.heads * head_elems)) rows.table.resize(p.heads * head_elems);
+  }
+  float* const head_rows = rows.table.data() + h * head_elems;
+  if (!rows.built[h]) {
+    bf16_build_group_bias(bias, p, win, h, head_rows);
+    rows.built[h] = 1;
+  }
+  return head_rows;
 }
 
 // Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
@@ -614,7 +646,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
   if (group_bias != nullptr) {
-    const float* head_bias = group_bias->table.data() + (block.bh % p.heads) * KK * group_bias->stride;
+    const float* head_bias = bf16_group_bias_rows(*group_bias, p, win, block.bh % p.heads);
     bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
                                      weights, p, slots, scale, block, s);
     return;
@@ -786,7 +818,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* lp = lse.mutable_data_ptr<float>();
   float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
-  const Bf16GroupBias group_bias = bf16_window_is_whole_group(p) ? bf16_group_bias(rp, p, win) : Bf16GroupBias{};
+  const Bf16GroupBias group_bias{rp, bf16_next_call(), p.window() + kLanes};
   const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
   const auto run = [&](auto dot) {
@@ -1067,6 +1099,56 @@ struct Bf16GroupRows {
   std::vector<float> q, k, v, grad_out, out, grads;  // grads: kLanes rows of a tile's gradients before rounding
 };
 
+// A thread's scratch of the whole-group backward, kept between tasks and calls: built per (slice, group) task, its
+// P / dS tables (zeroed, 4 x 11 KiB at k 7) and token vectors cost about as much as the task's products at DiNAT-T's
+// 7x7 stage (49 queries and keys), where bf16's widening and rounding come on top of float32's same products.
+struct Bf16WholeGroupScratch {
+  std::optional<WholeGroupBackwardScratch<float>> tables;
+  int64_t window = 0, padded = 0, dim = 0;  // the shape `tables` was built for
+  std::vector<int64_t> token_i, token_j, token;
+  std::vector<int64_t> bias_cols;  // the bias column offset of each query slot column b < kw of the task's group
+  Bf16GroupRows rows;
+};
+
+// The scratch for a window of `window` slots (`padded` per table row) and head dim `dim`. The tables are rebuilt only
+// when that shape changes: the tasks write only the [window][window] corners, so the padding stays zero as built
+// (whole_group_query_tile reads P's padded lanes).
+inline Bf16WholeGroupScratch& bf16_whole_group_scratch(int64_t window, int64_t padded, int64_t dim) {
+  thread_local Bf16WholeGroupScratch scratch;
+  if (!scratch.tables || scratch.window != window || scratch.padded != padded || scratch.dim != dim) {
+    scratch.tables.emplace(window, padded, dim);
+    scratch.window = window;
+    scratch.padded = padded;
+    scratch.dim = dim;
+    scratch.token_i.resize(window);
+    scratch.token_j.resize(window);
+    scratch.token.resize(window);
+    scratch.bias_cols.resize(window);
+  }
+  return scratch;
+}
+
+// Adds a group's bias gradient into out ([rpb_h][rpb_w]): dS of query slot (a, b) (token (rh + a dh, rw + b dw); ds
+// row a kw + b, `padded` apart) and key slot (ki, kj) goes to bias (bias_h + ki, bias_w + kj). The loop over b is
+// innermost: consecutive b reach distinct bias columns, so the adds do not wait on each other. rpb_grad_slices, which
+// sums the same dS from the workspace query by query, adds a query's window into columns the previous query's window
+// overlaps (each add waits on the store before it): 30 of the 210 us of the backward at 1x16x7x7 k7.
+inline void bf16_add_group_bias_grad(const float* ds, int64_t padded, int64_t rh, const int64_t* bias_cols,
+                                     const Problem& p, const Windows& win, float* out) {
+  const int64_t RW = p.rpb_w();
+  for (int64_t a = 0; a < p.kh; ++a) {
+    const float* const ds_rows = ds + a * p.kw * padded;
+    const int64_t bias_row = win.h.bias[rh + a * p.dh];
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      float* const row = out + (bias_row + ki) * RW;
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        const float* const src = ds_rows + ki * p.kw + kj;
+        for (int64_t b = 0; b < p.kw; ++b) row[bias_cols[b] + kj] += src[b * padded];
+      }
+    }
+  }
+}
+
 inline void bf16_widen_group_rows(Slice<const Bf16Bits> x, const int64_t* token_i, const int64_t* token_j,
                                   int64_t window, int64_t D, std::vector<float>& rows, const float** row_ptrs) {
   rows.resize(window * D);
@@ -1082,15 +1164,17 @@ inline void bf16_round_tile_rows(float* const* tile_rows, int64_t lanes, int64_t
   for (int64_t l = 0; l < lanes; ++l) bf16_round_row(1.0f, tile_rows[l], grad.at(token_i[t0 + l], token_j[t0 + l]), D);
 }
 
-// The whole-group backward of slices [s0, s1): dQ, dK, dV and dS (into ds_ws, the per-query rows rpb_grad_slices
-// reads) from the saved float32 weights.
+// The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved float32 weights and, with bias_partials
+// (else null), each (slice, group) task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at
+// t * rpb_h * rpb_w; bf16_sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a
+// workspace and read back.
 template <int64_t kD>
 void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all,
                                       Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
                                       Strided<const Bf16Bits> out_all, const float* weights,
                                       Strided<Bf16Bits> grad_q_all, Strided<Bf16Bits> grad_k_all,
-                                      Strided<Bf16Bits> grad_v_all, float* ds_ws, int64_t s0, int64_t s1,
-                                      const Problem& p, float scale) {
+                                      Strided<Bf16Bits> grad_v_all, float* bias_partials, int64_t s0, int64_t s1,
+                                      const Problem& p, const Windows& win, float scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
   // whole_group_query_tile reads O of slot n at out.at(n, 0): the widened rows, one slot per row.
@@ -1098,16 +1182,20 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
   for (int64_t n = 0; n < KK; ++n) slot_rows[n] = n;
   parallel((s1 - s0) * groups, 1, [&](int64_t task) {
     const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
-    WholeGroupBackwardScratch<float> s(KK, padded, D);
-    thread_local Bf16GroupRows rows;
-    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    Bf16WholeGroupScratch& scratch = bf16_whole_group_scratch(KK, padded, D);
+    WholeGroupBackwardScratch<float>& s = *scratch.tables;
+    Bf16GroupRows& rows = scratch.rows;
+    int64_t* const token_i = scratch.token_i.data();
+    int64_t* const token_j = scratch.token_j.data();
+    int64_t* const token = scratch.token.data();
+    int64_t* const bias_cols = scratch.bias_cols.data();
     for (int64_t n = 0; n < KK; ++n) {
       token_i[n] = rh + (n / p.kw) * p.dh;
       token_j[n] = rw + (n % p.kw) * p.dw;
       token[n] = (bh * H + token_i[n]) * W + token_j[n];
       std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
     }
-    const int64_t *ti = token_i.data(), *tj = token_j.data();
+    const int64_t *ti = token_i, *tj = token_j;
     bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
     bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
     bf16_widen_group_rows(v_all.slice(bh), ti, tj, KK, D, rows.v, s.values.data());
@@ -1131,8 +1219,12 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
     }
     transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
-    for (int64_t n = 0; n < KK; ++n) {
-      std::copy_n(s.ds.data() + n * padded, KK, ds_ws + (token[n] - s0 * H * W) * KK);
+    if (bias_partials != nullptr) {
+      const int64_t bias_elems = p.rpb_h() * p.rpb_w();
+      float* const partial = bias_partials + task * bias_elems;
+      std::fill(partial, partial + bias_elems, 0.0f);
+      for (int64_t b = 0; b < p.kw; ++b) bias_cols[b] = win.w.bias[rw + b * p.dw];
+      bf16_add_group_bias_grad(s.ds.data(), padded, rh, bias_cols, p, win, partial);
     }
     // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
     for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
@@ -1141,6 +1233,24 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f, dst_v, lanes);
       bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
       bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
+    }
+  });
+}
+
+// rpb_grad[h] += the bias partials (bf16_whole_group_backward_slices) of the tasks of slices [s0, s1) of head h.
+inline void bf16_sum_bias_partials(const float* partials, int64_t s0, int64_t s1, const Problem& p, float* rpb_grad) {
+  const int64_t groups = p.dh * p.dw, elems = p.rpb_h() * p.rpb_w(), per_slice = groups * elems;
+  // Per head a thread; in the calling thread where that is less work than starting them (DiNAT-T's 7x7 stage: 16
+  // heads of one 13x13 partial each).
+  const int64_t grain = (s1 - s0) * per_slice < (int64_t{1} << 16) ? p.heads : 1;
+  parallel(p.heads, grain, [&](int64_t h) {
+    float* const dst = rpb_grad + h * elems;
+    for (int64_t bh = s0 + ((h - s0 % p.heads) % p.heads + p.heads) % p.heads; bh < s1; bh += p.heads) {
+      const float* const slice = partials + (bh - s0) * per_slice;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float* const src = slice + g * elems;
+        for (int64_t e = 0; e < elems; ++e) dst[e] += src[e];
+      }
     }
   });
 }
@@ -1169,35 +1279,43 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   const auto ks = bf16_strided<const Bf16Bits>(k), vs = bf16_strided<const Bf16Bits>(v);
   const auto os = bf16_strided<const Bf16Bits>(out);
   const auto gqs = bf16_strided<Bf16Bits>(grad_q);
-  // Whole-group windows take the dense per-group products; their dS rows land in the same workspace.
+  // Whole-group windows take the dense per-group products and sum the bias gradient per group.
   const bool whole_groups = bf16_window_is_whole_group(p);
   const float* prob = attn.const_data_ptr<float>();
   float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
-  // dS of a bounded group of slices (at most ~64 MiB, at least one slice), kept per calling thread between calls:
-  // the float32 kernel's workspace rule.
-  const int64_t slice_elems = p.tokens() * p.window();
-  const int64_t budget = (int64_t{64} << 20) / static_cast<int64_t>(sizeof(float));
-  const int64_t slices_per_group = std::clamp<int64_t>(budget / std::max<int64_t>(slice_elems, 1), 1, p.batch_heads);
+  // dS of a group of slices, kept per calling thread between calls. The group takes the float32 kernel's size
+  // (slices_per_group: about the L2 caches, at least one slice), so that the key pass finds the dS the query pass
+  // wrote in cache: in one group of up to 64 MiB the key pass streamed it from memory, 27 ms against float32's 24 at
+  // 1x12x64x64 k11 (one thread). Whole groups keep only their bias partials there (a slice's dh dw groups of rpb_h
+  // rpb_w floats), up to ~64 MiB of them per group.
+  const int64_t slice_elems = whole_groups ? p.dh * p.dw * p.rpb_h() * p.rpb_w() : p.tokens() * p.window();
+  const int64_t slice_bytes = slice_elems * static_cast<int64_t>(sizeof(float));
+  const int64_t group_slices =
+      whole_groups ? std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(slice_bytes, 1), 1, p.batch_heads)
+                   : slices_per_group(slice_bytes, p);
   thread_local std::vector<float> workspace;
-  const auto group_elems = static_cast<size_t>(slices_per_group * slice_elems);
+  const auto group_elems = static_cast<size_t>(group_slices * slice_elems);
   if (workspace.size() < group_elems) workspace.resize(group_elems);
   float* const ds_ws = workspace.data();
-  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += slices_per_group) {
-    const int64_t s1 = std::min(p.batch_heads, s0 + slices_per_group);
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group_slices) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group_slices);
     if (whole_groups) {
+      float* const bias_partials = rpb_grad != nullptr ? ds_ws : nullptr;
       dispatch_head_dim(p.dim, [&](auto dim) {
-        bf16_whole_group_backward_slices<dim.value>(gos, qs, ks, vs, os, prob, gqs, gks, gvs, ds_ws, s0, s1, p, fs);
+        bf16_whole_group_backward_slices<dim.value>(gos, qs, ks, vs, os, prob, gqs, gks, gvs, bias_partials, s0, s1, p,
+                                                    win, fs);
       });
-    } else {
-      query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);
-      const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
-      dispatch_head_dim(p.dim, [&](auto dim) {
-        parallel(static_cast<int64_t>(group.size()), 1, [&](int64_t b) {
-          bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
-        });
-      });
+      if (rpb_grad != nullptr) bf16_sum_bias_partials(bias_partials, s0, s1, p, rpb_grad);
+      continue;
     }
+    query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);
+    const std::vector<Bf16RowBlock> group = bf16_row_blocks_of(blocks, s0, s1);
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(static_cast<int64_t>(group.size()), 1, [&](int64_t b) {
+        bf16_backward_key_block<dim.value>(gos, qs, prob, ds_ws, gks, gvs, s0, p, win, fs, group[b]);
+      });
+    });
     if (rpb_grad != nullptr) {
       rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
     }
