@@ -214,16 +214,8 @@ def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, sh
         torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
 
 
-def test_bf16_fused_backward_over_several_workspace_groups(path):
-    """A slice's dS (224 x 224 queries x 169 weights, 32 MiB) is more than the backward's group of slices holds (the
-    float32 kernel's slices_per_group, about the L2 caches, at least one slice), so the three slices run as three
-    groups: the query pass of a later group writes its rows from the workspace's start and the key pass and bias
-    gradient read them there. Checked against the float32 kernel (which groups the same way) on
-    the upcast inputs; the float64 reference would gather [tokens, 169, D] per slice."""
-    g = torch.Generator().manual_seed(7)
-    kernel, dilation, dim, scale = 13, 2, 16, 0.25
-    q, k, v, grad_out = (torch.randn(1, 3, 224, 224, dim, generator=g).to(torch.bfloat16) for _ in range(4))
-    rpb = torch.randn(3, 25, 25, generator=g).to(torch.bfloat16)
+def _assert_bf16_backward_matches_float32(q, k, v, grad_out, rpb, kernel, dilation, scale):
+    """The bf16 fused backward (saved weights) against the float32 kernel on the upcast inputs, to bf16's rounding."""
     out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, scale)
     grads = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
         grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale
@@ -235,6 +227,19 @@ def test_bf16_fused_backward_over_several_workspace_groups(path):
     )
     for got, exp in zip(grads, want32):
         torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+
+
+def test_bf16_fused_backward_over_several_workspace_groups(path):
+    """A slice's dS (224 x 224 queries x 169 weights, 32 MiB) is more than the backward's group of slices holds (the
+    float32 kernel's slices_per_group, about the L2 caches, at least one slice), so the three slices run as three
+    groups: the query pass of a later group writes its rows from the workspace's start and the key pass and bias
+    gradient read them there. Checked against the float32 kernel (which groups the same way) on
+    the upcast inputs; the float64 reference would gather [tokens, 169, D] per slice."""
+    g = torch.Generator().manual_seed(7)
+    kernel, dilation, dim, scale = 13, 2, 16, 0.25
+    q, k, v, grad_out = (torch.randn(1, 3, 224, 224, dim, generator=g).to(torch.bfloat16) for _ in range(4))
+    rpb = torch.randn(3, 25, 25, generator=g).to(torch.bfloat16)
+    _assert_bf16_backward_matches_float32(q, k, v, grad_out, rpb, kernel, dilation, scale)
 
 
 def test_bf16_fused_backward_over_groups_of_several_slices(path):
@@ -246,17 +251,7 @@ def test_bf16_fused_backward_over_groups_of_several_slices(path):
     kernel, dilation, dim, scale = 11, 1, 32, 32**-0.5
     q, k, v, grad_out = (torch.randn(1, 5, 40, 40, dim, generator=g).to(torch.bfloat16) for _ in range(4))
     rpb = torch.randn(5, 21, 21, generator=g).to(torch.bfloat16)
-    out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, scale)
-    grads = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
-        grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale
-    )
-    q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
-    _, attn32 = _fused(2, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
-    want32 = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
-        go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale
-    )
-    for got, exp in zip(grads, want32):
-        torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+    _assert_bf16_backward_matches_float32(q, k, v, grad_out, rpb, kernel, dilation, scale)
 
 
 @pytest.mark.parametrize(
