@@ -6,6 +6,8 @@ axis // k, axes that the dilation does not divide, non-square maps and the small
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from op_recorder import RecordNativeOps
@@ -197,6 +199,42 @@ def test_fused_cpu_forward_on_whole_group_windows(dims, k, d, shape, head_dim, w
         with_attn = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_forward_with_attn")
         _, attn = with_attn(q, key, v, rpb, k, d, 0.6)
         torch.testing.assert_close(attn, _funcs(dims)[3](q * 0.6, key, k, d, rpb).softmax(-1), **tol)
+
+
+def _na2d_call(fn, kernel, dilation, q, k, v, rpb):
+    return fn(q, k, v, kernel, dilation, rpb, 0.6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+def test_fused_cpu_whole_group_bias_follows_each_call(dtype):
+    """The whole-group kernels keep the forward's bias rows per thread between calls (na_whole_group_cpu_isa.h: built
+    once per call per head) and sum the bias gradient per (slice, group) task: a call right after one with another
+    window or head count, or with the same bias tensor changed in place, gets its own rows. Out, the saved weights
+    and every gradient (the bias's included) against the reference, call by call; the biases are far apart (unit
+    normal), so bias rows of an earlier call would miss the tolerance by orders of magnitude."""
+    g = torch.Generator().manual_seed(7)
+    rpb7 = torch.empty(3, 13, 13, dtype=dtype)
+    # (kernel, dilation, map, heads, head dim): whole groups each; the k 7 map twice in a row and once after other
+    # windows, with the one bias tensor changed in place.
+    calls = [(7, 2, 14, 3, 32), (7, 2, 14, 3, 32), (3, 1, 3, 5, 32), (5, 3, 15, 3, 12), (7, 2, 14, 3, 32)]
+    tol = TOL[dtype]
+    for kernel, dilation, size, heads, dim in calls:
+        q, key, v = (torch.randn(2, heads, size, size, dim, generator=g, dtype=torch.float64).to(dtype) for _ in "qkv")
+        if kernel == 7:
+            rpb = rpb7
+            rpb.copy_(torch.randn(3, 13, 13, generator=g, dtype=torch.float64))
+        else:
+            rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g, dtype=torch.float64).to(dtype)
+        tensors = [q, key, v, rpb]
+        want, want_grads = _grads(functools.partial(_na2d_call, ref.na2d, kernel, dilation), tensors)
+        for saves_attn in (False, True):
+            op = _fused_native(2, saves_attn)
+            out, grads = _grads(functools.partial(_na2d_call, op, kernel, dilation), tensors)
+            torch.testing.assert_close(out, want, **tol)
+            for got, exp in zip(grads, want_grads):
+                torch.testing.assert_close(got, exp, **tol)
+        _, attn = torch.ops.dinat_m2f.na2d_fused_forward_with_attn(q, key, v, rpb, kernel, dilation, 0.6)
+        torch.testing.assert_close(attn, ref.na2d_qk(q * 0.6, key, kernel, dilation, rpb).softmax(-1), **tol)
 
 
 def _fused_native(dims, saves_attn):

@@ -424,61 +424,16 @@ void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float
 
 inline bool bf16_window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
-// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) of one head:
-// [n][s], s padded by a vector of zeros so that a tile starting at any slot reads whole vectors. Each thread builds
-// the rows of the heads its blocks meet, once per call (call: a number drawn per fused_forward_bf16 call, so rows of
-// an earlier call's bias are never reused), into storage kept between calls: one table for all heads built before
-// the blocks was 65 of the 170 us of the forward at 1x16x7x7 k 7 (a fresh 180 KiB allocation and a division per
-// element), more than float32's whole forward gains from bf16 at that size.
-struct Bf16GroupBias {
-  const float* rpb = nullptr;  // float32 [heads, rpb_h, rpb_w], or null: no bias (zero rows)
-  uint64_t call = 0;
-  int64_t stride = 0;  // between the rows of consecutive n
-};
+}  // namespace
 
-inline uint64_t bf16_next_call() {
-  static std::atomic<uint64_t> calls{0};
-  return ++calls;
-}
+#include "na_whole_group_cpu_isa.h"
 
-// Row n of head h (slot s at s): rpb at the bias offsets of query slot s = (a, b), token (a dh, b dw) of group
-// (0, 0), plus key slot n = (ki, kj); no division per element.
-inline void bf16_build_group_bias(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h,
-                                  float* rows) {
-  for (int64_t ki = 0; ki < p.kh; ++ki) {
-    for (int64_t kj = 0; kj < p.kw; ++kj) {
-      float* const row = rows + (ki * p.kw + kj) * bias.stride;
-      std::fill(row, row + bias.stride, 0.0f);
-      if (bias.rpb == nullptr) continue;
-      for (int64_t a = 0; a < p.kh; ++a) {
-        const float* const brow = bias.rpb + (h * p.rpb_h() + win.h.bias[a * p.dh] + ki) * p.rpb_w() + kj;
-        for (int64_t b = 0; b < p.kw; ++b) row[a * p.kw + b] = brow[win.w.bias[b * p.dw]];
-      }
-    }
-  }
-}
+namespace {
 
-// Head h's rows of this call's group bias, built by this thread on first use.
-inline const float* bf16_group_bias_rows(const Bf16GroupBias& bias, const Problem& p, const Windows& win, int64_t h) {
-  struct Rows {
-    uint64_t call = 0;
-    std::vector<float> table;    // [heads][n][stride]
-    std::vector<uint8_t> built;  // per head
-  };
-  thread_local Rows rows;
-  const int64_t head_elems = p.window() * bias.stride;
-  if (rows.call != bias.call) {
-    rows.call = bias.call;
-    rows.built.assign(p.heads, 0);
-    if (rows.table.size() < static_cast<size_t>(p.heads * head_elems)) rows.table.resize(p.heads * head_elems);
-  }
-  float* const head_rows = rows.table.data() + h * head_elems;
-  if (!rows.built[h]) {
-    bf16_build_group_bias(bias, p, win, h, head_rows);
-    rows.built[h] = 1;
-  }
-  return head_rows;
-}
+// The whole-group bias rows (GroupBias, group_bias_rows of na_whole_group_cpu_isa.h) with a vector of zeros past the
+// last slot, so that a tile starting at any slot reads whole vectors: float32's rows, drawn per fused_forward_bf16
+// call.
+using Bf16GroupBias = GroupBias<float>;
 
 // Logits of a whole-group tile into logits ([n][lane]): scale * q . k_n + bias (rows of kLanes, bias_stride apart).
 // kDot: qt holds bf16 pairs (bf16_tile_query_words) and keys_bf16 the key rows, multiplied by vdpbf16ps; otherwise
@@ -646,7 +601,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
   if (group_bias != nullptr) {
-    const float* head_bias = bf16_group_bias_rows(*group_bias, p, win, block.bh % p.heads);
+    const float* head_bias = group_bias_rows(*group_bias, p, win, block.bh % p.heads);
     bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
                                      weights, p, slots, scale, block, s);
     return;
@@ -818,7 +773,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   float* lp = lse.mutable_data_ptr<float>();
   float* wp = attn.defined() ? attn.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
-  const Bf16GroupBias group_bias{rp, bf16_next_call(), p.window() + kLanes};
+  const Bf16GroupBias group_bias{rp, next_group_bias_call(), p.window() + kLanes};
   const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
   const auto run = [&](auto dot) {
@@ -1128,27 +1083,6 @@ inline Bf16WholeGroupScratch& bf16_whole_group_scratch(int64_t window, int64_t p
   return scratch;
 }
 
-// Adds a group's bias gradient into out ([rpb_h][rpb_w]): dS of query slot (a, b) (token (rh + a dh, rw + b dw); ds
-// row a kw + b, `padded` apart) and key slot (ki, kj) goes to bias (bias_h + ki, bias_w + kj). The loop over b is
-// innermost: consecutive b reach distinct bias columns, so the adds do not wait on each other. rpb_grad_slices, which
-// sums the same dS from the workspace query by query, adds a query's window into columns the previous query's window
-// overlaps (each add waits on the store before it): 30 of the 210 us of the backward at 1x16x7x7 k7.
-inline void bf16_add_group_bias_grad(const float* ds, int64_t padded, int64_t rh, const int64_t* bias_cols,
-                                     const Problem& p, const Windows& win, float* out) {
-  const int64_t RW = p.rpb_w();
-  for (int64_t a = 0; a < p.kh; ++a) {
-    const float* const ds_rows = ds + a * p.kw * padded;
-    const int64_t bias_row = win.h.bias[rh + a * p.dh];
-    for (int64_t ki = 0; ki < p.kh; ++ki) {
-      float* const row = out + (bias_row + ki) * RW;
-      for (int64_t kj = 0; kj < p.kw; ++kj) {
-        const float* const src = ds_rows + ki * p.kw + kj;
-        for (int64_t b = 0; b < p.kw; ++b) row[bias_cols[b] + kj] += src[b * padded];
-      }
-    }
-  }
-}
-
 inline void bf16_widen_group_rows(Slice<const Bf16Bits> x, const int64_t* token_i, const int64_t* token_j,
                                   int64_t window, int64_t D, std::vector<float>& rows, const float** row_ptrs) {
   rows.resize(window * D);
@@ -1166,7 +1100,7 @@ inline void bf16_round_tile_rows(float* const* tile_rows, int64_t lanes, int64_t
 
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved float32 weights and, with bias_partials
 // (else null), each (slice, group) task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at
-// t * rpb_h * rpb_w; bf16_sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a
+// t * rpb_h * rpb_w; sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a
 // workspace and read back.
 template <int64_t kD>
 void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all,
@@ -1224,7 +1158,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       float* const partial = bias_partials + task * bias_elems;
       std::fill(partial, partial + bias_elems, 0.0f);
       for (int64_t b = 0; b < p.kw; ++b) bias_cols[b] = win.w.bias[rw + b * p.dw];
-      bf16_add_group_bias_grad(s.ds.data(), padded, rh, bias_cols, p, win, partial);
+      add_group_bias_grad(s.ds.data(), padded, rh, bias_cols, p, win, partial);
     }
     // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
     for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
@@ -1233,24 +1167,6 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f, dst_v, lanes);
       bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
       bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
-    }
-  });
-}
-
-// rpb_grad[h] += the bias partials (bf16_whole_group_backward_slices) of the tasks of slices [s0, s1) of head h.
-inline void bf16_sum_bias_partials(const float* partials, int64_t s0, int64_t s1, const Problem& p, float* rpb_grad) {
-  const int64_t groups = p.dh * p.dw, elems = p.rpb_h() * p.rpb_w(), per_slice = groups * elems;
-  // Per head a thread; in the calling thread where that is less work than starting them (DiNAT-T's 7x7 stage: 16
-  // heads of one 13x13 partial each).
-  const int64_t grain = (s1 - s0) * per_slice < (int64_t{1} << 16) ? p.heads : 1;
-  parallel(p.heads, grain, [&](int64_t h) {
-    float* const dst = rpb_grad + h * elems;
-    for (int64_t bh = s0 + ((h - s0 % p.heads) % p.heads + p.heads) % p.heads; bh < s1; bh += p.heads) {
-      const float* const slice = partials + (bh - s0) * per_slice;
-      for (int64_t g = 0; g < groups; ++g) {
-        const float* const src = slice + g * elems;
-        for (int64_t e = 0; e < elems; ++e) dst[e] += src[e];
-      }
     }
   });
 }
@@ -1306,7 +1222,7 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
         bf16_whole_group_backward_slices<dim.value>(gos, qs, ks, vs, os, prob, gqs, gks, gvs, bias_partials, s0, s1, p,
                                                     win, fs);
       });
-      if (rpb_grad != nullptr) bf16_sum_bias_partials(bias_partials, s0, s1, p, rpb_grad);
+      if (rpb_grad != nullptr) sum_bias_partials(bias_partials, s0, s1, p, rpb_grad);
       continue;
     }
     query_pass(grad_out, k, v, out, attn, grad_q, ds_ws, s0, s1, p, scale);

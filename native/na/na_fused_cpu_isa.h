@@ -432,27 +432,13 @@ void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const P
 // tiles (their groups are k wide), and the per-query path spent about twice the instructions per query.
 // Saving the weights (training), each tile also writes its queries' rows of P (store_whole_group_weights).
 
-inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
+}  // namespace
 
-// The bias of query slot s and key slot n of a group (both a * kw + b, the same in every group) per head, stored
-// [heads][n][s] with s padded to `padded` (a whole number of vectors past the last slot): the tile of query slots
-// s0 .. s0 + kLanes - 1 reads one vector per key.
-template <typename T>
-std::vector<T> whole_group_bias(const T* rpb, const Problem& p, const Windows& win, int64_t padded) {
-  const int64_t KK = p.window();
-  std::vector<T> bias(p.heads * KK * padded, T(0));
-  if (rpb == nullptr) return bias;
-  for (int64_t h = 0; h < p.heads; ++h) {
-    for (int64_t s = 0; s < KK; ++s) {
-      const int64_t i = (s / p.kw) * p.dh, j = (s % p.kw) * p.dw;  // slot s of group (0, 0)
-      for (int64_t n = 0; n < KK; ++n) {
-        const int64_t ki = n / p.kw, kj = n % p.kw;
-        bias[(h * KK + n) * padded + s] = rpb[(h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j] + kj];
-      }
-    }
-  }
-  return bias;
-}
+#include "na_whole_group_cpu_isa.h"
+
+namespace {
+
+inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
 // The two products of the whole-group tiles, lane-parallel with one operand broadcast from token rows (rows[n]: D
 // values each). out[n] += sum_d a[d] * rows[n][d] for n < count (a: D vectors): four rows at a time, each a vector
@@ -530,7 +516,7 @@ void store_whole_group_weights(const T* exp_slots, Lanes<T> inv, int64_t lanes, 
 }
 
 // Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
-// head's whole_group_bias from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
+// head's group_bias_rows from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
 // keys and values kh * kw pointers. weights: where to save P ([BH * H * W, kh * kw], with rows_mem kLanes * kh * kw
 // values of scratch), nullptr when not saving.
 template <typename T, int64_t kD>
@@ -584,7 +570,7 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
   const Windows win(p);
   const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t tiles = (KK + kLanes - 1) / kLanes, padded = tiles * kLanes;
-  const std::vector<T> bias = whole_group_bias(rpb, p, win, padded);
+  const GroupBias<T> bias{rpb, next_group_bias_call(), padded};
   // One task per (slice, group): its tiles share the scratch and the key / value pointers.
   const int64_t groups = p.dh * p.dw;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(padded * KK * D, 1));
@@ -592,7 +578,7 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
     const int64_t bh = task / groups, group = task % groups;
     std::vector<T> qt(D * kLanes), logit(KK * kLanes), weight_rows(weights != nullptr ? KK * kLanes : 0);
     std::vector<const T*> keys(KK), values(KK);
-    const T* const head_bias = bias.data() + (bh % p.heads) * KK * padded;
+    const T* const head_bias = group_bias_rows(bias, p, win, bh % p.heads);
     for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
       whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
                               out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
@@ -1111,13 +1097,15 @@ void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64
   weighted_row_sums(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
 }
 
-// The whole-group backward of slices [s0, s1): dQ, dK, dV and dS (into ds_ws, the per-query rows rpb_grad_slices
-// reads) from the saved weights.
+// The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved weights and, with bias_partials (else
+// null), each (slice, group) task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at
+// t * rpb_h * rpb_w; sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a workspace
+// and read back by rpb_grad_slices.
 template <typename T, int64_t kD>
 void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
                                  Strided<const T> v_all, Strided<const T> out_all, const T* weights,
-                                 Strided<T> grad_q_all, Strided<T> grad_k_all, Strided<T> grad_v_all, T* ds_ws,
-                                 int64_t s0, int64_t s1, const Problem& p, T scale) {
+                                 Strided<T> grad_q_all, Strided<T> grad_k_all, Strided<T> grad_v_all, T* bias_partials,
+                                 int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
   // Slot n of every group is token (rh + token_i[n], rw + token_j[n]); it is also window slot n of each query.
@@ -1132,7 +1120,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
     const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
     const Slice<T> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
     WholeGroupBackwardScratch<T> s(KK, padded, D);
-    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    std::vector<int64_t> token_i(KK), token_j(KK), token(KK), bias_cols(p.kw);
     for (int64_t n = 0; n < KK; ++n) {
       token_i[n] = rh + slot_i[n];
       token_j[n] = rw + slot_j[n];
@@ -1151,9 +1139,12 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
       whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
     }
     transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
-    for (int64_t n = 0; n < KK; ++n) {
-      const T* row = s.ds.data() + n * padded;
-      std::copy(row, row + KK, ds_ws + (token[n] - s0 * H * W) * KK);
+    if (bias_partials != nullptr) {
+      const int64_t bias_elems = p.rpb_h() * p.rpb_w();
+      T* const partial = bias_partials + task * bias_elems;
+      std::fill(partial, partial + bias_elems, T(0));
+      for (int64_t b = 0; b < p.kw; ++b) bias_cols[b] = win.w.bias[rw + b * p.dw];
+      add_group_bias_grad(s.ds.data(), padded, rh, bias_cols.data(), p, win, partial);
     }
     // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
     T* dst_v[kLanes];
@@ -1169,11 +1160,34 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
   });
 }
 
+// The saved-weights backward of whole-group windows: groups of slices whose bias partials (a slice's dh dw groups of
+// rpb_h rpb_w values) take up to ~64 MiB, kept per calling thread between calls, at least one slice.
+template <typename T, int64_t kD>
+void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
+                                 Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
+                                 Strided<T> grad_v, T* grad_rpb, const Problem& p, const Windows& win, T scale) {
+  const int64_t slice_elems = p.dh * p.dw * p.rpb_h() * p.rpb_w();
+  const int64_t slice_bytes = slice_elems * static_cast<int64_t>(sizeof(T));
+  const int64_t group = std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(slice_bytes, 1), 1, p.batch_heads);
+  T* const bias_partials = grad_rpb != nullptr ? kept_scratch<T>(group * slice_elems) : nullptr;
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group);
+    whole_group_backward_slices<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, bias_partials, s0, s1,
+                                       p, win, scale);
+    if (grad_rpb != nullptr) sum_bias_partials(bias_partials, s0, s1, p, grad_rpb);
+  }
+}
+
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
                            Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, bool tiles) {
   const Windows win(p);
+  if (window_is_whole_group(p)) {
+    backward_saved_whole_groups<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, grad_rpb, p, win,
+                                       scale);
+    return;
+  }
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
   // Per group of slices: dS (P is the saved tensor), and k and v group-transposed with tiles.
   const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
@@ -1183,15 +1197,10 @@ void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Stride
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
-    if (window_is_whole_group(p)) {
-      whole_group_backward_slices<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, ds_ws, s0, s1, p,
-                                         scale);
-    } else {
-      if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-      backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
-                                       order.group_offset);
-      backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
-    }
+    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
+    backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
+                                     order.group_offset);
+    backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }

@@ -1,0 +1,115 @@
+// Whole-group helpers shared by the float32 (na_fused_cpu_isa.h) and bfloat16 (na_fused_bf16_cpu_isa.h) fused CPU
+// kernels, for windows that are their whole dilation group (H == kh * dh and W == kw * dw): the forward's bias rows,
+// built per thread once per call, and the backward's bias gradient summed per (slice, group) task from its dS.
+//
+// Included inside one ISA's namespace and `#pragma GCC target` region by both kernel headers: once per translation
+// unit (the guard), as the AVX2 and AVX-512 units include both headers and the AVX512_BF16 unit only the bf16 one.
+
+#ifndef DINAT_M2F_NA_WHOLE_GROUP_CPU_ISA_H
+#define DINAT_M2F_NA_WHOLE_GROUP_CPU_ISA_H
+
+namespace {
+
+// The bias between query slot s and key slot n of a group (both a * kw + b; the same in every group) of one head:
+// [n][s], s padded past the last slot (stride: a whole number of vectors) so that a tile's lanes read whole vectors.
+// Each thread builds the rows of the heads its tasks meet, once per call (call: a number drawn per kernel call, so
+// rows of an earlier call's bias are never reused), into storage kept between calls: one table for all heads built
+// by one thread before the parallel tasks was 65 of the 170 us of the bf16 forward at 1x16x7x7 k 7 (a fresh
+// allocation and a division per element). Shared by the float32 and bf16 whole-group forwards.
+template <typename T>
+struct GroupBias {
+  const T* rpb = nullptr;  // [heads, rpb_h, rpb_w], or null: no bias (zero rows)
+  uint64_t call = 0;
+  int64_t stride = 0;  // between the rows of consecutive n
+};
+
+inline uint64_t next_group_bias_call() {
+  static std::atomic<uint64_t> calls{0};
+  return ++calls;
+}
+
+// Row n of head h (slot s at s): rpb at the bias offsets of query slot s = (a, b), token (a dh, b dw) of group
+// (0, 0), plus key slot n = (ki, kj); no division per element.
+template <typename T>
+inline void build_group_bias(const GroupBias<T>& bias, const Problem& p, const Windows& win, int64_t h, T* rows) {
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    for (int64_t kj = 0; kj < p.kw; ++kj) {
+      T* const row = rows + (ki * p.kw + kj) * bias.stride;
+      std::fill(row, row + bias.stride, T(0));
+      if (bias.rpb == nullptr) continue;
+      for (int64_t a = 0; a < p.kh; ++a) {
+        const T* const brow = bias.rpb + (h * p.rpb_h() + win.h.bias[a * p.dh] + ki) * p.rpb_w() + kj;
+        for (int64_t b = 0; b < p.kw; ++b) row[a * p.kw + b] = brow[win.w.bias[b * p.dw]];
+      }
+    }
+  }
+}
+
+// Head h's rows of this call's group bias, built by this thread on first use.
+template <typename T>
+inline const T* group_bias_rows(const GroupBias<T>& bias, const Problem& p, const Windows& win, int64_t h) {
+  struct Rows {
+    uint64_t call = 0;
+    std::vector<T> table;        // [heads][n][stride]
+    std::vector<uint8_t> built;  // per head
+  };
+  thread_local Rows rows;
+  const int64_t head_elems = p.window() * bias.stride;
+  if (rows.call != bias.call) {
+    rows.call = bias.call;
+    rows.built.assign(p.heads, 0);
+    if (rows.table.size() < static_cast<size_t>(p.heads * head_elems)) rows.table.resize(p.heads * head_elems);
+  }
+  T* const head_rows = rows.table.data() + h * head_elems;
+  if (!rows.built[h]) {
+    build_group_bias(bias, p, win, h, head_rows);
+    rows.built[h] = 1;
+  }
+  return head_rows;
+}
+
+// Adds a group's bias gradient into out ([rpb_h][rpb_w]): dS of query slot (a, b) (token (rh + a dh, rw + b dw); ds
+// row a kw + b, `padded` apart) and key slot (ki, kj) goes to bias (bias_h + ki, bias_w + kj). The loop over b is
+// innermost: consecutive b reach distinct bias columns, so the adds do not wait on each other. rpb_grad_slices, which
+// sums the same dS from the workspace query by query, adds a query's window into columns the previous query's window
+// overlaps (each add waits on the store before it): 30 of the 210 us of the backward at 1x16x7x7 k7.
+template <typename T>
+inline void add_group_bias_grad(const T* ds, int64_t padded, int64_t rh, const int64_t* bias_cols, const Problem& p,
+                                const Windows& win, T* out) {
+  const int64_t RW = p.rpb_w();
+  for (int64_t a = 0; a < p.kh; ++a) {
+    const T* const ds_rows = ds + a * p.kw * padded;
+    const int64_t bias_row = win.h.bias[rh + a * p.dh];
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      T* const row = out + (bias_row + ki) * RW;
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        const T* const src = ds_rows + ki * p.kw + kj;
+        for (int64_t b = 0; b < p.kw; ++b) row[bias_cols[b] + kj] += src[b * padded];
+      }
+    }
+  }
+}
+
+// rpb_grad[h] += the bias partials (whole_group_backward_slices, bf16_whole_group_backward_slices) of the tasks of
+// slices [s0, s1) of head h.
+template <typename T>
+inline void sum_bias_partials(const T* partials, int64_t s0, int64_t s1, const Problem& p, T* rpb_grad) {
+  const int64_t groups = p.dh * p.dw, elems = p.rpb_h() * p.rpb_w(), per_slice = groups * elems;
+  // Per head a thread; in the calling thread where that is less work than starting them (DiNAT-T's 7x7 stage: 16
+  // heads of one 13x13 partial each).
+  const int64_t grain = (s1 - s0) * per_slice < (int64_t{1} << 16) ? p.heads : 1;
+  parallel(p.heads, grain, [&](int64_t h) {
+    T* const dst = rpb_grad + h * elems;
+    for (int64_t bh = s0 + ((h - s0 % p.heads) % p.heads + p.heads) % p.heads; bh < s1; bh += p.heads) {
+      const T* const slice = partials + (bh - s0) * per_slice;
+      for (int64_t g = 0; g < groups; ++g) {
+        const T* const src = slice + g * elems;
+        for (int64_t e = 0; e < elems; ++e) dst[e] += src[e];
+      }
+    }
+  });
+}
+
+}  // namespace
+
+#endif  // DINAT_M2F_NA_WHOLE_GROUP_CPU_ISA_H
