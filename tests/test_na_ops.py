@@ -144,15 +144,22 @@ def test_fused_gradients_on_query_tiles(k, d, shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
 @pytest.mark.parametrize("k,d", [(7, 1), (7, 2), (5, 3)])
-def test_fused_cpu_kernels_over_several_slice_groups(k, d, saves_attn, dtype):
+@pytest.mark.parametrize("threads", [1, 4])
+def test_fused_cpu_kernels_over_several_slice_groups(threads, k, d, saves_attn, dtype):
     """The CPU fused kernels work through the (batch, head) slices in groups whose transposed k / v and workspace fit
-    about 2 MiB: at 2x3x40x40x32 the forward and both backwards take 2-3 groups, the last one partial, on query tiles
-    and per-query borders alike."""
+    about 2 MiB: at 2x3x40x40x32 both backwards take 2-3 groups, the last one partial, on query tiles and per-query
+    borders alike. The forward does too with 4 threads (6 slices do not split evenly over them); with 1 thread it
+    runs one task per slice instead (forward_slice_tasks)."""
     q, key, v = _inputs((40, 40), 32, dtype, "cpu", heads=3, batch=2)
     rpb = _rpb(3, k, 2, dtype, "cpu")
     fused = _fused_native(2, saves_attn)
     tensors = [q, key, v, rpb]
-    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.6), tensors)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.6), tensors)
+    finally:
+        torch.set_num_threads(before)
     # The reference in float64 on the same inputs: each bias gradient sums 3200 dS terms, whose float32 rounding
     # (up to 8e-5 in the float32 reference itself) exceeds the float32 tolerance; it gets its own below.
     want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.6), [t.double() for t in tensors])

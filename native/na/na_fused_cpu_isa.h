@@ -193,6 +193,22 @@ void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t col
 // k and v of the slices [s0, s1) as [s1 - s0, H, D, W'] (contiguous, W' in group order) into kt and vt, both in one
 // parallel loop. Done per group of slices right before the passes that read them, so the transposed rows are still in
 // cache there: transposing all of k and v up front (four times 6.4 MB at 8x2x56x56x32) sent them through memory.
+// Row i of k (or v) slice `slice` as [D, W'] (W' in group order) at out: one transpose_block per dilation group, whose
+// tokens (r, r + dw, ...) are equally spaced (a value at a time cost a tenth of the fused backward's time at 56x56 d
+// 1).
+template <typename T>
+void group_transpose_row(Slice<const T> slice, int64_t i, const GroupOrder& order, const Problem& p, T* out) {
+  const int64_t W = p.width, D = p.dim;
+  const int64_t groups = static_cast<int64_t>(order.group_offset.size());
+  for (int64_t r = 0; r < groups; ++r) {
+    const int64_t c0 = order.group_offset[r], c1 = r + 1 < groups ? order.group_offset[r + 1] : W;
+    transpose_block(slice.at(i, r), p.dw * slice.col, c1 - c0, D, out + c0, W);
+  }
+}
+
+// k and v of the slices [s0, s1) as [s1 - s0, H, D, W'] (contiguous, W' in group order) into kt and vt, both in one
+// parallel loop. Done per group of slices right before the passes that read them, so the transposed rows are still in
+// cache there: transposing all of k and v up front (four times 6.4 MB at 8x2x56x56x32) sent them through memory.
 template <typename T>
 void group_transpose_slices(Strided<const T> k, Strided<const T> v, int64_t s0, int64_t s1, const GroupOrder& order,
                             const Problem& p, T* kt, T* vt) {
@@ -202,15 +218,7 @@ void group_transpose_slices(Strided<const T> k, Strided<const T> v, int64_t s0, 
     const bool is_v = task >= rows;
     const int64_t local_row = is_v ? task - rows : task;
     const int64_t bh = s0 + local_row / H, i = local_row % H;
-    const Slice<const T> slice = (is_v ? v : k).slice(bh);
-    T* const out = (is_v ? vt : kt) + local_row * D * W;
-    // Group r's tokens (r, r + dw, ...) are equally spaced: one transpose_block each (a value at a time cost a
-    // tenth of the fused backward's time at 56x56 d 1).
-    const int64_t groups = static_cast<int64_t>(order.group_offset.size());
-    for (int64_t r = 0; r < groups; ++r) {
-      const int64_t c0 = order.group_offset[r], c1 = r + 1 < groups ? order.group_offset[r + 1] : W;
-      transpose_block(slice.at(i, r), p.dw * slice.col, c1 - c0, D, out + c0, W);
-    }
+    group_transpose_row((is_v ? v : k).slice(bh), i, order, p, (is_v ? vt : kt) + local_row * D * W);
   });
 }
 
@@ -587,8 +595,19 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
   });
 }
 
-// tiles: whether interior queries go through forward_tile (has_query_tiles); then k and v are group-transposed one
-// group of slices at a time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving.
+// Whether the forward with query tiles runs one task per (batch, head) slice (it transposes the slice's k and v into
+// its thread's scratch, then does all its rows: one parallel region, and each thread reads only the transposes it
+// wrote) rather than a parallel transpose of a group of slices followed by a parallel loop over their rows (two regions
+// and a barrier per group, the rows reading the other core's transposes): with two threads the group split was about as
+// slow as the unfused pair at 1x4x56x56 d 1 on AVX2. Slices must split evenly over the threads (or be many of them).
+inline bool forward_slice_tasks(const Problem& p) {
+  const int64_t threads = at::get_num_threads();
+  return p.batch_heads % threads == 0 || p.batch_heads >= 4 * threads;
+}
+
+// tiles: whether interior queries go through forward_tile (has_query_tiles); then k and v are group-transposed, per
+// slice (forward_slice_tasks) or one group of slices at a time. weights: where to save P ([BH * H * W, kh * kw]),
+// nullptr when not saving.
 template <typename T, int64_t kD>
 void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<const T> v_all, const T* rpb,
                     Strided<T> out_all, T* lse, const Problem& p, T scale, bool tiles, T* weights) {
@@ -596,6 +615,46 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t slice_kv = p.tokens() * D;  // elements of one slice of k (or v)
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+  // Row i of slice bh; kts, vts: the slice's transposed k and v (tiles only).
+  const auto forward_row = [&](int64_t bh, int64_t i, const T* kts, const T* vts) {
+    const int64_t row = bh * H + i;
+    const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
+    const Slice<T> out = out_all.slice(bh);
+    std::vector<T> acc(D), logits(KK);
+    std::vector<const T*> keys(KK);
+    const auto one_query = [&](int64_t j) {
+      forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
+      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
+    };
+    if (!tiles) {
+      for_each_in_group_order(W, p.dw, one_query);
+      return;
+    }
+    TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
+    dispatch_window_width(p.kw, [&](auto kw) {
+      constexpr int64_t kKW = decltype(kw)::value;
+      if constexpr (kKW == 0) {
+        TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+      } else {
+        for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+          forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
+          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
+        });
+      }
+    });
+  };
+  if (tiles && forward_slice_tasks(p)) {
+    parallel(p.batch_heads, 1, [&](int64_t bh) {
+      T* const kts = kept_scratch<T>(2 * slice_kv);  // this thread's
+      T* const vts = kts + slice_kv;
+      for (int64_t i = 0; i < H; ++i) {
+        group_transpose_row(k_all.slice(bh), i, order, p, kts + i * D * W);
+        group_transpose_row(v_all.slice(bh), i, order, p, vts + i * D * W);
+      }
+      for (int64_t i = 0; i < H; ++i) forward_row(bh, i, kts, vts);
+    });
+    return;
+  }
   // Without tiles nothing is transposed and every row reads k and v in place: one group of all slices.
   const int64_t group = tiles ? slices_per_group(2 * slice_kv * static_cast<int64_t>(sizeof(T)), p) : p.batch_heads;
   T* const kt = tiles ? kept_scratch<T>(2 * group * slice_kv) : nullptr;
@@ -604,34 +663,9 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k_all, v_all, s0, s1, order, p, kt, vt);
     parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
-      const int64_t row = s0 * H + local_row;
-      const int64_t bh = row / H, i = row % H;
-      const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
-      const Slice<T> out = out_all.slice(bh);
-      std::vector<T> acc(D), logits(KK);
-      std::vector<const T*> keys(KK);
-      const auto one_query = [&](int64_t j) {
-        forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
-        if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
-      };
-      if (!tiles) {
-        for_each_in_group_order(W, p.dw, one_query);
-        return;
-      }
-      const T* const kts = kt + (bh - s0) * slice_kv;
-      const T* const vts = vt + (bh - s0) * slice_kv;
-      TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
-      dispatch_window_width(p.kw, [&](auto kw) {
-        constexpr int64_t kKW = decltype(kw)::value;
-        if constexpr (kKW == 0) {
-          TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
-        } else {
-          for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-            forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
-            if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
-          });
-        }
-      });
+      const int64_t bh = s0 + local_row / H;
+      forward_row(bh, local_row % H, tiles ? kt + (bh - s0) * slice_kv : nullptr,
+                  tiles ? vt + (bh - s0) * slice_kv : nullptr);
     });
   }
 }
