@@ -1205,11 +1205,9 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   // wrote in cache: in one group of up to 64 MiB the key pass streamed it from memory, 27 ms against float32's 24 at
   // 1x12x64x64 k11 (one thread). Whole groups keep only their bias partials there (a slice's dh dw groups of rpb_h
   // rpb_w floats), up to ~64 MiB of them per group.
-  const int64_t slice_elems = whole_groups ? p.dh * p.dw * p.rpb_h() * p.rpb_w() : p.tokens() * p.window();
-  const int64_t slice_bytes = slice_elems * static_cast<int64_t>(sizeof(float));
-  const int64_t group_slices =
-      whole_groups ? std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(slice_bytes, 1), 1, p.batch_heads)
-                   : slices_per_group(slice_bytes, p);
+  const int64_t slice_elems = whole_groups ? bias_partial_elems(p) : p.tokens() * p.window();
+  const int64_t group_slices = whole_groups ? whole_group_slices_per_group<float>(p)
+                                            : slices_per_group(slice_elems * static_cast<int64_t>(sizeof(float)), p);
   thread_local std::vector<float> workspace;
   const auto group_elems = static_cast<size_t>(group_slices * slice_elems);
   if (workspace.size() < group_elems) workspace.resize(group_elems);

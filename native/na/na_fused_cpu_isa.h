@@ -1194,15 +1194,14 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
   });
 }
 
-// The saved-weights backward of whole-group windows: groups of slices whose bias partials (a slice's dh dw groups of
-// rpb_h rpb_w values) take up to ~64 MiB, kept per calling thread between calls, at least one slice.
+// The saved-weights backward of whole-group windows, in groups of slices (whole_group_slices_per_group) whose bias
+// partials are kept per calling thread between calls.
 template <typename T, int64_t kD>
 void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                                  Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
                                  Strided<T> grad_v, T* grad_rpb, const Problem& p, const Windows& win, T scale) {
-  const int64_t slice_elems = p.dh * p.dw * p.rpb_h() * p.rpb_w();
-  const int64_t slice_bytes = slice_elems * static_cast<int64_t>(sizeof(T));
-  const int64_t group = std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(slice_bytes, 1), 1, p.batch_heads);
+  const int64_t slice_elems = bias_partial_elems(p);
+  const int64_t group = whole_group_slices_per_group<T>(p);
   T* const bias_partials = grad_rpb != nullptr ? kept_scratch<T>(group * slice_elems) : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);

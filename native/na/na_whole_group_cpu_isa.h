@@ -90,6 +90,16 @@ inline void add_group_bias_grad(const T* ds, int64_t padded, int64_t rh, const i
   }
 }
 
+// The elements of one slice's bias partials (its dh dw groups of rpb_h rpb_w values), and how many slices the
+// whole-group backward takes per group: partials of up to ~64 MiB, at least one slice.
+inline int64_t bias_partial_elems(const Problem& p) { return p.dh * p.dw * p.rpb_h() * p.rpb_w(); }
+
+template <typename T>
+inline int64_t whole_group_slices_per_group(const Problem& p) {
+  const int64_t slice_bytes = bias_partial_elems(p) * static_cast<int64_t>(sizeof(T));
+  return std::clamp<int64_t>((int64_t{64} << 20) / std::max<int64_t>(slice_bytes, 1), 1, p.batch_heads);
+}
+
 // rpb_grad[h] += the bias partials (whole_group_backward_slices, bf16_whole_group_backward_slices) of the tasks of
 // slices [s0, s1) of head h.
 template <typename T>
