@@ -146,6 +146,64 @@ def test_bf16_fused_forward_matches_float64(path, dims, kernel, dilation, shape,
     torch.testing.assert_close(second, second32, rtol=1e-5, atol=1e-5)
 
 
+# The forward of maps that are not whole groups on the AVX2 and AVX-512 paths takes float32's rows on widened slices
+# where the slices split evenly over the threads, else the row blocks; the AVX512_BF16 path hands it the maps where its
+# row blocks would take no interior tile or a half-empty one (bf16_dot_forward_prefers_widened_slices: (16, 16) k11
+# d1, (40, 40) k11 d3, (15, 13) k3 d4, (12, 18) k11 d1) and keeps the others ((28, 28) k7 d1, (20, 20) k11 d1).
+# Borders, odd sizes, dilation 1 to one short of whole groups.
+WIDENED_CASES = [
+    (11, 1, (16, 16)),
+    (11, 3, (40, 40)),
+    (3, 4, (15, 13)),
+    (11, 1, (12, 18)),
+    (7, 1, (28, 28)),
+    (11, 1, (20, 20)),
+    (5, 2, (13, 17)),
+    (7, 1, (9, 31)),
+]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """x's values in one of the token layouts the widening reads: contiguous slices (one run per slice), rows of
+    contiguous tokens a row stride apart (a view of wider rows: one run per row), or heads-last (token by token)."""
+    if layout == "contig":
+        return x.contiguous()
+    if layout == "rows":
+        wide = x.new_zeros(*x.shape[:-2], x.shape[-2] + 3, x.shape[-1])
+        wide[..., : x.shape[-2], :] = x
+        return wide[..., : x.shape[-2], :]
+    return x.movedim(1, -2).contiguous().movedim(-2, 1)
+
+
+@pytest.mark.parametrize("layout", ["contig", "rows", "headslast"])
+@pytest.mark.parametrize("heads", [4, 3], ids=["slices", "rowblocks"])
+@pytest.mark.parametrize("saves_attn", [False, True], ids=["lse", "attn"])
+@pytest.mark.parametrize(("kernel", "dilation", "shape"), WIDENED_CASES)
+def test_bf16_forward_widened_slices_and_row_blocks(path, kernel, dilation, shape, saves_attn, heads, layout):
+    """With two threads 4 slices split evenly (widened slices on the AVX2 and AVX-512 paths), 3 do not (row blocks):
+    out, logsumexp or weights against float64 math on the bf16 inputs and against the float32 kernel on the upcast
+    inputs (one rounding of the output apart)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + heads)
+        q, k, v = (_layout(torch.randn(1, heads, *shape, 32, generator=g).to(torch.bfloat16), layout) for _ in range(3))
+        rpb = torch.randn(heads, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(torch.bfloat16)
+        scale = 32**-0.5
+        out, second = _fused(2, saves_attn)(q, k, v, rpb, kernel, dilation, scale)
+        want, want_lse, want_attn = _reference(q, k, v, kernel, dilation, rpb, scale, 2)
+        torch.testing.assert_close(out.double(), want, **BF16_TOL)
+        if saves_attn:
+            torch.testing.assert_close(second.double(), want_attn, rtol=1e-4, atol=1e-5)
+        else:
+            torch.testing.assert_close(second.double(), want_lse, rtol=1e-4, atol=1e-4)
+        want32, second32 = _fused(2, saves_attn)(q.float(), k.float(), v.float(), rpb.float(), kernel, dilation, scale)
+        torch.testing.assert_close(out.float(), want32, **ROUNDING_TOL)
+        torch.testing.assert_close(second, second32, rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bf16_fused_forward_without_bias_and_special_values(path):
     """No rpb, and the output rounding keeps NaN a NaN and rounds half-way values to even (as torch's .to(bf16))."""
     g = torch.Generator().manual_seed(0)

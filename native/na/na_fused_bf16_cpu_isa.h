@@ -730,6 +730,124 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   }
 }
 
+#if !DINAT_M2F_CPU_BF16_DOT
+// ------------------------------------------------------------------------------------------- widened slices
+// Without vdpbf16ps bf16 has no faster arithmetic than float32, so the forward of maps that are not whole groups runs
+// float32's own row code (forward_tile, forward_query of na_fused_cpu_isa.h) on the slice's q, k and v widened once
+// into the thread's float32 scratch, each output row rounded to bf16 once: its cost over float32's is the widening
+// and the rounding. The row blocks above lost to it where k = 7 and 11 leave a few interior queries per group
+// (1x4x28x28 d 1 AVX2: whole tiles in registers against all logits in memory; 1x24x40x40 d 3: half-empty partial tiles
+// where float32 goes query by query).
+
+// Rows [i0, i1) of a slice as float32 [rows][W][D] (contiguous): token (i, j) at ((i - i0) W + j) D. One long
+// loop over each run of contiguous tokens (a row, or the rows), not one per token of D elements.
+inline void bf16_widen_slice_rows(Slice<const Bf16Bits> x, int64_t i0, int64_t i1, const Problem& p, float* dst) {
+  const int64_t W = p.width, D = p.dim;
+  if (x.col == D && x.row == W * D) {
+    bf16_widen_row(x.row_at(i0), dst, (i1 - i0) * W * D);
+    return;
+  }
+  for (int64_t i = i0; i < i1; ++i) {
+    float* const row = dst + (i - i0) * W * D;
+    if (x.col == D) {
+      bf16_widen_row(x.row_at(i), row, W * D);
+      continue;
+    }
+    for (int64_t j = 0; j < W; ++j) bf16_widen_row(x.at(i, j), row + j * D, D);
+  }
+}
+
+// row[0 .. W D) (float32 token rows) rounded into row i of a bf16 slice.
+inline void bf16_round_slice_row(const float* row, Slice<Bf16Bits> x, int64_t i, int64_t W, int64_t D) {
+  if (x.col == D) {
+    bf16_round_row(1.0f, row, x.row_at(i), W * D);
+    return;
+  }
+  for (int64_t j = 0; j < W; ++j) bf16_round_row(1.0f, row + j * D, x.at(i, j), D);
+}
+
+// Forward of slice bh through float32's rows (forward_kernel's forward_row), tiles: has_query_tiles(p). The slice's
+// float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live in this thread's scratch; each
+// row's queries are widened into a row buffer (in L1, not a slice in L2) and its float32 outputs go to another, then
+// to bf16.
+template <int64_t kD>
+void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all,
+                                Strided<const Bf16Bits> v_all, const float* rpb, Strided<Bf16Bits> out_all, float* lse,
+                                float* weights, const Problem& p, const Windows& win, const GroupOrder& order,
+                                bool tiles, float scale, int64_t bh) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), slice = p.tokens() * D;
+  // 64-byte aligned, as a tensor's data: with a vector's 16-byte alignment half the 32-byte row loads of the
+  // per-query dots crossed a cache line (they took 1.4x float32's time at 1x4x28x28 k7, AVX2).
+  thread_local std::vector<float> scratch;
+  constexpr int64_t kAlignFloats = 64 / sizeof(float);
+  const auto elems = static_cast<size_t>((tiles ? 4 : 2) * slice + 2 * W * D + kAlignFloats);
+  if (scratch.size() < elems) scratch.resize(elems);
+  const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(scratch.data()) % 64 / sizeof(float));
+  float* const kf = scratch.data() + (misalign == 0 ? 0 : kAlignFloats - misalign);
+  float* const vf = kf + slice;
+  float* const row_q = vf + slice;
+  float* const row_out = row_q + W * D;
+  float* const kts = row_out + W * D;
+  float* const vts = kts + slice;
+  const Slice<const Bf16Bits> q_bf16 = q_all.slice(bh), k_bf16 = k_all.slice(bh), v_bf16 = v_all.slice(bh);
+  const Slice<const float> k{kf, W * D, D}, v{vf, W * D, D};
+  const Slice<const float> q{row_q, 0, D};  // every row's queries in the one buffer
+  // k and v rows widened (and transposed) as the rows' windows first reach them, so each is still in L1 when
+  // transposed and read: widening the whole slice first took twice the time
+  // (perf: 4.1% against 1.8% of the call at 1x24x32x32 k11 d2, AVX2, one thread).
+  int64_t widened = 0;  // rows [0, widened) are in the scratch
+  const auto widen_key_rows_until = [&](int64_t end) {
+    if (end <= widened) return;
+    bf16_widen_slice_rows(k_bf16, widened, end, p, kf + widened * W * D);
+    bf16_widen_slice_rows(v_bf16, widened, end, p, vf + widened * W * D);
+    for (int64_t x = widened; tiles && x < end; ++x) {
+      group_transpose_row(k, x, order, p, kts + x * D * W);
+      group_transpose_row(v, x, order, p, vts + x * D * W);
+    }
+    widened = end;
+  };
+  const Slice<float> out_row{row_out, 0, D};  // every row's outputs in the one buffer
+  const Slice<Bf16Bits> out = out_all.slice(bh);
+  std::vector<float> acc(D), logits(KK);
+  std::vector<const float*> keys(KK);
+  std::optional<TileScratch<float>> tile_scratch;
+  if (tiles) tile_scratch.emplace(D, weights != nullptr ? KK : 0);
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t row = bh * H + i;
+    widen_key_rows_until(std::min(H, win.h.start[i] + (p.kh - 1) * p.dh + 1));  // the window's last key row
+    bf16_widen_slice_rows(q_bf16, i, i + 1, p, row_q);
+    const auto one_query = [&](int64_t j) {
+      forward_query<float, kD>(q, k, v, rpb, out_row, lse, bh, i, j, p, win, scale, acc.data(), logits.data(),
+                               keys.data());
+      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
+    };
+    if (!tiles) {
+      for_each_in_group_order(W, p.dw, one_query);
+    } else {
+      dispatch_window_width(p.kw, [&](auto kw) {
+        constexpr int64_t kKW = decltype(kw)::value;
+        if constexpr (kKW == 0) {
+          TORCH_CHECK(false, "na fused forward (CPU, bf16): query tiles for kernel width ", p.kw, " are not compiled");
+        } else {
+          for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+            forward_tile<float, kD, kKW>(q, kts, vts, rpb, out_row, lse, bh, i, r, jg, col0, p, win, scale,
+                                         *tile_scratch);
+            if (weights != nullptr) store_tile_weights(*tile_scratch, lse, row * W + r + p.dw * jg, p, weights);
+          });
+        }
+      });
+    }
+    bf16_round_slice_row(row_out, out, i, W, D);
+  }
+}
+
+// Whether the forward takes bf16_widened_slice_forward: maps that are not whole groups (those keep the whole-group
+// tiles), with slices that split evenly over the threads (forward_slice_tasks, one task per slice).
+inline bool bf16_forward_widens_slices(const Problem& p) {
+  return !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
+}
+#endif
+
 template <typename T>
 Strided<T> bf16_strided(const at::Tensor& t) {
   using Elem = std::remove_const_t<T>;
@@ -765,7 +883,6 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     bf16_widen_row(reinterpret_cast<const Bf16Bits*>(rpb->const_data_ptr<at::BFloat16>()), rpb_f.data(), rpb->numel());
   }
   const Windows win(p);
-  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
   const auto qs = bf16_strided<const Bf16Bits>(q), ks = bf16_strided<const Bf16Bits>(k);
   const auto vs = bf16_strided<const Bf16Bits>(v);
   const auto os = bf16_strided<Bf16Bits>(out);
@@ -776,6 +893,19 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const Bf16GroupBias group_bias{rp, next_group_bias_call(), p.window() + kLanes};
   const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
+#if !DINAT_M2F_CPU_BF16_DOT
+  if (bf16_forward_widens_slices(p)) {
+    const bool tiles = has_query_tiles(p);
+    const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      parallel(p.batch_heads, 1, [&](int64_t bh) {
+        bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, wp, p, win, order, tiles, fs, bh);
+      });
+    });
+    return;
+  }
+#endif
+  const std::vector<Bf16RowBlock> blocks = bf16_row_blocks(p);
   const auto run = [&](auto dot) {
     dispatch_head_dim(p.dim, [&](auto dim) {
       parallel(static_cast<int64_t>(blocks.size()), 1, [&](int64_t b) {
