@@ -146,10 +146,11 @@ def test_bf16_fused_forward_matches_float64(path, dims, kernel, dilation, shape,
     torch.testing.assert_close(second, second32, rtol=1e-5, atol=1e-5)
 
 
-# The forward of maps that are not whole groups on the AVX2 and AVX-512 paths takes float32's rows on widened slices
-# where the slices split evenly over the threads, else the row blocks; the AVX512_BF16 path hands it the maps where its
-# row blocks would take no interior tile or a half-empty one (bf16_dot_forward_prefers_widened_slices: (16, 16) k11
-# d1, (40, 40) k11 d3, (15, 13) k3 d4, (12, 18) k11 d1) and keeps the others ((28, 28) k7 d1, (20, 20) k11 d1).
+# The inference forward of maps that are not whole groups on the AVX2 and AVX-512 paths takes float32's rows on
+# widened slices where the slices split evenly over the threads, else (and saving the weights) the row blocks; the
+# AVX512_BF16 path hands it the inference maps where its row blocks would take no interior tile or a half-empty one
+# (bf16_dot_forward_prefers_widened_slices: (16, 16) k11 d1, (40, 40) k11 d3, (15, 13) k3 d4, (12, 18) k11 d1) and
+# keeps the others ((28, 28) k7 d1, (20, 20) k11 d1).
 # Borders, odd sizes, dilation 1 to one short of whole groups.
 WIDENED_CASES = [
     (11, 1, (16, 16)),
@@ -180,8 +181,8 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 @pytest.mark.parametrize("saves_attn", [False, True], ids=["lse", "attn"])
 @pytest.mark.parametrize(("kernel", "dilation", "shape"), WIDENED_CASES)
 def test_bf16_forward_widened_slices_and_row_blocks(path, kernel, dilation, shape, saves_attn, heads, layout):
-    """With two threads 4 slices split evenly (widened slices on the AVX2 and AVX-512 paths), 3 do not (row blocks):
-    out, logsumexp or weights against float64 math on the bf16 inputs and against the float32 kernel on the upcast
+    """With two threads 4 slices split evenly (in inference: widened slices on the AVX2 and AVX-512 paths), 3 do not
+    (row blocks): out, logsumexp or weights against float64 math on the bf16 inputs and against the float32 kernel on the upcast
     inputs (one rounding of the output apart)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)

@@ -51,14 +51,14 @@ DeviceKernels kernels_of(CpuIsa isa) {
 }
 
 // The bf16 fused forward of the selected path for p: with vdpbf16ps logits where selected_cpu_bf16_dot(), but for
-// the maps where the AVX-512 variant's float32 rows on widened slices are faster
+// the inference maps where the AVX-512 variant's float32 rows on widened slices are faster
 // (bf16_dot_forward_prefers_widened_slices).
-decltype(&avx2::fused_forward_bf16) selected_bf16_forward(const Problem& p) {
+decltype(&avx2::fused_forward_bf16) selected_bf16_forward(const Problem& p, bool saves_weights) {
   const bool dot = selected_cpu_bf16_dot();  // first: it rejects DINAT_M2F_CPU_BF16=on on the AVX2 path
 #if defined(__x86_64__)
   if (selected_cpu_isa() == CpuIsa::avx512) {
-    return dot && !bf16_dot_forward_prefers_widened_slices(p) ? &avx512::bf16_dot::fused_forward_bf16
-                                                              : &avx512::fused_forward_bf16;
+    return dot && !bf16_dot_forward_prefers_widened_slices(p, saves_weights) ? &avx512::bf16_dot::fused_forward_bf16
+                                                                             : &avx512::fused_forward_bf16;
   }
 #endif
   return &avx2::fused_forward_bf16;
@@ -162,7 +162,7 @@ void rpb_grad(const at::Tensor& grad_attn, const at::Tensor& grad_rpb, const Pro
 void fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& rpb,
                    const at::Tensor& out, const at::Tensor& lse, const Problem& p, double scale) {
   if (q.scalar_type() == at::kBFloat16) {
-    selected_bf16_forward(p)(q, k, v, rpb, out, lse, at::Tensor(), p, scale);
+    selected_bf16_forward(p, false)(q, k, v, rpb, out, lse, at::Tensor(), p, scale);
     return;
   }
   selected_kernels().fused_forward(q, k, v, rpb, out, lse, p, scale);
@@ -179,7 +179,7 @@ void fused_forward_with_attn(const at::Tensor& q, const at::Tensor& k, const at:
                              const std::optional<at::Tensor>& rpb, const at::Tensor& out, const at::Tensor& lse,
                              const at::Tensor& attn, const Problem& p, double scale) {
   if (q.scalar_type() == at::kBFloat16) {
-    selected_bf16_forward(p)(q, k, v, rpb, out, lse, attn, p, scale);
+    selected_bf16_forward(p, true)(q, k, v, rpb, out, lse, attn, p, scale);
     return;
   }
   selected_saved_attn_kernels().fused_forward_with_attn(q, k, v, rpb, out, lse, attn, p, scale);

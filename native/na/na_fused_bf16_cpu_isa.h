@@ -841,10 +841,12 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
   }
 }
 
-// Whether the forward takes bf16_widened_slice_forward: maps that are not whole groups (those keep the whole-group
-// tiles), with slices that split evenly over the threads (forward_slice_tasks, one task per slice).
-inline bool bf16_forward_widens_slices(const Problem& p) {
-  return !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
+// Whether the forward takes bf16_widened_slice_forward: in inference (saving the weights, float32's tiles take a
+// second exp pass and a transpose per tile, and the row blocks were faster: forward + backward bf16/f32 at d 1 of
+// DiNAT-T 1.22-1.42 against 1.31-1.50, AVX2, 2 threads, 3 runs each), maps that are not whole groups (those keep the
+// whole-group tiles), with slices that split evenly over the threads (forward_slice_tasks, one task per slice).
+inline bool bf16_forward_widens_slices(const Problem& p, bool saves_weights) {
+  return !saves_weights && !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
 }
 #endif
 
@@ -894,7 +896,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const Bf16GroupBias* const whole = bf16_window_is_whole_group(p) ? &group_bias : nullptr;
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
 #if !DINAT_M2F_CPU_BF16_DOT
-  if (bf16_forward_widens_slices(p)) {
+  if (bf16_forward_widens_slices(p, wp != nullptr)) {
     const bool tiles = has_query_tiles(p);
     const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
     dispatch_head_dim(p.dim, [&](auto dim) {

@@ -45,14 +45,16 @@ using Bf16BackwardQueryPass = void (*)(const at::Tensor& grad_out, const at::Ten
 
 namespace dinat_m2f::na::cpu {
 // Whether the bf16 forward on the AVX512_BF16 path hands p to the AVX-512 variant's (float32's rows on widened slices,
-// na_fused_bf16_cpu_isa.h) instead of its vdpbf16ps row blocks: maps that are not whole groups where the row blocks
+// na_fused_bf16_cpu_isa.h) instead of its vdpbf16ps row blocks: in inference (saving the weights, the AVX-512
+// variant takes row blocks too, without vdpbf16ps), maps that are not whole groups where the row blocks
 // would take no 16-query interior tile, or (k >= 9 along W, no dilation) a partial one of at most half its lanes, the
 // other queries one at a time with vdpbf16ps dots and horizontal sums. Measured (one thread, EPYC Zen4), forward ms
 // row blocks / widened: 1x48x16x16 k11 d1 4.24-4.34 / 3.99-4.02 (float32 3.93-4.04), 1x24x40x40 k11 d3 13.97-14.5 /
 // 13.2-13.3; kept where the row blocks won: 1x12x64x64 k11 d4 18.3-19.2 / 20.1-20.7, 1x48x20x20 k11 d1 5.78 / 6.16,
 // 1x8x14x14 k7 d1 0.223 / 0.259.
-inline bool bf16_dot_forward_prefers_widened_slices(const Problem& p) {
-  constexpr int64_t kLanes = 16;                                             // the AVX-512 tile width
+inline bool bf16_dot_forward_prefers_widened_slices(const Problem& p, bool saves_weights) {
+  constexpr int64_t kLanes = 16;  // the AVX-512 tile width
+  if (saves_weights) return false;
   if (p.height == p.kh * p.dh && p.width == p.kw * p.dw) return false;       // whole groups: their own tiles
   const int64_t interior = group_length(0, p.width, p.dw) - 2 * (p.kw / 2);  // in the longest dilation group
   return interior <= kLanes / 4 || (p.dw == 1 && p.kw >= 9 && interior <= kLanes / 2);
