@@ -732,12 +732,12 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
 
 #if !DINAT_M2F_CPU_BF16_DOT
 // ------------------------------------------------------------------------------------------- widened slices
-// Without vdpbf16ps bf16 has no faster arithmetic than float32, so the forward of maps that are not whole groups runs
-// float32's own row code (forward_tile, forward_query of na_fused_cpu_isa.h) on the slice's q, k and v widened once
-// into the thread's float32 scratch, each output row rounded to bf16 once: its cost over float32's is the widening
-// and the rounding. The row blocks above lost to it where k = 7 and 11 leave a few interior queries per group
-// (1x4x28x28 d 1 AVX2: whole tiles in registers against all logits in memory; 1x24x40x40 d 3: half-empty partial tiles
-// where float32 goes query by query).
+// Without vdpbf16ps bf16 has no faster arithmetic than float32, so the inference forward of maps that are not whole
+// groups runs float32's own row code (forward_tile, forward_query of na_fused_cpu_isa.h) on the slice's k and v and
+// each row's q widened once into the thread's float32 scratch, each output row rounded to bf16 once: its cost over
+// float32's is the widening and the rounding. The row blocks above lost to it where k = 7 and 11 leave a few interior
+// queries per group (1x4x28x28 d 1 AVX2: whole tiles in registers against all logits in memory; 1x24x40x40 d 3:
+// half-empty partial tiles where float32 goes query by query).
 
 // Rows [i0, i1) of a slice as float32 [rows][W][D] (contiguous): token (i, j) at ((i - i0) W + j) D. One long
 // loop over each run of contiguous tokens (a row, or the rows), not one per token of D elements.
@@ -777,7 +777,7 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
                                 bool tiles, float scale, int64_t bh) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), slice = p.tokens() * D;
   // 64-byte aligned, as a tensor's data: with a vector's 16-byte alignment half the 32-byte row loads of the
-  // per-query dots crossed a cache line (they took 1.4x float32's time at 1x4x28x28 k7, AVX2).
+  // per-query dots crossed a cache line (perf: 1.5x float32's dots time at 1x4x28x28 k7, AVX2).
   thread_local std::vector<float> scratch;
   constexpr int64_t kAlignFloats = 64 / sizeof(float);
   const auto elems = static_cast<size_t>((tiles ? 4 : 2) * slice + 2 * W * D + kAlignFloats);
