@@ -766,7 +766,7 @@ inline void bf16_round_slice_row(const float* row, Slice<Bf16Bits> x, int64_t i,
   for (int64_t j = 0; j < W; ++j) bf16_round_row(1.0f, row + j * D, x.at(i, j), D);
 }
 
-// Forward of slice bh through float32's rows (forward_kernel's forward_row), tiles: has_query_tiles(p). The slice's
+// Forward of slice bh through float32's rows (forward_row_queries), tiles: has_query_tiles(p). The slice's
 // float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live in this thread's scratch; each
 // row's queries are widened into a row buffer (in L1, not a slice in L2) and its float32 outputs go to another, then
 // to bf16.
@@ -808,35 +808,12 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
   };
   const Slice<float> out_row{row_out, 0, D};  // every row's outputs in the one buffer
   const Slice<Bf16Bits> out = out_all.slice(bh);
-  std::vector<float> acc(D), logits(KK);
-  std::vector<const float*> keys(KK);
-  std::optional<TileScratch<float>> tile_scratch;
-  if (tiles) tile_scratch.emplace(D, weights != nullptr ? KK : 0);
+  RowScratch<float> row_scratch(D, KK, tiles, weights != nullptr);
   for (int64_t i = 0; i < H; ++i) {
-    const int64_t row = bh * H + i;
     widen_key_rows_until(std::min(H, win.h.start[i] + (p.kh - 1) * p.dh + 1));  // the window's last key row
     bf16_widen_slice_rows(q_bf16, i, i + 1, p, row_q);
-    const auto one_query = [&](int64_t j) {
-      forward_query<float, kD>(q, k, v, rpb, out_row, lse, bh, i, j, p, win, scale, acc.data(), logits.data(),
-                               keys.data());
-      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
-    };
-    if (!tiles) {
-      for_each_in_group_order(W, p.dw, one_query);
-    } else {
-      dispatch_window_width(p.kw, [&](auto kw) {
-        constexpr int64_t kKW = decltype(kw)::value;
-        if constexpr (kKW == 0) {
-          TORCH_CHECK(false, "na fused forward (CPU, bf16): query tiles for kernel width ", p.kw, " are not compiled");
-        } else {
-          for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-            forward_tile<float, kD, kKW>(q, kts, vts, rpb, out_row, lse, bh, i, r, jg, col0, p, win, scale,
-                                         *tile_scratch);
-            if (weights != nullptr) store_tile_weights(*tile_scratch, lse, row * W + r + p.dw * jg, p, weights);
-          });
-        }
-      });
-    }
+    forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, out_row, lse, bh, i, p, win, order, scale, tiles, weights,
+                                   row_scratch);
     bf16_round_slice_row(row_out, out, i, W, D);
   }
 }

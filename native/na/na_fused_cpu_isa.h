@@ -431,6 +431,48 @@ void store_tile_weights(TileScratch<T>& s, const T* lse, int64_t token0, const P
   slots_to_rows(slots, KK, weights + token0 * KK, p.dw * KK);
 }
 
+// The per-query and per-tile buffers of forward_row_queries (tile: only with query tiles; its logits only when saving
+// the weights).
+template <typename T>
+struct RowScratch {
+  std::vector<T> acc, logits;
+  std::vector<const T*> keys;
+  std::optional<TileScratch<T>> tile;
+  RowScratch(int64_t dim, int64_t window, bool tiles, bool saving) : acc(dim), logits(window), keys(window) {
+    if (tiles) tile.emplace(dim, saving ? window : 0);
+  }
+};
+
+// Query row i of slice bh (q, k, v, out: the slice): with tiles (has_query_tiles), the interior queries through
+// forward_tile on kts, vts (the slice's k and v group-transposed), the others one at a time; without, all one at a
+// time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving. Shared by the float32 forward and
+// the bf16 forward on widened slices, whose out is a one-row buffer.
+template <typename T, int64_t kD>
+void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* kts, const T* vts, const T* rpb,
+                         Slice<T> out, T* lse, int64_t bh, int64_t i, const Problem& p, const Windows& win,
+                         const GroupOrder& order, T scale, bool tiles, T* weights, RowScratch<T>& s) {
+  const int64_t W = p.width, KK = p.window(), row = bh * p.height + i;
+  const auto one_query = [&](int64_t j) {
+    forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, s.acc.data(), s.logits.data(), s.keys.data());
+    if (weights != nullptr) store_query_weights(s.logits.data(), KK, weights + (row * W + j) * KK);
+  };
+  if (!tiles) {
+    for_each_in_group_order(W, p.dw, one_query);
+    return;
+  }
+  dispatch_window_width(p.kw, [&](auto kw) {
+    constexpr int64_t kKW = decltype(kw)::value;
+    if constexpr (kKW == 0) {
+      TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+    } else {
+      for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+        forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, *s.tile);
+        if (weights != nullptr) store_tile_weights(*s.tile, lse, row * W + r + p.dw * jg, p, weights);
+      });
+    }
+  });
+}
+
 // ----------------------------------------------------------------------------------------------- whole groups
 // When every window is its whole dilation group (H == kh * dh and W == kw * dw, e.g. DiNAT-T's dilated layers at
 // 224: 56x56 d 8, 28x28 d 4, 14x14 d 2), all kh * kw queries of a 2D dilation group share one window: the group's
@@ -617,31 +659,9 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
   // Row i of slice bh; kts, vts: the slice's transposed k and v (tiles only).
   const auto forward_row = [&](int64_t bh, int64_t i, const T* kts, const T* vts) {
-    const int64_t row = bh * H + i;
-    const Slice<const T> q = q_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
-    const Slice<T> out = out_all.slice(bh);
-    std::vector<T> acc(D), logits(KK);
-    std::vector<const T*> keys(KK);
-    const auto one_query = [&](int64_t j) {
-      forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, acc.data(), logits.data(), keys.data());
-      if (weights != nullptr) store_query_weights(logits.data(), KK, weights + (row * W + j) * KK);
-    };
-    if (!tiles) {
-      for_each_in_group_order(W, p.dw, one_query);
-      return;
-    }
-    TileScratch<T> scratch(D, weights != nullptr ? KK : 0);
-    dispatch_window_width(p.kw, [&](auto kw) {
-      constexpr int64_t kKW = decltype(kw)::value;
-      if constexpr (kKW == 0) {
-        TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
-      } else {
-        for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-          forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, scratch);
-          if (weights != nullptr) store_tile_weights(scratch, lse, row * W + r + p.dw * jg, p, weights);
-        });
-      }
-    });
+    RowScratch<T> scratch(D, KK, tiles, weights != nullptr);
+    forward_row_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh), lse,
+                               bh, i, p, win, order, scale, tiles, weights, scratch);
   };
   if (tiles && forward_slice_tasks(p)) {
     parallel(p.batch_heads, 1, [&](int64_t bh) {
