@@ -766,24 +766,17 @@ inline void bf16_round_slice_row(const float* row, Slice<Bf16Bits> x, int64_t i,
   for (int64_t j = 0; j < W; ++j) bf16_round_row(1.0f, row + j * D, x.at(i, j), D);
 }
 
-// Forward of slice bh through float32's rows (forward_row_queries), tiles: has_query_tiles(p). The slice's
-// float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live in this thread's scratch; each
-// row's queries are widened into a row buffer (in L1, not a slice in L2) and its float32 outputs go to another, then
-// to bf16.
+// Inference forward (no weights saved) of slice bh through float32's rows (forward_row_queries), tiles:
+// has_query_tiles(p). The slice's float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live
+// in this thread's kept_scratch; each row's queries are widened into a row buffer (in L1, not a slice in L2) and its
+// float32 outputs go to another, then to bf16.
 template <int64_t kD>
 void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all,
                                 Strided<const Bf16Bits> v_all, const float* rpb, Strided<Bf16Bits> out_all, float* lse,
-                                float* weights, const Problem& p, const Windows& win, const GroupOrder& order,
-                                bool tiles, float scale, int64_t bh) {
+                                const Problem& p, const Windows& win, const GroupOrder& order, bool tiles, float scale,
+                                int64_t bh) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), slice = p.tokens() * D;
-  // 64-byte aligned, as a tensor's data: with a vector's 16-byte alignment half the 32-byte row loads of the
-  // per-query dots crossed a cache line (perf: 1.5x float32's dots time at 1x4x28x28 k7, AVX2).
-  thread_local std::vector<float> scratch;
-  constexpr int64_t kAlignFloats = 64 / sizeof(float);
-  const auto elems = static_cast<size_t>((tiles ? 4 : 2) * slice + 2 * W * D + kAlignFloats);
-  if (scratch.size() < elems) scratch.resize(elems);
-  const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(scratch.data()) % 64 / sizeof(float));
-  float* const kf = scratch.data() + (misalign == 0 ? 0 : kAlignFloats - misalign);
+  float* const kf = kept_scratch<float>((tiles ? 4 : 2) * slice + 2 * W * D);  // this thread's, 64-byte aligned
   float* const vf = kf + slice;
   float* const row_q = vf + slice;
   float* const row_out = row_q + W * D;
@@ -808,11 +801,11 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
   };
   const Slice<float> out_row{row_out, 0, D};  // every row's outputs in the one buffer
   const Slice<Bf16Bits> out = out_all.slice(bh);
-  RowScratch<float> row_scratch(D, KK, tiles, weights != nullptr);
+  RowScratch<float> row_scratch(D, KK, tiles, false);
   for (int64_t i = 0; i < H; ++i) {
     widen_key_rows_until(std::min(H, win.h.start[i] + (p.kh - 1) * p.dh + 1));  // the window's last key row
     bf16_widen_slice_rows(q_bf16, i, i + 1, p, row_q);
-    forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, out_row, lse, bh, i, p, win, order, scale, tiles, weights,
+    forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, out_row, lse, bh, i, p, win, order, scale, tiles, nullptr,
                                    row_scratch);
     bf16_round_slice_row(row_out, out, i, W, D);
   }
@@ -878,7 +871,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
     dispatch_head_dim(p.dim, [&](auto dim) {
       parallel(p.batch_heads, 1, [&](int64_t bh) {
-        bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, wp, p, win, order, tiles, fs, bh);
+        bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, p, win, order, tiles, fs, bh);
       });
     });
     return;
