@@ -10,7 +10,7 @@ export MAX_JOBS ?= 2
 NATIVE_SOURCES := $(shell find native -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
 
-.PHONY: setup build test test-triton gpu-check lint demo clean
+.PHONY: setup build test test-triton gpu-check speed-report lint demo clean
 
 setup: $(VENV)/.stamp-ext
 
@@ -60,6 +60,13 @@ GPU_CHECK_PYTHON ?= python3
 GPU_CHECK_OUT ?= build/gpu-check
 gpu-check:
 	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# Issue #11's CPU speed targets, one table (build/speed-report/report.md): the benchmarks run one after another, so
+# run nothing else meanwhile. The first run builds a worktree of commit 09463ec to compare Mask2Former against.
+# SPEED_REPORT_ARGS="--paths native,avx2 --all-precisions" adds the AVX2 code paths and bf16 / AMP rows.
+SPEED_REPORT_ARGS ?=
+speed-report: setup
+	$(PY) tools/speed_report.py --make-baseline $(SPEED_REPORT_ARGS)
 
 demo: setup
 	$(PY) demo/run_demo.py
