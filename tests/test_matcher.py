@@ -152,3 +152,26 @@ def test_cost_matrix_samples_the_masks_as_the_official_code_bitwise(num_targets)
         + 5.0 * batch_dice_loss(out_points, tgt_points)
     )
     assert cost.shape == (7, num_targets) and torch.equal(cost, official)
+
+
+def official_batch_sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mask2Former's batch_sigmoid_ce_loss as published (BCE against all-ones and all-zeros targets)."""
+    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    loss = torch.einsum("nc,mc->nm", pos, targets) + torch.einsum("nc,mc->nm", neg, (1 - targets))
+    return loss / inputs.shape[1]
+
+
+@pytest.mark.parametrize("queries, points, targets", [(100, 12544, 3), (7, 33, 5), (1, 1, 1)])
+def test_batch_sigmoid_ce_loss_equals_the_official_formulation_bit_for_bit(queries, points, targets):
+    g = torch.Generator().manual_seed(queries + points)
+    inputs = torch.randn(queries, points, generator=g) * 20  # saturating logits too
+    inputs.view(-1)[:4] = torch.tensor([0.0, -0.0, 88.0, -104.0])[: inputs.numel()]
+    tgt = (torch.rand(targets, points, generator=g) > 0.5).float()
+    assert torch.equal(batch_sigmoid_ce_loss(inputs, tgt), official_batch_sigmoid_ce_loss(inputs, tgt))
+    # and the per-element terms themselves, signed zeros included
+    log_sigmoid = F.logsigmoid(inputs)
+    ours = ((inputs * 0).sub_(log_sigmoid), inputs - log_sigmoid)
+    for target, got in zip((torch.ones_like(inputs), torch.zeros_like(inputs)), ours):
+        want = F.binary_cross_entropy_with_logits(inputs, target, reduction="none")
+        assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())

@@ -22,10 +22,16 @@ def batch_dice_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
 
 
 def batch_sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Pairwise mean sigmoid cross-entropy: inputs [Q, P] logits, targets [T, P] -> [Q, T]."""
+    """Pairwise mean sigmoid cross-entropy: inputs [Q, P] logits, targets [T, P] -> [Q, T].
+
+    The official code takes ``binary_cross_entropy_with_logits`` against all-ones and all-zeros targets, which
+    computes ``(1 - target) * x - log_sigmoid(x)``: ``0 * x - log_sigmoid(x)`` and ``1 * x - log_sigmoid(x)``. The
+    same operations on one log-sigmoid give the same bits (0 * x and 1 * x are exact), without the second
+    log-sigmoid and the two constant target maps (tests/test_matcher.py compares bit for bit)."""
     hw = inputs.shape[1]
-    pos = F.binary_cross_entropy_with_logits(inputs, torch.ones_like(inputs), reduction="none")
-    neg = F.binary_cross_entropy_with_logits(inputs, torch.zeros_like(inputs), reduction="none")
+    log_sigmoid = F.logsigmoid(inputs)
+    pos = (inputs * 0).sub_(log_sigmoid)
+    neg = inputs - log_sigmoid
     loss = torch.einsum("nc,mc->nm", pos, targets) + torch.einsum("nc,mc->nm", neg, (1 - targets))
     return loss / hw
 
