@@ -23,6 +23,7 @@ from dinat_m2f.modeling.transformer_decoder.mask2former_transformer_decoder impo
     SelfAttentionLayer,
     features_at_resize_taps,
     resize_taps,
+    training_mask_logits,
 )
 from dinat_m2f.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
 
@@ -406,3 +407,68 @@ def test_inference_makes_one_full_prediction(tiny_model, monkeypatch):
     with torch.inference_mode():
         tiny_model([{"image": torch.rand(3, 64, 64) * 255}])
     assert calls == [None]  # the last layer's, without an attention mask
+
+
+def einsum_mask_logits(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+
+
+def queries_with_loss(batch: int, queries: int, pattern: str, g: torch.Generator) -> list[torch.Tensor]:
+    """Per image the queries a loss reads: "matched" (a few), "none" in one image, or "all"."""
+    if pattern == "all":
+        return [torch.arange(queries)] * batch
+    picked = [torch.randperm(queries, generator=g)[:3].sort().values for _ in range(batch)]
+    if pattern == "none":
+        picked[0] = picked[0][:0]
+    return picked
+
+
+@pytest.mark.parametrize("pattern", ["matched", "none", "all"])
+@pytest.mark.parametrize("amp", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_training_mask_logits_equal_the_einsum_and_its_gradients_bitwise(pattern, amp, batch):
+    g = torch.Generator().manual_seed(batch * 7 + amp)
+    embed = torch.randn(batch, 100, 64, generator=g)
+    features = torch.randn(batch, 64, 17, 23, generator=g)
+    grad = torch.zeros(batch, 100, 17, 23)
+    for b, queries in enumerate(queries_with_loss(batch, 100, pattern, g)):
+        grad[b, queries] = torch.randn(len(queries), 17, 23, generator=g)
+    results = []
+    for fn in (training_mask_logits, einsum_mask_logits):
+        e, f = embed.clone().requires_grad_(), features.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            out = fn(e, f)
+        out.backward(grad.to(out.dtype))
+        results.append((out, e.grad, f.grad))
+    for got, want in zip(*results):
+        assert bitwise_equal(got, want)
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_training_decoder_gradients_equal_the_official_formulation_bitwise(tiny_model, amp):
+    """In training the decoder's mask logits take ``training_mask_logits``: with a loss on a few queries of every
+    prediction (as the matched-query losses read them), every gradient equals the official einsum decoder's."""
+    dec = tiny_model.sem_seg_head.predictor
+    x, mask_features = decoder_inputs(tiny_model, 2, seed=3)
+    g = torch.Generator().manual_seed(5)
+    picks = [queries_with_loss(2, 7, "matched", g) for _ in range(dec.num_layers + 1)]
+    grads = []
+    dec.train()
+    try:
+        for run in ("ours", "official"):
+            inputs = [t.clone().requires_grad_() for t in (*x, mask_features)]
+            dec.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                if run == "ours":
+                    out = dec(inputs[:-1], inputs[-1])
+                    masks = [a["pred_masks"] for a in out["aux_outputs"]] + [out["pred_masks"]]
+                else:
+                    masks = official_decoder_forward(dec, inputs[:-1], inputs[-1])["masks"]
+            loss = sum(m[b, q].float().square().sum() for m, pick in zip(masks, picks) for b, q in enumerate(pick))
+            loss.backward()
+            grads.append([t.grad for t in inputs] + [p.grad for p in dec.parameters() if p.grad is not None])
+    finally:
+        dec.eval()
+    assert len(grads[0]) == len(grads[1]) > len(inputs)
+    for got, want in zip(*grads):
+        assert bitwise_equal(got, want)

@@ -324,7 +324,10 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoder_output = self.decoder_norm(output).transpose(0, 1)
         outputs_class = self.class_embed(decoder_output)
         mask_embed = self.mask_embed(decoder_output)
-        outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
+        if self.training:
+            outputs_mask = training_mask_logits(mask_embed, mask_features)
+        else:
+            outputs_mask = torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)
         if attn_mask_target_size is None:
             return outputs_class, outputs_mask, None
         return outputs_class, outputs_mask, attn_mask_from_logits(outputs_mask, attn_mask_target_size)
@@ -340,6 +343,64 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         b, _, h, w = features_at_taps.shape
         logits = torch.bmm(features_at_taps.flatten(2).transpose(1, 2), mask_embed.transpose(1, 2))
         return attn_mask_from_logits(logits.view(b, h, w, -1).permute(0, 3, 1, 2), attn_mask_target_size)
+
+
+class _MaskLogits(torch.autograd.Function):
+    """``torch.einsum("bqc,bchw->bqhw", mask_embed, mask_features)`` as the einsum runs it (one bmm), with the bmm
+    backward autograd would run, except that the gradient of the mask features leaves out the queries whose mask
+    logits get no gradient. In training only the queries matched to a target reach the losses (a few of the 100:
+    the rest of the incoming gradient is exact zeros), so in float32 on the CPU the [C, Q] x [Q, H*W] product
+    shrinks to the matched queries: the same products summed in the same order, the zero terms left out (tests
+    compare bit for bit, and tools/benchmark_mask2former.py --baseline compares a whole step's weights)."""
+
+    @staticmethod
+    def forward(ctx, mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(mask_embed, mask_features)
+        b, _, h, w = mask_features.shape
+        return torch.bmm(mask_embed, mask_features.flatten(2)).view(b, -1, h, w)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        mask_embed, mask_features = ctx.saved_tensors
+        features, grad = mask_features.flatten(2), grad.flatten(2)
+        grad_embed = grad_features = None
+        if ctx.needs_input_grad[0]:
+            grad_embed = torch.bmm(grad, features.transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            grad_features = _features_grad_of_queries_with_grad(mask_embed, grad).view_as(mask_features)
+        return grad_embed, grad_features
+
+
+def _features_grad_of_queries_with_grad(mask_embed: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``bmm(mask_embed^T, grad)`` ([B, C, Q] x [B, Q, P]) over only the queries whose grad row is not all zeros."""
+    if grad.device.type != "cpu" or grad.dtype not in (torch.float32, torch.float64):
+        # a GPU would sync to find the queries, for a product it does fast anyway. In bfloat16 (AMP) the shorter
+        # product did not keep the bits: a whole training step's weights differed from the einsum's (the bf16
+        # GEMM kernels do not sum one term after another as float32's do)
+        return torch.bmm(mask_embed.transpose(1, 2), grad)
+    with_grad = grad.ne(0).any(-1)  # [B, Q]
+    if bool(with_grad.all()):
+        return torch.bmm(mask_embed.transpose(1, 2), grad)
+    out = grad.new_empty(grad.shape[0], mask_embed.shape[2], grad.shape[2])
+    for b in range(grad.shape[0]):
+        queries = with_grad[b].nonzero().squeeze(1)
+        if queries.numel() == 0:
+            out[b].zero_()
+        else:
+            torch.mm(mask_embed[b, queries].t(), grad[b, queries], out=out[b])
+    return out
+
+
+def training_mask_logits(mask_embed: torch.Tensor, mask_features: torch.Tensor) -> torch.Tensor:
+    """Mask logits [B, Q, H, W] = ``einsum("bqc,bchw->bqhw")`` of the mask embeddings [B, Q, C] and the mask
+    features [B, C, H, W], in training: under autocast cast as autocast casts the einsum's inputs, then
+    ``_MaskLogits``, whose backward skips the queries that reach no loss."""
+    device_type = mask_features.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        mask_embed, mask_features = mask_embed.to(dtype), mask_features.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        return _MaskLogits.apply(mask_embed, mask_features)
 
 
 def attn_mask_from_logits(mask_logits: torch.Tensor, size) -> torch.Tensor:
