@@ -134,3 +134,15 @@ def test_a_failing_step_says_which_command_failed(report):
     step = report.Step("model", "native", [sys.executable, "-c", "import sys; sys.exit('broken on purpose')"])
     with pytest.raises(RuntimeError, match="broken on purpose"):
         report.run_step(step)
+
+
+def test_demo_row_times_the_run_against_the_issues_11m35s(report, tmp_path, capsys):
+    line = "demo: PQ=84.8 AP=62.8 mIoU=95.7"
+    (fast,) = report.demo_rows({"seconds": 300.4, "line": line}, "native", "cmd")
+    assert fast.met is True and fast.measured == "5m00s, PQ=84.8 AP=62.8 mIoU=95.7" and "11m35s" in fast.goal
+    (slow,) = report.demo_rows({"seconds": 695.0, "line": line}, "native", "cmd")
+    assert slow.met is False
+    # the demo step runs from nothing in its own directory under --out, not in the checkout's datasets/
+    assert report.main(["--dry-run", "--demo", "--out", str(tmp_path)]) == 0
+    (demo,) = [line for line in capsys.readouterr().out.splitlines() if "run_demo.py" in line]
+    assert f"DETECTRON2_DATASETS={tmp_path}/demo-native/datasets" in demo and "OUTPUT_DIR" in demo
