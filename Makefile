@@ -62,7 +62,8 @@ gpu-check:
 	$(GPU_CHECK_PYTHON) tools/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
 
 # Issue #11's CPU speed targets, one table (build/speed-report/report.md): the benchmarks run one after another, so
-# run nothing else meanwhile. The first run builds a worktree of commit 09463ec to compare Mask2Former against.
+# run nothing else meanwhile. The first run builds worktrees of commit 09463ec (one per path) to compare Mask2Former
+# against.
 # SPEED_REPORT_ARGS="--paths native,avx2 --all-precisions" adds the AVX2 code paths and bf16 / AMP rows.
 SPEED_REPORT_ARGS ?=
 speed-report: setup

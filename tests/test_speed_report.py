@@ -4,6 +4,7 @@ and one real benchmark step end to end."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def test_model_copies_and_mask2former_rows(report):
 
 def test_dry_run_plans_every_benchmark_on_every_path(report, tmp_path, capsys):
     (tmp_path / "dinat_m2f").mkdir()  # what --baseline checks for
-    args = ["--dry-run", "--paths", "native,avx2", "--baseline", str(tmp_path), "--all-precisions"]
+    args = ["--dry-run", "--paths", "native,avx2", "--baseline", str(tmp_path), "--baseline-avx2", str(tmp_path)]
+    args.append("--all-precisions")
     assert report.main(args) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 * 8
@@ -113,6 +115,38 @@ def test_dry_run_plans_every_benchmark_on_every_path(report, tmp_path, capsys):
     )
     assert sum("benchmark_mask2former.py" in line and "--baseline" in line for line in lines) == 6
     assert all(" python tools/" in f" {line.split(': ', 1)[1]}" or "=" in line for line in lines)
+
+
+def test_each_path_gets_its_own_baseline_tree(report, tmp_path, capsys):
+    """09463ec has no run-time ISA choice: the avx2 path compares against a tree built for AVX2."""
+    native, avx2 = tmp_path / "native", tmp_path / "avx2"
+    for tree in (native, avx2):
+        (tree / "dinat_m2f").mkdir(parents=True)
+    assert (
+        report.main(["--dry-run", "--paths", "native,avx2", "--baseline", str(native), "--baseline-avx2", str(avx2)])
+        == 0
+    )
+    m2f = [line for line in capsys.readouterr().out.splitlines() if "--baseline" in line]
+    assert [line.split("--baseline ")[1].split()[0] for line in m2f] == [str(native), str(avx2)]
+    assert report.main(["--dry-run", "--paths", "avx2", "--baseline", str(native)]) == 0  # no AVX2 baseline: no rows
+    assert "--baseline" not in capsys.readouterr().out
+
+
+def test_a_failing_benchmark_becomes_a_failed_row_and_the_report_goes_on(report, tmp_path, monkeypatch, capsys):
+    steps = [
+        report.Step("model", "native", [sys.executable, "-c", "import sys; sys.exit('broken on purpose')"], {}, "a"),
+        report.Step(
+            "copies", "native", [sys.executable, "-c", "print('x self CPU time y; aten::copy_ 1.5%')"], {}, "b"
+        ),
+    ]
+    monkeypatch.setattr(report, "plan", lambda args: steps)
+    monkeypatch.setattr(report, "machine", lambda: {"cpu": "test CPU", "cores": 2})
+    assert report.main(["--out", str(tmp_path)]) == 0
+    failed, copies = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert failed["met"] is False and "broken on purpose" in failed["measured"]
+    assert copies["measured"] == "1.5%" and copies["met"] is True
+    assert "test CPU" in (tmp_path / "report.md").read_text()
+    capsys.readouterr()
 
 
 def test_unknown_path_and_missing_baseline_are_refused(report, tmp_path):

@@ -47,7 +47,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = ROOT / "tools"
 BASELINE_COMMIT = "09463ec"
-DEFAULT_BASELINE_DIR = ROOT / "build" / f"baseline-{BASELINE_COMMIT}"
+# per path: the native path's baseline built for this CPU; the avx2 path's with -march=x86-64-v3, since 09463ec
+# predates the run-time choice (DINAT_M2F_CPU_ISA) and benchmark_mask2former --cpu-isa avx2 checks every library
+DEFAULT_BASELINE_DIRS = {
+    "native": ROOT / "build" / f"baseline-{BASELINE_COMMIT}",
+    "avx2": ROOT / "build" / f"baseline-{BASELINE_COMMIT}-avx2",
+}
+BASELINE_BUILD_ENVS = {"native": {}, "avx2": {"DINAT_M2F_CPU_ARCH": "x86-64-v3"}}
 sys.path.insert(0, str(TOOLS))
 from benchmark_mask2former import AVX2_ENV  # noqa: E402  (every library's AVX2 code: --cpu-isa avx2's environment)
 
@@ -119,9 +125,10 @@ def plan(args: argparse.Namespace) -> list[Step]:
         if path == "avx2":
             m2f += ["--cpu-isa", "avx2"]
         steps.append(Step("copies", path, [*m2f, "--profile", "1"], env, "aten::copy_ share of inference"))
-        if args.baseline is None:
+        baseline = args.baselines.get(path)
+        if baseline is None:
             continue
-        against = [*m2f, "--json", "--baseline", str(args.baseline), "--rounds", str(args.m2f_rounds)]
+        against = [*m2f, "--json", "--baseline", str(baseline), "--rounds", str(args.m2f_rounds)]
         steps.append(Step("m2f", path, [*against, "--mode", "both"], env, f"Mask2Former vs {BASELINE_COMMIT}"))
         if args.all_precisions:
             bf16 = [*against, "--mode", "inference", "--dtype", "bfloat16"]
@@ -372,14 +379,14 @@ def markdown(rows: list[Row], info: dict, started: str, seconds: float, skipped:
     return "\n".join(lines) + "\n"
 
 
-def make_baseline(directory: Path) -> Path:
-    """A worktree of BASELINE_COMMIT at ``directory`` with its extension built in place (CPU only)."""
+def make_baseline(directory: Path, build_env: dict[str, str]) -> Path:
+    """A worktree of BASELINE_COMMIT at ``directory`` with its extension built in place (CPU only, ``build_env``)."""
     if (directory / "dinat_m2f").is_dir() and any((directory / "dinat_m2f").glob("_C*.so")):
         return directory
     if not directory.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(directory), BASELINE_COMMIT], cwd=ROOT, check=True)
     print(f"building the extension of {BASELINE_COMMIT} in {directory} (CPU only, a few minutes)", file=sys.stderr)
-    env = {**os.environ, "FORCE_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    env = {**os.environ, **build_env, "FORCE_CUDA": "0", "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
     subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--inplace"],
         cwd=directory,
@@ -394,11 +401,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", default="native", help="comma-separated: native, avx2 (default native)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads of every benchmark (default 2)")
-    parser.add_argument("--baseline", type=Path, default=None, help=f"a tree of commit {BASELINE_COMMIT}, built")
+    parser.add_argument(
+        "--baseline", type=Path, default=None, help=f"a tree of commit {BASELINE_COMMIT}, built for this CPU"
+    )
+    parser.add_argument(
+        "--baseline-avx2",
+        type=Path,
+        default=None,
+        help=f"a tree of {BASELINE_COMMIT} built with DINAT_M2F_CPU_ARCH=x86-64-v3, for the avx2 path",
+    )
     parser.add_argument(
         "--make-baseline",
         action="store_true",
-        help=f"create and build {DEFAULT_BASELINE_DIR.relative_to(ROOT)} (a git worktree) unless --baseline is given",
+        help="create and build the baselines the paths need that no option gives (git worktrees under build/)",
     )
     parser.add_argument("--full", action="store_true", help="DiNAT-L cells at batch 8 too (much longer)")
     parser.add_argument("--all-precisions", action="store_true", help="also bf16 inference and AMP training")
@@ -413,27 +428,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = [p for p in args.paths if p not in PATH_ENVS]
     if unknown or not args.paths:
         parser.error(f"--paths: unknown {unknown}; choose from {', '.join(PATH_ENVS)}")
-    if args.baseline is not None and not (args.baseline / "dinat_m2f").is_dir():
-        parser.error(f"--baseline {args.baseline}: no dinat_m2f package there (a checkout of {BASELINE_COMMIT}?)")
+    args.baselines = {}
+    for path, given, option in (
+        ("native", args.baseline, "--baseline"),
+        ("avx2", args.baseline_avx2, "--baseline-avx2"),
+    ):
+        if given is not None and not (given / "dinat_m2f").is_dir():
+            parser.error(f"{option} {given}: no dinat_m2f package there (a checkout of {BASELINE_COMMIT}?)")
+        if path in args.paths and given is not None:
+            args.baselines[path] = given
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.make_baseline and args.baseline is None:
-        args.baseline = DEFAULT_BASELINE_DIR if args.dry_run else make_baseline(DEFAULT_BASELINE_DIR)
+    for path in args.paths if args.make_baseline else ():
+        if path not in args.baselines:
+            directory = DEFAULT_BASELINE_DIRS[path]
+            args.baselines[path] = directory if args.dry_run else make_baseline(directory, BASELINE_BUILD_ENVS[path])
     steps = plan(args)
     if args.dry_run:
         print("\n".join(f"[{s.path}] {s.label}: {s.command()}" for s in steps))
         return 0
-    skipped = [] if args.baseline else [f"Mask2Former against {BASELINE_COMMIT} (no --baseline / --make-baseline)"]
+    skipped = [
+        f"{path}: Mask2Former against {BASELINE_COMMIT} (no baseline tree: --make-baseline, --baseline[-avx2])"
+        for path in args.paths
+        if path not in args.baselines
+    ]
     started, t0 = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), time.perf_counter()
     rows: list[Row] = []
     raw = []
     for i, step in enumerate(steps, 1):
         elapsed = time.perf_counter() - t0
         print(f"[{i}/{len(steps)}] {elapsed / 60:5.1f} min  {step.path}: {step.label}", file=sys.stderr, flush=True)
-        result = run_step(step)
+        try:
+            result = run_step(step)
+        except RuntimeError as e:  # one broken benchmark must not lose the others' results: a row says it failed
+            print(f"  failed: {e}", file=sys.stderr)
+            raw.append({"step": asdict(step), "error": str(e)})
+            rows.append(
+                Row(
+                    f"{step.label} (failed)",
+                    step.path,
+                    "-",
+                    f"failed: {str(e).splitlines()[-1]}",
+                    False,
+                    step.command(),
+                )
+            )
+            continue
         raw.append({"step": asdict(step), "result": result})
         rows += rows_of(step, result)
     info = machine()
