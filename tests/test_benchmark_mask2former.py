@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from dinat_m2f.utils.cpu_bfloat16 import cpu_has_fast_bfloat16
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tools" / "benchmark_mask2former.py"
@@ -114,9 +117,23 @@ def test_train_amp_autocasts_the_training_step_in_both_trees():
     assert amp_result["train_amp"] is True and amp_result["train_identical_first_output"] is True
     fp32 = run_script("--mode", "train", "--batch", "1", "--baseline", str(ROOT), "--json", *SMALL)
     assert fp32.returncode == 0, fp32.stderr[-3000:]
-    # bfloat16 autocast changes the loss and the updated weights
+    # bfloat16 autocast changes the loss and the updated weights; on a CPU without fast bfloat16, AMP "auto" trains
+    # in float32 (resolve_amp_dtype), the same step bit for bit
+    fast = cpu_has_fast_bfloat16()
+    assert amp_result["train_amp_dtype"] == ("bfloat16" if fast else None)
     first = {r["trees"]["this"]["train_first_output"]["sha1"] for r in (amp_result, json.loads(fp32.stdout))}
-    assert len(first) == 2
+    assert len(first) == (2 if fast else 1)
+
+
+@pytest.mark.slow
+def test_train_amp_on_the_avx2_path_trains_in_float32():
+    """With every library on its AVX2 code (no bfloat16 instructions), SOLVER.AMP "auto" resolves to float32."""
+    run = functools.partial(run_script, "--mode", "train", "--batch", "1", "--cpu-isa", "avx2", "--json")
+    amp, fp32 = run("--train-amp", *SMALL), run(*SMALL)
+    assert amp.returncode == 0 and fp32.returncode == 0, amp.stderr[-3000:] + fp32.stderr[-3000:]
+    amp_result = json.loads(amp.stdout)
+    assert amp_result["train_amp_dtype"] is None
+    assert amp_result["train_native_s_median"] > 0 and json.loads(fp32.stdout)["train_native_s_median"] > 0
 
 
 def test_train_amp_without_amp_in_the_config_is_a_clear_error():

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ from dinat_m2f.engine import (
     build_optimizer,
     param_hyperparams,
     resolve_amp_dtype,
+    train_loop,
 )
 
 
@@ -169,9 +171,20 @@ def test_nan_guard_names_iteration_and_term_and_skips_the_step():
     assert torch.isfinite(model.w).all()  # the NaN never reached the weights
 
 
-def test_amp_dtype_resolution():
-    assert resolve_amp_dtype("auto", "cpu") is torch.bfloat16
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_amp_dtype_resolution(monkeypatch, fast_bf16):
+    """SOLVER.AMP.DTYPE auto on the CPU: bfloat16 where the CPU has fast bfloat16 (AVX512_BF16), float32 (None: no autocast)
+    where bfloat16 autocast would only be slower; an explicit bfloat16 there is kept, with a warning."""
+    monkeypatch.setattr(train_loop, "cpu_has_fast_bfloat16", lambda: fast_bf16)
+    assert resolve_amp_dtype("auto", "cpu") is (torch.bfloat16 if fast_bf16 else None)
     assert resolve_amp_dtype("auto", "cuda") is torch.float16
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert resolve_amp_dtype("bfloat16", "cpu") is torch.bfloat16
+        assert resolve_amp_dtype("bfloat16", "cuda") is torch.bfloat16
+    assert [str(w.message).split(" on a CPU")[0] for w in caught] == (
+        [] if fast_bf16 else ["SOLVER.AMP.DTYPE bfloat16"]
+    )
     with pytest.raises(ValueError, match="SOLVER.AMP.DTYPE"):
         resolve_amp_dtype("float8", "cpu")
 

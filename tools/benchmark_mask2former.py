@@ -656,10 +656,21 @@ def copy_sites(events, total_us: float, rows: int) -> str:
     return "\n".join(lines)
 
 
+def amp_dtype_name(args: argparse.Namespace) -> str | None:
+    """What this tree's trainer makes of SOLVER.AMP here with ``--train-amp``: "bfloat16", or None (float32: no
+    autocast, where the CPU has no fast bfloat16)."""
+    dtype = train_amp_dtype(args) if args.train_amp else None
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def precision(args: argparse.Namespace, mode: str) -> str:
     """How this tree runs ``mode``: "float32", or "bfloat16 inference (...)" with --dtype bfloat16."""
     if mode == "train":
-        return "bfloat16 autocast (the config's SOLVER.AMP, as train_net runs it)" if args.train_amp else "float32"
+        if not args.train_amp:
+            return "float32"
+        dtype = train_amp_dtype(args)
+        resolved = "float32: no fast bfloat16 on this CPU" if dtype is None else f"{dtype} autocast"
+        return f"the config's SOLVER.AMP as train_net runs it ({resolved})"
     if args.dtype == "float32":
         return "float32"
     return f"{args.dtype} inference: autocast, deformable sampling and post-processing float32"
@@ -782,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_isa_option": args.cpu_isa,
         "this_inference_dtype": args.dtype,
         "train_amp": args.train_amp,
+        # what this tree's trainer resolves SOLVER.AMP to here (float32 where the CPU has no fast bfloat16)
+        "train_amp_dtype": amp_dtype_name(args),
         "isa_paths": paths,
         "sgemm_gflops": round(sgemm_gflops(args.threads), 1),
     }

@@ -286,7 +286,9 @@ def m2f_rows(data: dict, path: str, command: str) -> list[Row]:
         if mode == "inference":
             what = f"Mask2Former inference ({precision}) speed-up over {BASELINE_COMMIT}"
         else:
-            amp = "under the config's AMP" if data.get("train_amp") else "float32"
+            amp = "float32"
+            if data.get("train_amp"):
+                amp = f"under the config's AMP: {data.get('train_amp_dtype') or 'float32'} here"
             what = f"Mask2Former training step ({amp}) speed-up over {BASELINE_COMMIT}"
         ratio = data[key]
         measured = (

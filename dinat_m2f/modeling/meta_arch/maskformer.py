@@ -23,6 +23,7 @@ from torch import nn
 
 from dinat_m2f.modeling.criterion import SetCriterion
 from dinat_m2f.modeling.matcher import HungarianMatcher
+from dinat_m2f.utils.cpu_bfloat16 import cpu_has_fast_bfloat16
 
 
 def sem_seg_postprocess(result: torch.Tensor, img_size, output_height: int, output_width: int) -> torch.Tensor:
@@ -58,18 +59,11 @@ def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
         warnings.warn(
             "MODEL.MASK_FORMER.TEST.DTYPE bfloat16 on a CPU without AVX-512 bfloat16 instructions (torch's CPU "
             f"capability: {torch.backends.cpu.get_cpu_capability()}): the bfloat16 matrix products and convolutions "
-            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15x slower). "
+            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15-48x slower). "
             "Use float32 on this CPU.",
             stacklevel=2,
         )
     return dtype
-
-
-def cpu_has_fast_bfloat16() -> bool:
-    """Whether torch runs on the CPU's AVX-512 code path and the CPU has AVX512_BF16: the bfloat16 matrix products
-    and convolutions (oneDNN) are fast there; on the AVX2 path they were 2-17x slower than float32."""
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512") and has_bf16
 
 
 # the parameters that autocast would cast to the low-precision dtype at every call (matrix products, convolutions)
