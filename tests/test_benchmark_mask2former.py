@@ -136,6 +136,13 @@ def test_train_amp_on_the_avx2_path_trains_in_float32():
     assert amp_result["train_native_s_median"] > 0 and json.loads(fp32.stdout)["train_native_s_median"] > 0
 
 
+def test_a_relative_baseline_is_resolved_before_its_worker_changes_directory(monkeypatch):
+    bench = load_benchmark()
+    monkeypatch.chdir(ROOT)
+    _, args = bench.parse_args(["--baseline", "."])
+    assert args.baseline == ROOT and args.baseline.is_absolute()
+
+
 def test_train_amp_without_amp_in_the_config_is_a_clear_error():
     proc = run_script("--mode", "train", "--batch", "1", "--train-amp", *SMALL, "SOLVER.AMP.ENABLED", "False")
     assert proc.returncode != 0

@@ -753,6 +753,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     args.modes = MODES if args.mode == "both" else (args.mode,)
+    if args.baseline is not None:
+        args.baseline = args.baseline.resolve()  # its worker runs in that tree: a relative path would not resolve there
     return parser, args
 
 
