@@ -21,7 +21,8 @@ def add_training_config(cfg: CN) -> None:
     # Stop the run as soon as a loss or the gradient is NaN or infinite (naming the iteration and the loss term or the
     # first parameter with a non-finite gradient), before the optimizer step.
     cfg.SOLVER.NAN_GUARD = True
-    # AMP dtype: "auto" = float16 on CUDA, bfloat16 on CPU; or "float16" / "bfloat16".
+    # AMP dtype: "auto" = float16 on CUDA; on the CPU bfloat16 where it has AVX512_BF16, else float32 (no autocast:
+    # bfloat16 would be many times slower there); or "float16" / "bfloat16".
     cfg.SOLVER.AMP.DTYPE = "auto"
     # Print iteration, losses, LR and ETA every LOG_PERIOD iterations.
     cfg.SOLVER.LOG_PERIOD = 20
