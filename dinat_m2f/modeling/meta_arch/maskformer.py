@@ -59,7 +59,7 @@ def inference_dtype(name: str, device_type: str) -> torch.dtype | None:
         warnings.warn(
             "MODEL.MASK_FORMER.TEST.DTYPE bfloat16 on a CPU without AVX-512 bfloat16 instructions (torch's CPU "
             f"capability: {torch.backends.cpu.get_cpu_capability()}): the bfloat16 matrix products and convolutions "
-            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15-48x slower). "
+            "run many times slower than float32 there (measured on the AVX2 path: a whole inference 15-70x slower). "
             "Use float32 on this CPU.",
             stacklevel=2,
         )
