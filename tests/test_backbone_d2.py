@@ -64,6 +64,8 @@ def test_outputs_shapes_and_strides_for_odd_sizes(name, height, width):
         expected = (2, spec.channels, -(-height // spec.stride), -(-width // spec.stride))
         assert tuple(out[key].shape) == expected, key
         assert torch.isfinite(out[key]).all()
+        # NCHW in the channels-last memory the stages compute in (no copy; the pixel decoder's convs prefer it)
+        assert out[key].is_contiguous(memory_format=torch.channels_last), key
 
 
 def test_out_features_subset():
