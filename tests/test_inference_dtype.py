@@ -63,7 +63,6 @@ def output_dtypes(model, inputs, train: bool = False) -> dict[str, torch.dtype]:
     modules = {
         "value_proj": layer.self_attn.value_proj,
         "sampling_offsets": layer.self_attn.sampling_offsets,
-        "attention_weights": layer.self_attn.attention_weights,
         "linear1": layer.linear1,
         "output_proj": layer.self_attn.output_proj,
     }
@@ -76,6 +75,16 @@ def output_dtypes(model, inputs, train: bool = False) -> dict[str, torch.dtype]:
         return record
 
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
+    # the attention weights come from the module's own product (its projection's rows reordered), not its forward
+    attn = layer.self_attn
+    attention_weights = attn._attention_weights
+
+    def recorded_attention_weights(query: torch.Tensor) -> torch.Tensor:
+        out = attention_weights(query)
+        seen.setdefault("attention_weights", out.dtype)
+        return out
+
+    attn._attention_weights = recorded_attention_weights
     try:
         if train:
             with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -85,6 +94,7 @@ def output_dtypes(model, inputs, train: bool = False) -> dict[str, torch.dtype]:
     finally:
         for h in handles:
             h.remove()
+        del attn._attention_weights  # the class's method again
     return seen
 
 
