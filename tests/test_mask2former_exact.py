@@ -349,18 +349,22 @@ def recorded_attn_masks(dec, x, mask_features, aux_outputs: bool) -> tuple[dict,
     return out, masks
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("factors", ["integer", "other"])
-def test_decoder_without_aux_outputs_makes_the_same_masks_and_outputs_bitwise(tiny_model, batch, factors):
+def test_decoder_without_aux_outputs_makes_the_same_masks_and_outputs_bitwise(tiny_model, batch, factors, layout):
     """Inference skips the intermediate class logits and full-size mask logits: the attention masks (made from the
     mask logits at the resize's taps, pixels-major) and the last layer's outputs stay bit-identical. "integer":
-    the mask features are 8, 4 and 2 times the levels' sizes (the taps are gathered), "other": they are not."""
+    the mask features are 8, 4 and 2 times the levels' sizes (the taps are gathered), "other": they are not.
+    channels_last: the layout of the pixel decoder's maps in the model."""
     dec = tiny_model.sem_seg_head.predictor
     x, mask_features = decoder_inputs(tiny_model, batch)
     if factors == "integer":
         g = torch.Generator().manual_seed(3)
         x = [torch.randn(batch, t.shape[1], h, w, generator=g) for t, (h, w) in zip(x, [(4, 5), (8, 10), (16, 20)])]
         mask_features = torch.randn(batch, mask_features.shape[1], 32, 40, generator=g)
+    x = [t.contiguous(memory_format=layout) for t in x]
+    mask_features = mask_features.contiguous(memory_format=layout)
     with torch.no_grad():
         dec.mask_embed.layers[-1].bias[3] = -1e4  # one query blocked everywhere: the fix-up branch
     try:

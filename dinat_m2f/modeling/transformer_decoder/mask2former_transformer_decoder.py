@@ -427,9 +427,14 @@ def resize_taps(in_size: int, out_size: int) -> torch.Tensor | None:
 
 def features_at_resize_taps(mask_features: torch.Tensor, size) -> torch.Tensor:
     """``mask_features`` [B, C, H, W] at the rows and columns a bilinear resize to ``size`` (h, w) reads: mask
-    logits computed from these and resized to ``size`` equal those of all pixels resized (``resize_taps``)."""
-    for dim, out_size in ((2, int(size[0])), (3, int(size[1]))):
-        taps = resize_taps(mask_features.shape[dim], out_size)
+    logits computed from these and resized to ``size`` equal those of all pixels resized (``resize_taps``).
+
+    Gathered in [B, H, W, C] order (a view of the channels_last maps the pixel decoder makes), so each tap copies a
+    whole row, then a C-long run: on the [B, C, H, W] view the gather went element by element, 10x slower (9.8 vs 0.9
+    ms at 256x128x128 to 32x32, 2 threads). Returns a [B, C, h', w'] view of channels_last memory."""
+    features = mask_features.permute(0, 2, 3, 1)
+    for dim, out_size in ((1, int(size[0])), (2, int(size[1]))):
+        taps = resize_taps(features.shape[dim], out_size)
         if taps is not None:
-            mask_features = mask_features.index_select(dim, taps.to(mask_features.device))
-    return mask_features
+            features = features.index_select(dim, taps.to(features.device))
+    return features.permute(0, 3, 1, 2)
