@@ -144,7 +144,8 @@ class MSDeformAttn(nn.Module):
         Without autograd one ``addcdiv`` pass computes ``r + o / n`` per element; with it, the division keeps
         autograd's division backward (``grad / n``), so training is unchanged to the bit."""
         N, Len_q, heads, levels, points, _ = sampling_offsets.shape
-        # (W, H) of each level in the offsets' dtype: the official type promotion's conversion (exact)
+        # (W, H) of each level in the offsets' dtype: the official type promotion's conversion (exact). The level
+        # sizes may live on the CPU (the op reads them there): a host-to-device copy, no device sync.
         normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)
         normalizer = normalizer.to(sampling_offsets.device, sampling_offsets.dtype, non_blocking=True)
         normalizer = normalizer[:, None, :].expand(levels, points, 2).reshape(levels * points * 2)
@@ -152,7 +153,9 @@ class MSDeformAttn(nn.Module):
         reference = reference.reshape(N, Len_q, 1, levels * points * 2)
         offsets = sampling_offsets.view(N, Len_q, heads, levels * points * 2)
         records_grad = torch.is_grad_enabled() and (offsets.requires_grad or reference.requires_grad)
-        if records_grad or reference.dtype != offsets.dtype:  # (the division in the offsets' dtype, then the sum)
+        # A reference of another dtype: the official formula divides in the offsets' dtype and promotes in the sum,
+        # which addcdiv (one dtype throughout) would not.
+        if records_grad or reference.dtype != offsets.dtype:
             locations = reference + offsets / normalizer
         else:
             locations = torch.addcdiv(reference, offsets, normalizer)
