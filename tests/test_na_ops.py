@@ -285,6 +285,42 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
         torch.testing.assert_close(attn, rqk(q * 0.6, key, k, d, rpb).softmax(-1), **tol)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
+@pytest.mark.parametrize(
+    "k,d,shape",
+    [
+        # float32 forward tiles take two query rows of a dilation group at a time where 2 * kw logits fit the
+        # registers (k <= 13 on AVX-512, k <= 5 on AVX2): windows 0 rows apart (clamped at the top and bottom) and 1
+        # row apart, and a group's odd last row alone
+        pytest.param(7, 1, (11, 40), id="k7-d1"),
+        pytest.param(7, 3, (23, 70), id="k7-d3"),  # groups of 8, 8 and 7 rows along H
+        pytest.param(5, 2, (13, 44), id="k5-d2"),  # pairs on the AVX2 path too
+        pytest.param(11, 1, (14, 60), id="k11-d1"),  # DiNAT-L's kernel
+        pytest.param(13, 1, (15, 34), id="k13-d1"),  # the widest compiled tile; one row at a time on AVX2
+    ],
+)
+def test_fused_cpu_forward_tiles_of_two_rows(k, d, shape, saves_attn, threads):
+    """The float32 forward's two-row query tiles against the reference: the output, the saved weights and the
+    gradients (which read those weights, or the forward's logsumexp when recomputing), on one and two threads."""
+    q, key, v = _inputs(shape, 32, torch.float32, "cpu", heads=2, batch=1)
+    rpb = _rpb(2, k, 2, torch.float32, "cpu")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, grads = _grads(lambda a, b, c, r: _fused_native(2, saves_attn)(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
+    finally:
+        torch.set_num_threads(before)
+    want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.4), [q, key, v, rpb])
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+    if saves_attn:
+        _, attn = torch.ops.dinat_m2f.na2d_fused_forward_with_attn(q, key, v, rpb, k, d, 0.4)
+        torch.testing.assert_close(attn, ref.na2d_qk(q * 0.4, key, k, d, rpb).softmax(-1), **tol)
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_training_on_cpu_saves_the_weights_and_inference_does_not(dims):
     fused = _funcs(dims)[2]

@@ -2,7 +2,8 @@
 //
 // Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
 // attention weights are materialised in memory; the row logsumexp is stored for the backward. Tiles of kLanes
-// interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set).
+// interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set), in
+// float32 two query rows of a dilation group at a time where their logits fit the registers (forward_tile_pair).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
@@ -301,70 +302,166 @@ struct TileScratch {
       : qt(dim * kLanes), acc(dim * kLanes), logits(window_if_saving * kLanes) {}
 };
 
+// v, kept in a register: the compiler otherwise folds a load that feeds several multiply-adds into each of them as a
+// memory operand, which loads it again per multiply-add (two-row tiles loaded every K and V vector twice).
+template <typename V>
+inline V in_register(V v) {
+  asm("" : "+v"(v));
+  return v;
+}
+
+// The online-softmax state of one query row of a forward tile: its Q (scaled, [D][lanes]) and weighted-sum
+// accumulators in the row's TileScratch, the running max and sum, the bias row base and, when saving the weights, where
+// its logits go.
+template <typename T>
+struct TileRow {
+  Lanes<T>* qt;
+  Lanes<T>* acc;
+  Lanes<T> running_max, running_sum;
+  const T* bias;   // the row's first bias row at the window's column kw / 2 (nullptr: no bias); + ki * rpb_w per row
+  T* kept_logits;  // nullptr unless saving the weights
+};
+
+// Starts a forward tile row: the kLanes queries (i, j0 + dw * l) of q transposed and scaled into s.qt, acc zeroed.
+template <typename T, int64_t kKW>
+inline TileRow<T> tile_row_begin(Slice<const T> q, const T* rpb, int64_t h, int64_t i, int64_t j0, const Problem& p,
+                                 const Windows& win, T scale, int64_t D, TileScratch<T>& s) {
+  using V = Lanes<T>;
+  TileRow<T> row{reinterpret_cast<V*>(s.qt.data()),
+                 reinterpret_cast<V*>(s.acc.data()),
+                 V{} - std::numeric_limits<T>::infinity(),
+                 V{},
+                 rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + kKW / 2 : nullptr,
+                 s.logits.empty() ? nullptr : s.logits.data()};
+  // The tile's rows in and out 8 x 8 blocks at a time (rows_to_slots, slots_to_rows): one value at a time, each
+  // vector was built from kLanes scalar stores, and reading it back stalled on store forwarding.
+  rows_to_slots(q.at(i, j0), p.dw * q.col, D, reinterpret_cast<T*>(row.qt));
+  for (int64_t d = 0; d < D; ++d) {
+    row.qt[d] *= scale;
+    row.acc[d] = V{};
+  }
+  return row;
+}
+
+// One window row of kN tile rows that all read key row `krow` / `vrow` (k and v group-transposed, lane 0's first
+// key), ki[n] being that key row's window row for tile row n. Each K and V vector is loaded once for all kN rows: with
+// two rows a load feeds two multiply-adds, and the unaligned (mostly cache-line-split) loads, not the multiply-adds,
+// bounded the one-row tile. The row's kw logits (then weights) stay in registers, and each Q / accumulator vector is
+// loaded once per window row, not once per key.
+template <typename T, int64_t kD, int64_t kKW, int kN>
+inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T* krow, const T* vrow, int64_t W,
+                            int64_t D, int64_t rpb_w) {
+  using V = Lanes<T>;
+  constexpr int64_t KW = kKW;
+  V logit[kN][KW];
+  for (int n = 0; n < kN; ++n) {
+    const T* brow = rows[n]->bias != nullptr ? rows[n]->bias + ki[n] * rpb_w : nullptr;
+    for (int64_t kj = 0; kj < KW; ++kj) logit[n][kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V qd[kN];
+    for (int n = 0; n < kN; ++n) qd[n] = rows[n]->qt[d];
+    const T* kd = krow + d * W;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      V key = load_lanes(kd + kj);
+      if constexpr (kN > 1) key = in_register(key);
+      for (int n = 0; n < kN; ++n) logit[n][kj] += qd[n] * key;
+    }
+  }
+  V factor[kN];
+  for (int n = 0; n < kN; ++n) {
+    TileRow<T>& row = *rows[n];
+    V new_max = row.running_max;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      if (row.kept_logits != nullptr) store_lanes(row.kept_logits + (ki[n] * KW + kj) * kLanes, logit[n][kj]);
+      new_max = logit[n][kj] > new_max ? logit[n][kj] : new_max;
+    }
+    factor[n] = exp_lanes(row.running_max - new_max);  // rescale what was accumulated under the old max
+    row.running_max = new_max;
+    row.running_sum *= factor[n];
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      logit[n][kj] = exp_lanes(logit[n][kj] - row.running_max);  // the unnormalised weights in place of the logits
+      row.running_sum += logit[n][kj];
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V a[kN];
+    for (int n = 0; n < kN; ++n) a[n] = rows[n]->acc[d] * factor[n];
+    const T* vd = vrow + d * W;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      V value = load_lanes(vd + kj);
+      if constexpr (kN > 1) value = in_register(value);
+      for (int n = 0; n < kN; ++n) a[n] += logit[n][kj] * value;
+    }
+    for (int n = 0; n < kN; ++n) rows[n]->acc[d] = a[n];
+  }
+}
+
+// Ends a forward tile row: O = acc / sum into out's queries (i, j0 + dw * l), their logsumexp into lse.
+template <typename T>
+inline void tile_row_end(TileRow<T>& row, Slice<T> out, T* lse, int64_t bh, int64_t i, int64_t j0, const Problem& p,
+                         int64_t D) {
+  const Lanes<T> inv = T(1) / row.running_sum;
+  for (int64_t d = 0; d < D; ++d) row.acc[d] *= inv;
+  slots_to_rows(reinterpret_cast<const T*>(row.acc), D, out.at(i, j0), p.dw * out.col);
+  const int64_t token0 = (bh * p.height + i) * p.width + j0;
+  for (int64_t l = 0; l < kLanes; ++l) {
+    lse[token0 + p.dw * l] = row.running_max[l] + std::log(row.running_sum[l]);
+  }
+}
+
 // Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
-// lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time.
-// One window row at a time with d outermost, as backward_tile: the row's kw logits (then weights) stay in registers
-// and each Q / accumulator vector is loaded once per row, not once per key (a kj-outer loop read two vectors per
-// multiply-add, and the loads, not the multiply-adds, bounded it).
+// lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time,
+// one window row at a time (tile_window_row).
 template <typename T, int64_t kD, int64_t kKW>
 void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t i,
                   int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
                   TileScratch<T>& s) {
-  using V = Lanes<T>;
   static_assert(kKW > 0, "forward tiles need a compile-time window width");
-  constexpr int64_t KW = kKW;
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
-  const int64_t row = bh * H + i, h = bh % p.heads;
-  V* __restrict qt = reinterpret_cast<V*>(s.qt.data());
-  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
-  // Read once: a may_alias vector store in the loop would make the compiler reload the vector's bounds every time.
-  T* const kept_logits = s.logits.empty() ? nullptr : s.logits.data();
-  // The tile's rows in and out 8 x 8 blocks at a time (rows_to_slots, slots_to_rows): one value at a time, each
-  // vector was built from kLanes scalar stores, and reading it back stalled on store forwarding.
-  const int64_t j0 = r + p.dw * jg0;
-  rows_to_slots(q.at(i, j0), p.dw * q.col, D, reinterpret_cast<T*>(qt));
-  for (int64_t d = 0; d < D; ++d) {
-    qt[d] *= scale;
-    acc[d] = V{};
-  }
-  V running_max = V{} - std::numeric_limits<T>::infinity();
-  V running_sum = V{};
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0;
+  TileRow<T> row = tile_row_begin<T, kKW>(q, rpb, bh % p.heads, i, j0, p, win, scale, D, s);
+  TileRow<T>* rows[1] = {&row};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const int64_t key_row = win.h.start[i] + ki * p.dh;
+    tile_window_row<T, kD, kKW, 1>(rows, &ki, kt + key_row * D * W + col0, vt + key_row * D * W + col0, W, D,
+                                   p.rpb_w());
+  }
+  tile_row_end(row, out, lse, bh, i, j0, p, D);
+}
+
+// Whether forward tiles of window width kKW run two query rows at a time (forward_tile_pair): their 2 * kw logits,
+// two Q vectors and a key must fit the ISA's vector registers (32 with AVX-512, 16 with AVX2) with room to spare.
+template <typename T, int64_t kKW>
+inline constexpr bool kPairTiles = std::is_same_v<T, float> && 2 * kKW + 6 <= (kLanes == 16 ? 32 : 16);
+
+// forward_tile for query rows ia < ib of one dilation group along H (ib = ia + dh): the window rows both read are
+// loaded once for both. Their windows start at most one group row apart, so ib's key rows are ia's shifted by 0 or
+// 1; each row sees its own key rows in the same order as forward_tile, so the results are forward_tile's bits.
+template <typename T, int64_t kD, int64_t kKW>
+void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh,
+                       int64_t ia, int64_t ib, int64_t r, int64_t jg0, int64_t col0, const Problem& p,
+                       const Windows& win, T scale, TileScratch<T>& sa, TileScratch<T>& sb) {
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0, h = bh % p.heads;
+  const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
+  TORCH_CHECK(shift == 0 || shift == 1, "na fused forward (CPU): query rows ", ia, " and ", ib,
+              " are not neighbours in a dilation group");
+  TileRow<T> a = tile_row_begin<T, kKW>(q, rpb, h, ia, j0, p, win, scale, D, sa);
+  TileRow<T> b = tile_row_begin<T, kKW>(q, rpb, h, ib, j0, p, win, scale, D, sb);
+  TileRow<T>* both[2] = {&a, &b};
+  for (int64_t t = 0; t < p.kh + shift; ++t) {  // the union of their key rows, top to bottom
+    const int64_t key_row = start_a + t * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
-    // Interior windows along W all start at bias column kw / 2.
-    const T* brow = rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + KW / 2 : nullptr;
-    V logit[KW];
-    for (int64_t kj = 0; kj < KW; ++kj) logit[kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
-    for (int64_t d = 0; d < D; ++d) {
-      const V qd = qt[d];
-      const T* kd = krow + d * W;
-      for (int64_t kj = 0; kj < KW; ++kj) logit[kj] += qd * load_lanes(kd + kj);
-    }
-    V new_max = running_max;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      if (kept_logits != nullptr) store_lanes(kept_logits + (ki * KW + kj) * kLanes, logit[kj]);
-      new_max = logit[kj] > new_max ? logit[kj] : new_max;
-    }
-    const V factor = exp_lanes(running_max - new_max);  // rescale what was accumulated under the old max
-    running_max = new_max;
-    running_sum *= factor;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      logit[kj] = exp_lanes(logit[kj] - running_max);  // the row's unnormalised weights in place of its logits
-      running_sum += logit[kj];
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      V a = acc[d] * factor;
-      const T* vd = vrow + d * W;
-      for (int64_t kj = 0; kj < KW; ++kj) a += logit[kj] * load_lanes(vd + kj);
-      acc[d] = a;
+    if (t >= shift && t < p.kh) {
+      const int64_t ki[2] = {t, t - shift};
+      tile_window_row<T, kD, kKW, 2>(both, ki, krow, vrow, W, D, p.rpb_w());
+    } else {
+      const int64_t ki = t < p.kh ? t : t - shift;
+      tile_window_row<T, kD, kKW, 1>(t < p.kh ? both : both + 1, &ki, krow, vrow, W, D, p.rpb_w());
     }
   }
-  const V inv = T(1) / running_sum;
-  for (int64_t d = 0; d < D; ++d) acc[d] *= inv;
-  slots_to_rows(reinterpret_cast<const T*>(acc), D, out.at(i, j0), p.dw * out.col);
-  for (int64_t l = 0; l < kLanes; ++l) lse[row * W + j0 + p.dw * l] = running_max[l] + std::log(running_sum[l]);
+  tile_row_end(a, out, lse, bh, ia, j0, p, D);
+  tile_row_end(b, out, lse, bh, ib, j0, p, D);
 }
 
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
@@ -475,6 +572,63 @@ void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, c
       });
     }
   });
+}
+
+// Query rows ia and ib = ia + dh of slice bh with tiles, where kw's tiles take two rows (pair_rows_of_forward): the
+// interior queries of both through forward_tile_pair, the others one at a time (forward_row_queries' one_query).
+template <typename T, int64_t kD>
+void forward_row_pair_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* kts, const T* vts,
+                              const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t ia, int64_t ib, const Problem& p,
+                              const Windows& win, const GroupOrder& order, T scale, T* weights, RowScratch<T>& sa,
+                              RowScratch<T>& sb) {
+  const int64_t W = p.width, KK = p.window();
+  const auto one_query = [&](int64_t i, RowScratch<T>& s, int64_t j) {
+    forward_query<T, kD>(q, k, v, rpb, out, lse, bh, i, j, p, win, scale, s.acc.data(), s.logits.data(), s.keys.data());
+    if (weights != nullptr) {
+      store_query_weights(s.logits.data(), KK, weights + ((bh * p.height + i) * W + j) * KK);
+    }
+  };
+  dispatch_window_width(p.kw, [&](auto kw) {
+    constexpr int64_t kKW = decltype(kw)::value;
+    if constexpr (!kPairTiles<T, kKW>) {
+      TORCH_CHECK(false, "na fused forward (CPU): two-row query tiles for kernel width ", p.kw, " are not compiled");
+    } else {
+      for_each_tile_or_query(
+          p, order.group_offset,
+          [&](int64_t j) {
+            one_query(ia, sa, j);
+            one_query(ib, sb, j);
+          },
+          [&](int64_t r, int64_t jg, int64_t col0) {
+            forward_tile_pair<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, ia, ib, r, jg, col0, p, win, scale, *sa.tile,
+                                          *sb.tile);
+            if (weights != nullptr) {
+              store_tile_weights(*sa.tile, lse, (bh * p.height + ia) * W + r + p.dw * jg, p, weights);
+              store_tile_weights(*sb.tile, lse, (bh * p.height + ib) * W + r + p.dw * jg, p, weights);
+            }
+          });
+    }
+  });
+}
+
+// Whether the forward's tiles take two query rows at a time for this problem (kPairTiles of its window width).
+template <typename T>
+inline bool pair_rows_of_forward(const Problem& p) {
+  bool pairs = false;
+  dispatch_window_width(p.kw, [&](auto kw) { pairs = kPairTiles<T, decltype(kw)::value>; });
+  return pairs;
+}
+
+// The forward's units of work along H: the rows of each dilation group in pairs (i, i + dh), a group's last row alone
+// when it has an odd number of them; every row alone without pairs. unit[u] = {first row, second row or -1}.
+inline std::vector<std::array<int64_t, 2>> forward_row_units(const Problem& p, bool pairs) {
+  std::vector<std::array<int64_t, 2>> units;
+  for (int64_t r = 0; r < std::min(p.dh, p.height); ++r) {
+    for (int64_t i = r; i < p.height; i += pairs ? 2 * p.dh : p.dh) {
+      units.push_back({i, pairs && i + p.dh < p.height ? i + p.dh : -1});
+    }
+  }
+  return units;
 }
 
 // ----------------------------------------------------------------------------------------------- whole groups
@@ -661,11 +815,22 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t slice_kv = p.tokens() * D;  // elements of one slice of k (or v)
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
-  // Row i of slice bh; kts, vts: the slice's transposed k and v (tiles only).
-  const auto forward_row = [&](int64_t bh, int64_t i, const T* kts, const T* vts) {
+  // With tiles of two rows (pair_rows_of_forward) the rows go in pairs of a dilation group: forward_row_units.
+  const bool pairs = tiles && pair_rows_of_forward<T>(p);
+  const std::vector<std::array<int64_t, 2>> units = forward_row_units(p, pairs);
+  const int64_t unit_count = static_cast<int64_t>(units.size());
+  // Unit u of slice bh; kts, vts: the slice's transposed k and v (tiles only).
+  const auto forward_unit = [&](int64_t bh, int64_t u, const T* kts, const T* vts) {
+    const auto [ia, ib] = units[u];
     RowScratch<T> scratch(D, KK, tiles, weights != nullptr);
-    forward_row_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh), lse,
-                               bh, i, p, win, order, scale, tiles, weights, scratch);
+    if (ib < 0) {
+      forward_row_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh),
+                                 lse, bh, ia, p, win, order, scale, tiles, weights, scratch);
+      return;
+    }
+    RowScratch<T> second(D, KK, tiles, weights != nullptr);
+    forward_row_pair_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh),
+                                    lse, bh, ia, ib, p, win, order, scale, weights, scratch, second);
   };
   if (tiles && forward_slice_tasks(p)) {
     parallel(p.batch_heads, 1, [&](int64_t bh) {
@@ -675,7 +840,7 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
         group_transpose_row(k_all.slice(bh), i, order, p, kts + i * D * W);
         group_transpose_row(v_all.slice(bh), i, order, p, vts + i * D * W);
       }
-      for (int64_t i = 0; i < H; ++i) forward_row(bh, i, kts, vts);
+      for (int64_t u = 0; u < unit_count; ++u) forward_unit(bh, u, kts, vts);
     });
     return;
   }
@@ -683,13 +848,14 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const int64_t group = tiles ? slices_per_group(2 * slice_kv * static_cast<int64_t>(sizeof(T)), p) : p.batch_heads;
   T* const kt = tiles ? kept_scratch<T>(2 * group * slice_kv) : nullptr;
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  const int64_t grain = std::max<int64_t>(1, row_grain(p) / (pairs ? 2 : 1));
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k_all, v_all, s0, s1, order, p, kt, vt);
-    parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
-      const int64_t bh = s0 + local_row / H;
-      forward_row(bh, local_row % H, tiles ? kt + (bh - s0) * slice_kv : nullptr,
-                  tiles ? vt + (bh - s0) * slice_kv : nullptr);
+    parallel((s1 - s0) * unit_count, grain, [&](int64_t local_unit) {
+      const int64_t bh = s0 + local_unit / unit_count;
+      forward_unit(bh, local_unit % unit_count, tiles ? kt + (bh - s0) * slice_kv : nullptr,
+                   tiles ? vt + (bh - s0) * slice_kv : nullptr);
     });
   }
 }
