@@ -290,9 +290,9 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
 @pytest.mark.parametrize(
     "k,d,shape",
     [
-        # float32 forward tiles take two query rows of a dilation group at a time where 2 * kw logits fit the
-        # registers (k <= 13 on AVX-512, k <= 5 on AVX2): windows 0 rows apart (clamped at the top and bottom) and 1
-        # row apart, and a group's odd last row alone
+        # float32 forward tiles and the saved-weights backward's query tiles take two query rows of a dilation group
+        # at a time where 2 * kw logits fit the registers (k <= 13 on AVX-512, k <= 5 on AVX2): windows 0 rows apart
+        # (clamped at the top and bottom) and 1 row apart, and a group's odd last row alone
         pytest.param(7, 1, (11, 40), id="k7-d1"),
         pytest.param(7, 3, (23, 70), id="k7-d3"),  # groups of 8, 8 and 7 rows along H
         pytest.param(5, 2, (13, 44), id="k5-d2"),  # pairs on the AVX2 path too
@@ -300,9 +300,10 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
         pytest.param(13, 1, (15, 34), id="k13-d1"),  # the widest compiled tile; one row at a time on AVX2
     ],
 )
-def test_fused_cpu_forward_tiles_of_two_rows(k, d, shape, saves_attn, threads):
-    """The float32 forward's two-row query tiles against the reference: the output, the saved weights and the
-    gradients (which read those weights, or the forward's logsumexp when recomputing), on one and two threads."""
+def test_fused_cpu_query_tiles_of_two_rows(k, d, shape, saves_attn, threads):
+    """The float32 two-row query tiles against the reference: the output, the saved weights and the gradients (the
+    saved-weights backward's query pass pairs rows too; the recomputing one reads the forward's logsumexp), on one
+    and two threads."""
     q, key, v = _inputs(shape, 32, torch.float32, "cpu", heads=2, batch=1)
     rpb = _rpb(2, k, 2, torch.float32, "cpu")
     before = torch.get_num_threads()

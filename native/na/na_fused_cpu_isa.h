@@ -1145,61 +1145,138 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
 // exp(scale q.k + rpb - lse), then the key pass and the bias gradient are the recomputing backward's, with P read
 // from the saved tensor in place of the workspace.
 
+// One query row of a saved-weights backward tile: dO and O of its kLanes queries as [D][lanes] (got, outt), its dQ
+// accumulators, delta = dO . O, and its P and dS as per-slot vectors, in the row's BackwardTileScratch.
+template <typename T>
+struct SavedTileRow {
+  Lanes<T>* got;
+  Lanes<T>* acc;
+  Lanes<T> delta;
+  T* prob_slots;
+  T* ds_slots;
+};
+
+// Starts a saved-weights tile row: the kLanes queries (i, j0 + dw * l) of slice bh (row = bh * H + i).
+template <typename T>
+inline SavedTileRow<T> saved_tile_row_begin(Slice<const T> grad_out, Slice<const T> out, const T* weights, int64_t row,
+                                            int64_t i, int64_t j0, const Problem& p, int64_t D,
+                                            BackwardTileScratch<T>& s) {
+  using V = Lanes<T>;
+  const int64_t KK = p.window();
+  SavedTileRow<T> r{reinterpret_cast<V*>(s.got.data()), reinterpret_cast<V*>(s.acc.data()), V{}, s.prob.data(),
+                    s.ds.data()};
+  V* __restrict outt = reinterpret_cast<V*>(s.qt.data());  // O of the tile's queries, [D][lanes]
+  // dO and O in, dQ out 8 x 8 blocks at a time, as in forward_tile.
+  rows_to_slots(grad_out.at(i, j0), p.dw * grad_out.col, D, reinterpret_cast<T*>(r.got));
+  rows_to_slots(out.at(i, j0), p.dw * out.col, D, reinterpret_cast<T*>(outt));
+  for (int64_t d = 0; d < D; ++d) {
+    r.delta += r.got[d] * outt[d];
+    r.acc[d] = V{};
+  }
+  // Lane l's rows of P are dw * KK apart.
+  rows_to_slots(weights + (row * p.width + j0) * KK, p.dw * KK, KK, r.prob_slots);
+  return r;
+}
+
+// One window row of kN saved-weights tile rows that all read key row krow / vrow (ki[n]: its window row for tile row
+// n): dO . v, dS = P (dO . v - delta) into the row's dS slots, and dQ += dS k. Each V and K vector is loaded once
+// for all kN rows (in_register), as in tile_window_row.
+template <typename T, int64_t kD, int64_t kKW, int kN>
+inline void saved_tile_window_row(SavedTileRow<T>* const* rows, const int64_t* ki, const T* krow, const T* vrow,
+                                  int64_t W, int64_t D) {
+  using V = Lanes<T>;
+  constexpr int64_t KW = kKW;
+  V go_v[kN][KW];  // dO . v of the row's kw keys, then dS in its place
+  for (int n = 0; n < kN; ++n) {
+    for (int64_t kj = 0; kj < KW; ++kj) go_v[n][kj] = V{};
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V gd[kN];
+    for (int n = 0; n < kN; ++n) gd[n] = rows[n]->got[d];
+    const T* vd = vrow + d * W;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      V value = load_lanes(vd + kj);
+      if constexpr (kN > 1) value = in_register(value);
+      for (int n = 0; n < kN; ++n) go_v[n][kj] += gd[n] * value;
+    }
+  }
+  for (int n = 0; n < kN; ++n) {
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      const int64_t slot = ki[n] * KW + kj;
+      const V ds = load_lanes(rows[n]->prob_slots + slot * kLanes) * (go_v[n][kj] - rows[n]->delta);
+      go_v[n][kj] = ds;
+      store_lanes(rows[n]->ds_slots + slot * kLanes, ds);
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V a[kN];
+    for (int n = 0; n < kN; ++n) a[n] = rows[n]->acc[d];
+    const T* kd = krow + d * W;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      V key = load_lanes(kd + kj);
+      if constexpr (kN > 1) key = in_register(key);
+      for (int n = 0; n < kN; ++n) a[n] += go_v[n][kj] * key;
+    }
+    for (int n = 0; n < kN; ++n) rows[n]->acc[d] = a[n];
+  }
+}
+
+// Ends a saved-weights tile row: its dS rows into the workspace (local_row: the row within the call's slices), dQ.
+template <typename T>
+inline void saved_tile_row_end(SavedTileRow<T>& r, Slice<T> grad_q, T* ds_ws, int64_t local_row, int64_t i, int64_t j0,
+                               const Problem& p, int64_t D, T scale) {
+  const int64_t KK = p.window();
+  slots_to_rows(r.ds_slots, KK, ds_ws + (local_row * p.width + j0) * KK, p.dw * KK);
+  for (int64_t d = 0; d < D; ++d) r.acc[d] *= scale;
+  slots_to_rows(reinterpret_cast<const T*>(r.acc), D, grad_q.at(i, j0), p.dw * grad_q.col);
+}
+
 // Query pass of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh from saved weights: dS
-// into the workspace, dQ. As backward_tile without the logits: dO . v and the dQ sum lane-parallel over queries.
+// into the workspace, dQ; lane-parallel as forward_tile, one window row at a time (saved_tile_window_row).
 template <typename T, int64_t kD, int64_t kKW>
 void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slice<const T> out, const T* weights,
                          Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t r, int64_t jg0,
                          int64_t col0, const Problem& p, const Windows& win, T scale, BackwardTileScratch<T>& s) {
-  using V = Lanes<T>;
   static_assert(kKW > 0, "backward tiles need a compile-time window width");
-  constexpr int64_t KW = kKW;
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
-  const int64_t row = bh * H + i, local_row = row - s0 * H;
-  V* __restrict got = reinterpret_cast<V*>(s.got.data());
-  V* __restrict acc = reinterpret_cast<V*>(s.acc.data());
-  V* __restrict outt = reinterpret_cast<V*>(s.qt.data());  // O of the tile's queries, [D][lanes]
-  // dO and O in, dQ out 8 x 8 blocks at a time, as in forward_tile.
-  const int64_t j0 = r + p.dw * jg0;
-  rows_to_slots(grad_out.at(i, j0), p.dw * grad_out.col, D, reinterpret_cast<T*>(got));
-  rows_to_slots(out.at(i, j0), p.dw * out.col, D, reinterpret_cast<T*>(outt));
-  V delta{};
-  for (int64_t d = 0; d < D; ++d) {
-    delta += got[d] * outt[d];
-    acc[d] = V{};
-  }
-  // Lane l's rows of P and of the workspace are dw * KK apart.
-  const int64_t lane_stride = p.dw * KK;
-  T* const prob_slots = s.prob.data();
-  T* const ds_slots = s.ds.data();
-  rows_to_slots(weights + (row * W + r + p.dw * jg0) * KK, lane_stride, KK, prob_slots);
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
+  const int64_t row = bh * H + i, j0 = r + p.dw * jg0;
+  SavedTileRow<T> tile_row = saved_tile_row_begin(grad_out, out, weights, row, i, j0, p, D, s);
+  SavedTileRow<T>* rows[1] = {&tile_row};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const int64_t key_row = win.h.start[i] + ki * p.dh;
+    saved_tile_window_row<T, kD, kKW, 1>(rows, &ki, kt + key_row * D * W + col0, vt + key_row * D * W + col0, W, D);
+  }
+  saved_tile_row_end(tile_row, grad_q, ds_ws, row - s0 * H, i, j0, p, D, scale);
+}
+
+// backward_tile_saved for query rows ia < ib = ia + dh of one dilation group along H, as forward_tile_pair: the
+// window rows both read are loaded once for both, and each row's sums run in backward_tile_saved's order (same bits).
+template <typename T, int64_t kD, int64_t kKW>
+void backward_tile_saved_pair(Slice<const T> grad_out, const T* kt, const T* vt, Slice<const T> out, const T* weights,
+                              Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t ia, int64_t ib, int64_t r,
+                              int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
+                              BackwardTileScratch<T>& sa, BackwardTileScratch<T>& sb) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0;
+  const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
+  TORCH_CHECK(shift == 0 || shift == 1, "na fused backward (CPU): query rows ", ia, " and ", ib,
+              " are not neighbours in a dilation group");
+  SavedTileRow<T> a = saved_tile_row_begin(grad_out, out, weights, bh * H + ia, ia, j0, p, D, sa);
+  SavedTileRow<T> b = saved_tile_row_begin(grad_out, out, weights, bh * H + ib, ib, j0, p, D, sb);
+  SavedTileRow<T>* both[2] = {&a, &b};
+  for (int64_t t = 0; t < p.kh + shift; ++t) {  // the union of their key rows, top to bottom
+    const int64_t key_row = start_a + t * p.dh;
     const T* krow = kt + key_row * D * W + col0;
     const T* vrow = vt + key_row * D * W + col0;
-    V go_v[KW];  // dO . v of the row's kw keys, then dS in its place
-    for (int64_t kj = 0; kj < KW; ++kj) go_v[kj] = V{};
-    for (int64_t d = 0; d < D; ++d) {
-      const V gd = got[d];
-      const T* vd = vrow + d * W;
-      for (int64_t kj = 0; kj < KW; ++kj) go_v[kj] += gd * load_lanes(vd + kj);
-    }
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      const int64_t slot = ki * KW + kj;
-      const V ds = load_lanes(prob_slots + slot * kLanes) * (go_v[kj] - delta);
-      go_v[kj] = ds;
-      store_lanes(ds_slots + slot * kLanes, ds);
-    }
-    for (int64_t d = 0; d < D; ++d) {
-      V a = acc[d];
-      const T* kd = krow + d * W;
-      for (int64_t kj = 0; kj < KW; ++kj) a += go_v[kj] * load_lanes(kd + kj);
-      acc[d] = a;
+    if (t >= shift && t < p.kh) {
+      const int64_t ki[2] = {t, t - shift};
+      saved_tile_window_row<T, kD, kKW, 2>(both, ki, krow, vrow, W, D);
+    } else {
+      const int64_t ki = t < p.kh ? t : t - shift;
+      saved_tile_window_row<T, kD, kKW, 1>(t < p.kh ? both : both + 1, &ki, krow, vrow, W, D);
     }
   }
-  slots_to_rows(ds_slots, KK, ds_ws + (local_row * W + j0) * KK, lane_stride);
-  for (int64_t d = 0; d < D; ++d) acc[d] *= scale;
-  slots_to_rows(reinterpret_cast<const T*>(acc), D, grad_q.at(i, j0), p.dw * grad_q.col);
+  saved_tile_row_end(a, grad_q, ds_ws, (bh - s0) * H + ia, ia, j0, p, D, scale);
+  saved_tile_row_end(b, grad_q, ds_ws, (bh - s0) * H + ib, ib, j0, p, D, scale);
 }
 
 // Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
@@ -1237,21 +1314,26 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
                                Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
                                int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt, const T* vt,
                                const std::vector<int64_t>& group_offset) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
-  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
-    const int64_t row = s0 * H + local_row;
-    const int64_t bh = row / H, i = row % H;
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  // With tiles of two rows (as the forward's: pair_rows_of_forward) the rows go in pairs of a dilation group.
+  const bool pairs = kt != nullptr && pair_rows_of_forward<T>(p);
+  const std::vector<std::array<int64_t, 2>> units = forward_row_units(p, pairs);
+  const int64_t unit_count = static_cast<int64_t>(units.size());
+  const int64_t grain = std::max<int64_t>(1, row_grain(p) / (pairs ? 2 : 1));
+  parallel((s1 - s0) * unit_count, grain, [&](int64_t local_unit) {
+    const int64_t bh = s0 + local_unit / unit_count;
+    const auto [ia, ib] = units[local_unit % unit_count];
     const Slice<const T> grad_out = grad_out_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
     const Slice<const T> out = out_all.slice(bh);
     const Slice<T> grad_q = grad_q_all.slice(bh);
     std::vector<T> acc(D), go_v(KK);
     std::vector<const T*> keys(KK), values(KK);
-    const auto one_query = [&](int64_t j) {
+    const auto one_query = [&](int64_t i, int64_t j) {
       backward_query_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, bh, i, j, p, win, scale, acc.data(),
                                   go_v.data(), keys.data(), values.data());
     };
     if (kt == nullptr) {
-      for_each_in_group_order(W, p.dw, one_query);
+      for_each_in_group_order(W, p.dw, [&](int64_t j) { one_query(ia, j); });
       return;
     }
     // kt and vt hold slices [s0, s1).
@@ -1262,11 +1344,27 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
       constexpr int64_t kKW = decltype(kw)::value;
       if constexpr (kKW == 0) {
         TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
+      } else if (ib < 0) {
+        for_each_tile_or_query(
+            p, group_offset, [&](int64_t j) { one_query(ia, j); },
+            [&](int64_t r, int64_t jg, int64_t col0) {
+              backward_tile_saved<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, ia, r, jg, col0,
+                                              p, win, scale, scratch);
+            });
+      } else if constexpr (!kPairTiles<T, kKW>) {
+        TORCH_CHECK(false, "na fused backward (CPU): two-row query tiles for kernel width ", p.kw, " are not compiled");
       } else {
-        for_each_tile_or_query(p, group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
-          backward_tile_saved<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, i, r, jg, col0, p,
-                                          win, scale, scratch);
-        });
+        BackwardTileScratch<T> second(D, KK);
+        for_each_tile_or_query(
+            p, group_offset,
+            [&](int64_t j) {
+              one_query(ia, j);
+              one_query(ib, j);
+            },
+            [&](int64_t r, int64_t jg, int64_t col0) {
+              backward_tile_saved_pair<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, ia, ib, r,
+                                                   jg, col0, p, win, scale, scratch, second);
+            });
       }
     });
   });
