@@ -467,9 +467,10 @@ void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb,
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
 // whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
-void forward_query(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* rpb, Slice<T> out, T* lse, int64_t bh,
-                   int64_t i, int64_t j, const Problem& p, const Windows& win, T scale, T* acc, T* logits,
-                   const T** keys) {
+__attribute__((always_inline)) inline void forward_query(Slice<const T> q, Slice<const T> k, Slice<const T> v,
+                                                         const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t i,
+                                                         int64_t j, const Problem& p, const Windows& win, T scale,
+                                                         T* acc, T* logits, const T** keys) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i;
   window_keys<T, kD>(k, i, j, p, win, keys);
@@ -619,14 +620,17 @@ inline bool pair_rows_of_forward(const Problem& p) {
   return pairs;
 }
 
-// The forward's units of work along H: the rows of each dilation group in pairs (i, i + dh), a group's last row alone
-// when it has an odd number of them; every row alone without pairs. unit[u] = {first row, second row or -1}.
+// The units of work along H of the forward and of the saved-weights backward's query pass: with two-row tiles the rows
+// of each dilation group in pairs (i, i + dh), a group's last row alone when it has an odd number of them; without,
+// every row alone, top to bottom. unit[u] = {first row, second row or -1}.
 inline std::vector<std::array<int64_t, 2>> forward_row_units(const Problem& p, bool pairs) {
   std::vector<std::array<int64_t, 2>> units;
+  if (!pairs) {
+    for (int64_t i = 0; i < p.height; ++i) units.push_back({i, -1});
+    return units;
+  }
   for (int64_t r = 0; r < std::min(p.dh, p.height); ++r) {
-    for (int64_t i = r; i < p.height; i += pairs ? 2 * p.dh : p.dh) {
-      units.push_back({i, pairs && i + p.dh < p.height ? i + p.dh : -1});
-    }
+    for (int64_t i = r; i < p.height; i += 2 * p.dh) units.push_back({i, i + p.dh < p.height ? i + p.dh : -1});
   }
   return units;
 }
