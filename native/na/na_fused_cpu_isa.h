@@ -310,6 +310,52 @@ inline V in_register(V v) {
   return v;
 }
 
+// acc_n[d] = (acc_n[d] * factor[n] if kRescale) + sum_kj w[n kw + kj] x[d W + kj] for the kN rows of a tile window row:
+// the forward's weighted sum of V and the backward's dQ sum of K. Each x vector is loaded once for all kN rows.
+template <typename T, int64_t kKW, int kN, bool kRescale>
+inline void add_weighted_window_columns(const Lanes<T>* w, const Lanes<T>* factor, const T* x, int64_t W, int64_t D,
+                                        Lanes<T>* const* acc) {
+  using V = Lanes<T>;
+  for (int64_t d = 0; d < D; ++d) {
+    V a[kN];
+    for (int n = 0; n < kN; ++n) {
+      if constexpr (kRescale) {
+        a[n] = acc[n][d] * factor[n];
+      } else {
+        a[n] = acc[n][d];
+      }
+    }
+    const T* xd = x + d * W;
+    for (int64_t kj = 0; kj < kKW; ++kj) {
+      V value = load_lanes(xd + kj);
+      if constexpr (kN > 1) value = in_register(value);
+      for (int n = 0; n < kN; ++n) a[n] += w[n * kKW + kj] * value;
+    }
+    for (int n = 0; n < kN; ++n) acc[n][d] = a[n];
+  }
+}
+
+// The window rows of query rows ia < ib = ia + dh of one dilation group along H, top to bottom: both(key_row, ki_a,
+// ki_b) for the key rows both windows hold, one(key_row, ki, second) for the one the other lacks (second: it is ib's).
+// Their windows start at most one group row apart, so ib's key rows are ia's shifted by 0 or 1.
+template <typename Both, typename One>
+inline void for_each_window_row_of_pair(const Problem& p, const Windows& win, int64_t ia, int64_t ib, const Both& both,
+                                        const One& one) {
+  const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
+  TORCH_CHECK(shift == 0 || shift == 1, "na fused CPU kernels: query rows ", ia, " and ", ib,
+              " are not neighbours in a dilation group");
+  for (int64_t t = 0; t < p.kh + shift; ++t) {
+    const int64_t key_row = start_a + t * p.dh;
+    if (t >= shift && t < p.kh) {
+      both(key_row, t, t - shift);
+    } else if (t < p.kh) {
+      one(key_row, t, false);
+    } else {
+      one(key_row, t - shift, true);
+    }
+  }
+}
+
 // The online-softmax state of one query row of a forward tile: its Q (scaled, [D][lanes]) and weighted-sum
 // accumulators in the row's TileScratch, the running max and sum, the bias row base and, when saving the weights, where
 // its logits go.
@@ -384,17 +430,9 @@ inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T*
       row.running_sum += logit[n][kj];
     }
   }
-  for (int64_t d = 0; d < D; ++d) {
-    V a[kN];
-    for (int n = 0; n < kN; ++n) a[n] = rows[n]->acc[d] * factor[n];
-    const T* vd = vrow + d * W;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      V value = load_lanes(vd + kj);
-      if constexpr (kN > 1) value = in_register(value);
-      for (int n = 0; n < kN; ++n) a[n] += logit[n][kj] * value;
-    }
-    for (int n = 0; n < kN; ++n) rows[n]->acc[d] = a[n];
-  }
+  V* acc[kN];
+  for (int n = 0; n < kN; ++n) acc[n] = rows[n]->acc;
+  add_weighted_window_columns<T, KW, kN, true>(&logit[0][0], factor, vrow, W, D, acc);
 }
 
 // Ends a forward tile row: O = acc / sum into out's queries (i, j0 + dw * l), their logsumexp into lse.
@@ -434,32 +472,27 @@ void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slic
 template <typename T, int64_t kKW>
 inline constexpr bool kPairTiles = std::is_same_v<T, float> && 2 * kKW + 6 <= (kLanes == 16 ? 32 : 16);
 
-// forward_tile for query rows ia < ib of one dilation group along H (ib = ia + dh): the window rows both read are
-// loaded once for both. Their windows start at most one group row apart, so ib's key rows are ia's shifted by 0 or
-// 1; each row sees its own key rows in the same order as forward_tile, so the results are forward_tile's bits.
+// forward_tile for query rows ia < ib = ia + dh of one dilation group along H: the window rows both read are loaded
+// once for both (for_each_window_row_of_pair). Each row sees its own key rows in forward_tile's order: the same bits.
 template <typename T, int64_t kD, int64_t kKW>
 void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh,
                        int64_t ia, int64_t ib, int64_t r, int64_t jg0, int64_t col0, const Problem& p,
                        const Windows& win, T scale, TileScratch<T>& sa, TileScratch<T>& sb) {
   const int64_t W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0, h = bh % p.heads;
-  const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
-  TORCH_CHECK(shift == 0 || shift == 1, "na fused forward (CPU): query rows ", ia, " and ", ib,
-              " are not neighbours in a dilation group");
   TileRow<T> a = tile_row_begin<T, kKW>(q, rpb, h, ia, j0, p, win, scale, D, sa);
   TileRow<T> b = tile_row_begin<T, kKW>(q, rpb, h, ib, j0, p, win, scale, D, sb);
-  TileRow<T>* both[2] = {&a, &b};
-  for (int64_t t = 0; t < p.kh + shift; ++t) {  // the union of their key rows, top to bottom
-    const int64_t key_row = start_a + t * p.dh;
-    const T* krow = kt + key_row * D * W + col0;
-    const T* vrow = vt + key_row * D * W + col0;
-    if (t >= shift && t < p.kh) {
-      const int64_t ki[2] = {t, t - shift};
-      tile_window_row<T, kD, kKW, 2>(both, ki, krow, vrow, W, D, p.rpb_w());
-    } else {
-      const int64_t ki = t < p.kh ? t : t - shift;
-      tile_window_row<T, kD, kKW, 1>(t < p.kh ? both : both + 1, &ki, krow, vrow, W, D, p.rpb_w());
-    }
-  }
+  TileRow<T>* rows[2] = {&a, &b};
+  const auto k_at = [&](int64_t key_row) { return kt + key_row * D * W + col0; };
+  const auto v_at = [&](int64_t key_row) { return vt + key_row * D * W + col0; };
+  for_each_window_row_of_pair(
+      p, win, ia, ib,
+      [&](int64_t key_row, int64_t ki_a, int64_t ki_b) {
+        const int64_t ki[2] = {ki_a, ki_b};
+        tile_window_row<T, kD, kKW, 2>(rows, ki, k_at(key_row), v_at(key_row), W, D, p.rpb_w());
+      },
+      [&](int64_t key_row, int64_t ki, bool second) {
+        tile_window_row<T, kD, kKW, 1>(rows + second, &ki, k_at(key_row), v_at(key_row), W, D, p.rpb_w());
+      });
   tile_row_end(a, out, lse, bh, ia, j0, p, D);
   tile_row_end(b, out, lse, bh, ib, j0, p, D);
 }
@@ -1212,17 +1245,9 @@ inline void saved_tile_window_row(SavedTileRow<T>* const* rows, const int64_t* k
       store_lanes(rows[n]->ds_slots + slot * kLanes, ds);
     }
   }
-  for (int64_t d = 0; d < D; ++d) {
-    V a[kN];
-    for (int n = 0; n < kN; ++n) a[n] = rows[n]->acc[d];
-    const T* kd = krow + d * W;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      V key = load_lanes(kd + kj);
-      if constexpr (kN > 1) key = in_register(key);
-      for (int n = 0; n < kN; ++n) a[n] += go_v[n][kj] * key;
-    }
-    for (int n = 0; n < kN; ++n) rows[n]->acc[d] = a[n];
-  }
+  V* acc[kN];
+  for (int n = 0; n < kN; ++n) acc[n] = rows[n]->acc;
+  add_weighted_window_columns<T, KW, kN, false>(&go_v[0][0], nullptr, krow, W, D, acc);
 }
 
 // Ends a saved-weights tile row: its dS rows into the workspace (local_row: the row within the call's slices), dQ.
@@ -1261,24 +1286,20 @@ void backward_tile_saved_pair(Slice<const T> grad_out, const T* kt, const T* vt,
                               int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
                               BackwardTileScratch<T>& sa, BackwardTileScratch<T>& sb) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0;
-  const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
-  TORCH_CHECK(shift == 0 || shift == 1, "na fused backward (CPU): query rows ", ia, " and ", ib,
-              " are not neighbours in a dilation group");
   SavedTileRow<T> a = saved_tile_row_begin(grad_out, out, weights, bh * H + ia, ia, j0, p, D, sa);
   SavedTileRow<T> b = saved_tile_row_begin(grad_out, out, weights, bh * H + ib, ib, j0, p, D, sb);
-  SavedTileRow<T>* both[2] = {&a, &b};
-  for (int64_t t = 0; t < p.kh + shift; ++t) {  // the union of their key rows, top to bottom
-    const int64_t key_row = start_a + t * p.dh;
-    const T* krow = kt + key_row * D * W + col0;
-    const T* vrow = vt + key_row * D * W + col0;
-    if (t >= shift && t < p.kh) {
-      const int64_t ki[2] = {t, t - shift};
-      saved_tile_window_row<T, kD, kKW, 2>(both, ki, krow, vrow, W, D);
-    } else {
-      const int64_t ki = t < p.kh ? t : t - shift;
-      saved_tile_window_row<T, kD, kKW, 1>(t < p.kh ? both : both + 1, &ki, krow, vrow, W, D);
-    }
-  }
+  SavedTileRow<T>* rows[2] = {&a, &b};
+  const auto k_at = [&](int64_t key_row) { return kt + key_row * D * W + col0; };
+  const auto v_at = [&](int64_t key_row) { return vt + key_row * D * W + col0; };
+  for_each_window_row_of_pair(
+      p, win, ia, ib,
+      [&](int64_t key_row, int64_t ki_a, int64_t ki_b) {
+        const int64_t ki[2] = {ki_a, ki_b};
+        saved_tile_window_row<T, kD, kKW, 2>(rows, ki, k_at(key_row), v_at(key_row), W, D);
+      },
+      [&](int64_t key_row, int64_t ki, bool second) {
+        saved_tile_window_row<T, kD, kKW, 1>(rows + second, &ki, k_at(key_row), v_at(key_row), W, D);
+      });
   saved_tile_row_end(a, grad_q, ds_ws, (bh - s0) * H + ia, ia, j0, p, D, scale);
   saved_tile_row_end(b, grad_q, ds_ws, (bh - s0) * H + ib, ib, j0, p, D, scale);
 }
