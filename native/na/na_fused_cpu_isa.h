@@ -335,23 +335,26 @@ inline void add_weighted_window_columns(const Lanes<T>* w, const Lanes<T>* facto
   }
 }
 
-// The window rows of query rows ia < ib = ia + dh of one dilation group along H, top to bottom: both(key_row, ki_a,
-// ki_b) for the key rows both windows hold, one(key_row, ki, second) for the one the other lacks (second: it is ib's).
-// Their windows start at most one group row apart, so ib's key rows are ia's shifted by 0 or 1.
-template <typename Both, typename One>
-inline void for_each_window_row_of_pair(const Problem& p, const Windows& win, int64_t ia, int64_t ib, const Both& both,
-                                        const One& one) {
+// The window rows of query rows ia < ib = ia + dh of one dilation group along H, top to bottom, as their rows of the
+// group-transposed k and v (kt, vt: the slice's, col0: lane 0's first key column): both(krow, vrow, ki) with ki = the
+// window rows of ia and ib for the key rows both windows hold, one(krow, vrow, ki, second) for the one the other
+// lacks (second: it is ib's). Their windows start at most one group row apart, so ib's key rows are ia's shifted by
+// 0 or 1.
+template <typename T, typename Both, typename One>
+inline void for_each_window_row_of_pair(const T* kt, const T* vt, int64_t col0, int64_t D, const Problem& p,
+                                        const Windows& win, int64_t ia, int64_t ib, const Both& both, const One& one) {
   const int64_t start_a = win.h.start[ia], shift = (win.h.start[ib] - start_a) / p.dh;
   TORCH_CHECK(shift == 0 || shift == 1, "na fused CPU kernels: query rows ", ia, " and ", ib,
               " are not neighbours in a dilation group");
   for (int64_t t = 0; t < p.kh + shift; ++t) {
-    const int64_t key_row = start_a + t * p.dh;
+    const int64_t offset = (start_a + t * p.dh) * D * p.width + col0;
     if (t >= shift && t < p.kh) {
-      both(key_row, t, t - shift);
+      const int64_t ki[2] = {t, t - shift};
+      both(kt + offset, vt + offset, ki);
     } else if (t < p.kh) {
-      one(key_row, t, false);
+      one(kt + offset, vt + offset, t, false);
     } else {
-      one(key_row, t - shift, true);
+      one(kt + offset, vt + offset, t - shift, true);
     }
   }
 }
@@ -482,16 +485,13 @@ void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb,
   TileRow<T> a = tile_row_begin<T, kKW>(q, rpb, h, ia, j0, p, win, scale, D, sa);
   TileRow<T> b = tile_row_begin<T, kKW>(q, rpb, h, ib, j0, p, win, scale, D, sb);
   TileRow<T>* rows[2] = {&a, &b};
-  const auto k_at = [&](int64_t key_row) { return kt + key_row * D * W + col0; };
-  const auto v_at = [&](int64_t key_row) { return vt + key_row * D * W + col0; };
   for_each_window_row_of_pair(
-      p, win, ia, ib,
-      [&](int64_t key_row, int64_t ki_a, int64_t ki_b) {
-        const int64_t ki[2] = {ki_a, ki_b};
-        tile_window_row<T, kD, kKW, 2>(rows, ki, k_at(key_row), v_at(key_row), W, D, p.rpb_w());
+      kt, vt, col0, D, p, win, ia, ib,
+      [&](const T* krow, const T* vrow, const int64_t* ki) {
+        tile_window_row<T, kD, kKW, 2>(rows, ki, krow, vrow, W, D, p.rpb_w());
       },
-      [&](int64_t key_row, int64_t ki, bool second) {
-        tile_window_row<T, kD, kKW, 1>(rows + second, &ki, k_at(key_row), v_at(key_row), W, D, p.rpb_w());
+      [&](const T* krow, const T* vrow, int64_t ki, bool second) {
+        tile_window_row<T, kD, kKW, 1>(rows + second, &ki, krow, vrow, W, D, p.rpb_w());
       });
   tile_row_end(a, out, lse, bh, ia, j0, p, D);
   tile_row_end(b, out, lse, bh, ib, j0, p, D);
@@ -1289,16 +1289,13 @@ void backward_tile_saved_pair(Slice<const T> grad_out, const T* kt, const T* vt,
   SavedTileRow<T> a = saved_tile_row_begin(grad_out, out, weights, bh * H + ia, ia, j0, p, D, sa);
   SavedTileRow<T> b = saved_tile_row_begin(grad_out, out, weights, bh * H + ib, ib, j0, p, D, sb);
   SavedTileRow<T>* rows[2] = {&a, &b};
-  const auto k_at = [&](int64_t key_row) { return kt + key_row * D * W + col0; };
-  const auto v_at = [&](int64_t key_row) { return vt + key_row * D * W + col0; };
   for_each_window_row_of_pair(
-      p, win, ia, ib,
-      [&](int64_t key_row, int64_t ki_a, int64_t ki_b) {
-        const int64_t ki[2] = {ki_a, ki_b};
-        saved_tile_window_row<T, kD, kKW, 2>(rows, ki, k_at(key_row), v_at(key_row), W, D);
+      kt, vt, col0, D, p, win, ia, ib,
+      [&](const T* krow, const T* vrow, const int64_t* ki) {
+        saved_tile_window_row<T, kD, kKW, 2>(rows, ki, krow, vrow, W, D);
       },
-      [&](int64_t key_row, int64_t ki, bool second) {
-        saved_tile_window_row<T, kD, kKW, 1>(rows + second, &ki, k_at(key_row), v_at(key_row), W, D);
+      [&](const T* krow, const T* vrow, int64_t ki, bool second) {
+        saved_tile_window_row<T, kD, kKW, 1>(rows + second, &ki, krow, vrow, W, D);
       });
   saved_tile_row_end(a, grad_q, ds_ws, (bh - s0) * H + ia, ia, j0, p, D, scale);
   saved_tile_row_end(b, grad_q, ds_ws, (bh - s0) * H + ib, ib, j0, p, D, scale);
