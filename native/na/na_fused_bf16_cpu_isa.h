@@ -1146,10 +1146,10 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
 // ----------------------------------------------------------------------------------------------- whole groups
 // The saved-weights backward where every window is its whole dilation group (bf16_window_is_whole_group): per
 // (slice, dilation group) the float32 kernel's dense lane-parallel products (whole_group_query_tile,
-// weighted_row_sums of na_fused_cpu_isa.h) on the group's q, k, v, dO and O rows widened once (kh kw rows each, while
-// the products are kh kw times as many), each gradient rounded to bf16 once. The per-query passes gathered the group's
-// P and dS one value per multiply-add row; on the vdpbf16ps path too this runs widened (its driver is the AVX-512
-// unit's): dO . v is one of the four products, and dS, P are float32 anyway.
+// shared_row_weighted_sums of na_fused_cpu_isa.h) on the group's q, k, v, dO and O rows widened once (kh kw rows each,
+// while the products are kh kw times as many), each gradient rounded to bf16 once. The per-query passes gathered the
+// group's P and dS one value per multiply-add row; on the vdpbf16ps path too this runs widened (its driver is the
+// AVX-512 unit's): dO . v is one of the four products, and dS, P are float32 anyway.
 
 // The group's widened rows: row n of each tensor (its slot n) at n * dim.
 struct Bf16GroupRows {
@@ -1265,8 +1265,10 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
     // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
     for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
       const int64_t lanes = std::min(kLanes, KK - t0);
-      weighted_row_sums(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst, lanes);
-      weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f, dst_v, lanes);
+      shared_row_weighted_sums<float, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst,
+                                          lanes);
+      shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f,
+                                          dst_v, lanes);
       bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
       bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
     }

@@ -686,33 +686,29 @@ namespace {
 inline bool window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
 
 // The two products of the whole-group tiles, lane-parallel with one operand broadcast from token rows (rows[n]: D
-// values each). out[n] += sum_d a[d] * rows[n][d] for n < count (a: D vectors): four rows at a time, each a vector
-// loaded once per four multiply-adds.
+// values each). out[n] += sum_d a[d] * rows[n][d] for n < count (a: D vectors): eight rows at a time (then four, then
+// one), each vector of a loaded once per eight multiply-adds.
 template <typename T>
 inline void broadcast_row_dots(const Lanes<T>* a, const T* const* rows, int64_t count, int64_t D, Lanes<T>* out) {
   using V = Lanes<T>;
-  int64_t n = 0;
-  for (; n + 4 <= count; n += 4) {
-    V l0 = out[n], l1 = out[n + 1], l2 = out[n + 2], l3 = out[n + 3];
-    const T *k0 = rows[n], *k1 = rows[n + 1], *k2 = rows[n + 2], *k3 = rows[n + 3];
+  const auto some_rows = [&](int64_t n, auto rows_at_once) {
+    constexpr int64_t kRows = decltype(rows_at_once)::value;
+    V acc[kRows];
+    const T* r[kRows];
+    for (int64_t u = 0; u < kRows; ++u) {
+      acc[u] = out[n + u];
+      r[u] = rows[n + u];
+    }
     for (int64_t d = 0; d < D; ++d) {
       const V ad = a[d];
-      l0 += ad * k0[d];
-      l1 += ad * k1[d];
-      l2 += ad * k2[d];
-      l3 += ad * k3[d];
+      for (int64_t u = 0; u < kRows; ++u) acc[u] += ad * r[u][d];
     }
-    out[n] = l0;
-    out[n + 1] = l1;
-    out[n + 2] = l2;
-    out[n + 3] = l3;
-  }
-  for (; n < count; ++n) {
-    V l0 = out[n];
-    const T* k0 = rows[n];
-    for (int64_t d = 0; d < D; ++d) l0 += a[d] * k0[d];
-    out[n] = l0;
-  }
+    for (int64_t u = 0; u < kRows; ++u) out[n + u] = acc[u];
+  };
+  int64_t n = 0;
+  for (; n + 8 <= count; n += 8) some_rows(n, std::integral_constant<int64_t, 8>{});
+  for (; n + 4 <= count; n += 4) some_rows(n, std::integral_constant<int64_t, 4>{});
+  for (; n < count; ++n) some_rows(n, std::integral_constant<int64_t, 1>{});
 }
 
 // dst[l][d] = factor[l] * sum_n w_n[l] * rows[n][d] for lanes l < lanes, d < D (w_n: the vector at w + n * w_stride):
@@ -745,6 +741,64 @@ inline void weighted_row_sums(const T* w, int64_t w_stride, const T* const* rows
   }
 }
 
+// dst[d * kLanes + l] = rows[l][d] for l < count (<= kLanes), d < D: 8 x 8 blocks transposed in registers where the
+// rows come in eights (float32), the rest a value at a time. Lanes past count are left as they are.
+template <typename T>
+inline void rows_to_lanes(const T* const* rows, int64_t count, int64_t D, T* dst) {
+  int64_t l0 = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    const int64_t d8 = D - D % 8;
+    for (; l0 + 8 <= count; l0 += 8) {
+      for (int64_t d0 = 0; d0 < d8; d0 += 8) {
+        __m256 x[8];
+        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(rows[l0 + i] + d0);
+        transpose_8x8(x);
+        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (d0 + i) * kLanes + l0, x[i]);
+      }
+      for (int64_t d = d8; d < D; ++d) {
+        for (int64_t i = 0; i < 8; ++i) dst[d * kLanes + l0 + i] = rows[l0 + i][d];
+      }
+    }
+  }
+#endif
+  for (int64_t l = l0; l < count; ++l) {
+    for (int64_t d = 0; d < D; ++d) dst[d * kLanes + l] = rows[l][d];
+  }
+}
+
+// weighted_row_sums: dst[l][d] = factor[l] * sum_n w_n[l] * rows[n][d], the same sums in the same order. Where the
+// head dim is at most 4 whole vectors, a few lanes at a time with their sums in registers, each row vector loaded once
+// per few lanes and the sums stored as whole vectors (weighted_row_sums stores its [lane] sums a value at a time,
+// which made the whole-group forward about 1.3x slower at 56x56 d 8).
+template <typename T, int64_t kD>
+inline void shared_row_weighted_sums(const T* w, int64_t w_stride, const T* const* rows, int64_t count, int64_t D,
+                                     Lanes<T> factor, T* const* dst, int64_t lanes) {
+  using V = Lanes<T>;
+  if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+    constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
+    const auto some_queries = [&](int64_t l0, auto queries) {
+      constexpr int64_t kCount = decltype(queries)::value;
+      V acc[kCount][kVectors] = {};
+      for (int64_t n = 0; n < count; ++n) {
+        const T* wn = w + n * w_stride + l0;
+        for (int64_t c = 0; c < kVectors; ++c) {
+          const V x = load_lanes(rows[n] + c * kLanes);
+          for (int64_t u = 0; u < kCount; ++u) acc[u][c] += wn[u] * x;
+        }
+      }
+      for (int64_t u = 0; u < kCount; ++u) {
+        for (int64_t c = 0; c < kVectors; ++c) store_lanes(dst[l0 + u] + c * kLanes, acc[u][c] * factor[l0 + u]);
+      }
+    };
+    int64_t l0 = 0;
+    for (; l0 + kQueries <= lanes; l0 += kQueries) some_queries(l0, std::integral_constant<int64_t, kQueries>{});
+    for (; l0 < lanes; ++l0) some_queries(l0, std::integral_constant<int64_t, 1>{});
+  } else {
+    weighted_row_sums(w, w_stride, rows, count, D, factor, dst, lanes);
+  }
+}
+
 // Saving the weights: P of a whole-group tile's `lanes` queries from its unnormalised weights (exp_slots: kh * kw
 // vectors, [slot][lane]) and their 1 / sum: one transpose into lane rows (rows_mem, kLanes * kh * kw values), then
 // each row scaled into the query's row of weights (rows[l]). The queries are not equally spaced tokens.
@@ -760,30 +814,43 @@ void store_whole_group_weights(const T* exp_slots, Lanes<T> inv, int64_t lanes, 
   }
 }
 
-// Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of dilation group (rh, rw) of slice bh. bias: this
-// head's group_bias_rows from slot s0 on (key n at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors,
-// keys and values kh * kw pointers. weights: where to save P ([BH * H * W, kh * kw], with rows_mem kLanes * kh * kw
-// values of scratch), nullptr when not saving.
+// The tokens of dilation group (rh, rw) of a whole-group problem by slot: slot a kw + b is token
+// (i[slot], j[slot]) = (rh + a dh, rw + b dw). Built once per group, not a division per slot and tile.
+struct GroupTokens {
+  std::vector<int64_t> i, j;
+  GroupTokens(const Problem& p, int64_t rh, int64_t rw) {
+    i.reserve(p.window());
+    j.reserve(p.window());
+    for (int64_t a = 0; a < p.kh; ++a) {
+      for (int64_t b = 0; b < p.kw; ++b) {
+        i.push_back(rh + a * p.dh);
+        j.push_back(rw + b * p.dw);
+      }
+    }
+  }
+};
+
+// Forward of query slots s0 .. s0 + kLanes - 1 (those < kh * kw) of a dilation group of slice bh (its tokens by slot;
+// keys and values: its key and value rows by slot, set once per group: a division per slot and tile made that setup
+// cost about as much as the tile's products at 56x56 d 8). bias: this head's group_bias_rows from slot s0 on (key n
+// at n * bias_stride). Scratch: qt D vectors, logit kh * kw vectors. weights: where to save P ([BH * H * W, kh * kw],
+// with rows_mem kLanes * kh * kw values of scratch), nullptr when not saving.
 template <typename T, int64_t kD>
-void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* bias, int64_t bias_stride,
-                      Slice<T> out, T* lse, int64_t bh, int64_t rh, int64_t rw, int64_t s0, const Problem& p, T scale,
-                      T* qt_mem, T* logit_mem, const T** keys, const T** values, T* weights, T* rows_mem) {
+void whole_group_tile(Slice<const T> q, const T* bias, int64_t bias_stride, Slice<T> out, T* lse, int64_t bh,
+                      const GroupTokens& tokens, int64_t s0, const Problem& p, T scale, T* qt_mem, T* logit_mem,
+                      const T* const* keys, const T* const* values, T* weights, T* rows_mem) {
   using V = Lanes<T>;
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t lanes = std::min(kLanes, KK - s0);
   V* __restrict qt = reinterpret_cast<V*>(qt_mem);
   V* __restrict logit = reinterpret_cast<V*>(logit_mem);
-  const auto token_i = [&](int64_t slot) { return rh + (slot / p.kw) * p.dh; };
-  const auto token_j = [&](int64_t slot) { return rw + (slot % p.kw) * p.dw; };
-  for (int64_t n = 0; n < KK; ++n) {
-    keys[n] = k.at(token_i(n), token_j(n));
-    values[n] = v.at(token_i(n), token_j(n));
-  }
+  const auto token_i = [&](int64_t slot) { return tokens.i[slot]; };
+  const auto token_j = [&](int64_t slot) { return tokens.j[slot]; };
   for (int64_t d = 0; d < D; ++d) qt[d] = V{};
-  for (int64_t l = 0; l < lanes; ++l) {
-    const T* qv = q.at(token_i(s0 + l), token_j(s0 + l));
-    for (int64_t d = 0; d < D; ++d) qt[d][l] = qv[d] * scale;
-  }
+  const T* query_rows[kLanes];
+  for (int64_t l = 0; l < lanes; ++l) query_rows[l] = q.at(token_i(s0 + l), token_j(s0 + l));
+  rows_to_lanes(query_rows, lanes, D, qt_mem);
+  for (int64_t d = 0; d < D; ++d) qt[d] *= scale;
   for (int64_t n = 0; n < KK; ++n) logit[n] = load_lanes(bias + n * bias_stride);
   broadcast_row_dots(qt, keys, KK, D, logit);
   V row_max = V{} - std::numeric_limits<T>::infinity();
@@ -803,7 +870,7 @@ void whole_group_tile(Slice<const T> q, Slice<const T> k, Slice<const T> v, cons
     for (int64_t l = 0; l < lanes; ++l) rows[l] = weights + ((row0 + token_i(s0 + l)) * W + token_j(s0 + l)) * KK;
     store_whole_group_weights(exp_slots, inv, lanes, KK, rows_mem, rows);
   }
-  weighted_row_sums(exp_slots, kLanes, values, KK, D, inv, outs, lanes);
+  shared_row_weighted_sums<T, kD>(exp_slots, kLanes, values, KK, D, inv, outs, lanes);
   for (int64_t l = 0; l < lanes; ++l) {
     lse[(row0 + token_i(s0 + l)) * W + token_j(s0 + l)] = row_max[l] + std::log(sum[l]);
   }
@@ -823,11 +890,16 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
     const int64_t bh = task / groups, group = task % groups;
     std::vector<T> qt(D * kLanes), logit(KK * kLanes), weight_rows(weights != nullptr ? KK * kLanes : 0);
     std::vector<const T*> keys(KK), values(KK);
+    const GroupTokens tokens(p, group / p.dw, group % p.dw);
+    const Slice<const T> k = k_all.slice(bh), v = v_all.slice(bh);
+    for (int64_t n = 0; n < KK; ++n) {
+      keys[n] = k.at(tokens.i[n], tokens.j[n]);
+      values[n] = v.at(tokens.i[n], tokens.j[n]);
+    }
     const T* const head_bias = group_bias_rows(bias, p, win, bh % p.heads);
     for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
-      whole_group_tile<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), head_bias + s0, padded,
-                              out_all.slice(bh), lse, bh, group / p.dw, group % p.dw, s0, p, scale, qt.data(),
-                              logit.data(), keys.data(), values.data(), weights, weight_rows.data());
+      whole_group_tile<T, kD>(q_all.slice(bh), head_bias + s0, padded, out_all.slice(bh), lse, bh, tokens, s0, p, scale,
+                              qt.data(), logit.data(), keys.data(), values.data(), weights, weight_rows.data());
     }
   });
 }
@@ -1415,6 +1487,23 @@ struct WholeGroupBackwardScratch {
         grad_outs(window) {}
 };
 
+// This thread's WholeGroupBackwardScratch for a window of `window` slots (`padded` per table row) and head dim `dim`,
+// kept between tasks and calls and rebuilt only when that shape changes: the tasks write only the [window][window]
+// corners of P and the lanes of dS that P's zero padding keeps zero, so the padding stays zero as built. Built per
+// task, the tables (4 x 11 KiB at k 7) cost about as much as the task's products at DiNAT-T's 7x7 stage.
+template <typename T>
+WholeGroupBackwardScratch<T>& whole_group_backward_scratch(int64_t window, int64_t padded, int64_t dim) {
+  thread_local std::optional<WholeGroupBackwardScratch<T>> scratch;
+  thread_local int64_t built[3] = {-1, -1, -1};
+  if (!scratch || built[0] != window || built[1] != padded || built[2] != dim) {
+    scratch.emplace(window, padded, dim);
+    built[0] = window;
+    built[1] = padded;
+    built[2] = dim;
+  }
+  return *scratch;
+}
+
 // Query tile of slots s0 .. s0 + lanes - 1 of a whole-group backward: dS (into s.ds_t) and dQ. dP = dO . v with v
 // broadcast, dS = P (dP - delta), dQ = scale sum_n dS_n k_n with k broadcast.
 template <typename T, int64_t kD>
@@ -1427,18 +1516,15 @@ void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64
   V* __restrict dprob = reinterpret_cast<V*>(s.dprob.data());
   V delta{};
   for (int64_t d = 0; d < D; ++d) got[d] = V{};
-  for (int64_t l = 0; l < lanes; ++l) {
-    const T* go = s.grad_outs[s0 + l];
-    for (int64_t d = 0; d < D; ++d) got[d][l] = go[d];
-    delta[l] = dot(go, out.at(token_i[s0 + l], token_j[s0 + l]), D);
-  }
+  rows_to_lanes(s.grad_outs.data() + s0, lanes, D, s.got.data());
+  for (int64_t l = 0; l < lanes; ++l) delta[l] = dot(s.grad_outs[s0 + l], out.at(token_i[s0 + l], token_j[s0 + l]), D);
   for (int64_t n = 0; n < KK; ++n) dprob[n] = V{};
   broadcast_row_dots(got, s.values.data(), KK, D, dprob);
   T* const ds_t = s.ds_t.data() + s0;
   for (int64_t n = 0; n < KK; ++n) {
     store_lanes(ds_t + n * padded, load_lanes(s.prob_t.data() + n * padded + s0) * (dprob[n] - delta));
   }
-  weighted_row_sums(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
+  shared_row_weighted_sums<T, kD>(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
 }
 
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved weights and, with bias_partials (else
@@ -1463,7 +1549,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
     const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh), k = k_all.slice(bh);
     const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
     const Slice<T> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
-    WholeGroupBackwardScratch<T> s(KK, padded, D);
+    WholeGroupBackwardScratch<T>& s = whole_group_backward_scratch<T>(KK, padded, D);
     std::vector<int64_t> token_i(KK), token_j(KK), token(KK), bias_cols(p.kw);
     for (int64_t n = 0; n < KK; ++n) {
       token_i[n] = rh + slot_i[n];
@@ -1498,8 +1584,9 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
         dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
         dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
       }
-      weighted_row_sums(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
-      weighted_row_sums(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v, lanes);
+      shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
+      shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v,
+                                      lanes);
     }
   });
 }
