@@ -145,8 +145,8 @@ def _before_packed_path(attn: NeighborhoodAttention2D, x: torch.Tensor) -> torch
         (9, 40, 7, 1, torch.float32),  # query tiles along W
         (13, 12, 3, 4, torch.float32),  # the largest dilation
         (5, 11, 3, 2, torch.float64),  # padded
-        (6, 6, 3, 2, torch.float32),  # every window is its dilation group: the dense path (when it pays off)
-        (56, 56, 7, 8, torch.float32),  # DiNAT's dilated 56x56 stage: the dense path in training
+        (6, 6, 3, 2, torch.float32),  # every window is its dilation group: the whole-group tiles
+        (56, 56, 7, 8, torch.float32),  # DiNAT's dilated 56x56 stage: whole-group tiles, saving the weights
     ],
 )
 def test_attention_output_and_gradients_identical_to_before(height, width, kernel, dilation, dtype):

@@ -414,12 +414,12 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
         torch.testing.assert_close(got_out, want, **tol)
         for got, exp in zip(got_grads, want_grads):
             torch.testing.assert_close(got, exp, **grad_tol)
-    # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps stay dense, except bf16 on
-    # the CPU (its fused kernel is faster than the dense bf16 products).
+    # Inference: dilated groups keep the fused kernel (faster forward alone), whole maps go dense, except float32 and
+    # bf16 on the CPU (their fused kernels are faster than the dense products).
     calls.clear()
     with torch.no_grad():
         fused(q, key, v, k, d, rpb, 0.4)
-    assert bool(calls) == (d == 1 and not (dtype == torch.bfloat16 and device == "cpu"))
+    assert bool(calls) == (d == 1 and not (dtype != torch.float64 and device == "cpu"))
     # One larger axis: the NA kernel again (windows no longer cover the map).
     calls.clear()
     wide = [torch.cat([t, t], dim=-2) for t in (q, key, v)]
@@ -427,21 +427,23 @@ def test_whole_map_window_takes_dense_path_equal_to_na(monkeypatch, dims, k, d, 
     assert not calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize(("batch", "heads", "large"), [(1, 16, False), (8, 16, True)])
-def test_dense_path_on_cpu_only_for_problems_large_enough(monkeypatch, batch, heads, large, grad):
-    """7x7 maps at k=7 in inference: 784 query tokens stay on the fused kernel (faster there), 6272 go dense; in
-    training both take the fused kernel that saves the weights."""
-    dense = large and not grad
+def test_dense_path_on_cpu_only_for_problems_large_enough(monkeypatch, batch, heads, large, grad, dtype):
+    """7x7 maps at k=7 in float64 inference: 784 query tokens stay on the fused kernel (faster there), 6272 go
+    dense; in training both take the fused kernel that saves the weights. float32 always takes the fused kernel (its
+    whole-group tiles beat the dense products)."""
+    dense = large and not grad and dtype == torch.float64
     from dinat_m2f.ops import na
 
     calls = []
     dense_attention = na._dense_attention
     monkeypatch.setattr(na, "_dense_attention", lambda *a: calls.append(1) or dense_attention(*a))
-    q, key, v = (t.float().requires_grad_(grad) for t in _inputs((7, 7), 32, torch.float64, "cpu", heads, batch))
+    q, key, v = (t.to(dtype).requires_grad_(grad) for t in _inputs((7, 7), 32, torch.float64, "cpu", heads, batch))
     out = ops.na2d(q, key, v, 7)
     assert bool(calls) == dense
-    torch.testing.assert_close(out, ref.na2d(q, key, v, 7), **TOL[torch.float32])
+    torch.testing.assert_close(out, ref.na2d(q, key, v, 7), **TOL[dtype])
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -496,8 +496,8 @@ def _records_grad(*tensors) -> bool:
 
 
 # Below this many query tokens (batch * heads * map) the dense path's fixed cost (regrouping, bias gather, a dozen
-# small ops) loses to the fused CPU kernel's forward: 1x16x7x7 (784) fused 1.22x the unfused forward
-# (tools/benchmark_ops.py, one thread).
+# small ops) loses to the fused CPU kernel's forward (float64 on the CPU; float32 and bf16 always take the fused one:
+# _dense_pays_off).
 _DENSE_MIN_TOKENS_CPU = 2048
 
 
@@ -510,9 +510,12 @@ def _dense_pays_off(q: torch.Tensor, dilation: int, *others) -> bool:
         return dilation == 1
     if math.prod(q.shape[:-1]) < _DENSE_MIN_TOKENS_CPU:
         return False
-    if q.dtype == torch.bfloat16:
-        # The bf16 fused kernel (bf16 read in place, vdpbf16ps or widened whole-group tiles) beats the dense bf16
-        # products (2 threads, EPYC Zen4, forward: 8x16x7x7 0.32 / 0.74 ms, 64x16x7x7 2.3 / 15.5 ms).
+    if q.dtype != torch.float64:
+        # The float32 and bf16 fused kernels' whole-group tiles beat the dense products at every whole-map shape
+        # measured (tools/benchmark_ops.py shapes, forward, 2 threads, Intel Xeon AVX-512, dense / fused ms: float32
+        # 8x16x7x7 0.77 / 0.43, 32x16x7x7 2.52 / 1.67, 8x48x7x7 2.37 / 1.36, 8x16x13x13 k13 6.9 / 3.6; the AVX2 path
+        # 0.77 / 0.69, 2.57 / 2.30, 2.28 / 1.80, 5.92 / 5.90. bf16, EPYC Zen4: 8x16x7x7 0.74 / 0.32, 64x16x7x7
+        # 15.5 / 2.3). float64's fused kernel is about 3x slower than its dense products (8x16x7x7 5.75 / 1.77).
         return False
     # Inference: the whole map only (with dilation the fused forward is faster: no regrouping copies). Training: the
     # fused kernel's backward from the saved weights beats the dense products' at DiNAT's whole-group stages (one
@@ -711,8 +714,8 @@ def na1d(
     """Fused softmax(scale * q.k + rpb) v over 1D neighborhoods; scale defaults to D**-0.5.
 
     When the window is the whole sequence (L == kernel_size), the native backend computes it as the dense attention
-    with a bias that it then is (on the CPU in inference only, for problems of 2048+ query tokens, where that is
-    faster). In training on the CPU the fused forward saves the attention weights for its backward.
+    with a bias that it then is (on CUDA; on the CPU only float64, in inference and for problems of 2048+ query tokens:
+    the float32 and bf16 CPU kernels are faster there). In training on the CPU the fused forward saves the attention weights for its backward.
     """
     return _fused_na("na1d", 1, q, k, v, kernel_size, dilation, rpb, scale, backend)
 
@@ -730,7 +733,7 @@ def na2d(
     """Fused softmax(scale * q.k + rpb) v over 2D neighborhoods; scale defaults to D**-0.5.
 
     When the window is the whole map (H == W == kernel_size), the native backend computes it as the dense attention
-    with a bias that it then is (on the CPU in inference only, for problems of 2048+ query tokens, where that is
-    faster). In training on the CPU the fused forward saves the attention weights for its backward.
+    with a bias that it then is (on CUDA; on the CPU only float64, in inference and for problems of 2048+ query tokens:
+    the float32 and bf16 CPU kernels are faster there). In training on the CPU the fused forward saves the attention weights for its backward.
     """
     return _fused_na("na2d", 2, q, k, v, kernel_size, dilation, rpb, scale, backend)
