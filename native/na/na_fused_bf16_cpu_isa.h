@@ -766,25 +766,30 @@ inline void bf16_round_slice_row(const float* row, Slice<Bf16Bits> x, int64_t i,
   for (int64_t j = 0; j < W; ++j) bf16_round_row(1.0f, row + j * D, x.at(i, j), D);
 }
 
-// Inference forward (no weights saved) of slice bh through float32's rows (forward_row_queries), tiles:
-// has_query_tiles(p). The slice's float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live
-// in this thread's kept_scratch; each row's queries are widened into a row buffer (in L1, not a slice in L2) and its
-// float32 outputs go to another, then to bf16.
+// Inference forward (no weights saved) of slice bh through float32's rows (forward_row_queries, and
+// forward_row_pair_queries where float32's tiles take two rows: pair_rows_of_forward), tiles: has_query_tiles(p). The
+// slice's float32 k and v (and, with tiles, k and v group-transposed as forward_kernel's) live in this thread's
+// kept_scratch. A row alone has its queries widened into a one-row buffer and its float32 outputs written to another
+// (both stay in L1); a pair of rows uses slice-sized buffers at the rows' own places (the rows are dh apart), widened
+// right before the pair reads them. The outputs are then rounded to bf16.
 template <int64_t kD>
 void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all,
                                 Strided<const Bf16Bits> v_all, const float* rpb, Strided<Bf16Bits> out_all, float* lse,
                                 const Problem& p, const Windows& win, const GroupOrder& order, bool tiles, float scale,
                                 int64_t bh) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), slice = p.tokens() * D;
-  float* const kf = kept_scratch<float>((tiles ? 4 : 2) * slice + 2 * W * D);  // this thread's, 64-byte aligned
+  const bool pairs = tiles && pair_rows_of_forward<float>(p);
+  const int64_t pair_rows = pairs ? 2 * slice : 0;  // the pairs' query and output buffers
+  float* const kf = kept_scratch<float>((tiles ? 4 : 2) * slice + pair_rows + 2 * W * D);  // this thread's, aligned
   float* const vf = kf + slice;
-  float* const row_q = vf + slice;
+  float* const kts = vf + slice;
+  float* const vts = kts + slice;  // kts, vts: with tiles only
+  float* const row_q = kf + (tiles ? 4 : 2) * slice;
   float* const row_out = row_q + W * D;
-  float* const kts = row_out + W * D;
-  float* const vts = kts + slice;
+  float* const pair_q = row_out + W * D;  // pairs only
+  float* const pair_out = pair_q + slice;
   const Slice<const Bf16Bits> q_bf16 = q_all.slice(bh), k_bf16 = k_all.slice(bh), v_bf16 = v_all.slice(bh);
   const Slice<const float> k{kf, W * D, D}, v{vf, W * D, D};
-  const Slice<const float> q{row_q, 0, D};  // every row's queries in the one buffer
   // k and v rows widened (and transposed) as the rows' windows first reach them, so each is still in L1 when
   // transposed and read: widening the whole slice first took twice the time
   // (perf: 4.1% against 1.8% of the call at 1x24x32x32 k11 d2, AVX2, one thread).
@@ -799,15 +804,29 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
     }
     widened = end;
   };
-  const Slice<float> out_row{row_out, 0, D};  // every row's outputs in the one buffer
-  const Slice<Bf16Bits> out = out_all.slice(bh);
-  RowScratch<float> row_scratch(D, KK, tiles, false);
-  for (int64_t i = 0; i < H; ++i) {
+  // Query row i widened to `to` (a row), after the key rows of its window.
+  const auto widen_query_row = [&](int64_t i, float* to) {
     widen_key_rows_until(std::min(H, win.h.start[i] + (p.kh - 1) * p.dh + 1));  // the window's last key row
-    bf16_widen_slice_rows(q_bf16, i, i + 1, p, row_q);
-    forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, out_row, lse, bh, i, p, win, order, scale, tiles, nullptr,
-                                   row_scratch);
-    bf16_round_slice_row(row_out, out, i, W, D);
+    bf16_widen_slice_rows(q_bf16, i, i + 1, p, to);
+  };
+  const Slice<Bf16Bits> out = out_all.slice(bh);
+  RowScratch<float> first(D, KK, tiles, false), second(D, KK, tiles, false);
+  for (const auto& [ia, ib] : forward_row_units(p, pairs)) {
+    if (ib < 0) {
+      widen_query_row(ia, row_q);
+      const Slice<const float> q{row_q, 0, D};  // every row alone in the one buffer
+      forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, Slice<float>{row_out, 0, D}, lse, bh, ia, p, win, order,
+                                     scale, tiles, nullptr, first);
+      bf16_round_slice_row(row_out, out, ia, W, D);
+      continue;
+    }
+    widen_query_row(ia, pair_q + ia * W * D);
+    widen_query_row(ib, pair_q + ib * W * D);
+    forward_row_pair_queries<float, kD>(Slice<const float>{pair_q, W * D, D}, k, v, kts, vts, rpb,
+                                        Slice<float>{pair_out, W * D, D}, lse, bh, ia, ib, p, win, order, scale,
+                                        nullptr, first, second);
+    bf16_round_slice_row(pair_out + ia * W * D, out, ia, W, D);
+    bf16_round_slice_row(pair_out + ib * W * D, out, ib, W, D);
   }
 }
 

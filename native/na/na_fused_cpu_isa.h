@@ -581,7 +581,7 @@ struct RowScratch {
 // Query row i of slice bh (q, k, v, out: the slice): with tiles (has_query_tiles), the interior queries through
 // forward_tile on kts, vts (the slice's k and v group-transposed), the others one at a time; without, all one at a
 // time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving. Shared by the float32 forward and
-// the bf16 forward on widened slices, whose out is a one-row buffer.
+// the bf16 forward on widened slices (float32 copies of the slice's rows).
 template <typename T, int64_t kD>
 void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* kts, const T* vts, const T* rpb,
                          Slice<T> out, T* lse, int64_t bh, int64_t i, const Problem& p, const Windows& win,
