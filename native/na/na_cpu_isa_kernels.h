@@ -13,6 +13,7 @@ namespace {
 
 using cpu_math::as_compute;
 using cpu_math::dispatch_head_dim;
+using cpu_math::dispatch_window_width;
 using cpu_math::parallel;
 using cpu_math::strided_in;
 using cpu_math::strided_out;

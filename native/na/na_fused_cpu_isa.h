@@ -102,28 +102,6 @@ struct RegisterRow {
   }
 };
 
-// Calls fn(std::integral_constant<int64_t, kw>{}) for the window widths the query tiles are compiled for (their kw
-// logits, dO . v and dS are register arrays), fn(std::integral_constant<int64_t, 0>{}) otherwise.
-template <typename F>
-inline void dispatch_window_width(int64_t kw, const F& fn) {
-  switch (kw) {
-    case 3:
-      return fn(std::integral_constant<int64_t, 3>{});
-    case 5:
-      return fn(std::integral_constant<int64_t, 5>{});
-    case 7:
-      return fn(std::integral_constant<int64_t, 7>{});
-    case 9:
-      return fn(std::integral_constant<int64_t, 9>{});
-    case 11:
-      return fn(std::integral_constant<int64_t, 11>{});
-    case 13:
-      return fn(std::integral_constant<int64_t, 13>{});
-    default:
-      return fn(std::integral_constant<int64_t, 0>{});
-  }
-}
-
 // Query tiles: kLanes consecutive queries of one dilation group along W whose windows are not clamped along W (the
 // "interior"). Their keys at window column kj are consecutive group columns (lane l: j'0 - kw/2 + kj + l), so with
 // k and v transposed to [BH * H, D, W] (W ordered by dilation group) every window slot is kLanes-wide contiguous

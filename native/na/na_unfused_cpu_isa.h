@@ -88,6 +88,32 @@ void inverse_kernel(Strided<const T> w, Strided<const T> x, Strided<T> out, cons
   });
 }
 
+// acc[bias_w[j] + kj] += row[j * col + kj] for j < W, kj < kw (window row ki of every query of one row). The queries
+// of a run with the same bias column (all whose windows are not clamped along W share one) are summed in registers
+// first and added once: added query by query, each add waited on the previous query's store to the same element
+// (about 7% of the fused backward at 1x2x56x56x32 k7 d1, one thread).
+template <typename T, typename Acc>
+inline void add_window_rows_to_bias_row(const T* row, int64_t col, const int64_t* bias_w, int64_t W, int64_t kw,
+                                        Acc* acc) {
+  dispatch_window_width(kw, [&](auto width) {
+    constexpr int64_t kKW = decltype(width)::value;
+    if constexpr (kKW == 0) {
+      for (int64_t j = 0; j < W; ++j) {
+        for (int64_t kj = 0; kj < kw; ++kj) acc[bias_w[j] + kj] += static_cast<Acc>(row[j * col + kj]);
+      }
+    } else {
+      for (int64_t j = 0; j < W;) {
+        const int64_t b = bias_w[j];
+        Acc run[kKW] = {};
+        for (; j < W && bias_w[j] == b; ++j) {
+          for (int64_t kj = 0; kj < kKW; ++kj) run[kj] += static_cast<Acc>(row[j * col + kj]);
+        }
+        for (int64_t kj = 0; kj < kKW; ++kj) acc[b + kj] += run[kj];
+      }
+    }
+  });
+}
+
 // Shared with the fused backward: adds into grad_rpb (accumulation type) the bias gradient of the weight gradients
 // g of slices [slice_begin, slice_end) (g's slice 0 is slice_begin). Parallel over (head, bias row): race-free.
 template <typename T, typename Acc>
@@ -105,13 +131,7 @@ void rpb_grad_slices(Strided<const T> g, int64_t slice_begin, int64_t slice_end,
           continue;
         }
         const T* grow = g.row_at(bh - slice_begin, i) + ki * p.kw;  // one division per row of W windows
-        for (int64_t j = 0; j < W; ++j) {
-          Acc* dst = acc.data() + win.w.bias[j];
-          const T* src = grow + j * g.s.col;
-          for (int64_t kj = 0; kj < p.kw; ++kj) {
-            dst[kj] += static_cast<Acc>(src[kj]);
-          }
-        }
+        add_window_rows_to_bias_row(grow, g.s.col, win.w.bias.data(), W, p.kw, acc.data());
       }
     }
     Acc* out = grad_rpb + (h * RH + a) * RW;

@@ -56,6 +56,29 @@ inline void dispatch_head_dim(int64_t dim, const F& fn) {
   }
 }
 
+// Calls fn(std::integral_constant<int64_t, kw>{}) for the window widths the query tiles and the bias gradient's
+// run sums are compiled for (their kw logits, dO . v, dS and sums are register arrays),
+// fn(std::integral_constant<int64_t, 0>{}) otherwise.
+template <typename F>
+inline void dispatch_window_width(int64_t kw, const F& fn) {
+  switch (kw) {
+    case 3:
+      return fn(std::integral_constant<int64_t, 3>{});
+    case 5:
+      return fn(std::integral_constant<int64_t, 5>{});
+    case 7:
+      return fn(std::integral_constant<int64_t, 7>{});
+    case 9:
+      return fn(std::integral_constant<int64_t, 9>{});
+    case 11:
+      return fn(std::integral_constant<int64_t, 11>{});
+    case 13:
+      return fn(std::integral_constant<int64_t, 13>{});
+    default:
+      return fn(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 // Parallel loop over [0, n) with OpenMP dynamic scheduling in chunks of `grain` items, on torch's thread count.
 // Dynamic rather than at::parallel_for's static split: on a shared machine a descheduled thread's remaining rows are
 // taken over by the others instead of stalling the whole op. Falls back to a serial loop inside a parallel region.
