@@ -203,6 +203,12 @@ inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int6
   }
 }
 
+}  // namespace
+
+#include "na_whole_group_cpu_isa.h"
+
+namespace {
+
 // ------------------------------------------------------------------------------------------------ query tiles
 // kLanes queries at a time, one per vector lane: the tile's logits are [window slot][lane] vectors, so q . k is one
 // lane-parallel multiply-add per head-dim element (with vdpbf16ps one per element pair) with no horizontal sums, the
@@ -379,34 +385,12 @@ inline Lanes<float> bf16_tile_softmax(float* logits, int64_t KK, const Bf16Tile&
 template <int64_t kD, bool kSharedValues>
 void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float* const* values, int64_t lane_step,
                                int64_t KK, int64_t D, const Bf16Tile& t, Slice<Bf16Bits> out, float* acc_row) {
-  using V = Lanes<float>;
   if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-    constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
-    const auto some_queries = [&](int64_t l0, auto count) {
-      constexpr int64_t kCount = decltype(count)::value;
-      V acc[kCount][kVectors] = {};
-      for (int64_t n = 0; n < KK; ++n) {
-        const float* pn = probs + n * kLanes + l0;
-        if constexpr (kSharedValues) {
-          for (int64_t c = 0; c < kVectors; ++c) {
-            const V x = load_lanes(values[n] + c * kLanes);
-            for (int64_t u = 0; u < kCount; ++u) acc[u][c] += pn[u] * x;
-          }
-        } else {
-          for (int64_t u = 0; u < kCount; ++u) {
-            const float* row = values[n] + (l0 + u) * lane_step;
-            for (int64_t c = 0; c < kVectors; ++c) acc[u][c] += pn[u] * load_lanes(row + c * kLanes);
-          }
-        }
-      }
-      for (int64_t u = 0; u < kCount; ++u) {
-        Bf16Bits* o = out.at(t.i[l0 + u], t.j[l0 + u]);
-        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[u][c] * inv[l0 + u]);
-      }
-    };
-    int64_t l0 = 0;
-    for (; l0 + kQueries <= t.lanes; l0 += kQueries) some_queries(l0, std::integral_constant<int64_t, kQueries>{});
-    for (; l0 < t.lanes; ++l0) some_queries(l0, std::integral_constant<int64_t, 1>{});
+    lane_weighted_row_sums<kD, kSharedValues>(
+        probs, kLanes, KK, t.lanes, [&](int64_t n, int64_t l) { return values[n] + l * lane_step; },
+        [&](int64_t l, int64_t c, Lanes<float> sum) {
+          bf16_store_lanes(out.at(t.i[l], t.j[l]) + c * kLanes, sum * inv[l]);
+        });
   } else {
     for (int64_t l = 0; l < t.lanes; ++l) {
       std::fill(acc_row, acc_row + D, 0.0f);
@@ -423,12 +407,6 @@ void bf16_tile_weighted_values(const float* probs, Lanes<float> inv, const float
 // weighs the same value rows in every lane.
 
 inline bool bf16_window_is_whole_group(const Problem& p) { return p.height == p.kh * p.dh && p.width == p.kw * p.dw; }
-
-}  // namespace
-
-#include "na_whole_group_cpu_isa.h"
-
-namespace {
 
 // The whole-group bias rows (GroupBias, group_bias_rows of na_whole_group_cpu_isa.h) with a vector of zeros past the
 // last slot, so that a tile starting at any slot reads whole vectors: float32's rows, drawn per fused_forward_bf16

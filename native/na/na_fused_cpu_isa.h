@@ -752,26 +752,10 @@ inline void rows_to_lanes(const T* const* rows, int64_t count, int64_t D, T* dst
 template <typename T, int64_t kD>
 inline void shared_row_weighted_sums(const T* w, int64_t w_stride, const T* const* rows, int64_t count, int64_t D,
                                      Lanes<T> factor, T* const* dst, int64_t lanes) {
-  using V = Lanes<T>;
   if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-    constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
-    const auto some_queries = [&](int64_t l0, auto queries) {
-      constexpr int64_t kCount = decltype(queries)::value;
-      V acc[kCount][kVectors] = {};
-      for (int64_t n = 0; n < count; ++n) {
-        const T* wn = w + n * w_stride + l0;
-        for (int64_t c = 0; c < kVectors; ++c) {
-          const V x = load_lanes(rows[n] + c * kLanes);
-          for (int64_t u = 0; u < kCount; ++u) acc[u][c] += wn[u] * x;
-        }
-      }
-      for (int64_t u = 0; u < kCount; ++u) {
-        for (int64_t c = 0; c < kVectors; ++c) store_lanes(dst[l0 + u] + c * kLanes, acc[u][c] * factor[l0 + u]);
-      }
-    };
-    int64_t l0 = 0;
-    for (; l0 + kQueries <= lanes; l0 += kQueries) some_queries(l0, std::integral_constant<int64_t, kQueries>{});
-    for (; l0 < lanes; ++l0) some_queries(l0, std::integral_constant<int64_t, 1>{});
+    lane_weighted_row_sums<kD, true>(
+        w, w_stride, count, lanes, [&](int64_t n, int64_t) { return rows[n]; },
+        [&](int64_t l, int64_t c, Lanes<T> sum) { store_lanes(dst[l] + c * kLanes, sum * factor[l]); });
   } else {
     weighted_row_sums(w, w_stride, rows, count, D, factor, dst, lanes);
   }

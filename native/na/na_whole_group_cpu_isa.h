@@ -1,6 +1,7 @@
 // Whole-group helpers shared by the float32 (na_fused_cpu_isa.h) and bfloat16 (na_fused_bf16_cpu_isa.h) fused CPU
 // kernels, for windows that are their whole dilation group (H == kh * dh and W == kw * dw): the forward's bias rows,
-// built per thread once per call, and the backward's bias gradient summed per (slice, group) task from its dS.
+// built per thread once per call, the backward's bias gradient summed per (slice, group) task from its dS, and the
+// tiles' weighted row sums in registers (also the bf16 query tiles').
 //
 // Included inside one ISA's namespace and `#pragma GCC target` region by both kernel headers: once per translation
 // unit (the guard), as the AVX2 and AVX-512 units include both headers and the AVX512_BF16 unit only the bf16 one.
@@ -118,6 +119,44 @@ inline void sum_bias_partials(const T* partials, int64_t s0, int64_t s1, const P
       }
     }
   });
+}
+
+// The weighted sums of a tile's lanes l < lanes over kD-wide float rows: sum_n w[n * w_stride + l] * row(n, l), handed
+// to store(l, c, sum) per vector c < kD / kLanes. A few lanes at a time with their sums in registers (a head dim of at
+// most 4 vectors), each sum over n in order, one multiply-add per row. kShared: row(n, l) is the same row for every
+// lane (whole-group tiles), so each of its vectors is loaded once per few lanes. Used by the float32 whole-group tiles
+// (shared_row_weighted_sums, float32 outputs) and the bf16 query tiles (bf16_tile_weighted_values, bf16 outputs).
+template <int64_t kD, bool kShared, typename T, typename Row, typename Store>
+inline void lane_weighted_row_sums(const T* w, int64_t w_stride, int64_t count, int64_t lanes, const Row& row,
+                                   const Store& store) {
+  static_assert(kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4, "the sums stay in registers: at most 4 vectors");
+  using V = Lanes<T>;
+  constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
+  const auto some_lanes = [&](int64_t l0, auto lanes_at_once) {
+    constexpr int64_t kCount = decltype(lanes_at_once)::value;
+    V acc[kCount][kVectors] = {};
+    for (int64_t n = 0; n < count; ++n) {
+      const T* wn = w + n * w_stride + l0;
+      if constexpr (kShared) {
+        const T* r = row(n, l0);
+        for (int64_t c = 0; c < kVectors; ++c) {
+          const V x = load_lanes(r + c * kLanes);
+          for (int64_t u = 0; u < kCount; ++u) acc[u][c] += wn[u] * x;
+        }
+      } else {
+        for (int64_t u = 0; u < kCount; ++u) {
+          const T* r = row(n, l0 + u);
+          for (int64_t c = 0; c < kVectors; ++c) acc[u][c] += wn[u] * load_lanes(r + c * kLanes);
+        }
+      }
+    }
+    for (int64_t u = 0; u < kCount; ++u) {
+      for (int64_t c = 0; c < kVectors; ++c) store(l0 + u, c, acc[u][c]);
+    }
+  };
+  int64_t l0 = 0;
+  for (; l0 + kQueries <= lanes; l0 += kQueries) some_lanes(l0, std::integral_constant<int64_t, kQueries>{});
+  for (; l0 < lanes; ++l0) some_lanes(l0, std::integral_constant<int64_t, 1>{});
 }
 
 }  // namespace
