@@ -21,7 +21,9 @@ from dinat_m2f.ops import reference as ref
 LIB = torch.ops.dinat_m2f
 
 # (dims, kernel_size, dilation, spatial shape): odd sizes, borders, the largest dilation (axis // k), and maps whose
-# dilation groups along W hold full query tiles (the fused kernels' lane-parallel paths).
+# dilation groups along W hold full query tiles (the fused kernels' lane-parallel paths). 11 x 11 windows without
+# tiles on a map whose slices take several groups: the float32 kernels stage token-strided slices there, group by
+# group (stage_slices in native/na/na_fused_cpu_isa.h).
 CASES = [
     (2, 3, 1, (3, 3)),
     (2, 3, 4, (13, 12)),
@@ -32,6 +34,7 @@ CASES = [
     (1, 3, 5, (16,)),
     (1, 7, 3, (23,)),
     (1, 5, 1, (37,)),
+    (2, 11, 3, (40, 36)),
 ]
 
 
@@ -108,6 +111,28 @@ def test_every_op_reads_strided_views_in_place(case, dtype):
     strided_out = _heads_last_like(out, seed=4).copy_(out)
     got = backward(grad_out, q, key, v, rpb, strided_out, lse, k, d, 0.6)
     want = backward(grad_out.contiguous(), qc, kc, vc, rpb, out.contiguous(), lse, k, d, 0.6)
+    for g, w in zip(got, want):
+        _equal(g, w)
+
+
+@pytest.mark.parametrize("case", CASES[1:2] + CASES[4:5] + CASES[9:], ids=_case_id)
+def test_saved_weights_ops_read_strided_views_in_place(case):
+    """The training pair (forward saving the weights, backward reading them) on q, k, v sliced from a packed qkv and a
+    heads-last grad_out, bit for bit as on contiguous copies: without tiles the backward (and, with 11 x 11 windows,
+    the forward) reads staged copies of the strided slices, several groups of slices at the last case."""
+    dims, k, d, shape = case
+    _, (q, key, v) = _packed(dims, shape, 3, 32, torch.float32)
+    qc, kc, vc = (t.contiguous() for t in (q, key, v))
+    rpb = _rpb(dims, 3, k, torch.float32)
+    forward = getattr(LIB, f"na{dims}d_fused_forward_with_attn")
+    backward = getattr(LIB, f"na{dims}d_fused_backward_with_attn")
+    out, attn = forward(q, key, v, rpb, k, d, 0.6)
+    want_out, want_attn = forward(qc, kc, vc, rpb, k, d, 0.6)
+    _equal(out, want_out)
+    _equal(attn, want_attn)
+    grad_out = _heads_last_like(out, seed=3)
+    got = backward(grad_out, q, key, v, rpb, out, attn, k, d, 0.6)
+    want = backward(grad_out.contiguous(), qc, kc, vc, rpb, want_out.contiguous(), want_attn, k, d, 0.6)
     for g, w in zip(got, want):
         _equal(g, w)
 
@@ -202,7 +227,7 @@ def test_packed_path_matches_reference_forward_and_backward(case):
 
 
 @pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
-@pytest.mark.parametrize("case", CASES[1:6:2] + CASES[6:7], ids=_case_id)
+@pytest.mark.parametrize("case", CASES[1:6:2] + CASES[6:7] + CASES[9:], ids=_case_id)
 def test_both_packed_backwards_match_reference(case, saves_attn):
     """The packed op's two CPU backwards, each through its own forward op: from the saved weights (what training
     on the CPU runs) and recomputing them from the logsumexp."""

@@ -223,6 +223,42 @@ T* kept_scratch(int64_t elems) {
   return scratch.data() + (misalign == 0 ? 0 : kAlign - misalign);
 }
 
+// Token-strided inputs (q, k, v sliced from the packed qkv projection output [B, H, W, 3, heads, D]; a heads-last
+// grad_out) put neighbouring tokens 3 heads D values apart. At DiNAT's shapes a window's tokens then lie multiples of
+// 4 KiB apart, in the same few L1 sets, and the passes that read each token once per window holding it ran 1.2-1.5x
+// slower than on contiguous slices (float32, one thread, 2x4x64x64x32 k7 d8 and 1x12x64x64x32 k11 d4). Those passes
+// read a contiguous copy of each group of slices instead, made right before them, while it is in cache.
+inline bool tokens_are_contiguous(const Strides& s, const Problem& p) {
+  return s.col == p.dim && (p.height == 1 || s.row == p.width * p.dim);
+}
+
+// How many of xs are token-strided: the tensors stage_slices copies (each group * H * W * D values of scratch).
+inline int64_t strided_token_tensors(const Problem& p, std::initializer_list<Strides> xs) {
+  int64_t n = 0;
+  for (const Strides& s : xs) n += tokens_are_contiguous(s, p) ? 0 : 1;
+  return n;
+}
+
+// Slices [s0, s1) of x, token-strided, copied into stage (the next (s1 - s0) * H * W * D values at *stage, which it
+// advances) as [s1 - s0, H, W, D]; returns the copy, addressed by the slices' own numbers. x itself when its tokens
+// are contiguous.
+template <typename T>
+Strided<const T> stage_slices(Strided<const T> x, int64_t s0, int64_t s1, const Problem& p, T** stage) {
+  if (tokens_are_contiguous(x.s, p)) return x;
+  const int64_t H = p.height, W = p.width, D = p.dim, rows = (s1 - s0) * H;
+  T* const dst = *stage;
+  *stage += rows * W * D;
+  parallel(rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(W * D, 1)), [&](int64_t row) {
+    const Slice<const T> src = x.slice(s0 + row / H);
+    const int64_t i = row % H;
+    T* const out = dst + row * W * D;
+    for (int64_t j = 0; j < W; ++j) std::memcpy(out + j * D, src.at(i, j), static_cast<size_t>(D) * sizeof(T));
+  });
+  Strided<const T> staged{dst, contiguous_strides(p, D)};
+  staged.s.origin = staged.s.slice(s0);
+  return staged;
+}
+
 // Row i's queries dilation group by dilation group: each full tile of kLanes interior queries (windows not clamped
 // along W) goes to tile(r, jg, col0) (group r, its queries jg .. jg + kLanes - 1, col0 the W' column of lane 0's first
 // key), every other query to one_query(j).
@@ -890,18 +926,18 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const bool pairs = tiles && pair_rows_of_forward<T>(p);
   const std::vector<std::array<int64_t, 2>> units = forward_row_units(p, pairs);
   const int64_t unit_count = static_cast<int64_t>(units.size());
-  // Unit u of slice bh; kts, vts: the slice's transposed k and v (tiles only).
-  const auto forward_unit = [&](int64_t bh, int64_t u, const T* kts, const T* vts) {
+  // Unit u of slice bh, whose k and v rows are read from k, v; kts, vts: the slice's transposed k and v (tiles only).
+  const auto forward_unit = [&](int64_t bh, int64_t u, Slice<const T> k, Slice<const T> v, const T* kts, const T* vts) {
     const auto [ia, ib] = units[u];
     RowScratch<T> scratch(D, KK, tiles, weights != nullptr);
     if (ib < 0) {
-      forward_row_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh),
-                                 lse, bh, ia, p, win, order, scale, tiles, weights, scratch);
+      forward_row_queries<T, kD>(q_all.slice(bh), k, v, kts, vts, rpb, out_all.slice(bh), lse, bh, ia, p, win, order,
+                                 scale, tiles, weights, scratch);
       return;
     }
     RowScratch<T> second(D, KK, tiles, weights != nullptr);
-    forward_row_pair_queries<T, kD>(q_all.slice(bh), k_all.slice(bh), v_all.slice(bh), kts, vts, rpb, out_all.slice(bh),
-                                    lse, bh, ia, ib, p, win, order, scale, weights, scratch, second);
+    forward_row_pair_queries<T, kD>(q_all.slice(bh), k, v, kts, vts, rpb, out_all.slice(bh), lse, bh, ia, ib, p, win,
+                                    order, scale, weights, scratch, second);
   };
   if (tiles && forward_slice_tasks(p)) {
     parallel(p.batch_heads, 1, [&](int64_t bh) {
@@ -911,22 +947,31 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
         group_transpose_row(k_all.slice(bh), i, order, p, kts + i * D * W);
         group_transpose_row(v_all.slice(bh), i, order, p, vts + i * D * W);
       }
-      for (int64_t u = 0; u < unit_count; ++u) forward_unit(bh, u, kts, vts);
+      for (int64_t u = 0; u < unit_count; ++u) forward_unit(bh, u, k_all.slice(bh), v_all.slice(bh), kts, vts);
     });
     return;
   }
-  // Without tiles nothing is transposed and every row reads k and v in place: one group of all slices.
-  const int64_t group = tiles ? slices_per_group(2 * slice_kv * static_cast<int64_t>(sizeof(T)), p) : p.batch_heads;
-  T* const kt = tiles ? kept_scratch<T>(2 * group * slice_kv) : nullptr;
+  // Without tiles nothing is transposed and every row reads k and v in place (one group of all slices), or, with
+  // windows of 81 keys or more, a staged copy of them where their tokens are strided (stage_slices). The copy costs
+  // about a pass over k and v; with 7 x 7 windows it cost more than it saved (2x8x32x32x32 k7 d4: 2.95 -> 3.5 ms,
+  // two threads), with 11 x 11 windows it saves 5-12% (1x12x80x80x32 k11 d7: 35-36 -> 32.5 ms).
+  const int64_t staged = !tiles && KK >= 81 ? strided_token_tensors(p, {k_all.s, v_all.s}) : 0;
+  const int64_t group = tiles || staged > 0
+                            ? slices_per_group((tiles ? 2 : staged) * slice_kv * static_cast<int64_t>(sizeof(T)), p)
+                            : p.batch_heads;
+  T* const kt = tiles || staged > 0 ? kept_scratch<T>((tiles ? 2 : staged) * group * slice_kv) : nullptr;
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   const int64_t grain = std::max<int64_t>(1, row_grain(p) / (pairs ? 2 : 1));
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k_all, v_all, s0, s1, order, p, kt, vt);
+    T* next_stage = kt;
+    const Strided<const T> k_read = staged > 0 ? stage_slices(k_all, s0, s1, p, &next_stage) : k_all;
+    const Strided<const T> v_read = staged > 0 ? stage_slices(v_all, s0, s1, p, &next_stage) : v_all;
     parallel((s1 - s0) * unit_count, grain, [&](int64_t local_unit) {
       const int64_t bh = s0 + local_unit / unit_count;
-      forward_unit(bh, local_unit % unit_count, tiles ? kt + (bh - s0) * slice_kv : nullptr,
-                   tiles ? vt + (bh - s0) * slice_kv : nullptr);
+      forward_unit(bh, local_unit % unit_count, k_read.slice(bh), v_read.slice(bh),
+                   tiles ? kt + (bh - s0) * slice_kv : nullptr, tiles ? vt + (bh - s0) * slice_kv : nullptr);
     });
   }
 }
@@ -1184,6 +1229,29 @@ void backward_key_pass(Strided<const T> grad_out_all, Strided<const T> q_all, co
   });
 }
 
+// Without tiles the backward's passes read k and v once per window holding each key (the query pass), q and grad_out
+// once per window holding each query (the key pass): those of them with strided tokens are staged per group of slices
+// (stage_slices). With tiles k and v go through their group transposes, and staging q and grad_out for the key pass
+// cost more than it saved (1x2x128x128x32 k7 d1: 35 -> 39 ms, one thread).
+template <typename T>
+int64_t staged_backward_tensors(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
+                                const Problem& p, bool tiles) {
+  return tiles ? 0 : strided_token_tensors(p, {grad_out.s, q.s, k.s, v.s});
+}
+
+// grad_out, q, k and v as the backward's passes read them for slices [s0, s1): without tiles, staged copies at stage
+// of those with strided tokens; else themselves.
+template <typename T>
+struct StagedBackwardInputs {
+  Strided<const T> grad_out, q, k, v;
+  StagedBackwardInputs(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
+                       Strided<const T> v_all, int64_t s0, int64_t s1, const Problem& p, bool tiles, T* stage)
+      : grad_out(tiles ? grad_out_all : stage_slices(grad_out_all, s0, s1, p, &stage)),
+        q(tiles ? q_all : stage_slices(q_all, s0, s1, p, &stage)),
+        k(tiles ? k_all : stage_slices(k_all, s0, s1, p, &stage)),
+        v(tiles ? v_all : stage_slices(v_all, s0, s1, p, &stage)) {}
+};
+
 // tiles: whether the query pass uses backward_tile (has_backward_query_tiles).
 template <typename T, int64_t kD>
 void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
@@ -1193,18 +1261,21 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
   // Per group of slices: P and dS (the workspace), and k and v group-transposed with tiles.
   const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
-  const int64_t group = slices_per_group((2 * slice_elems + 2 * slice_kv) * static_cast<int64_t>(sizeof(T)), p);
+  const int64_t staged = staged_backward_tensors(grad_out, q, k, v, p, tiles) * p.tokens() * p.dim;
+  const int64_t group =
+      slices_per_group((2 * slice_elems + 2 * slice_kv + staged) * static_cast<int64_t>(sizeof(T)), p);
   // The query pass writes every element of P and dS the key pass and rpb_grad_slices read.
-  T* const prob_ws = kept_scratch<T>(group * (2 * slice_elems + 2 * slice_kv));
+  T* const prob_ws = kept_scratch<T>(group * (2 * slice_elems + 2 * slice_kv + staged));
   T* const ds_ws = prob_ws + group * slice_elems;
   T* const kt = tiles ? ds_ws + group * slice_elems : nullptr;
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    backward_query_pass<T, kD>(grad_out, q, k, v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale, kt, vt,
-                               order.group_offset);
-    backward_key_pass<T, kD>(grad_out, q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, tiles, ds_ws + group * (slice_elems + 2 * slice_kv));
+    backward_query_pass<T, kD>(in.grad_out, q, in.k, in.v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale,
+                               kt, vt, order.group_offset);
+    backward_key_pass<T, kD>(in.grad_out, in.q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }
@@ -1583,16 +1654,19 @@ void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Stride
   const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
   // Per group of slices: dS (P is the saved tensor), and k and v group-transposed with tiles.
   const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
-  const int64_t group = slices_per_group((slice_elems + 2 * slice_kv) * static_cast<int64_t>(sizeof(T)), p);
-  T* const ds_ws = kept_scratch<T>(group * (slice_elems + 2 * slice_kv));
+  const int64_t staged = staged_backward_tensors(grad_out, q, k, v, p, tiles) * p.tokens() * p.dim;
+  const int64_t group = slices_per_group((slice_elems + 2 * slice_kv + staged) * static_cast<int64_t>(sizeof(T)), p);
+  T* const ds_ws = kept_scratch<T>(group * (slice_elems + 2 * slice_kv + staged));
   T* const kt = tiles ? ds_ws + group * slice_elems : nullptr;
   T* const vt = tiles ? kt + group * slice_kv : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    backward_query_pass_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt, vt,
-                                     order.group_offset);
-    backward_key_pass<T, kD>(grad_out, q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
+    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, tiles, ds_ws + group * (slice_elems + 2 * slice_kv));
+    backward_query_pass_saved<T, kD>(in.grad_out, in.k, in.v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt,
+                                     vt, order.group_offset);
+    backward_key_pass<T, kD>(in.grad_out, in.q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win,
+                             scale);
     if (grad_rpb != nullptr) {
       rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
     }

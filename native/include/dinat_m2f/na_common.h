@@ -90,9 +90,12 @@ struct Strides {
   int64_t row;  // along H
   int64_t col;  // along W
   int64_t heads;
+  // Subtracted from every slice's offset: a copy of slices [s0, s1) only (the CPU kernels' staged slices) is addressed
+  // by the slices' own numbers with origin = its offset of slice s0.
+  int64_t origin = 0;
 
   // Offset of the first element of slice bh = b * heads + h (the kernels number slices that way).
-  DINAT_HOST_DEVICE int64_t slice(int64_t bh) const { return (bh / heads) * batch + (bh % heads) * head; }
+  DINAT_HOST_DEVICE int64_t slice(int64_t bh) const { return (bh / heads) * batch + (bh % heads) * head - origin; }
   DINAT_HOST_DEVICE int64_t row_at(int64_t bh, int64_t i) const { return slice(bh) + i * row; }
 };
 
