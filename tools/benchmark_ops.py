@@ -1,7 +1,9 @@
 """Benchmark the neighborhood-attention ops side by side, at DiNAT / Mask2Former shapes.
 
 For every shape it times, in one run and on the same tokens:
-- ``fused``: dinat_m2f.ops.na2d (online softmax, no attention weights materialised),
+- ``fused``: dinat_m2f.ops.na2d (online softmax, no attention weights materialised) on contiguous q, k, v,
+- ``packed``: the same kernels as the DiNAT layers call them, dinat_m2f.ops.na2d_qkv on a packed qkv projection output
+  [B, H, W, 3, heads, D] (q, k, v read in place, tokens 3 heads D values apart) with a heads-last output gradient,
 - ``unfused``: na2d_qk -> softmax -> na2d_av,
 - ``reference``: dinat_m2f.ops.reference.na2d (pure-PyTorch gather + einsum),
 - ``dense``: dense attention per dilation group (dinat_m2f.ops.na._dense_attention), where every window is its
@@ -22,8 +24,8 @@ The full set is every attention shape of the real stages: DiNAT-T at 224 (56/28/
 NA layers' 1), DiNAT-L with k 11 at the 512 and 640 crops (the Mask2Former dilations; maps smaller than k * dilation
 are padded to it, as the model does), each at batch 1 and 8. The header names the CPU kernels' instruction-set path
 that ran (build_info()['cpu_isa']); ``unf/this`` is the unfused time over this implementation's (>= 1: not slower
-than the unfused pair). With fused and unfused timed, a summary lists the fused/unfused speed ratio per cell and the
-minimum.
+than the unfused pair). With fused (or packed) and unfused timed, a summary lists the fused/unfused (packed/unfused)
+speed ratio per cell and the minimum. ``packed`` against ``fused`` is what the model's layout costs or saves.
 """
 
 from __future__ import annotations
@@ -170,6 +172,9 @@ def implementations(case: Case):
     def fused(q, key, v, rpb):
         return ops.na2d(q, key, v, k, d, rpb)
 
+    def packed(qkv, rpb):
+        return ops.na2d_qkv(qkv, k, d, rpb)
+
     def unfused(q, key, v, rpb):
         return ops.na2d_av(ops.na2d_qk(q * scale, key, k, d, rpb).softmax(-1), v, k, d)
 
@@ -183,7 +188,7 @@ def implementations(case: Case):
         out = torch.nn.functional.scaled_dot_product_attention(q.flatten(2, 3), key.flatten(2, 3), v.flatten(2, 3))
         return out.unflatten(2, q.shape[2:4])
 
-    impls = [("fused", fused), ("unfused", unfused)]
+    impls = [("fused", fused), ("packed", packed), ("unfused", unfused)]
     if case.with_reference:
         impls.append(("reference", ref))
     if case.height == case.width == k * d:  # every window is its whole dilation group
@@ -197,19 +202,25 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | N
     shape = (case.batch, case.heads, case.height, case.width, case.dim)
     q, key, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
     rpb = (torch.randn(case.heads, 2 * case.kernel_size - 1, 2 * case.kernel_size - 1, generator=g) * 0.02).to(dtype)
+    # The same q, k, v packed as the qkv projection writes them: [B, H, W, 3, heads, D].
+    qkv = torch.stack([t.permute(0, 2, 3, 1, 4) for t in (q, key, v)], dim=3)
+    grad_g = torch.Generator().manual_seed(1)
     records = []
     for impl, fn in implementations(case):
         if impls is not None and impl not in impls:
             continue
         flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
         tag = ("na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:])
+        inputs = (qkv, rpb) if impl == "packed" else (q, key, v, rpb)
         with torch.no_grad():
-            ms, ms_min = time_ms(lambda fn=fn: fn(q, key, v, rpb), repeats)
+            ms, ms_min = time_ms(lambda fn=fn, inputs=inputs: fn(*inputs), repeats)
         records.append(Record(*tag, "fwd", ms, flops / ms / 1e6, ms_min))
         if impl == "sdpa" and not case.with_sdpa_backward:
             continue
-        leaves = [t.clone().requires_grad_() for t in (q, key, v, rpb)]
-        grad = torch.randn(shape, generator=g).to(dtype)
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        grad = torch.randn(shape, generator=grad_g).to(dtype)
+        if impl == "packed":  # heads-last, as the output projection hands it back
+            grad = grad.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
 
         def step(fn=fn, leaves=leaves, grad=grad):
             out = fn(*leaves)
@@ -245,9 +256,9 @@ def print_table(records: list[Record], matmul: float, file=sys.stdout) -> None:
         )
 
 
-def print_fused_unfused_summary(records: list[Record], file=sys.stdout) -> None:
-    """Per cell (shape, k, d, dtype): unfused time over fused (>= 1: the fused op is not slower), forward and forward +
-    backward, on medians and on fastest repeats; then the minimum of each column."""
+def print_fused_unfused_summary(records: list[Record], file=sys.stdout, impl: str = "fused") -> None:
+    """Per cell (shape, k, d, dtype): unfused time over ``impl``'s (fused or packed; >= 1: the fused op is not slower),
+    forward and forward + backward, on medians and on fastest repeats; then the minimum of each column."""
     by_key = {(r.shape, r.kernel_size, r.dilation, r.dtype, r.pass_, r.impl): r for r in records}
     cells = list(dict.fromkeys((r.shape, r.kernel_size, r.dilation, r.dtype) for r in records))
     passes = ("fwd", "fwd+bwd")
@@ -256,7 +267,7 @@ def print_fused_unfused_summary(records: list[Record], file=sys.stdout) -> None:
     for cell in cells:
         ratios = []
         for p in passes:
-            fused, unfused = by_key.get((*cell, p, "fused")), by_key.get((*cell, p, "unfused"))
+            fused, unfused = by_key.get((*cell, p, impl)), by_key.get((*cell, p, "unfused"))
             for stat in ("ms", "ms_min"):
                 if fused is None or unfused is None:
                     ratios.append(None)
@@ -268,7 +279,9 @@ def print_fused_unfused_summary(records: list[Record], file=sys.stdout) -> None:
             rows.append((cell, ratios))
     if not rows:
         return
-    print("\nfused/unfused speed (unfused ms / fused ms; >= 1: fused not slower), median (fastest repeat)", file=file)
+    print(
+        f"\n{impl}/unfused speed (unfused ms / {impl} ms; >= 1: {impl} not slower), median (fastest repeat)", file=file
+    )
     print(f"{'shape':>20} {'k':>3} {'d':>3} {'dtype':>9} {'fwd':>13} {'fwd+bwd':>13}", file=file)
 
     def fmt(median, fastest):
@@ -428,7 +441,8 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         print_table(records, matmul)
-        print_fused_unfused_summary(records)
+        for impl in ("fused", "packed"):
+            print_fused_unfused_summary(records, impl=impl)
         print_dtype_summary(records)
 
 
