@@ -22,7 +22,7 @@ LIB = torch.ops.dinat_m2f
 
 # (dims, kernel_size, dilation, spatial shape): odd sizes, borders, the largest dilation (axis // k), and maps whose
 # dilation groups along W hold full query tiles (the fused kernels' lane-parallel paths). 11 x 11 windows without
-# tiles on a map whose slices take several groups: the float32 kernels stage token-strided slices there, group by
+# tiles on a map whose slices take several groups: the CPU kernels stage token-strided slices there, group by
 # group (stage_slices in native/na/na_fused_cpu_isa.h).
 CASES = [
     (2, 3, 1, (3, 3)),
