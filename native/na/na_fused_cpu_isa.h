@@ -954,18 +954,19 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   // Without tiles nothing is transposed and every row reads k and v in place (one group of all slices), or, with
   // windows of 81 keys or more, a staged copy of them where their tokens are strided (stage_slices). The copy costs
   // about a pass over k and v; with 7 x 7 windows it cost more than it saved (2x8x32x32x32 k7 d4: 2.95 -> 3.5 ms,
-  // two threads), with 11 x 11 windows it saves 5-12% (1x12x80x80x32 k11 d7: 35-36 -> 32.5 ms).
+  // two threads), with 11 x 11 windows it saves 2-14% (1x12x80x80x32 k11 d7: 34-38 -> 32-33 ms).
   const int64_t staged = !tiles && KK >= 81 ? strided_token_tensors(p, {k_all.s, v_all.s}) : 0;
-  const int64_t group = tiles || staged > 0
-                            ? slices_per_group((tiles ? 2 : staged) * slice_kv * static_cast<int64_t>(sizeof(T)), p)
-                            : p.batch_heads;
-  T* const kt = tiles || staged > 0 ? kept_scratch<T>((tiles ? 2 : staged) * group * slice_kv) : nullptr;
-  T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  const int64_t copies = tiles ? 2 : staged;  // k-sized copies per slice in scratch: transposes or staged slices
+  const int64_t group =
+      copies > 0 ? slices_per_group(copies * slice_kv * static_cast<int64_t>(sizeof(T)), p) : p.batch_heads;
+  T* const scratch = copies > 0 ? kept_scratch<T>(copies * group * slice_kv) : nullptr;
+  T* const kt = tiles ? scratch : nullptr;
+  T* const vt = tiles ? scratch + group * slice_kv : nullptr;
   const int64_t grain = std::max<int64_t>(1, row_grain(p) / (pairs ? 2 : 1));
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k_all, v_all, s0, s1, order, p, kt, vt);
-    T* next_stage = kt;
+    T* next_stage = scratch;
     const Strided<const T> k_read = staged > 0 ? stage_slices(k_all, s0, s1, p, &next_stage) : k_all;
     const Strided<const T> v_read = staged > 0 ? stage_slices(v_all, s0, s1, p, &next_stage) : v_all;
     parallel((s1 - s0) * unit_count, grain, [&](int64_t local_unit) {
