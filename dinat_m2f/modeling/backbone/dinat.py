@@ -24,6 +24,7 @@ from dinat_m2f.modeling.backbone.spec import (
     check_dilations,
     stochastic_depth_rates,
 )
+from dinat_m2f.modeling.linear import Linear
 
 __all__ = [
     "DINAT_LAYOUT",
@@ -92,9 +93,9 @@ class ConvDownsampler(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.fc1 = Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_features, in_features)
+        self.fc2 = Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

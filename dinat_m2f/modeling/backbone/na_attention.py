@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinat_m2f import ops
+from dinat_m2f.modeling.linear import Linear
 
 __all__ = ["NeighborhoodAttention2D", "check_kernel_and_dilation", "padded_size", "set_na_backend"]
 
@@ -75,11 +76,11 @@ class NeighborhoodAttention2D(nn.Module):
         self.kernel_size = kernel_size
         self.dilation = dilation
 
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.rpb = nn.Parameter(torch.zeros(num_heads, 2 * kernel_size - 1, 2 * kernel_size - 1))
         nn.init.trunc_normal_(self.rpb, std=0.02, mean=0.0, a=-2.0, b=2.0)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.backend = backend  # dinat_m2f.ops backend; None: DINAT_M2F_NA_BACKEND or the device/dtype default
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinat_m2f.modeling.linear import Linear, linear
 from dinat_m2f.ops.ms_deform_attn_reference import ms_deform_attn_reference
 
 IMPLS = ("native", "pytorch")
@@ -49,10 +50,10 @@ class MSDeformAttn(nn.Module):
         self.n_points = n_points
         self.impl = impl
 
-        self.sampling_offsets = nn.Linear(d_model, n_heads * n_levels * n_points * 2)
-        self.attention_weights = nn.Linear(d_model, n_heads * n_levels * n_points)
-        self.value_proj = nn.Linear(d_model, d_model)
-        self.output_proj = nn.Linear(d_model, d_model)
+        self.sampling_offsets = Linear(d_model, n_heads * n_levels * n_points * 2)
+        self.attention_weights = Linear(d_model, n_heads * n_levels * n_points)
+        self.value_proj = Linear(d_model, d_model)
+        self.output_proj = Linear(d_model, d_model)
         self._reset_parameters()
 
     @property
@@ -130,7 +131,7 @@ class MSDeformAttn(nn.Module):
         layer = self.attention_weights
         weight = layer.weight.view(heads, samples, -1).transpose(0, 1).reshape(heads * samples, -1)
         bias = layer.bias.view(heads, samples).t().reshape(-1)
-        logits = F.linear(query, weight, bias).view(N, Len_q, samples, heads)
+        logits = linear(query, weight, bias).view(N, Len_q, samples, heads)
         probs = F.softmax(logits, -2).transpose(-1, -2)
         return probs.view(N, Len_q, heads, self.n_levels, self.n_points)
 

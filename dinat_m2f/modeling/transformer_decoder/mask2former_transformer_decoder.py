@@ -15,6 +15,7 @@ from detectron2.layers import Conv2d
 from detectron2.utils.registry import Registry
 from torch import nn
 
+from dinat_m2f.modeling.linear import Linear
 from dinat_m2f.modeling.transformer_decoder.position_encoding import PositionEmbeddingSine
 
 TRANSFORMER_DECODER_REGISTRY = Registry("TRANSFORMER_MODULE")
@@ -109,9 +110,9 @@ class CrossAttentionLayer(_AttentionLayer):
 class FFNLayer(nn.Module):
     def __init__(self, d_model: int, dim_feedforward: int = 2048, dropout: float = 0.0, normalize_before: bool = False):
         super().__init__()
-        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear1 = Linear(d_model, dim_feedforward)
         self.dropout = nn.Dropout(dropout)
-        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.linear2 = Linear(dim_feedforward, d_model)
         self.norm = nn.LayerNorm(d_model)
         self.normalize_before = normalize_before
         _xavier_init(self)
@@ -134,7 +135,7 @@ class MLP(nn.Module):
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(n, k) for n, k in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(Linear(n, k) for n, k in zip(dims_in, dims_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
@@ -207,7 +208,7 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             else:
                 self.input_proj.append(nn.Sequential())
 
-        self.class_embed = nn.Linear(hidden_dim, num_classes + 1)
+        self.class_embed = Linear(hidden_dim, num_classes + 1)
         self.mask_embed = MLP(hidden_dim, hidden_dim, mask_dim, 3)
 
     @classmethod
