@@ -22,8 +22,10 @@ from dinat_m2f.engine import (
     MissingWeightsError,
     NonFiniteLossError,
     ResumableTrainingSampler,
+    adamw_can_fuse,
     build_lr_scheduler,
     build_optimizer,
+    build_param_groups,
     param_hyperparams,
     resolve_amp_dtype,
     train_loop,
@@ -89,6 +91,41 @@ def test_optimizer_groups_cover_each_param_once():
     assert isinstance(opt, torch.optim.AdamW)
     params = [p for g in opt.param_groups for p in g["params"]]
     assert len(params) == len({id(p) for p in params}) == len(list(model.parameters()))
+
+
+def test_adamw_is_fused_with_the_for_loop_update():
+    cfg = _cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.01
+    torch.manual_seed(0)
+    model, reference = ToyModel(), ToyModel()
+    reference.load_state_dict(model.state_dict())
+    initial = [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer(cfg, model)
+    assert all(g["fused"] for g in opt.param_groups)
+    # the same groups and clipping, the for-loop AdamW
+    plain = build_param_groups(cfg, reference)
+    ref_opt = torch.optim.AdamW(plain, cfg.SOLVER.BASE_LR, foreach=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        torch.nn.utils.clip_grad_norm_([q for group in plain for q in group["params"]], 0.01)  # in group order
+        ref_opt.step()
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=name)  # the same formula, float32 rounding apart (1 ulp seen)
+    assert not any(torch.equal(p, p0) for p, p0 in zip(model.parameters(), initial))
+
+
+def test_adamw_fuses_only_floating_parameters_on_one_fused_device():
+    cpu = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
+    assert adamw_can_fuse(cpu)
+    assert not adamw_can_fuse([])
+    assert not adamw_can_fuse([torch.zeros(2), torch.zeros(2, device="meta")])
+    assert not adamw_can_fuse([torch.zeros(2, device="meta")])
 
 
 def test_full_model_gradient_clipping():

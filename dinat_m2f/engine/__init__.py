@@ -11,7 +11,7 @@ from dinat_m2f.engine.hooks import (
 )
 from dinat_m2f.engine.launch import launch
 from dinat_m2f.engine.lr_scheduler import build_lr_scheduler
-from dinat_m2f.engine.optimizer import build_optimizer, build_param_groups, param_hyperparams
+from dinat_m2f.engine.optimizer import adamw_can_fuse, build_optimizer, build_param_groups, param_hyperparams
 from dinat_m2f.engine.sampler import ResumableTrainingSampler
 from dinat_m2f.engine.train_loop import MaskFormerTrainLoop, resolve_amp_dtype
 
@@ -24,6 +24,7 @@ __all__ = [
     "NonFiniteLossError",
     "NonFiniteWeightsError",
     "ResumableTrainingSampler",
+    "adamw_can_fuse",
     "build_lr_scheduler",
     "build_optimizer",
     "build_param_groups",
