@@ -8,7 +8,9 @@ native deformable-attention op against grid_sample.
 
 Defaults to DiNAT-Tiny-Mask2Former (ADE20K semantic, 512x512) with random weights (seed 0), float32. Inference: eval
 mode under ``torch.inference_mode``, batch 1, one image. Training step (``--mode train``): train mode, a batch of
-``--batch`` synthetic images with 3 instances each, loss, backward and one AdamW step.
+``--batch`` synthetic images with 3 instances each, loss, backward and one step of the optimizer train_net builds
+(``--optimizer train_net``, the default: each tree's own ``build_optimizer`` on the config's SOLVER, so AdamW with
+its parameter groups and full-model gradient clipping) or of a plain AdamW (``--optimizer adamw``).
 
 Without ``--baseline`` the two variants are ``MSDeformAttn.impl`` "native" (torch.ops.dinat_m2f.ms_deform_attn_*)
 and "pytorch" (the grid_sample formulation), in this process; the median time inside the deformable attention is
@@ -197,13 +199,30 @@ def inference_fn(model: torch.nn.Module, size: int) -> Callable[[], torch.Tensor
     return run
 
 
+def train_optimizer(model: torch.nn.Module, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The optimizer of a training step: with ``--optimizer train_net`` the one train_net builds, by the tree's own
+    ``dinat_m2f.engine.build_optimizer`` from the config's SOLVER (AdamW, its parameter groups, full-model gradient
+    clipping); with ``--optimizer adamw`` a plain ``torch.optim.AdamW(lr=1e-5)`` (this benchmark before 2026-11-30)."""
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=1e-5)
+    from dinat_m2f.engine.optimizer import build_optimizer
+
+    return build_optimizer(load_cfg(args.config_file, list(args.opts)), model)
+
+
 def train_fn(
-    model: torch.nn.Module, size: int, batch: int, amp_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    size: int,
+    batch: int,
+    amp_dtype: torch.dtype | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> Callable[[], torch.Tensor]:
-    """One training step (losses, backward, AdamW step): returns the total loss. With ``amp_dtype`` the forward runs
-    under ``torch.autocast`` in that dtype, as train_net's training loop runs it with SOLVER.AMP.ENABLED."""
+    """One training step (losses, backward, optimizer step; default AdamW lr=1e-5): returns the total loss. With
+    ``amp_dtype`` the forward runs under ``torch.autocast`` in that dtype, as train_net's training loop runs it with
+    SOLVER.AMP.ENABLED."""
     inputs = train_inputs(size, batch)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def run() -> torch.Tensor:
         with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
@@ -214,14 +233,22 @@ def train_fn(
         optimizer.step()
         return loss.detach()
 
+    run.optimizer = optimizer  # type: ignore[attr-defined]  (reported in the header)
     return run
+
+
+def optimizer_description(optimizer: torch.optim.Optimizer) -> str:
+    """The optimizer's class and torch's kernel choice, e.g. "FullModelGradientClippingAdamW, fused"."""
+    group = optimizer.param_groups[0]
+    kernel = "fused" if group.get("fused") else "foreach" if group.get("foreach") else "for-loop (torch's CPU default)"
+    return f"{type(optimizer).__name__}, {kernel}"
 
 
 def step_fn(model: torch.nn.Module, mode: str, args: argparse.Namespace) -> Callable[[], torch.Tensor]:
     """One inference or one training step of ``model``, as ``args`` ask."""
     if mode == "inference":
         return inference_fn(model, args.size)
-    return train_fn(model, args.size, args.batch, train_amp_dtype(args))
+    return train_fn(model, args.size, args.batch, train_amp_dtype(args), train_optimizer(model, args))
 
 
 OP_HEADS, OP_CHANNELS, OP_POINTS, OP_STRIDES = 8, 32, 4, (8, 16, 32)  # the pixel decoder's encoder
@@ -406,6 +433,8 @@ def worker_main(args: argparse.Namespace) -> int:
         model = build(args.config_file, args.opts, train=mode == "train")
         info["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
         fns[mode] = step_fn(model, mode, args)
+        if mode == "train":
+            info["optimizer"] = optimizer_description(fns[mode].optimizer)
         _, out = timed(fns[mode])  # warm-up; the first output identifies the tree's numerics
         if mode == "train":  # the loss, then every weight after the first step
             out = torch.cat([out.view(1), *(p.detach().flatten() for p in model.parameters())])
@@ -440,6 +469,7 @@ class Worker:
             env[var] = str(args.threads)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--config-file", str(config)]
         cmd += ["--size", str(args.size), "--batch", str(args.batch), "--threads", str(args.threads)]
+        cmd += ["--optimizer", args.optimizer]
         cmd += ["--mode", args.mode] + (["--train-amp"] if args.train_amp else []) + (["--op"] if args.op else [])
         cmd += [*args.opts, *extra_opts]
         self.tree = tree
@@ -550,6 +580,8 @@ def compare_impls_in(mode: str, args: argparse.Namespace, result: dict) -> list[
     result["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
     timer = AttnTimer(set_impl(model, "native"))
     fn = step_fn(model, mode, args)
+    if mode == "train":
+        result["optimizer"] = optimizer_description(fn.optimizer)
     outputs, attn_times = {}, {impl: [] for impl in impls}
 
     def run(impl: str) -> float:
@@ -723,6 +755,12 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--mode", choices=(*MODES, "both"), default="inference")
     parser.add_argument("--batch", type=int, default=2, help="images per training step")
+    parser.add_argument(
+        "--optimizer",
+        choices=("train_net", "adamw"),
+        default="train_net",
+        help="a training step's optimizer: train_net's (each tree's build_optimizer) or a plain AdamW",
+    )
     parser.add_argument("--baseline", type=Path, default=None, help="a tree of another commit, extension built")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N operators instead")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -824,11 +862,14 @@ def main(argv: list[str] | None = None) -> int:
     for mode in args.modes:
         baseline = precision(args, mode) if mode == "train" else "float32"
         print(f"  {mode}: {variants} {precision(args, mode)}" + (f", baseline {baseline}" if args.baseline else ""))
-    trees = result.get("trees", {"this": {"isa_paths": paths, "keeps_freed_memory": kept}})
+    this = {"isa_paths": paths, "keeps_freed_memory": kept, "optimizer": result.get("optimizer")}
+    trees = result.get("trees", {"this": this})
     for name, info in trees.items():
         print(f"  code paths ({name}): " + ", ".join(f"{k} {v}" for k, v in info["isa_paths"].items()))
         memory = {True: "yes", False: "no (DINAT_M2F_KEEP_FREED_MEMORY=0)", None: "no (not in this tree)"}
         print(f"  glibc keeps freed memory ({name}): {memory[info['keeps_freed_memory']]}")
+        if info.get("optimizer"):
+            print(f"  training optimizer ({name}, --optimizer {args.optimizer}): {info['optimizer']}")
     print("\n".join(lines))
     return 0
 
