@@ -57,6 +57,12 @@ def test_traced_linear_keeps_the_standard_op():
     assert "aten::linear" in kinds and "aten::matmul" not in kinds
 
 
+def test_exported_linear_keeps_the_standard_op():
+    program = torch.export.export(Linear(40, 24), (torch.randn(3, 40),))
+    targets = {node.target for node in program.graph.nodes if node.op == "call_function"}
+    assert targets == {torch.ops.aten.linear.default}
+
+
 def test_linear_module_has_nn_linear_parameters():
     reference = nn.Linear(40, 24)
     layer = Linear(40, 24)
