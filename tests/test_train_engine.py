@@ -120,12 +120,20 @@ def test_adamw_is_fused_with_the_for_loop_update():
     assert not any(torch.equal(p, p0) for p, p0 in zip(model.parameters(), initial))
 
 
-def test_adamw_fuses_only_floating_parameters_on_one_fused_device():
-    cpu = [torch.zeros(2), torch.zeros(3, dtype=torch.float64)]
-    assert adamw_can_fuse(cpu)
+def test_adamw_fuses_only_floating_parameters_on_the_cpu():
+    assert adamw_can_fuse([torch.zeros(2), torch.zeros(3, dtype=torch.float64)])
     assert not adamw_can_fuse([])
+    assert not adamw_can_fuse([torch.zeros(2, dtype=torch.int64)])
     assert not adamw_can_fuse([torch.zeros(2), torch.zeros(2, device="meta")])
-    assert not adamw_can_fuse([torch.zeros(2, device="meta")])
+
+    class CudaParameter:  # a float parameter on CUDA, without a GPU
+        device = torch.device("cuda")
+
+        def is_floating_point(self) -> bool:
+            return True
+
+    # not on CUDA: a float16 GradScaler would hand the gradient clipping scaled gradients (optimizer.py's comment)
+    assert not adamw_can_fuse([CudaParameter()])
 
 
 def test_full_model_gradient_clipping():

@@ -5,9 +5,9 @@ the output, then accumulates the product onto it (beta = 1). On the CPU in float
 followed by an in-place bias add is faster (the formula ``torch.nn.functional.linear`` itself uses for other
 inputs): DiNAT-Tiny-Mask2Former at 512x512 ran inference 1.01-1.04x and a training step 1.02x faster with it
 (Intel Xeon, AVX-512, 2 threads), and the bias copies, most of the inference's ``aten::copy_`` time (8.5% of its
-operator time), are gone (1.4% left). Elsewhere (CUDA, where cuBLAS adds
-the bias in the product's epilogue; autocast; tracing and export, which keep the standard op) it is ``F.linear``.
-The two differ only in float32 rounding (where the product's partial sums meet the bias).
+operator time), are gone (1.4% left). Elsewhere it is ``F.linear``: on CUDA cuBLAS adds the bias in the product's
+epilogue, and autocast, tracing and export keep the standard op. The two differ only in float32 rounding (where
+the product's partial sums meet the bias).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 
 
 def adds_bias_after_product(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`linear` takes the product-then-bias form: float32 on the CPU, outside autocast, tracing and
+    compilation."""
     return (
         x.device.type == "cpu"
         and x.dtype == torch.float32
