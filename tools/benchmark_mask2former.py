@@ -214,15 +214,13 @@ def train_fn(
     model: torch.nn.Module,
     size: int,
     batch: int,
-    amp_dtype: torch.dtype | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
+    amp_dtype: torch.dtype | None,
+    optimizer: torch.optim.Optimizer,
 ) -> Callable[[], torch.Tensor]:
-    """One training step (losses, backward, optimizer step; default AdamW lr=1e-5): returns the total loss. With
-    ``amp_dtype`` the forward runs under ``torch.autocast`` in that dtype, as train_net's training loop runs it with
-    SOLVER.AMP.ENABLED."""
+    """One training step (losses, backward, a step of ``optimizer``, see ``train_optimizer``): returns the total
+    loss. With ``amp_dtype`` the forward runs under ``torch.autocast`` in that dtype, as train_net's training loop
+    runs it with SOLVER.AMP.ENABLED."""
     inputs = train_inputs(size, batch)
-    if optimizer is None:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def run() -> torch.Tensor:
         with torch.autocast("cpu", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
