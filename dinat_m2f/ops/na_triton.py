@@ -633,8 +633,15 @@ def _define_ops(dim: int):
         out, lse = output
         ctx.save_for_backward(q, k, v, rpb, out, lse)
         ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
+        ctx.set_materialize_grads(False)  # the logsumexp's gradient stays None, not zeros (as the CPU fused ops')
 
-    def backward(ctx, grad_out, _grad_lse):
+    def backward(ctx, grad_out, grad_lse):
+        if grad_lse is not None:
+            raise NotImplementedError(
+                f"{prefix}: the row logsumexp output is what the backward reads, not differentiable"
+            )
+        if grad_out is None:
+            return (None,) * 7
         q, k, v, rpb, out, lse = ctx.saved_tensors
         rpb_grad = rpb is not None and ctx.needs_input_grad[3]
         dq, dk, dv, drpb = backward_op(
