@@ -180,6 +180,7 @@ def test_fused_cpu_kernels_over_several_slice_groups(threads, k, d, saves_attn, 
         (2, 7, 2, (14, 14), 32),  # DiNAT-T's 14x14 d 2: 49 queries per group, tiles of 16 (8) and a partial one
         (2, 3, 4, (12, 12), 5),
         (2, 5, 3, (15, 15), 16),
+        (2, 3, 5, (15, 15), 32),  # 25 groups: backward tasks of 8 groups (kGroupsPerTask) and a last one of 1
         (2, 3, 1, (3, 3), 32),  # dilation 1: the whole map is the one group
         (1, 7, 3, (21,), 32),
         (1, 5, 2, (10,), 5),

@@ -1160,7 +1160,6 @@ struct Bf16WholeGroupScratch {
   std::optional<WholeGroupBackwardScratch<float>> tables;
   int64_t window = 0, padded = 0, dim = 0;  // the shape `tables` was built for
   std::vector<int64_t> token_i, token_j, token;
-  std::vector<int64_t> bias_cols;  // the bias column offset of each query slot column b < kw of the task's group
   Bf16GroupRows rows;
 };
 
@@ -1177,7 +1176,6 @@ inline Bf16WholeGroupScratch& bf16_whole_group_scratch(int64_t window, int64_t p
     scratch.token_i.resize(window);
     scratch.token_j.resize(window);
     scratch.token.resize(window);
-    scratch.bias_cols.resize(window);
   }
   return scratch;
 }
@@ -1198,9 +1196,9 @@ inline void bf16_round_tile_rows(float* const* tile_rows, int64_t lanes, int64_t
 }
 
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved float32 weights and, with bias_partials
-// (else null), each (slice, group) task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at
-// t * rpb_h * rpb_w; sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a
-// workspace and read back.
+// (else null), each task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at t * rpb_h * rpb_w;
+// sum_bias_partials adds them up). A task is up to kGroupsPerTask dilation groups of one slice, their dS summed in
+// slot space while in L1 (as the float32 whole_group_backward_slices).
 template <int64_t kD>
 void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all,
                                       Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
@@ -1210,31 +1208,21 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
                                       const Problem& p, const Windows& win, float scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
+  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p);
+  const GroupBiasStarts bias_starts(p, win);
   // whole_group_query_tile reads O of slot n at out.at(n, 0): the widened rows, one slot per row.
   std::vector<int64_t> slot_rows(KK), slot_cols(KK, 0);
   for (int64_t n = 0; n < KK; ++n) slot_rows[n] = n;
-  parallel((s1 - s0) * groups, 1, [&](int64_t task) {
-    const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
+  parallel((s1 - s0) * tasks_per_slice, 1, [&](int64_t task) {
+    const int64_t bh = s0 + task / tasks_per_slice, g0 = task % tasks_per_slice * kGroupsPerTask;
+    const int64_t g1 = std::min(groups, g0 + kGroupsPerTask);
     Bf16WholeGroupScratch& scratch = bf16_whole_group_scratch(KK, padded, D);
     WholeGroupBackwardScratch<float>& s = *scratch.tables;
     Bf16GroupRows& rows = scratch.rows;
     int64_t* const token_i = scratch.token_i.data();
     int64_t* const token_j = scratch.token_j.data();
     int64_t* const token = scratch.token.data();
-    int64_t* const bias_cols = scratch.bias_cols.data();
-    for (int64_t n = 0; n < KK; ++n) {
-      token_i[n] = rh + (n / p.kw) * p.dh;
-      token_j[n] = rw + (n % p.kw) * p.dw;
-      token[n] = (bh * H + token_i[n]) * W + token_j[n];
-      std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
-    }
-    const int64_t *ti = token_i, *tj = token_j;
-    bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
-    bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
-    bf16_widen_group_rows(v_all.slice(bh), ti, tj, KK, D, rows.v, s.values.data());
-    bf16_widen_group_rows(grad_out_all.slice(bh), ti, tj, KK, D, rows.grad_out, s.grad_outs.data());
-    bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
-    const Slice<const float> out_rows{rows.out.data(), D, 0};
+    if (bias_partials != nullptr) std::fill(s.ds_sum.begin(), s.ds_sum.end(), 0.0f);
     rows.grads.resize(2 * kLanes * D);
     float* dst[kLanes];
     float* dst_v[kLanes];
@@ -1244,30 +1232,46 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
     }
     const Slice<Bf16Bits> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh);
     const Slice<Bf16Bits> grad_v = grad_v_all.slice(bh);
-    transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
-    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, KK - t0);
-      whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(), slot_cols.data(),
-                                        s);
-      bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t rh = g / p.dw, rw = g % p.dw;
+      for (int64_t n = 0; n < KK; ++n) {
+        token_i[n] = rh + (n / p.kw) * p.dh;
+        token_j[n] = rw + (n % p.kw) * p.dw;
+        token[n] = (bh * H + token_i[n]) * W + token_j[n];
+        std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+      }
+      const int64_t *ti = token_i, *tj = token_j;
+      bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
+      bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
+      bf16_widen_group_rows(v_all.slice(bh), ti, tj, KK, D, rows.v, s.values.data());
+      bf16_widen_group_rows(grad_out_all.slice(bh), ti, tj, KK, D, rows.grad_out, s.grad_outs.data());
+      bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
+      const Slice<const float> out_rows{rows.out.data(), D, 0};
+      transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, KK - t0);
+        whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(),
+                                          slot_cols.data(), s);
+        bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
+      }
+      transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
+      if (bias_partials != nullptr) add_slot_rows(s.ds.data(), KK * padded, s.ds_sum.data());
+      // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
+      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, KK - t0);
+        shared_row_weighted_sums<float, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst,
+                                            lanes);
+        shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D,
+                                            Lanes<float>{} + 1.0f, dst_v, lanes);
+        bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
+        bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
+      }
     }
-    transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
     if (bias_partials != nullptr) {
       const int64_t bias_elems = p.rpb_h() * p.rpb_w();
       float* const partial = bias_partials + task * bias_elems;
       std::fill(partial, partial + bias_elems, 0.0f);
-      for (int64_t b = 0; b < p.kw; ++b) bias_cols[b] = win.w.bias[rw + b * p.dw];
-      add_group_bias_grad(s.ds.data(), padded, rh, bias_cols, p, win, partial);
-    }
-    // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
-    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, KK - t0);
-      shared_row_weighted_sums<float, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst,
-                                          lanes);
-      shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<float>{} + 1.0f,
-                                          dst_v, lanes);
-      bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
-      bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
+      add_group_bias_grad(s.ds_sum.data(), padded, bias_starts.rows.data(), bias_starts.cols.data(), p, partial);
     }
   });
 }

@@ -1505,14 +1505,15 @@ template <typename T>
 struct WholeGroupBackwardScratch {
   // [slot][padded], padded = kh * kw rounded up to whole vectors, zero past kh * kw: P and dS with rows per query
   // (prob, ds: the key tiles read a key vector of them) and per key (prob_t, ds_t: the query tiles read a query
-  // vector).
-  std::vector<T> prob, prob_t, ds, ds_t, got, dprob;
+  // vector). ds_sum: the task's dS summed over its groups, rows per query.
+  std::vector<T> prob, prob_t, ds, ds_t, ds_sum, got, dprob;
   std::vector<const T*> qs, keys, values, grad_outs;
   WholeGroupBackwardScratch(int64_t window, int64_t padded, int64_t dim)
       : prob(window * padded),
         prob_t(window * padded),
         ds(window * padded),
         ds_t(window * padded),
+        ds_sum(window * padded),
         got(dim * kLanes),
         dprob(window * kLanes),
         qs(window),
@@ -1562,9 +1563,10 @@ void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64
 }
 
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved weights and, with bias_partials (else
-// null), each (slice, group) task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at
-// t * rpb_h * rpb_w; sum_bias_partials adds them up): a group's dS is summed while in L1, not written to a workspace
-// and read back by rpb_grad_slices.
+// null), each task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at t * rpb_h * rpb_w;
+// sum_bias_partials adds them up). A task is up to kGroupsPerTask dilation groups of one slice (see
+// whole_group_tasks_per_slice): their dS is summed in slot space while in L1, not written to a workspace and read back
+// by rpb_grad_slices.
 template <typename T, int64_t kD>
 void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
                                  Strided<const T> v_all, Strided<const T> out_all, const T* weights,
@@ -1572,55 +1574,62 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
                                  int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
+  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p);
+  const GroupBiasStarts bias_starts(p, win);
   // Slot n of every group is token (rh + token_i[n], rw + token_j[n]); it is also window slot n of each query.
   std::vector<int64_t> slot_i(KK), slot_j(KK);
   for (int64_t n = 0; n < KK; ++n) {
     slot_i[n] = (n / p.kw) * p.dh;
     slot_j[n] = (n % p.kw) * p.dw;
   }
-  parallel((s1 - s0) * groups, 1, [&](int64_t task) {
-    const int64_t bh = s0 + task / groups, rh = task % groups / p.dw, rw = task % p.dw;
+  parallel((s1 - s0) * tasks_per_slice, 1, [&](int64_t task) {
+    const int64_t bh = s0 + task / tasks_per_slice, g0 = task % tasks_per_slice * kGroupsPerTask;
+    const int64_t g1 = std::min(groups, g0 + kGroupsPerTask);
     const Slice<const T> grad_out = grad_out_all.slice(bh), q = q_all.slice(bh), k = k_all.slice(bh);
     const Slice<const T> v = v_all.slice(bh), out = out_all.slice(bh);
     const Slice<T> grad_q = grad_q_all.slice(bh), grad_k = grad_k_all.slice(bh), grad_v = grad_v_all.slice(bh);
     WholeGroupBackwardScratch<T>& s = whole_group_backward_scratch<T>(KK, padded, D);
-    std::vector<int64_t> token_i(KK), token_j(KK), token(KK), bias_cols(p.kw);
-    for (int64_t n = 0; n < KK; ++n) {
-      token_i[n] = rh + slot_i[n];
-      token_j[n] = rw + slot_j[n];
-      token[n] = (bh * H + token_i[n]) * W + token_j[n];
-      s.qs[n] = q.at(token_i[n], token_j[n]);
-      s.keys[n] = k.at(token_i[n], token_j[n]);
-      s.values[n] = v.at(token_i[n], token_j[n]);
-      s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
-      std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+    if (bias_partials != nullptr) std::fill(s.ds_sum.begin(), s.ds_sum.end(), T(0));
+    std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t rh = g / p.dw, rw = g % p.dw;
+      for (int64_t n = 0; n < KK; ++n) {
+        token_i[n] = rh + slot_i[n];
+        token_j[n] = rw + slot_j[n];
+        token[n] = (bh * H + token_i[n]) * W + token_j[n];
+        s.qs[n] = q.at(token_i[n], token_j[n]);
+        s.keys[n] = k.at(token_i[n], token_j[n]);
+        s.values[n] = v.at(token_i[n], token_j[n]);
+        s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
+        std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+      }
+      transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+      T* dst[kLanes];
+      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, KK - t0);
+        for (int64_t l = 0; l < lanes; ++l) dst[l] = grad_q.at(token_i[t0 + l], token_j[t0 + l]);
+        whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
+      }
+      transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
+      if (bias_partials != nullptr) add_slot_rows(s.ds.data(), KK * padded, s.ds_sum.data());
+      // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
+      T* dst_v[kLanes];
+      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+        const int64_t lanes = std::min(kLanes, KK - t0);
+        for (int64_t l = 0; l < lanes; ++l) {
+          dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
+          dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
+        }
+        shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
+        shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v,
+                                        lanes);
+      }
     }
-    transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
-    T* dst[kLanes];
-    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, KK - t0);
-      for (int64_t l = 0; l < lanes; ++l) dst[l] = grad_q.at(token_i[t0 + l], token_j[t0 + l]);
-      whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
-    }
-    transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
     if (bias_partials != nullptr) {
       const int64_t bias_elems = p.rpb_h() * p.rpb_w();
       T* const partial = bias_partials + task * bias_elems;
       std::fill(partial, partial + bias_elems, T(0));
-      for (int64_t b = 0; b < p.kw; ++b) bias_cols[b] = win.w.bias[rw + b * p.dw];
-      add_group_bias_grad(s.ds.data(), padded, rh, bias_cols.data(), p, win, partial);
-    }
-    // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
-    T* dst_v[kLanes];
-    for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, KK - t0);
-      for (int64_t l = 0; l < lanes; ++l) {
-        dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
-        dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
-      }
-      shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
-      shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v,
-                                      lanes);
+      add_group_bias_grad(s.ds_sum.data(), padded, bias_starts.rows.data(), bias_starts.cols.data(), p, partial);
     }
   });
 }

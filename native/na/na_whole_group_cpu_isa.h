@@ -69,20 +69,20 @@ inline const T* group_bias_rows(const GroupBias<T>& bias, const Problem& p, cons
   return head_rows;
 }
 
-// Adds a group's bias gradient into out ([rpb_h][rpb_w]): dS of query slot (a, b) (token (rh + a dh, rw + b dw); ds
-// row a kw + b, `padded` apart) and key slot (ki, kj) goes to bias (bias_h + ki, bias_w + kj). The loop over b is
-// innermost: consecutive b reach distinct bias columns, so the adds do not wait on each other. rpb_grad_slices, which
-// sums the same dS from the workspace query by query, adds a query's window into columns the previous query's window
-// overlaps (each add waits on the store before it): 30 of the 210 us of the backward at 1x16x7x7 k7.
+// Adds dS of a group's (query slot, key slot) pairs to its bias gradient out ([rpb_h][rpb_w]): dS of query slot
+// (a, b) (ds row a kw + b, `padded` apart) and key slot (ki, kj) goes to bias (bias_h[a] + ki, bias_cols[b] + kj),
+// bias_h[a] and bias_cols[b] the bias starts of the query slot's row and column. The loop over b is innermost:
+// consecutive b reach distinct bias columns, so the adds do not wait on each other. rpb_grad_slices, which sums the
+// same dS from the workspace query by query, adds a query's window into columns the previous query's window overlaps
+// (each add waits on the store before it): 30 of the 210 us of the backward at 1x16x7x7 k7.
 template <typename T>
-inline void add_group_bias_grad(const T* ds, int64_t padded, int64_t rh, const int64_t* bias_cols, const Problem& p,
-                                const Windows& win, T* out) {
+inline void add_group_bias_grad(const T* ds, int64_t padded, const int64_t* bias_h, const int64_t* bias_cols,
+                                const Problem& p, T* out) {
   const int64_t RW = p.rpb_w();
   for (int64_t a = 0; a < p.kh; ++a) {
     const T* const ds_rows = ds + a * p.kw * padded;
-    const int64_t bias_row = win.h.bias[rh + a * p.dh];
     for (int64_t ki = 0; ki < p.kh; ++ki) {
-      T* const row = out + (bias_row + ki) * RW;
+      T* const row = out + (bias_h[a] + ki) * RW;
       for (int64_t kj = 0; kj < p.kw; ++kj) {
         const T* const src = ds_rows + ki * p.kw + kj;
         for (int64_t b = 0; b < p.kw; ++b) row[bias_cols[b] + kj] += src[b * padded];
@@ -91,9 +91,35 @@ inline void add_group_bias_grad(const T* ds, int64_t padded, int64_t rh, const i
   }
 }
 
-// The elements of one slice's bias partials (its dh dw groups of rpb_h rpb_w values), and how many slices the
+// The whole-group backward's tasks: each takes up to kGroupsPerTask dilation groups of one slice, one after another,
+// sums their dS in slot space ([query slot][key slot], vector adds) and adds that to its bias partial once
+// (add_group_bias_grad): the bias index of a (query slot, key slot) pair, (key - query) / d + k - 1, is the same in
+// every group. One scatter of (kh kw)^2 scalar adds per group was 10% of the backward at 1x4x56x56 k7 d8 (64 groups).
+// A fixed number of groups per task, not per thread, keeps the sums the same for every thread count.
+inline constexpr int64_t kGroupsPerTask = 8;
+
+inline int64_t whole_group_tasks_per_slice(const Problem& p) {
+  return (p.dh * p.dw + kGroupsPerTask - 1) / kGroupsPerTask;
+}
+
+// The bias starts of the query slots of every group: rows[a] of slot row a, cols[b] of slot column b (group (0, 0)'s).
+struct GroupBiasStarts {
+  std::vector<int64_t> rows, cols;
+  GroupBiasStarts(const Problem& p, const Windows& win) : rows(p.kh), cols(p.kw) {
+    for (int64_t a = 0; a < p.kh; ++a) rows[a] = win.h.bias[a * p.dh];
+    for (int64_t b = 0; b < p.kw; ++b) cols[b] = win.w.bias[b * p.dw];
+  }
+};
+
+// sum[0 .. n) += x[0 .. n), n a whole number of vectors: a group's dS added to its task's slot-space sum.
+template <typename T>
+inline void add_slot_rows(const T* __restrict x, int64_t n, T* __restrict sum) {
+  for (int64_t i = 0; i < n; i += kLanes) store_lanes(sum + i, load_lanes(sum + i) + load_lanes(x + i));
+}
+
+// The elements of one slice's bias partials (one rpb_h x rpb_w partial per task), and how many slices the
 // whole-group backward takes per group: partials of up to ~64 MiB, at least one slice.
-inline int64_t bias_partial_elems(const Problem& p) { return p.dh * p.dw * p.rpb_h() * p.rpb_w(); }
+inline int64_t bias_partial_elems(const Problem& p) { return whole_group_tasks_per_slice(p) * p.rpb_h() * p.rpb_w(); }
 
 template <typename T>
 inline int64_t whole_group_slices_per_group(const Problem& p) {
@@ -105,7 +131,7 @@ inline int64_t whole_group_slices_per_group(const Problem& p) {
 // slices [s0, s1) of head h.
 template <typename T>
 inline void sum_bias_partials(const T* partials, int64_t s0, int64_t s1, const Problem& p, T* rpb_grad) {
-  const int64_t groups = p.dh * p.dw, elems = p.rpb_h() * p.rpb_w(), per_slice = groups * elems;
+  const int64_t tasks = whole_group_tasks_per_slice(p), elems = p.rpb_h() * p.rpb_w(), per_slice = tasks * elems;
   // Per head a thread; in the calling thread where that is less work than starting them (DiNAT-T's 7x7 stage: 16
   // heads of one 13x13 partial each).
   const int64_t grain = (s1 - s0) * per_slice < (int64_t{1} << 16) ? p.heads : 1;
@@ -113,8 +139,8 @@ inline void sum_bias_partials(const T* partials, int64_t s0, int64_t s1, const P
     T* const dst = rpb_grad + h * elems;
     for (int64_t bh = s0 + ((h - s0 % p.heads) % p.heads + p.heads) % p.heads; bh < s1; bh += p.heads) {
       const T* const slice = partials + (bh - s0) * per_slice;
-      for (int64_t g = 0; g < groups; ++g) {
-        const T* const src = slice + g * elems;
+      for (int64_t t = 0; t < tasks; ++t) {
+        const T* const src = slice + t * elems;
         for (int64_t e = 0; e < elems; ++e) dst[e] += src[e];
       }
     }
