@@ -633,13 +633,11 @@ def _define_ops(dim: int):
         out, lse = output
         ctx.save_for_backward(q, k, v, rpb, out, lse)
         ctx.kernel_size, ctx.dilation, ctx.scale = kernel_size, dilation, scale
-        ctx.set_materialize_grads(False)  # the logsumexp's gradient stays None, not zeros (as the CPU fused ops')
+        # the logsumexp is backward state: not differentiable, its gradient never zeros (as the CPU fused ops')
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)
 
-    def backward(ctx, grad_out, grad_lse):
-        if grad_lse is not None:
-            raise NotImplementedError(
-                f"{prefix}: the row logsumexp output is what the backward reads, not differentiable"
-            )
+    def backward(ctx, grad_out, _grad_lse):
         if grad_out is None:
             return (None,) * 7
         q, k, v, rpb, out, lse = ctx.saved_tensors
