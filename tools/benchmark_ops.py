@@ -226,7 +226,7 @@ def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | N
         # into .grad (out.backward(grad) timed one more add of every input per repeat, for every implementation)
         def step(fn=fn, leaves=leaves, grad=grad):
             out = fn(*leaves)
-            torch.autograd.grad(out, leaves, grad)
+            torch.autograd.grad(out, leaves, grad, allow_unused=True)  # sdpa takes no bias
 
         ms, ms_min = time_ms(step, repeats)
         records.append(Record(*tag, "fwd+bwd", ms, 3 * flops / ms / 1e6, ms_min))
