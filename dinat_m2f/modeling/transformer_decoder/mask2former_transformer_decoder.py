@@ -379,7 +379,7 @@ def _features_grad_of_queries_with_grad(mask_embed: torch.Tensor, grad: torch.Te
         # product did not keep the bits: a whole training step's weights differed from the einsum's (the bf16
         # GEMM kernels do not sum one term after another as float32's do)
         return torch.bmm(mask_embed.transpose(1, 2), grad)
-    with_grad = grad.ne(0).any(-1)  # [B, Q]
+    with_grad = grad.any(-1)  # [B, Q]: a row with a nonzero (NaN included), in one pass (ne(0).any took two)
     if bool(with_grad.all()):
         return torch.bmm(mask_embed.transpose(1, 2), grad)
     out = grad.new_empty(grad.shape[0], mask_embed.shape[2], grad.shape[2])
