@@ -1208,7 +1208,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
                                       const Problem& p, const Windows& win, float scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
-  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p);
+  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p), tiled = whole_group_tiled_slots(KK);
   const GroupBiasStarts bias_starts(p, win);
   // whole_group_query_tile reads O of slot n at out.at(n, 0): the widened rows, one slot per row.
   std::vector<int64_t> slot_rows(KK), slot_cols(KK, 0);
@@ -1248,11 +1248,15 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
       const Slice<const float> out_rows{rows.out.data(), D, 0};
       transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
-      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
         whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(),
                                           slot_cols.data(), s);
         bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
+      }
+      for (int64_t slot = tiled; slot < KK; ++slot) {
+        whole_group_query_one<float, kD>(out_rows.at(slot, 0), slot, padded, dst[0], p, scale, s);
+        bf16_round_tile_rows(dst, 1, slot, grad_q, ti, tj, D);
       }
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
       if (bias_partials != nullptr) add_slot_rows(s.ds.data(), KK * padded, s.ds_sum.data());

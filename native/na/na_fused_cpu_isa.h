@@ -895,9 +895,18 @@ void whole_group_forward_kernel(Strided<const T> q_all, Strided<const T> k_all, 
       values[n] = v.at(tokens.i[n], tokens.j[n]);
     }
     const T* const head_bias = group_bias_rows(bias, p, win, bh % p.heads);
-    for (int64_t s0 = 0; s0 < KK; s0 += kLanes) {
+    const int64_t tiled = whole_group_tiled_slots(KK);
+    for (int64_t s0 = 0; s0 < tiled; s0 += kLanes) {
       whole_group_tile<T, kD>(q_all.slice(bh), head_bias + s0, padded, out_all.slice(bh), lse, bh, tokens, s0, p, scale,
                               qt.data(), logit.data(), keys.data(), values.data(), weights, weight_rows.data());
+    }
+    // The rest one at a time: each window is the group, so the per-query forward's window keys (it rewrites `keys`
+    // with the same pointers, after the tiles) and bias are the group's.
+    for (int64_t slot = tiled; slot < KK; ++slot) {
+      const int64_t i = tokens.i[slot], j = tokens.j[slot];
+      forward_query<T, kD>(q_all.slice(bh), k, v, rpb, out_all.slice(bh), lse, bh, i, j, p, win, scale, qt.data(),
+                           logit.data(), keys.data());
+      if (weights != nullptr) store_query_weights(logit.data(), KK, weights + ((bh * p.height + i) * p.width + j) * KK);
     }
   });
 }
@@ -1562,6 +1571,33 @@ void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64
   shared_row_weighted_sums<T, kD>(ds_t, padded, s.keys.data(), KK, D, V{} + scale, gq, lanes);
 }
 
+// Query slot `slot` of a whole-group backward on its own (the queries past the last lane tile,
+// whole_group_tiled_slots): dS into column `slot` of s.ds_t, dQ = scale sum_n dS_n k_n into gq. out_row: its O.
+template <typename T, int64_t kD>
+void whole_group_query_one(const T* out_row, int64_t slot, int64_t padded, T* gq, const Problem& p, T scale,
+                           WholeGroupBackwardScratch<T>& s) {
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  const T* const go = s.grad_outs[slot];
+  const T delta = dot(go, out_row, D);
+  T* const ds = s.dprob.data();  // KK * kLanes values: dP, then dS in place
+  dots(go, s.values.data(), KK, D, ds);
+  const T* const prob = s.prob.data() + slot * padded;
+  T* const ds_t = s.ds_t.data() + slot;
+  for (int64_t n = 0; n < KK; ++n) {
+    ds[n] = prob[n] * (ds[n] - delta);
+    ds_t[n * padded] = ds[n];
+  }
+  if constexpr (kRowsInRegisters<T, kD>) {
+    RegisterRow<T, kD> acc;
+    for (int64_t n = 0; n < KK; ++n) acc.add(ds[n], s.keys[n]);
+    acc.store(scale, gq);
+  } else {
+    std::fill(gq, gq + D, T(0));
+    for (int64_t n = 0; n < KK; ++n) axpy(ds[n], s.keys[n], gq, D);
+    for (int64_t d = 0; d < D; ++d) gq[d] *= scale;
+  }
+}
+
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved weights and, with bias_partials (else
 // null), each task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at t * rpb_h * rpb_w;
 // sum_bias_partials adds them up). A task is up to kGroupsPerTask dilation groups of one slice (see
@@ -1574,7 +1610,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
                                  int64_t s0, int64_t s1, const Problem& p, const Windows& win, T scale) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t padded = (KK + kLanes - 1) / kLanes * kLanes, groups = p.dh * p.dw;
-  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p);
+  const int64_t tasks_per_slice = whole_group_tasks_per_slice(p), tiled = whole_group_tiled_slots(KK);
   const GroupBiasStarts bias_starts(p, win);
   // Slot n of every group is token (rh + token_i[n], rw + token_j[n]); it is also window slot n of each query.
   std::vector<int64_t> slot_i(KK), slot_j(KK);
@@ -1605,10 +1641,14 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
       }
       transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
       T* dst[kLanes];
-      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
         for (int64_t l = 0; l < lanes; ++l) dst[l] = grad_q.at(token_i[t0 + l], token_j[t0 + l]);
         whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
+      }
+      for (int64_t slot = tiled; slot < KK; ++slot) {
+        whole_group_query_one<T, kD>(out.at(token_i[slot], token_j[slot]), slot, padded,
+                                     grad_q.at(token_i[slot], token_j[slot]), p, scale, s);
       }
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
       if (bias_partials != nullptr) add_slot_rows(s.ds.data(), KK * padded, s.ds_sum.data());

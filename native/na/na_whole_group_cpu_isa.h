@@ -91,6 +91,14 @@ inline void add_group_bias_grad(const T* ds, int64_t padded, const int64_t* bias
   }
 }
 
+// The slots of a whole group that go through lane tiles: all but a last partial tile of at most a quarter of the
+// lanes, whose queries run one at a time (k 7: 49 slots are 3 tiles of 16 and one query, whose tile of 16 lanes cost
+// as much as a full one in the products over the window). Shared by the float32 forward and both backwards.
+inline int64_t whole_group_tiled_slots(int64_t window) {
+  const int64_t rest = window % kLanes;
+  return rest <= kLanes / 4 ? window - rest : window;
+}
+
 // The whole-group backward's tasks: each takes up to kGroupsPerTask dilation groups of one slice, one after another,
 // sums their dS in slot space ([query slot][key slot], vector adds) and adds that to its bias partial once
 // (add_group_bias_grad): the bias index of a (query slot, key slot) pair, (key - query) / d + k - 1, is the same in
