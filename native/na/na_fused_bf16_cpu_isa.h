@@ -1255,7 +1255,8 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
         bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
       }
       for (int64_t slot = tiled; slot < KK; ++slot) {
-        whole_group_query_one<float, kD>(out_rows.at(slot, 0), slot, padded, dst[0], p, scale, s);
+        whole_group_query_one<float, kD>(out_rows.at(slot, 0), s.prob.data() + slot * padded, slot, padded, dst[0], p,
+                                         scale, s);
         bf16_round_tile_rows(dst, 1, slot, grad_q, ti, tj, D);
       }
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);

@@ -781,6 +781,30 @@ inline void rows_to_lanes(const T* const* rows, int64_t count, int64_t D, T* dst
   }
 }
 
+// dst[c * dst_stride + r] = rows[r][c] for r < count, c < n (transpose_block from row pointers): 8 x 8 blocks in
+// registers where 8 rows and 8 columns are left (float32), the rest a value at a time.
+template <typename T>
+inline void rows_to_columns(const T* const* rows, int64_t count, int64_t n, T* dst, int64_t dst_stride) {
+  int64_t rows8 = 0, cols8 = 0;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    rows8 = count - count % 8;
+    cols8 = n - n % 8;
+    for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+      for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
+        __m256 x[8];
+        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(rows[r0 + i] + c0);
+        transpose_8x8(x);
+        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
+      }
+    }
+  }
+#endif
+  for (int64_t r = 0; r < count; ++r) {
+    for (int64_t c = r < rows8 ? cols8 : 0; c < n; ++c) dst[c * dst_stride + r] = rows[r][c];
+  }
+}
+
 // weighted_row_sums: dst[l][d] = factor[l] * sum_n w_n[l] * rows[n][d], the same sums in the same order. Where the
 // head dim is at most 4 whole vectors, a few lanes at a time with their sums in registers, each row vector loaded once
 // per few lanes and the sums stored as whole vectors (weighted_row_sums stores its [lane] sums a value at a time,
@@ -1572,16 +1596,16 @@ void whole_group_query_tile(Slice<const T> out, int64_t s0, int64_t lanes, int64
 }
 
 // Query slot `slot` of a whole-group backward on its own (the queries past the last lane tile,
-// whole_group_tiled_slots): dS into column `slot` of s.ds_t, dQ = scale sum_n dS_n k_n into gq. out_row: its O.
+// whole_group_tiled_slots): dS into column `slot` of s.ds_t, dQ = scale sum_n dS_n k_n into gq. out_row: its O, prob:
+// its P.
 template <typename T, int64_t kD>
-void whole_group_query_one(const T* out_row, int64_t slot, int64_t padded, T* gq, const Problem& p, T scale,
-                           WholeGroupBackwardScratch<T>& s) {
+void whole_group_query_one(const T* out_row, const T* prob, int64_t slot, int64_t padded, T* gq, const Problem& p,
+                           T scale, WholeGroupBackwardScratch<T>& s) {
   const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
   const T* const go = s.grad_outs[slot];
   const T delta = dot(go, out_row, D);
   T* const ds = s.dprob.data();  // KK * kLanes values: dP, then dS in place
   dots(go, s.values.data(), KK, D, ds);
-  const T* const prob = s.prob.data() + slot * padded;
   T* const ds_t = s.ds_t.data() + slot;
   for (int64_t n = 0; n < KK; ++n) {
     ds[n] = prob[n] * (ds[n] - delta);
@@ -1627,6 +1651,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
     WholeGroupBackwardScratch<T>& s = whole_group_backward_scratch<T>(KK, padded, D);
     if (bias_partials != nullptr) std::fill(s.ds_sum.begin(), s.ds_sum.end(), T(0));
     std::vector<int64_t> token_i(KK), token_j(KK), token(KK);
+    std::vector<const T*> prob_rows(KK);  // the saved weights' row (P) of each query slot
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t rh = g / p.dw, rw = g % p.dw;
       for (int64_t n = 0; n < KK; ++n) {
@@ -1637,9 +1662,13 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
         s.keys[n] = k.at(token_i[n], token_j[n]);
         s.values[n] = v.at(token_i[n], token_j[n]);
         s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
-        std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+        prob_rows[n] = weights + token[n] * KK;
+        // where the key tiles' sums do not stay in registers, they read whole vectors of P: a padded copy
+        if constexpr (!kRowsInRegisters<T, kD>) std::copy(prob_rows[n], prob_rows[n] + KK, s.prob.data() + n * padded);
       }
-      transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+      // P per key for the query tiles straight from the saved rows (a copy of the rows first, then a transpose of
+      // the copy, was about a tenth of this backward at 56x56 k7 d8)
+      rows_to_columns(prob_rows.data(), KK, KK, s.prob_t.data(), padded);
       T* dst[kLanes];
       for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
@@ -1647,7 +1676,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
         whole_group_query_tile<T, kD>(out, t0, lanes, padded, dst, p, scale, token_i.data(), token_j.data(), s);
       }
       for (int64_t slot = tiled; slot < KK; ++slot) {
-        whole_group_query_one<T, kD>(out.at(token_i[slot], token_j[slot]), slot, padded,
+        whole_group_query_one<T, kD>(out.at(token_i[slot], token_j[slot]), prob_rows[slot], slot, padded,
                                      grad_q.at(token_i[slot], token_j[slot]), p, scale, s);
       }
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
@@ -1661,8 +1690,15 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
           dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
         }
         shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
-        shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v,
-                                        lanes);
+        if constexpr (kRowsInRegisters<T, kD>) {  // dV from the saved rows in place
+          lane_weighted_row_sums_of<kD, true, T>(
+              [&](int64_t n) { return prob_rows[n] + t0; }, KK, lanes,
+              [&](int64_t n, int64_t) { return s.grad_outs[n]; },
+              [&](int64_t l, int64_t c, Lanes<T> sum) { store_lanes(dst_v[l] + c * kLanes, sum); });
+        } else {
+          shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1),
+                                          dst_v, lanes);
+        }
       }
     }
     if (bias_partials != nullptr) {

@@ -155,14 +155,15 @@ inline void sum_bias_partials(const T* partials, int64_t s0, int64_t s1, const P
   });
 }
 
-// The weighted sums of a tile's lanes l < lanes over kD-wide float rows: sum_n w[n * w_stride + l] * row(n, l), handed
-// to store(l, c, sum) per vector c < kD / kLanes. A few lanes at a time with their sums in registers (a head dim of at
-// most 4 vectors), each sum over n in order, one multiply-add per row. kShared: row(n, l) is the same row for every
-// lane (whole-group tiles), so each of its vectors is loaded once per few lanes. Used by the float32 whole-group tiles
-// (shared_row_weighted_sums, float32 outputs) and the bf16 query tiles (bf16_tile_weighted_values, bf16 outputs).
-template <int64_t kD, bool kShared, typename T, typename Row, typename Store>
-inline void lane_weighted_row_sums(const T* w, int64_t w_stride, int64_t count, int64_t lanes, const Row& row,
-                                   const Store& store) {
+// The weighted sums of a tile's lanes l < lanes over kD-wide float rows: sum_n w_row(n)[l] * row(n, l), handed to
+// store(l, c, sum) per vector c < kD / kLanes (w_row(n): the weights of term n, lane 0's first). A few lanes at a time
+// with their sums in registers (a head dim of at most 4 vectors), each sum over n in order, one multiply-add per row.
+// kShared: row(n, l) is the same row for every lane (whole-group tiles), so each of its vectors is loaded once per few
+// lanes. Used by the float32 whole-group tiles (shared_row_weighted_sums, float32 outputs) and the bf16 query tiles
+// (bf16_tile_weighted_values, bf16 outputs).
+template <int64_t kD, bool kShared, typename T, typename WRow, typename Row, typename Store>
+inline void lane_weighted_row_sums_of(const WRow& w_row, int64_t count, int64_t lanes, const Row& row,
+                                      const Store& store) {
   static_assert(kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4, "the sums stay in registers: at most 4 vectors");
   using V = Lanes<T>;
   constexpr int64_t kVectors = kD / kLanes, kQueries = kVectors <= 2 ? 4 : 2;
@@ -170,7 +171,7 @@ inline void lane_weighted_row_sums(const T* w, int64_t w_stride, int64_t count, 
     constexpr int64_t kCount = decltype(lanes_at_once)::value;
     V acc[kCount][kVectors] = {};
     for (int64_t n = 0; n < count; ++n) {
-      const T* wn = w + n * w_stride + l0;
+      const T* wn = w_row(n) + l0;
       if constexpr (kShared) {
         const T* r = row(n, l0);
         for (int64_t c = 0; c < kVectors; ++c) {
@@ -191,6 +192,13 @@ inline void lane_weighted_row_sums(const T* w, int64_t w_stride, int64_t count, 
   int64_t l0 = 0;
   for (; l0 + kQueries <= lanes; l0 += kQueries) some_lanes(l0, std::integral_constant<int64_t, kQueries>{});
   for (; l0 < lanes; ++l0) some_lanes(l0, std::integral_constant<int64_t, 1>{});
+}
+
+// lane_weighted_row_sums_of with term n's weights at w + n * w_stride.
+template <int64_t kD, bool kShared, typename T, typename Row, typename Store>
+inline void lane_weighted_row_sums(const T* w, int64_t w_stride, int64_t count, int64_t lanes, const Row& row,
+                                   const Store& store) {
+  lane_weighted_row_sums_of<kD, kShared, T>([&](int64_t n) { return w + n * w_stride; }, count, lanes, row, store);
 }
 
 }  // namespace
