@@ -145,19 +145,19 @@ inline void transpose_8x8(__m256 r[8]) {
 }
 #endif
 
-// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols: whole 8 x 8 blocks in registers, the
-// rest one value at a time.
-template <typename T>
-void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+// dst[c * dst_stride + r] = row(r)[c] for r < rows, c < cols: whole 8 x 8 blocks in registers (float32), the rest
+// one value at a time. row(r): a pointer to row r.
+template <typename T, typename Row>
+void transpose_rows(const Row& row, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
   int64_t rows8 = 0, cols8 = 0;
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     rows8 = rows - rows % 8;
     cols8 = cols - cols % 8;
-    for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
-      for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+    for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
+      for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
         __m256 x[8];
-        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(src + (r0 + i) * src_stride + c0);
+        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(row(r0 + i) + c0);
         transpose_8x8(x);
         for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
       }
@@ -165,8 +165,15 @@ void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t col
   }
 #endif
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) dst[c * dst_stride + r] = src[r * src_stride + c];
+    const T* const src = row(r);
+    for (int64_t c = r < rows8 ? cols8 : 0; c < cols; ++c) dst[c * dst_stride + r] = src[c];
   }
+}
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols.
+template <typename T>
+void transpose_block(const T* src, int64_t src_stride, int64_t rows, int64_t cols, T* dst, int64_t dst_stride) {
+  transpose_rows<T>([&](int64_t r) { return src + r * src_stride; }, rows, cols, dst, dst_stride);
 }
 
 // k and v of the slices [s0, s1) as [s1 - s0, H, D, W'] (contiguous, W' in group order) into kt and vt, both in one
@@ -778,30 +785,6 @@ inline void rows_to_lanes(const T* const* rows, int64_t count, int64_t D, T* dst
 #endif
   for (int64_t l = l0; l < count; ++l) {
     for (int64_t d = 0; d < D; ++d) dst[d * kLanes + l] = rows[l][d];
-  }
-}
-
-// dst[c * dst_stride + r] = rows[r][c] for r < count, c < n (transpose_block from row pointers): 8 x 8 blocks in
-// registers where 8 rows and 8 columns are left (float32), the rest a value at a time.
-template <typename T>
-inline void rows_to_columns(const T* const* rows, int64_t count, int64_t n, T* dst, int64_t dst_stride) {
-  int64_t rows8 = 0, cols8 = 0;
-#if defined(__x86_64__)
-  if constexpr (std::is_same_v<T, float>) {
-    rows8 = count - count % 8;
-    cols8 = n - n % 8;
-    for (int64_t r0 = 0; r0 < rows8; r0 += 8) {
-      for (int64_t c0 = 0; c0 < cols8; c0 += 8) {
-        __m256 x[8];
-        for (int64_t i = 0; i < 8; ++i) x[i] = _mm256_loadu_ps(rows[r0 + i] + c0);
-        transpose_8x8(x);
-        for (int64_t i = 0; i < 8; ++i) _mm256_storeu_ps(dst + (c0 + i) * dst_stride + r0, x[i]);
-      }
-    }
-  }
-#endif
-  for (int64_t r = 0; r < count; ++r) {
-    for (int64_t c = r < rows8 ? cols8 : 0; c < n; ++c) dst[c * dst_stride + r] = rows[r][c];
   }
 }
 
@@ -1668,7 +1651,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
       }
       // P per key for the query tiles straight from the saved rows (a copy of the rows first, then a transpose of
       // the copy, was about a tenth of this backward at 56x56 k7 d8)
-      rows_to_columns(prob_rows.data(), KK, KK, s.prob_t.data(), padded);
+      transpose_rows<T>([&](int64_t n) { return prob_rows[n]; }, KK, KK, s.prob_t.data(), padded);
       T* dst[kLanes];
       for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
