@@ -436,13 +436,15 @@ void bf16_whole_group_logits(const uint32_t* qt, const Bf16Bits* const* keys_bf1
 }
 
 // The queries of a block (group rows [m0, m1) of dilation group r along H) in whole-group tiles, dilation group by
-// dilation group along W. keys, values: the block's widened rows from group row g0 on (bf16_widen_rows; keys unused
-// with kDot, which reads k in place). head_bias: this head's Bf16GroupBias rows.
-template <int64_t kD, bool kDot>
+// dilation group along W; a last partial tile of at most a quarter of the lanes (whole_group_tiled_slots) goes to
+// one_query(i, j) query by query, as in the float32 forward (k 7: 49 slots are 3 tiles of 16 and one query, not 4
+// tiles). keys, values: the block's widened rows from group row g0 on (bf16_widen_rows; keys unused with kDot, which
+// reads k in place). head_bias: this head's Bf16GroupBias rows.
+template <int64_t kD, bool kDot, typename Query>
 void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, const float* keys, const float* values,
                             int64_t g0, const float* head_bias, int64_t bias_stride, Slice<Bf16Bits> out, float* lse,
                             float* weights, const Problem& p, const int64_t* slots, float scale,
-                            const Bf16RowBlock& block, Bf16Scratch& s) {
+                            const Bf16RowBlock& block, Bf16Scratch& s, const Query& one_query) {
   const int64_t W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), r = block.r;
   s.tile_query_words.resize(D * kLanes);
   s.tile_logits.resize(KK * kLanes);
@@ -457,6 +459,7 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
   const Bf16Bits** const key_rows_bf16 = s.key_rows_bf16.data();
   const uint32_t* const qt = s.tile_query_words.data();
   const int64_t first = block.m0 * p.kw, end = block.m1 * p.kw;  // the block's query slots in each group
+  const int64_t tiled_end = first + whole_group_tiled_slots(end - first);
   for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
     for (int64_t n = 0; n < KK; ++n) {
       const int64_t ki = n / p.kw, kj = n % p.kw, at = ((ki - g0) * W + slots[rw] + kj) * D;
@@ -467,9 +470,9 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
         key_rows[n] = keys + at;
       }
     }
-    for (int64_t s0 = first; s0 < end; s0 += kLanes) {
+    for (int64_t s0 = first; s0 < tiled_end; s0 += kLanes) {
       Bf16Tile t;
-      t.lanes = std::min(kLanes, end - s0);
+      t.lanes = std::min(kLanes, tiled_end - s0);
       for (int64_t l = 0; l < t.lanes; ++l) {
         t.i[l] = r + ((s0 + l) / p.kw) * p.dh;
         t.j[l] = rw + ((s0 + l) % p.kw) * p.dw;
@@ -479,6 +482,7 @@ void bf16_whole_group_block(Slice<const Bf16Bits> q, Slice<const Bf16Bits> k, co
       const Lanes<float> inv = bf16_tile_softmax(logits, KK, t, block.bh * p.height, W, lse, weights);
       bf16_tile_weighted_values<kD, true>(logits, inv, value_rows, 0, KK, D, t, out, acc);
     }
+    for (int64_t slot = tiled_end; slot < end; ++slot) one_query(r + (slot / p.kw) * p.dh, rw + (slot % p.kw) * p.dw);
   }
 }
 
@@ -557,7 +561,8 @@ inline bool bf16_has_interior_tiles(const Problem& p) {
 }
 
 // One unit of the forward. kDot: q.k with vdpbf16ps from the bf16 rows (needs D % 16 == 0). group_bias: where every
-// window is its whole group (bf16_window_is_whole_group), whose tiles then take all the block's queries; else null.
+// window is its whole group (bf16_window_is_whole_group), whose tiles (bf16_whole_group_block) then take the block's
+// queries; else null.
 template <int64_t kD, bool kDot>
 void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
                         const float* rpb, const Bf16GroupBias* group_bias, Strided<Bf16Bits> out_all, float* lse,
@@ -578,13 +583,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     if (s.keys.size() < cached) s.keys.resize(cached);
     bf16_widen_rows(k, r, g0, g1, p, slots, s.keys.data());
   }
-  if (group_bias != nullptr) {
-    const float* head_bias = group_bias_rows(*group_bias, p, win, block.bh % p.heads);
-    bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
-                                     weights, p, slots, scale, block, s);
-    return;
-  }
-  const bool tiles = bf16_has_interior_tiles(p);
+  const bool tiles = group_bias == nullptr && bf16_has_interior_tiles(p);
   const int64_t words = kDot ? D / 2 : D, stride = W + kLanes;
   if (tiles) {
     s.columns.resize(W);
@@ -613,75 +612,83 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
   const float** const value_rows = s.value_rows.data();
   const uint32_t* const qt = s.tile_query_words.data();
   const int64_t h = block.bh % p.heads;
-  for (int64_t m = block.m0; m < block.m1; ++m) {
-    const int64_t i = r + m * dh, row = block.bh * H + i;
+  const auto one_query = [&](int64_t i, int64_t j) {
+    const int64_t row = block.bh * H + i;
     const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
-    const auto one_query = [&](int64_t j) {
-      // The window's key / value rows.
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const int64_t cache_row = (g_first + ki) * W;
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          const int64_t n = ki * p.kw + kj;
-          if constexpr (kDot) {
-            key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, win.w.start[j] + kj * p.dw);
-          } else {
-            key_rows[n] = key_cache + (cache_row + slots[win.w.start[j]] + kj) * D;
-          }
+    // The window's key / value rows.
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      const int64_t cache_row = (g_first + ki) * W;
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        const int64_t n = ki * p.kw + kj;
+        if constexpr (kDot) {
+          key_rows_bf16[n] = k.at(win.h.start[i] + ki * dh, win.w.start[j] + kj * p.dw);
+        } else {
+          key_rows[n] = key_cache + (cache_row + slots[win.w.start[j]] + kj) * D;
         }
       }
+    }
 #if DINAT_M2F_CPU_BF16_DOT
-      if constexpr (kDot) {
-        bf16_dots(q.at(i, j), key_rows_bf16, KK, D, logits);
-      }
+    if constexpr (kDot) {
+      bf16_dots(q.at(i, j), key_rows_bf16, KK, D, logits);
+    }
 #endif
-      if constexpr (!kDot) {
-        bf16_widen_row(q.at(i, j), query, D);
-        dots(query, key_rows, KK, D, logits);
+    if constexpr (!kDot) {
+      bf16_widen_row(q.at(i, j), query, D);
+      dots(query, key_rows, KK, D, logits);
+    }
+    for (int64_t n = 0; n < KK; ++n) logits[n] *= scale;
+    if (rpb != nullptr) {
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const float* brow = rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j];
+        for (int64_t kj = 0; kj < p.kw; ++kj) logits[ki * p.kw + kj] += brow[kj];
       }
-      for (int64_t n = 0; n < KK; ++n) logits[n] *= scale;
-      if (rpb != nullptr) {
-        for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* brow = rpb + (h * p.rpb_h() + win.h.bias[i] + ki) * p.rpb_w() + win.w.bias[j];
-          for (int64_t kj = 0; kj < p.kw; ++kj) logits[ki * p.kw + kj] += brow[kj];
-        }
-      }
-      const float max = max_of(logits, KK);
-      exp_shifted(logits, max, logits, KK);
-      float sum = 0;
+    }
+    const float max = max_of(logits, KK);
+    exp_shifted(logits, max, logits, KK);
+    float sum = 0;
 #pragma omp simd reduction(+ : sum)
-      for (int64_t n = 0; n < KK; ++n) sum += logits[n];
-      const float inv = 1.0f / sum;
-      lse[row * W + j] = max + std::log(sum);
-      if (weights != nullptr) {
-        float* w = weights + (row * W + j) * KK;
-        for (int64_t n = 0; n < KK; ++n) w[n] = logits[n] * inv;
-      }
-      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-        // The sum stays in registers (see na_fused_cpu_isa.h's RegisterRow), then one rounding to bf16.
-        constexpr int64_t kVectors = kD / kLanes;
-        Lanes<float> acc[kVectors];
-        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
-        for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
-          const float* prow = logits + ki * p.kw;
-          for (int64_t kj = 0; kj < p.kw; ++kj) {
-            for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * D + c * kLanes);
-          }
+    for (int64_t n = 0; n < KK; ++n) sum += logits[n];
+    const float inv = 1.0f / sum;
+    lse[row * W + j] = max + std::log(sum);
+    if (weights != nullptr) {
+      float* w = weights + (row * W + j) * KK;
+      for (int64_t n = 0; n < KK; ++n) w[n] = logits[n] * inv;
+    }
+    if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+      // The sum stays in registers (see na_fused_cpu_isa.h's RegisterRow), then one rounding to bf16.
+      constexpr int64_t kVectors = kD / kLanes;
+      Lanes<float> acc[kVectors];
+      for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
+        const float* prow = logits + ki * p.kw;
+        for (int64_t kj = 0; kj < p.kw; ++kj) {
+          for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * D + c * kLanes);
         }
-        Bf16Bits* o = out.at(i, j);
-        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
-      } else {
-        float* acc = s.acc.data();
-        std::fill(acc, acc + D, 0.0f);
-        for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
-          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * D, acc, D);
-        }
-        bf16_round_row(inv, acc, out.at(i, j), D);
       }
-    };
+      Bf16Bits* o = out.at(i, j);
+      for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
+    } else {
+      float* acc = s.acc.data();
+      std::fill(acc, acc + D, 0.0f);
+      for (int64_t ki = 0; ki < p.kh; ++ki) {
+        const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
+        for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * D, acc, D);
+      }
+      bf16_round_row(inv, acc, out.at(i, j), D);
+    }
+  };
+  if (group_bias != nullptr) {
+    const float* head_bias = group_bias_rows(*group_bias, p, win, block.bh % p.heads);
+    bf16_whole_group_block<kD, kDot>(q, k, s.keys.data(), s.values.data(), g0, head_bias, group_bias->stride, out, lse,
+                                     weights, p, slots, scale, block, s, one_query);
+    return;
+  }
+  for (int64_t m = block.m0; m < block.m1; ++m) {
+    const int64_t i = r + m * dh;
+    const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
     if (!tiles) {
-      bf16_for_each_in_group_order(W, p.dw, one_query);
+      bf16_for_each_in_group_order(W, p.dw, [&](int64_t j) { one_query(i, j); });
       continue;
     }
     const auto tile = [&](int64_t rw, int64_t jg0, int64_t lanes) {
@@ -703,7 +710,7 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
     for (int64_t rw = 0; rw < std::min(p.dw, W); ++rw) {
       bf16_for_each_interior_tile(
           group_length(rw, W, p.dw), p.kw, [&](int64_t jg0, int64_t lanes) { tile(rw, jg0, lanes); },
-          [&](int64_t jg) { one_query(rw + jg * p.dw); });
+          [&](int64_t jg) { one_query(i, rw + jg * p.dw); });
     }
   }
 }
