@@ -1167,6 +1167,7 @@ struct Bf16WholeGroupScratch {
   std::optional<WholeGroupBackwardScratch<float>> tables;
   int64_t window = 0, padded = 0, dim = 0;  // the shape `tables` was built for
   std::vector<int64_t> token_i, token_j, token;
+  std::vector<const float*> prob_rows;  // the saved weights' row (P) of each query slot
   Bf16GroupRows rows;
 };
 
@@ -1183,6 +1184,7 @@ inline Bf16WholeGroupScratch& bf16_whole_group_scratch(int64_t window, int64_t p
     scratch.token_i.resize(window);
     scratch.token_j.resize(window);
     scratch.token.resize(window);
+    scratch.prob_rows.resize(window);
   }
   return scratch;
 }
@@ -1229,6 +1231,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
     int64_t* const token_i = scratch.token_i.data();
     int64_t* const token_j = scratch.token_j.data();
     int64_t* const token = scratch.token.data();
+    const float** const prob_rows = scratch.prob_rows.data();
     if (bias_partials != nullptr) std::fill(s.ds_sum.begin(), s.ds_sum.end(), 0.0f);
     rows.grads.resize(2 * kLanes * D);
     float* dst[kLanes];
@@ -1245,7 +1248,11 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
         token_i[n] = rh + (n / p.kw) * p.dh;
         token_j[n] = rw + (n % p.kw) * p.dw;
         token[n] = (bh * H + token_i[n]) * W + token_j[n];
-        std::copy(weights + token[n] * KK, weights + (token[n] + 1) * KK, s.prob.data() + n * padded);
+        prob_rows[n] = weights + token[n] * KK;
+        // where the key tiles' sums do not stay in registers, they read whole vectors of P: a padded copy
+        if constexpr (!kRowsInRegisters<float, kD>) {
+          std::copy(prob_rows[n], prob_rows[n] + KK, s.prob.data() + n * padded);
+        }
       }
       const int64_t *ti = token_i, *tj = token_j;
       bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
@@ -1254,7 +1261,8 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       bf16_widen_group_rows(grad_out_all.slice(bh), ti, tj, KK, D, rows.grad_out, s.grad_outs.data());
       bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
       const Slice<const float> out_rows{rows.out.data(), D, 0};
-      transpose_block(s.prob.data(), padded, KK, KK, s.prob_t.data(), padded);
+      // P per key for the query tiles straight from the saved rows (as the float32 whole_group_backward_slices)
+      transpose_rows<float>([&](int64_t n) { return prob_rows[n]; }, KK, KK, s.prob_t.data(), padded);
       for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
         whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(),
@@ -1262,8 +1270,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
         bf16_round_tile_rows(dst, lanes, t0, grad_q, ti, tj, D);
       }
       for (int64_t slot = tiled; slot < KK; ++slot) {
-        whole_group_query_one<float, kD>(out_rows.at(slot, 0), s.prob.data() + slot * padded, slot, padded, dst[0], p,
-                                         scale, s);
+        whole_group_query_one<float, kD>(out_rows.at(slot, 0), prob_rows[slot], slot, padded, dst[0], p, scale, s);
         bf16_round_tile_rows(dst, 1, slot, grad_q, ti, tj, D);
       }
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
@@ -1273,8 +1280,15 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
         const int64_t lanes = std::min(kLanes, KK - t0);
         shared_row_weighted_sums<float, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst,
                                             lanes);
-        shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D,
-                                            Lanes<float>{} + 1.0f, dst_v, lanes);
+        if constexpr (kRowsInRegisters<float, kD>) {  // dV from the saved rows in place
+          lane_weighted_row_sums_of<kD, true, float>(
+              [&](int64_t n) { return prob_rows[n] + t0; }, KK, lanes,
+              [&](int64_t n, int64_t) { return s.grad_outs[n]; },
+              [&](int64_t l, int64_t c, Lanes<float> sum) { store_lanes(dst_v[l] + c * kLanes, sum); });
+        } else {
+          shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D,
+                                              Lanes<float>{} + 1.0f, dst_v, lanes);
+        }
         bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
         bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
       }
