@@ -123,18 +123,21 @@ def test_ops_match_reference(dims, k, d, shape, dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("saves_attn", [True, False], ids=["saved", "recompute"])
 @pytest.mark.parametrize(
     "k,d,shape",
     # Head dim 32 (a compiled specialisation) on maps whose dilation groups along W hold 16+ unclamped windows: the
-    # CPU fused backward's query tiles (window widths 3..13 compiled), beside the per-query path at the borders;
-    # k 15 has no compiled tile width and takes the per-query path everywhere.
+    # recomputing backward's query tiles (window widths 3..13 compiled), beside its per-query path at the borders;
+    # k 15 has no compiled tile width and takes the per-query path everywhere. The saved-weights backward goes query
+    # by query on all of them.
     [(7, 1, (9, 40)), (11, 1, (13, 44)), (5, 3, (16, 70)), (15, 1, (15, 40))],
 )
-def test_fused_gradients_on_query_tiles(k, d, shape, dtype):
+def test_fused_gradients_on_query_tiles(k, d, shape, saves_attn, dtype):
     q, key, v = _inputs(shape, 32, dtype, "cpu", heads=2, batch=1)
     rpb = _rpb(2, k, 2, dtype, "cpu")
-    out, grads = _grads(lambda a, b, c, r: ops.na2d(a, b, c, k, d, r), [q, key, v, rpb])
-    want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r), [q, key, v, rpb])
+    fused = _fused_native(2, saves_attn)
+    out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, 0.3), [q, key, v, rpb])
+    want, want_grads = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.3), [q, key, v, rpb])
     tol = TOL[dtype]
     torch.testing.assert_close(out, want, **tol)
     for got, exp in zip(grads, want_grads):
@@ -291,8 +294,8 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
 @pytest.mark.parametrize(
     "k,d,shape",
     [
-        # float32 forward tiles and the saved-weights backward's query tiles take two query rows of a dilation group
-        # at a time where 2 * kw logits fit the registers (k <= 13 on AVX-512, k <= 5 on AVX2): windows 0 rows apart
+        # float32 forward tiles take two query rows of a dilation group at a time where 2 * kw logits fit the
+        # registers (k <= 13 on AVX-512, k <= 5 on AVX2): windows 0 rows apart
         # (clamped at the top and bottom) and 1 row apart, and a group's odd last row alone
         pytest.param(7, 1, (11, 40), id="k7-d1"),
         pytest.param(7, 3, (23, 70), id="k7-d3"),  # groups of 8, 8 and 7 rows along H
@@ -302,9 +305,8 @@ def test_fused_backward_paths_match_reference(dims, k, d, shape, with_rpb, saves
     ],
 )
 def test_fused_cpu_query_tiles_of_two_rows(k, d, shape, saves_attn, threads):
-    """The float32 two-row query tiles against the reference: the output, the saved weights and the gradients (the
-    saved-weights backward's query pass pairs rows too; the recomputing one reads the forward's logsumexp), on one
-    and two threads."""
+    """The float32 two-row query tiles against the reference: the output, the saved weights and the gradients (from
+    the saved weights, or recomputed from the forward's logsumexp), on one and two threads."""
     q, key, v = _inputs(shape, 32, torch.float32, "cpu", heads=2, batch=1)
     rpb = _rpb(2, k, 2, torch.float32, "cpu")
     before = torch.get_num_threads()
@@ -464,7 +466,7 @@ def test_non_contiguous_inputs(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(
     "dims,k,d,shape",
-    # (4, 20): a full 16-query tile of unclamped windows along W, the CPU fused backward's query tiles.
+    # (4, 20): a full 16-query tile of unclamped windows along W, the recomputing CPU backward's query tiles.
     [(2, 3, 1, (4, 5)), (2, 3, 2, (6, 7)), (2, 3, 1, (4, 20)), (1, 3, 2, (7,)), (1, 5, 1, (6,))],
 )
 def test_gradcheck_float64(dims, k, d, shape, device):

@@ -9,7 +9,8 @@
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
 // With saved weights (training, fused_forward_with_attn / fused_backward_with_attn): the forward also writes the
 // normalized weights P, and the backward reads them instead of recomputing q.k, so its query pass is dO . v, dS and dQ
-// only (one window product fewer than the recomputing backward, as many as the unfused backward).
+// only (one window product fewer than the recomputing backward, as many as the unfused backward), query by query
+// (backward_saved_kernel).
 // Windows that are their whole dilation group (maps of k * d, e.g. 56x56 d 8) take dense per-group products instead,
 // forward and saved-weights backward alike (whole_group_tile, whole_group_backward_slices).
 //
@@ -302,7 +303,7 @@ bool has_query_tiles(const Problem& p) {
 // A tile's per-lane rows of window values (lane l's n values at rows + l * stride: its P or dS row) and the same
 // values as per-slot vectors (slots[m * kLanes + l]), converted 8 x 8 blocks at a time in registers; the last n % 8
 // slots (1 for every odd square window) one by one. Reading or writing the kLanes rows one value at a time cost
-// two instructions per value, as much as the tile's multiply-adds in the saved-weights backward.
+// two instructions per value, as much as a tile's multiply-adds.
 template <typename T>
 void rows_to_slots(const T* rows, int64_t stride, int64_t n, T* slots) {
   transpose_block(rows, stride, kLanes, n, slots, kLanes);
@@ -674,9 +675,9 @@ inline bool pair_rows_of_forward(const Problem& p) {
   return pairs;
 }
 
-// The units of work along H of the forward and of the saved-weights backward's query pass: with two-row tiles the rows
-// of each dilation group in pairs (i, i + dh), a group's last row alone when it has an odd number of them; without,
-// every row alone, top to bottom. unit[u] = {first row, second row or -1}.
+// The units of work along H of the forward: with two-row tiles the rows of each dilation group in pairs (i, i + dh),
+// a group's last row alone when it has an odd number of them; without, every row alone, top to bottom.
+// unit[u] = {first row, second row or -1}.
 inline std::vector<std::array<int64_t, 2>> forward_row_units(const Problem& p, bool pairs) {
   std::vector<std::array<int64_t, 2>> units;
   if (!pairs) {
@@ -1005,8 +1006,8 @@ bool has_backward_query_tiles(const Problem& p) {
 
 template <typename T>
 struct BackwardTileScratch {
-  std::vector<T> qt, got, acc;  // qt: the saved-weights tile's O
-  std::vector<T> prob, ds;      // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
+  std::vector<T> qt, got, acc;
+  std::vector<T> prob, ds;  // the tile's P and dS as per-slot vectors ([slot][lanes], rows_to_slots)
   BackwardTileScratch(int64_t dim, int64_t window)
       : qt(dim * kLanes), got(dim * kLanes), acc(dim * kLanes), prob(window * kLanes), ds(window * kLanes) {}
 };
@@ -1266,17 +1267,17 @@ int64_t staged_backward_tensors(Strided<const T> grad_out, Strided<const T> q, S
   return tiles ? 0 : strided_token_tensors(p, {grad_out.s, q.s, k.s, v.s});
 }
 
-// grad_out, q, k and v as the backward's passes read them for slices [s0, s1): without tiles, staged copies at stage
-// of those with strided tokens; else themselves.
+// grad_out, q, k and v as the backward's passes read them for slices [s0, s1): with `stage`, staged copies at
+// stage_mem of those with strided tokens; else themselves.
 template <typename T>
 struct StagedBackwardInputs {
   Strided<const T> grad_out, q, k, v;
   StagedBackwardInputs(Strided<const T> grad_out_all, Strided<const T> q_all, Strided<const T> k_all,
-                       Strided<const T> v_all, int64_t s0, int64_t s1, const Problem& p, bool tiles, T* stage)
-      : grad_out(tiles ? grad_out_all : stage_slices(grad_out_all, s0, s1, p, &stage)),
-        q(tiles ? q_all : stage_slices(q_all, s0, s1, p, &stage)),
-        k(tiles ? k_all : stage_slices(k_all, s0, s1, p, &stage)),
-        v(tiles ? v_all : stage_slices(v_all, s0, s1, p, &stage)) {}
+                       Strided<const T> v_all, int64_t s0, int64_t s1, const Problem& p, bool stage, T* stage_mem)
+      : grad_out(stage ? stage_slices(grad_out_all, s0, s1, p, &stage_mem) : grad_out_all),
+        q(stage ? stage_slices(q_all, s0, s1, p, &stage_mem) : q_all),
+        k(stage ? stage_slices(k_all, s0, s1, p, &stage_mem) : k_all),
+        v(stage ? stage_slices(v_all, s0, s1, p, &stage_mem) : v_all) {}
 };
 
 // tiles: whether the query pass uses backward_tile (has_backward_query_tiles).
@@ -1299,7 +1300,8 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, tiles, ds_ws + group * (slice_elems + 2 * slice_kv));
+    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, !tiles,
+                                     ds_ws + group * (slice_elems + 2 * slice_kv));
     backward_query_pass<T, kD>(in.grad_out, q, in.k, in.v, rpb, out, lse, grad_q, prob_ws, ds_ws, s0, s1, p, win, scale,
                                kt, vt, order.group_offset);
     backward_key_pass<T, kD>(in.grad_out, in.q, prob_ws, ds_ws, grad_k, grad_v, s0, s1, p, win, scale);
@@ -1313,125 +1315,6 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
 // The backward from the P the forward saved (fused_backward_with_attn): the query pass reads P instead of recomputing
 // exp(scale q.k + rpb - lse), then the key pass and the bias gradient are the recomputing backward's, with P read
 // from the saved tensor in place of the workspace.
-
-// One query row of a saved-weights backward tile: dO and O of its kLanes queries as [D][lanes] (got, outt), its dQ
-// accumulators, delta = dO . O, and its P and dS as per-slot vectors, in the row's BackwardTileScratch.
-template <typename T>
-struct SavedTileRow {
-  Lanes<T>* got;
-  Lanes<T>* acc;
-  Lanes<T> delta;
-  T* prob_slots;
-  T* ds_slots;
-};
-
-// Starts a saved-weights tile row: the kLanes queries (i, j0 + dw * l) of slice bh (row = bh * H + i).
-template <typename T>
-inline SavedTileRow<T> saved_tile_row_begin(Slice<const T> grad_out, Slice<const T> out, const T* weights, int64_t row,
-                                            int64_t i, int64_t j0, const Problem& p, int64_t D,
-                                            BackwardTileScratch<T>& s) {
-  using V = Lanes<T>;
-  const int64_t KK = p.window();
-  SavedTileRow<T> r{reinterpret_cast<V*>(s.got.data()), reinterpret_cast<V*>(s.acc.data()), V{}, s.prob.data(),
-                    s.ds.data()};
-  V* __restrict outt = reinterpret_cast<V*>(s.qt.data());  // O of the tile's queries, [D][lanes]
-  // dO and O in, dQ out 8 x 8 blocks at a time, as in forward_tile.
-  rows_to_slots(grad_out.at(i, j0), p.dw * grad_out.col, D, reinterpret_cast<T*>(r.got));
-  rows_to_slots(out.at(i, j0), p.dw * out.col, D, reinterpret_cast<T*>(outt));
-  for (int64_t d = 0; d < D; ++d) {
-    r.delta += r.got[d] * outt[d];
-    r.acc[d] = V{};
-  }
-  // Lane l's rows of P are dw * KK apart.
-  rows_to_slots(weights + (row * p.width + j0) * KK, p.dw * KK, KK, r.prob_slots);
-  return r;
-}
-
-// One window row of kN saved-weights tile rows that all read key row krow / vrow (ki[n]: its window row for tile row
-// n): dO . v, dS = P (dO . v - delta) into the row's dS slots, and dQ += dS k. Each V and K vector is loaded once
-// for all kN rows (in_register), as in tile_window_row.
-template <typename T, int64_t kD, int64_t kKW, int kN>
-inline void saved_tile_window_row(SavedTileRow<T>* const* rows, const int64_t* ki, const T* krow, const T* vrow,
-                                  int64_t W, int64_t D) {
-  using V = Lanes<T>;
-  constexpr int64_t KW = kKW;
-  V go_v[kN][KW];  // dO . v of the row's kw keys, then dS in its place
-  for (int n = 0; n < kN; ++n) {
-    for (int64_t kj = 0; kj < KW; ++kj) go_v[n][kj] = V{};
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    V gd[kN];
-    for (int n = 0; n < kN; ++n) gd[n] = rows[n]->got[d];
-    const T* vd = vrow + d * W;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      V value = load_lanes(vd + kj);
-      if constexpr (kN > 1) value = in_register(value);
-      for (int n = 0; n < kN; ++n) go_v[n][kj] += gd[n] * value;
-    }
-  }
-  for (int n = 0; n < kN; ++n) {
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      const int64_t slot = ki[n] * KW + kj;
-      const V ds = load_lanes(rows[n]->prob_slots + slot * kLanes) * (go_v[n][kj] - rows[n]->delta);
-      go_v[n][kj] = ds;
-      store_lanes(rows[n]->ds_slots + slot * kLanes, ds);
-    }
-  }
-  V* acc[kN];
-  for (int n = 0; n < kN; ++n) acc[n] = rows[n]->acc;
-  add_weighted_window_columns<T, KW, kN, false>(&go_v[0][0], nullptr, krow, W, D, acc);
-}
-
-// Ends a saved-weights tile row: its dS rows into the workspace (local_row: the row within the call's slices), dQ.
-template <typename T>
-inline void saved_tile_row_end(SavedTileRow<T>& r, Slice<T> grad_q, T* ds_ws, int64_t local_row, int64_t i, int64_t j0,
-                               const Problem& p, int64_t D, T scale) {
-  const int64_t KK = p.window();
-  slots_to_rows(r.ds_slots, KK, ds_ws + (local_row * p.width + j0) * KK, p.dw * KK);
-  for (int64_t d = 0; d < D; ++d) r.acc[d] *= scale;
-  slots_to_rows(reinterpret_cast<const T*>(r.acc), D, grad_q.at(i, j0), p.dw * grad_q.col);
-}
-
-// Query pass of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh from saved weights: dS
-// into the workspace, dQ; lane-parallel as forward_tile, one window row at a time (saved_tile_window_row).
-template <typename T, int64_t kD, int64_t kKW>
-void backward_tile_saved(Slice<const T> grad_out, const T* kt, const T* vt, Slice<const T> out, const T* weights,
-                         Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t r, int64_t jg0,
-                         int64_t col0, const Problem& p, const Windows& win, T scale, BackwardTileScratch<T>& s) {
-  static_assert(kKW > 0, "backward tiles need a compile-time window width");
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim;
-  const int64_t row = bh * H + i, j0 = r + p.dw * jg0;
-  SavedTileRow<T> tile_row = saved_tile_row_begin(grad_out, out, weights, row, i, j0, p, D, s);
-  SavedTileRow<T>* rows[1] = {&tile_row};
-  for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const int64_t key_row = win.h.start[i] + ki * p.dh;
-    saved_tile_window_row<T, kD, kKW, 1>(rows, &ki, kt + key_row * D * W + col0, vt + key_row * D * W + col0, W, D);
-  }
-  saved_tile_row_end(tile_row, grad_q, ds_ws, row - s0 * H, i, j0, p, D, scale);
-}
-
-// backward_tile_saved for query rows ia < ib = ia + dh of one dilation group along H, as forward_tile_pair: the
-// window rows both read are loaded once for both, and each row's sums run in backward_tile_saved's order (same bits).
-template <typename T, int64_t kD, int64_t kKW>
-void backward_tile_saved_pair(Slice<const T> grad_out, const T* kt, const T* vt, Slice<const T> out, const T* weights,
-                              Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t ia, int64_t ib, int64_t r,
-                              int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
-                              BackwardTileScratch<T>& sa, BackwardTileScratch<T>& sb) {
-  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0;
-  SavedTileRow<T> a = saved_tile_row_begin(grad_out, out, weights, bh * H + ia, ia, j0, p, D, sa);
-  SavedTileRow<T> b = saved_tile_row_begin(grad_out, out, weights, bh * H + ib, ib, j0, p, D, sb);
-  SavedTileRow<T>* rows[2] = {&a, &b};
-  for_each_window_row_of_pair(
-      kt, vt, col0, D, p, win, ia, ib,
-      [&](const T* krow, const T* vrow, const int64_t* ki) {
-        saved_tile_window_row<T, kD, kKW, 2>(rows, ki, krow, vrow, W, D);
-      },
-      [&](const T* krow, const T* vrow, int64_t ki, bool second) {
-        saved_tile_window_row<T, kD, kKW, 1>(rows + second, &ki, krow, vrow, W, D);
-      });
-  saved_tile_row_end(a, grad_q, ds_ws, (bh - s0) * H + ia, ia, j0, p, D, scale);
-  saved_tile_row_end(b, grad_q, ds_ws, (bh - s0) * H + ib, ib, j0, p, D, scale);
-}
 
 // Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
 template <typename T, int64_t kD>
@@ -1468,65 +1351,23 @@ void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const
   }
 }
 
-// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ. kt, vt: k and v of these slices,
-// group-transposed (nullptr: no query tiles).
+// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ, query by query (see
+// backward_saved_kernel).
 template <typename T, int64_t kD>
 void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k_all, Strided<const T> v_all,
                                Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
-                               int64_t s1, const Problem& p, const Windows& win, T scale, const T* kt, const T* vt,
-                               const std::vector<int64_t>& group_offset) {
-  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
-  // With tiles of two rows (as the forward's: pair_rows_of_forward) the rows go in pairs of a dilation group.
-  const bool pairs = kt != nullptr && pair_rows_of_forward<T>(p);
-  const std::vector<std::array<int64_t, 2>> units = forward_row_units(p, pairs);
-  const int64_t unit_count = static_cast<int64_t>(units.size());
-  const int64_t grain = std::max<int64_t>(1, row_grain(p) / (pairs ? 2 : 1));
-  parallel((s1 - s0) * unit_count, grain, [&](int64_t local_unit) {
-    const int64_t bh = s0 + local_unit / unit_count;
-    const auto [ia, ib] = units[local_unit % unit_count];
+                               int64_t s1, const Problem& p, const Windows& win, T scale) {
+  const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
+  parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
+    const int64_t bh = s0 + local_row / H, i = local_row % H;
     const Slice<const T> grad_out = grad_out_all.slice(bh), k = k_all.slice(bh), v = v_all.slice(bh);
     const Slice<const T> out = out_all.slice(bh);
     const Slice<T> grad_q = grad_q_all.slice(bh);
     std::vector<T> acc(D), go_v(KK);
     std::vector<const T*> keys(KK), values(KK);
-    const auto one_query = [&](int64_t i, int64_t j) {
+    for_each_in_group_order(W, p.dw, [&](int64_t j) {
       backward_query_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, bh, i, j, p, win, scale, acc.data(),
                                   go_v.data(), keys.data(), values.data());
-    };
-    if (kt == nullptr) {
-      for_each_in_group_order(W, p.dw, [&](int64_t j) { one_query(ia, j); });
-      return;
-    }
-    // kt and vt hold slices [s0, s1).
-    const T* const kts = kt + (bh - s0) * p.tokens() * D;
-    const T* const vts = vt + (bh - s0) * p.tokens() * D;
-    BackwardTileScratch<T> scratch(D, KK);
-    dispatch_window_width(p.kw, [&](auto kw) {
-      constexpr int64_t kKW = decltype(kw)::value;
-      if constexpr (kKW == 0) {
-        TORCH_CHECK(false, "na fused backward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
-      } else if (ib < 0) {
-        for_each_tile_or_query(
-            p, group_offset, [&](int64_t j) { one_query(ia, j); },
-            [&](int64_t r, int64_t jg, int64_t col0) {
-              backward_tile_saved<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, ia, r, jg, col0,
-                                              p, win, scale, scratch);
-            });
-      } else if constexpr (!kPairTiles<T, kKW>) {
-        TORCH_CHECK(false, "na fused backward (CPU): two-row query tiles for kernel width ", p.kw, " are not compiled");
-      } else {
-        BackwardTileScratch<T> second(D, KK);
-        for_each_tile_or_query(
-            p, group_offset,
-            [&](int64_t j) {
-              one_query(ia, j);
-              one_query(ib, j);
-            },
-            [&](int64_t r, int64_t jg, int64_t col0) {
-              backward_tile_saved_pair<T, kD, kKW>(grad_out, kts, vts, out, weights, grad_q, ds_ws, s0, bh, ia, ib, r,
-                                                   jg, col0, p, win, scale, scratch, second);
-            });
-      }
     });
   });
 }
@@ -1727,30 +1568,39 @@ void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, 
   }
 }
 
+// Whether the saved-weights backward's passes read staged copies of the inputs whose tokens are strided (the packed
+// qkv, the heads-last dO): they read k and v once per window holding each key (the query pass), q and dO once per
+// window holding each query (the key pass). The copy pays off from windows of 81 keys, as in the forward: packed qkv
+// at k 11 (1x12x64x64 d1, 2 threads) 34.8 ms read in place against 32.5 staged; at k 7 the copy cost more than it
+// saved (8x8x14x14 d1: 3.78 ms in place against 4.29).
+inline bool saved_backward_stages(const Problem& p) { return p.window() >= 81; }
+
+// The saved-weights backward, query by query in both passes. Its query tiles (k and v group-transposed, P and dS
+// converted between rows and per-slot vectors 8 x 8 blocks at a time) lost to the per-query pass at every DiNAT
+// stage measured once the per-query pass addressed the window's rows in place (2 threads, AVX-512, tiles / per-query
+// time: contiguous q, k, v 1.12-1.20 at k 7 d1, packed qkv 1.00-1.15 and 1.00-1.04 at k 11; AVX2 path packed
+// 1.12-1.33 and 0.99-1.11), so it has none; the recomputing backward (backward_kernel) keeps its tiles, which still
+// pay off there.
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
-                           Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale, bool tiles) {
+                           Strided<T> grad_v, T* grad_rpb, const Problem& p, T scale) {
   const Windows win(p);
   if (window_is_whole_group(p)) {
     backward_saved_whole_groups<T, kD>(grad_out, q, k, v, out, weights, grad_q, grad_k, grad_v, grad_rpb, p, win,
                                        scale);
     return;
   }
-  const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
-  // Per group of slices: dS (P is the saved tensor), and k and v group-transposed with tiles.
-  const int64_t slice_elems = p.tokens() * p.window(), slice_kv = tiles ? p.tokens() * p.dim : 0;
-  const int64_t staged = staged_backward_tensors(grad_out, q, k, v, p, tiles) * p.tokens() * p.dim;
-  const int64_t group = slices_per_group((slice_elems + 2 * slice_kv + staged) * static_cast<int64_t>(sizeof(T)), p);
-  T* const ds_ws = kept_scratch<T>(group * (slice_elems + 2 * slice_kv + staged));
-  T* const kt = tiles ? ds_ws + group * slice_elems : nullptr;
-  T* const vt = tiles ? kt + group * slice_kv : nullptr;
+  // Per group of slices: dS (P is the saved tensor) and the staged inputs.
+  const bool stage = saved_backward_stages(p);
+  const int64_t slice_elems = p.tokens() * p.window();
+  const int64_t staged = (stage ? strided_token_tensors(p, {grad_out.s, q.s, k.s, v.s}) : 0) * p.tokens() * p.dim;
+  const int64_t group = slices_per_group((slice_elems + staged) * static_cast<int64_t>(sizeof(T)), p);
+  T* const ds_ws = kept_scratch<T>(group * (slice_elems + staged));
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
-    if (tiles) group_transpose_slices(k, v, s0, s1, order, p, kt, vt);
-    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, tiles, ds_ws + group * (slice_elems + 2 * slice_kv));
-    backward_query_pass_saved<T, kD>(in.grad_out, in.k, in.v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale, kt,
-                                     vt, order.group_offset);
+    const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, stage, ds_ws + group * slice_elems);
+    backward_query_pass_saved<T, kD>(in.grad_out, in.k, in.v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale);
     backward_key_pass<T, kD>(in.grad_out, in.q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win,
                              scale);
     if (grad_rpb != nullptr) {
@@ -1841,8 +1691,7 @@ void fused_backward_with_attn(const at::Tensor& grad_out, const at::Tensor& q, c
           strided_in<scalar_t>(goc), strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
           strided_in<scalar_t>(oc), attn.const_data_ptr<scalar_t>(), strided_out<scalar_t>(gqc),
           strided_out<scalar_t>(gkc), strided_out<scalar_t>(gvc),
-          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale),
-          has_backward_query_tiles(p));
+          grad_rpb.defined() ? grad_rpb.mutable_data_ptr<scalar_t>() : nullptr, p, static_cast<scalar_t>(scale));
     });
   });
   if (!gqc.is_same(grad_q)) grad_q.copy_(gqc);
