@@ -203,6 +203,35 @@ inline void bf16_widen_rows(Slice<const Bf16Bits> x, int64_t r, int64_t g0, int6
   }
 }
 
+// dst = bf16(alpha * sum_n w[n] * row_n) over a window's rows in a row cache (D floats each; window row ki's rows at
+// row0 + ki * row_step, consecutive): the forward's weighted values and the query pass's dQ. The sum stays in
+// registers where the head dim allows (see na_fused_cpu_isa.h's RegisterRow; acc: D floats of scratch otherwise),
+// then one rounding to bf16.
+template <int64_t kD>
+inline void bf16_window_weighted_rows(const float* row0, int64_t row_step, const float* w, const Problem& p,
+                                      float alpha, float* acc, Bf16Bits* dst) {
+  const int64_t D = kD > 0 ? kD : p.dim;
+  if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
+    constexpr int64_t kVectors = kD / kLanes;
+    Lanes<float> sum[kVectors];
+    for (int64_t c = 0; c < kVectors; ++c) sum[c] = Lanes<float>{};
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      const float* const row = row0 + ki * row_step;
+      const float* const wrow = w + ki * p.kw;
+      for (int64_t kj = 0; kj < p.kw; ++kj) {
+        for (int64_t c = 0; c < kVectors; ++c) sum[c] += wrow[kj] * load_lanes(row + kj * D + c * kLanes);
+      }
+    }
+    for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(dst + c * kLanes, sum[c] * alpha);
+  } else {
+    std::fill(acc, acc + D, 0.0f);
+    for (int64_t ki = 0; ki < p.kh; ++ki) {
+      for (int64_t kj = 0; kj < p.kw; ++kj) axpy(w[ki * p.kw + kj], row0 + ki * row_step + kj * D, acc, D);
+    }
+    bf16_round_row(alpha, acc, dst, D);
+  }
+}
+
 }  // namespace
 
 #include "na_whole_group_cpu_isa.h"
@@ -654,29 +683,8 @@ void bf16_forward_block(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k
       float* w = weights + (row * W + j) * KK;
       for (int64_t n = 0; n < KK; ++n) w[n] = logits[n] * inv;
     }
-    if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-      // The sum stays in registers (see na_fused_cpu_isa.h's RegisterRow), then one rounding to bf16.
-      constexpr int64_t kVectors = kD / kLanes;
-      Lanes<float> acc[kVectors];
-      for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
-        const float* prow = logits + ki * p.kw;
-        for (int64_t kj = 0; kj < p.kw; ++kj) {
-          for (int64_t c = 0; c < kVectors; ++c) acc[c] += prow[kj] * load_lanes(vrow + kj * D + c * kLanes);
-        }
-      }
-      Bf16Bits* o = out.at(i, j);
-      for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(o + c * kLanes, acc[c] * inv);
-    } else {
-      float* acc = s.acc.data();
-      std::fill(acc, acc + D, 0.0f);
-      for (int64_t ki = 0; ki < p.kh; ++ki) {
-        const float* vrow = values + ((g_first + ki) * W + slots[win.w.start[j]]) * D;
-        for (int64_t kj = 0; kj < p.kw; ++kj) axpy(logits[ki * p.kw + kj], vrow + kj * D, acc, D);
-      }
-      bf16_round_row(inv, acc, out.at(i, j), D);
-    }
+    bf16_window_weighted_rows<kD>(values + (g_first * W + slots[win.w.start[j]]) * D, W * D, logits, p, inv,
+                                  s.acc.data(), out.at(i, j));
   };
   if (group_bias != nullptr) {
     const float* head_bias = group_bias_rows(*group_bias, p, win, block.bh % p.heads);
@@ -999,28 +1007,8 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
       float* ds = ds_ws + (local_row * W + j) * KK;
       for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (go_v[n] - delta);
       // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
-      const float* krow0 = keys + (g_first * W + slots[win.w.start[j]]) * D;
-      if constexpr (kD > 0 && kD % kLanes == 0 && kD / kLanes <= 4) {
-        constexpr int64_t kVectors = kD / kLanes;
-        Lanes<float> acc[kVectors];
-        for (int64_t c = 0; c < kVectors; ++c) acc[c] = Lanes<float>{};
-        for (int64_t ki = 0; ki < p.kh; ++ki) {
-          const float* krow = krow0 + ki * W * D;
-          const float* dsrow = ds + ki * p.kw;
-          for (int64_t kj = 0; kj < p.kw; ++kj) {
-            for (int64_t c = 0; c < kVectors; ++c) acc[c] += dsrow[kj] * load_lanes(krow + kj * D + c * kLanes);
-          }
-        }
-        Bf16Bits* gq = grad_q.at(i, j);
-        for (int64_t c = 0; c < kVectors; ++c) bf16_store_lanes(gq + c * kLanes, acc[c] * scale);
-      } else {
-        float* acc = s.acc_a.data();
-        std::fill(acc, acc + D, 0.0f);
-        for (int64_t ki = 0; ki < p.kh; ++ki) {
-          for (int64_t kj = 0; kj < p.kw; ++kj) axpy(ds[ki * p.kw + kj], krow0 + (ki * W + kj) * D, acc, D);
-        }
-        bf16_round_row(scale, acc, grad_q.at(i, j), D);
-      }
+      bf16_window_weighted_rows<kD>(keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, ds, p, scale,
+                                    s.acc_a.data(), grad_q.at(i, j));
     });
   }
 }
