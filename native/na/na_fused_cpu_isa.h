@@ -332,21 +332,15 @@ inline V in_register(V v) {
   return v;
 }
 
-// acc_n[d] = (acc_n[d] * factor[n] if kRescale) + sum_kj w[n kw + kj] x[d W + kj] for the kN rows of a tile window row:
-// the forward's weighted sum of V and the backward's dQ sum of K. Each x vector is loaded once for all kN rows.
-template <typename T, int64_t kKW, int kN, bool kRescale>
+// acc_n[d] = acc_n[d] * factor[n] + sum_kj w[n kw + kj] x[d W + kj] for the kN rows of a tile window row: the
+// forward's online-softmax weighted sum of V. Each x vector is loaded once for all kN rows.
+template <typename T, int64_t kKW, int kN>
 inline void add_weighted_window_columns(const Lanes<T>* w, const Lanes<T>* factor, const T* x, int64_t W, int64_t D,
                                         Lanes<T>* const* acc) {
   using V = Lanes<T>;
   for (int64_t d = 0; d < D; ++d) {
     V a[kN];
-    for (int n = 0; n < kN; ++n) {
-      if constexpr (kRescale) {
-        a[n] = acc[n][d] * factor[n];
-      } else {
-        a[n] = acc[n][d];
-      }
-    }
+    for (int n = 0; n < kN; ++n) a[n] = acc[n][d] * factor[n];
     const T* xd = x + d * W;
     for (int64_t kj = 0; kj < kKW; ++kj) {
       V value = load_lanes(xd + kj);
@@ -457,7 +451,7 @@ inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T*
   }
   V* acc[kN];
   for (int n = 0; n < kN; ++n) acc[n] = rows[n]->acc;
-  add_weighted_window_columns<T, KW, kN, true>(&logit[0][0], factor, vrow, W, D, acc);
+  add_weighted_window_columns<T, KW, kN>(&logit[0][0], factor, vrow, W, D, acc);
 }
 
 // Ends a forward tile row: O = acc / sum into out's queries (i, j0 + dw * l), their logsumexp into lse.
