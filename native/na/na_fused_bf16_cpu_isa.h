@@ -1237,11 +1237,8 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
         token_j[n] = rw + (n % p.kw) * p.dw;
         token[n] = (bh * H + token_i[n]) * W + token_j[n];
         prob_rows[n] = weights + token[n] * KK;
-        // where the key tiles' sums do not stay in registers, they read whole vectors of P: a padded copy
-        if constexpr (!kRowsInRegisters<float, kD>) {
-          std::copy(prob_rows[n], prob_rows[n] + KK, s.prob.data() + n * padded);
-        }
       }
+      whole_group_prob_tables<float, kD>(prob_rows, KK, padded, s);
       const int64_t *ti = token_i, *tj = token_j;
       bf16_widen_group_rows(q_all.slice(bh), ti, tj, KK, D, rows.q, s.qs.data());
       bf16_widen_group_rows(k_all.slice(bh), ti, tj, KK, D, rows.k, s.keys.data());
@@ -1249,8 +1246,6 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       bf16_widen_group_rows(grad_out_all.slice(bh), ti, tj, KK, D, rows.grad_out, s.grad_outs.data());
       bf16_widen_group_rows(out_all.slice(bh), ti, tj, KK, D, rows.out, nullptr);
       const Slice<const float> out_rows{rows.out.data(), D, 0};
-      // P per key for the query tiles straight from the saved rows (as the float32 whole_group_backward_slices)
-      transpose_rows<float>([&](int64_t n) { return prob_rows[n]; }, KK, KK, s.prob_t.data(), padded);
       for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
         whole_group_query_tile<float, kD>(out_rows, t0, lanes, padded, dst, p, scale, slot_rows.data(),
@@ -1266,17 +1261,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
       for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
-        shared_row_weighted_sums<float, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<float>{} + scale, dst,
-                                            lanes);
-        if constexpr (kRowsInRegisters<float, kD>) {  // dV from the saved rows in place
-          lane_weighted_row_sums_of<kD, true, float>(
-              [&](int64_t n) { return prob_rows[n] + t0; }, KK, lanes,
-              [&](int64_t n, int64_t) { return s.grad_outs[n]; },
-              [&](int64_t l, int64_t c, Lanes<float> sum) { store_lanes(dst_v[l] + c * kLanes, sum); });
-        } else {
-          shared_row_weighted_sums<float, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D,
-                                              Lanes<float>{} + 1.0f, dst_v, lanes);
-        }
+        whole_group_key_tile<float, kD>(prob_rows, t0, lanes, padded, p, scale, s, dst, dst_v);
         bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
         bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
       }

@@ -1457,6 +1457,37 @@ void whole_group_query_one(const T* out_row, const T* prob, int64_t slot, int64_
   }
 }
 
+// P of a group's queries (prob_rows[n]: the saved weights' row of slot n) as the tiles read it: per key, transposed
+// straight from the saved rows, into s.prob_t (a copy of the rows first, then a transpose of the copy, was about a
+// tenth of this backward at 56x56 k7 d8); and, where the key tiles' sums do not stay in registers (they then read
+// whole vectors of P), a padded copy in s.prob.
+template <typename T, int64_t kD>
+void whole_group_prob_tables(const T* const* prob_rows, int64_t window, int64_t padded,
+                             WholeGroupBackwardScratch<T>& s) {
+  if constexpr (!kRowsInRegisters<T, kD>) {
+    for (int64_t n = 0; n < window; ++n) std::copy(prob_rows[n], prob_rows[n] + window, s.prob.data() + n * padded);
+  }
+  transpose_rows<T>([&](int64_t n) { return prob_rows[n]; }, window, window, s.prob_t.data(), padded);
+}
+
+// Key tile of slots t0 .. t0 + lanes - 1 of a whole-group backward: dK = scale sum_s dS_s q_s into dst[l], dV = sum_s
+// P_s dO_s into dst_v[l] over the group's queries s, q and dO broadcast (P from the saved rows in place where the sums
+// stay in registers, else from whole_group_prob_tables' padded copy).
+template <typename T, int64_t kD>
+void whole_group_key_tile(const T* const* prob_rows, int64_t t0, int64_t lanes, int64_t padded, const Problem& p,
+                          T scale, WholeGroupBackwardScratch<T>& s, T* const* dst, T* const* dst_v) {
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
+  shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
+  if constexpr (kRowsInRegisters<T, kD>) {
+    lane_weighted_row_sums_of<kD, true, T>(
+        [&](int64_t n) { return prob_rows[n] + t0; }, KK, lanes, [&](int64_t n, int64_t) { return s.grad_outs[n]; },
+        [&](int64_t l, int64_t c, Lanes<T> sum) { store_lanes(dst_v[l] + c * kLanes, sum); });
+  } else {
+    shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1), dst_v,
+                                    lanes);
+  }
+}
+
 // The whole-group backward of slices [s0, s1): dQ, dK, dV from the saved weights and, with bias_partials (else
 // null), each task's bias gradient into its own [rpb_h][rpb_w] there (task t of the call at t * rpb_h * rpb_w;
 // sum_bias_partials adds them up). A task is up to kGroupsPerTask dilation groups of one slice (see
@@ -1498,12 +1529,8 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
         s.values[n] = v.at(token_i[n], token_j[n]);
         s.grad_outs[n] = grad_out.at(token_i[n], token_j[n]);
         prob_rows[n] = weights + token[n] * KK;
-        // where the key tiles' sums do not stay in registers, they read whole vectors of P: a padded copy
-        if constexpr (!kRowsInRegisters<T, kD>) std::copy(prob_rows[n], prob_rows[n] + KK, s.prob.data() + n * padded);
       }
-      // P per key for the query tiles straight from the saved rows (a copy of the rows first, then a transpose of
-      // the copy, was about a tenth of this backward at 56x56 k7 d8)
-      transpose_rows<T>([&](int64_t n) { return prob_rows[n]; }, KK, KK, s.prob_t.data(), padded);
+      whole_group_prob_tables<T, kD>(prob_rows.data(), KK, padded, s);
       T* dst[kLanes];
       for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
@@ -1524,16 +1551,7 @@ void whole_group_backward_slices(Strided<const T> grad_out_all, Strided<const T>
           dst[l] = grad_k.at(token_i[t0 + l], token_j[t0 + l]);
           dst_v[l] = grad_v.at(token_i[t0 + l], token_j[t0 + l]);
         }
-        shared_row_weighted_sums<T, kD>(s.ds.data() + t0, padded, s.qs.data(), KK, D, Lanes<T>{} + scale, dst, lanes);
-        if constexpr (kRowsInRegisters<T, kD>) {  // dV from the saved rows in place
-          lane_weighted_row_sums_of<kD, true, T>(
-              [&](int64_t n) { return prob_rows[n] + t0; }, KK, lanes,
-              [&](int64_t n, int64_t) { return s.grad_outs[n]; },
-              [&](int64_t l, int64_t c, Lanes<T> sum) { store_lanes(dst_v[l] + c * kLanes, sum); });
-        } else {
-          shared_row_weighted_sums<T, kD>(s.prob.data() + t0, padded, s.grad_outs.data(), KK, D, Lanes<T>{} + T(1),
-                                          dst_v, lanes);
-        }
+        whole_group_key_tile<T, kD>(prob_rows.data(), t0, lanes, padded, p, scale, s, dst, dst_v);
       }
     }
     if (bias_partials != nullptr) {
