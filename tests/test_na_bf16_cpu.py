@@ -147,7 +147,8 @@ def test_bf16_fused_forward_matches_float64(path, dims, kernel, dilation, shape,
 
 
 # The inference forward of maps that are not whole groups on the AVX2 and AVX-512 paths takes float32's rows on
-# widened slices where the slices split evenly over the threads, else (and saving the weights) the row blocks; the
+# widened slices where the slices split evenly over the threads, else the row blocks (saving the weights, widened
+# slices on the AVX-512 path for windows of 81 keys or more: the k 11 cases); the
 # AVX512_BF16 path hands it the inference maps where its row blocks would take no interior tile or a half-empty one
 # (bf16_dot_forward_prefers_widened_slices: (16, 16) k11 d1, (40, 40) k11 d3, (15, 13) k3 d4, (12, 18) k11 d1) and
 # keeps the others ((28, 28) k7 d1, (20, 20) k11 d1).
@@ -369,3 +370,44 @@ def test_bf16_whole_group_scratch_follows_each_call(path):
         )
         for got, exp in zip(grads, want32):
             torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+
+
+# Windows of 81 keys or more that are not whole groups: on the AVX-512 path without vdpbf16ps the bf16 backward runs
+# float32's passes on widened slices (bf16_widened_saved_backward); the row blocks elsewhere, the same sums in the same
+# order on the paths checked. 1D and 2D, borders, dilations 1-3, a map a window wide along one side.
+WIDENED_BACKWARD_CASES = [
+    (2, 9, 1, (13, 17)),
+    (2, 11, 2, (25, 30)),
+    (2, 11, 1, (11, 23)),
+    (2, 9, 3, (30, 27)),
+    (1, 9, 3, (40,)),
+    (1, 11, 1, (12,)),
+]
+
+
+@pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
+@pytest.mark.parametrize("dim", HEAD_DIMS)
+@pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), WIDENED_BACKWARD_CASES)
+def test_bf16_backward_on_widened_slices_is_float32s(path, dims, kernel, dilation, shape, dim, heads_last):
+    """Large windows without vdpbf16ps: the bf16 gradients of q, k and v are the float32 kernel's on the upcast
+    inputs (the same saved weights and out) rounded to bf16, bit for bit; with vdpbf16ps (its row blocks), and the
+    bias gradient (summed over groups of slices of another size), within bf16's rounding. And within the bf16
+    tolerance of float64 autograd either way."""
+    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + 3)
+    q, k, v, grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
+    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
+    scale = dim**-0.5
+    backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
+    out, attn = _fused(dims, True)(q, k, v, rpb, kernel, dilation, scale)
+    grads = backward(grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale)
+    want32 = backward(*(t.float() for t in (grad_out, q, k, v, rpb, out)), attn, kernel, dilation, scale)
+    for name, got, exp in zip(("q", "k", "v", "rpb"), grads, want32):
+        if path[1] == "on" or name == "rpb":  # the bias gradient sums groups of slices of another size
+            torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
+        else:
+            assert torch.equal(got, exp.to(torch.bfloat16)), f"grad {name} differs from float32's rounded"
+    leaves = [t.double().requires_grad_() for t in (q, k, v, rpb)]
+    want_out, _, _ = _reference(*leaves[:3], kernel, dilation, leaves[3], scale, dims)
+    want = torch.autograd.grad(want_out, leaves, grad_out.double())
+    for got, exp in zip(grads, want):
+        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)

@@ -768,8 +768,8 @@ inline void bf16_round_slice_row(const float* row, Slice<Bf16Bits> x, int64_t i,
 template <int64_t kD>
 void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf16Bits> k_all,
                                 Strided<const Bf16Bits> v_all, const float* rpb, Strided<Bf16Bits> out_all, float* lse,
-                                const Problem& p, const Windows& win, const GroupOrder& order, bool tiles, float scale,
-                                int64_t bh) {
+                                float* weights, const Problem& p, const Windows& win, const GroupOrder& order,
+                                bool tiles, float scale, int64_t bh) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window(), slice = p.tokens() * D;
   const bool pairs = tiles && pair_rows_of_forward<float>(p);
   const int64_t pair_rows = pairs ? 2 * slice : 0;  // the pairs' query and output buffers
@@ -803,13 +803,13 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
     bf16_widen_slice_rows(q_bf16, i, i + 1, p, to);
   };
   const Slice<Bf16Bits> out = out_all.slice(bh);
-  RowScratch<float> first(D, KK, tiles, false), second(D, KK, tiles, false);
+  RowScratch<float> first(D, KK, tiles, weights != nullptr), second(D, KK, tiles, weights != nullptr);
   for (const auto& [ia, ib] : forward_row_units(p, pairs)) {
     if (ib < 0) {
       widen_query_row(ia, row_q);
       const Slice<const float> q{row_q, 0, D};  // every row alone in the one buffer
       forward_row_queries<float, kD>(q, k, v, kts, vts, rpb, Slice<float>{row_out, 0, D}, lse, bh, ia, p, win, order,
-                                     scale, tiles, nullptr, first);
+                                     scale, tiles, weights, first);
       bf16_round_slice_row(row_out, out, ia, W, D);
       continue;
     }
@@ -817,18 +817,28 @@ void bf16_widened_slice_forward(Strided<const Bf16Bits> q_all, Strided<const Bf1
     widen_query_row(ib, pair_q + ib * W * D);
     forward_row_pair_queries<float, kD>(Slice<const float>{pair_q, W * D, D}, k, v, kts, vts, rpb,
                                         Slice<float>{pair_out, W * D, D}, lse, bh, ia, ib, p, win, order, scale,
-                                        nullptr, first, second);
+                                        weights, first, second);
     bf16_round_slice_row(pair_out + ia * W * D, out, ia, W, D);
     bf16_round_slice_row(pair_out + ib * W * D, out, ib, W, D);
   }
 }
 
-// Whether the forward takes bf16_widened_slice_forward: in inference (saving the weights, float32's tiles take a
-// second exp pass and a transpose per tile, and the row blocks were faster: forward + backward bf16/f32 at d 1 of
-// DiNAT-T 1.22-1.42 against 1.31-1.50, AVX2, 2 threads, 3 runs each), maps that are not whole groups (those keep the
-// whole-group tiles), with slices that split evenly over the threads (forward_slice_tasks, one task per slice).
+// Whether training (saving the weights) takes float32's own kernels on widened slices, forward and backward: on the
+// AVX-512 path for windows of 81 keys or more. Forward + backward at DiNAT-L's k 11 cells (14 cells of
+// benchmark_ops.py's dinat-l-512/640 at batch 1, 2 threads, float32 / bf16 time alternating in one process, two runs
+// each), AVX-512: row blocks 0.79-0.95, widened 0.88-0.98; AVX2: row blocks 0.89-1.08, widened 0.85-0.99 (at k 7 the
+// row blocks are as fast as float32's kernels there, and the widening would come on top).
+inline bool bf16_widens_large_window(const Problem& p) { return kLanes == 16 && p.window() >= 81; }
+
+// Whether the forward takes bf16_widened_slice_forward: maps that are not whole groups (those keep the whole-group
+// tiles), with slices that split evenly over the threads (forward_slice_tasks, one task per slice); saving the weights
+// (training) only where bf16_widens_large_window. At k 7 the row blocks won there (float32's tiles take a second exp
+// pass and a transpose per tile when saving: forward + backward bf16/f32 at d 1 of DiNAT-T 1.22-1.42 against
+// 1.31-1.50, AVX2, 2 threads, 3 runs each); at DiNAT-L's k 11 on AVX-512 the widened slices did (forward with weights,
+// float32 / bf16 time, 2 threads, one process alternating: row blocks 0.77-1.04 and widened 0.96-1.03 with
+// contiguous q, k, v, 0.90-1.37 and 1.02-1.39 with the packed qkv).
 inline bool bf16_forward_widens_slices(const Problem& p, bool saves_weights) {
-  return !saves_weights && !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
+  return (!saves_weights || bf16_widens_large_window(p)) && !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
 }
 #endif
 
@@ -883,7 +893,7 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
     dispatch_head_dim(p.dim, [&](auto dim) {
       parallel(p.batch_heads, 1, [&](int64_t bh) {
-        bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, p, win, order, tiles, fs, bh);
+        bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, wp, p, win, order, tiles, fs, bh);
       });
     });
     return;
@@ -912,6 +922,8 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 //   and dO rows of the block's inverse neighborhoods converted once per block).
 // - where every window is its whole dilation group, neither: one pass per (slice, dilation group) of dense
 //   lane-parallel products on the group's widened rows (bf16_whole_group_backward_slices, in the driver's unit).
+// - on the AVX-512 path without vdpbf16ps, windows of 81 keys or more: float32's own passes on widened groups of
+//   slices (bf16_widened_saved_backward).
 // Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
 // dS and P are float32 (the float32 kernel's precision): dQ, dK and dV by vdpbf16ps would round them to bf16 first.
 // The query pass is compiled in every unit (fused_backward_query_pass_bf16); the key pass and the driver in the
@@ -1275,6 +1287,81 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
   });
 }
 
+// ------------------------------------------------------------------------------------------- widened slices
+// On the AVX-512 path (without vdpbf16ps) windows of 81 keys or more (bf16_widens_large_window) take float32's
+// saved-weights backward itself (backward_query_pass_saved, backward_key_pass of na_fused_cpu_isa.h) on each group of
+// slices widened to float32 right before its passes (as float32 stages its token-strided inputs there), the gradients
+// rounded to bf16 once after them, while the group is in cache: its cost over float32's is the widening and the
+// rounding.
+// Rows of work for the widening and rounding passes: about 32K values per task.
+inline int64_t bf16_slice_row_grain(const Problem& p) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(p.width * p.dim, 1));
+}
+
+// Slices [s0, s1) of each xs[t] widened into float32 at stage + t * (s1 - s0) H W D as [s1 - s0, H, W, D], in one
+// parallel pass (a pass per tensor cost a fork and join each, a visible share at 16x16 maps); returns the copies,
+// addressed by the slices' own numbers.
+template <size_t kN>
+std::array<Strided<const float>, kN> bf16_widen_slices(const std::array<Strided<const Bf16Bits>, kN>& xs, int64_t s0,
+                                                       int64_t s1, const Problem& p, float* stage) {
+  const int64_t H = p.height, W = p.width, D = p.dim, rows = (s1 - s0) * H, n = rows * W * D;
+  parallel(rows, bf16_slice_row_grain(p), [&](int64_t row) {
+    const int64_t i = row % H;
+    for (size_t t = 0; t < kN; ++t)
+      bf16_widen_slice_rows(xs[t].slice(s0 + row / H), i, i + 1, p, stage + t * n + row * W * D);
+  });
+  std::array<Strided<const float>, kN> widened;
+  for (size_t t = 0; t < kN; ++t) {
+    widened[t] = {stage + t * n, contiguous_strides(p, D)};
+    widened[t].s.origin = widened[t].s.slice(s0);
+  }
+  return widened;
+}
+
+// Float32 slices [s0, s1) at src + t * (s1 - s0) H W D rounded into xs[t], in one parallel pass.
+template <size_t kN>
+void bf16_round_slices(const float* src, const std::array<Strided<Bf16Bits>, kN>& xs, int64_t s0, int64_t s1,
+                       const Problem& p) {
+  const int64_t H = p.height, W = p.width, D = p.dim, rows = (s1 - s0) * H, n = rows * W * D;
+  parallel(rows, bf16_slice_row_grain(p), [&](int64_t row) {
+    for (size_t t = 0; t < kN; ++t)
+      bf16_round_slice_row(src + t * n + row * W * D, xs[t].slice(s0 + row / H), row % H, W, D);
+  });
+}
+
+// The saved-weights backward on widened slices (bf16_widens_large_window): dQ, dK, dV and the bias gradient.
+template <int64_t kD>
+void bf16_widened_saved_backward(Strided<const Bf16Bits> grad_out_all, Strided<const Bf16Bits> q_all,
+                                 Strided<const Bf16Bits> k_all, Strided<const Bf16Bits> v_all,
+                                 Strided<const Bf16Bits> out_all, const float* prob, Strided<Bf16Bits> grad_q_all,
+                                 Strided<Bf16Bits> grad_k_all, Strided<Bf16Bits> grad_v_all, float* rpb_grad,
+                                 const Problem& p, const Windows& win, float scale) {
+  // Per slice: dS, the five widened inputs and the three float32 gradients.
+  const int64_t slice_elems = p.tokens() * p.window(), slice_kv = p.tokens() * p.dim;
+  const int64_t per_slice = slice_elems + 8 * slice_kv;
+  const int64_t group = slices_per_group(per_slice * static_cast<int64_t>(sizeof(float)), p);
+  float* const ds_ws = kept_scratch<float>(group * per_slice);
+  for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
+    const int64_t s1 = std::min(p.batch_heads, s0 + group);
+    // dO, q, k, v, out widened, then dQ, dK, dV in float32: each [s1 - s0, H, W, D].
+    const auto [grad_out, q, k, v, out] =
+        bf16_widen_slices<5>({grad_out_all, q_all, k_all, v_all, out_all}, s0, s1, p, ds_ws + group * slice_elems);
+    float* const grads = ds_ws + group * slice_elems + 5 * (s1 - s0) * slice_kv;
+    const auto group_grad = [&](int64_t t) {
+      Strided<float> g{grads + t * (s1 - s0) * slice_kv, contiguous_strides(p, p.dim)};
+      g.s.origin = g.s.slice(s0);
+      return g;
+    };
+    backward_query_pass_saved<float, kD>(grad_out, k, v, out, prob, group_grad(0), ds_ws, s0, s1, p, win, scale);
+    backward_key_pass<float, kD>(grad_out, q, prob + s0 * slice_elems, ds_ws, group_grad(1), group_grad(2), s0, s1, p,
+                                 win, scale);
+    if (rpb_grad != nullptr) {
+      rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
+    }
+    bf16_round_slices<3>(grads, {grad_q_all, grad_k_all, grad_v_all}, s0, s1, p);
+  }
+}
+
 }  // namespace
 
 // fused_backward_with_attn for bf16 grad_out, q, k, v, out and grads; float32 attn (the saved weights) and grad_rpb
@@ -1304,6 +1391,13 @@ void fused_backward_with_attn_bf16(const at::Tensor& grad_out, const at::Tensor&
   const float* prob = attn.const_data_ptr<float>();
   float* rpb_grad = grad_rpb.defined() ? grad_rpb.mutable_data_ptr<float>() : nullptr;
   const auto fs = static_cast<float>(scale);
+  // This unit's own query pass selected (no vdpbf16ps): large windows on AVX-512 take float32's widened passes.
+  if (!whole_groups && query_pass == &fused_backward_query_pass_bf16 && bf16_widens_large_window(p)) {
+    dispatch_head_dim(p.dim, [&](auto dim) {
+      bf16_widened_saved_backward<dim.value>(gos, qs, ks, vs, os, prob, gqs, gks, gvs, rpb_grad, p, win, fs);
+    });
+    return;
+  }
   // dS of a group of slices, kept per calling thread between calls. The group takes the float32 kernel's size
   // (slices_per_group: about the L2 caches, at least one slice), so that the key pass finds the dS the query pass
   // wrote in cache: in one group of up to 64 MiB the key pass streamed it from memory, 27 ms against float32's 24 at

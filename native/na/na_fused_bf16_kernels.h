@@ -45,8 +45,8 @@ using Bf16BackwardQueryPass = void (*)(const at::Tensor& grad_out, const at::Ten
 
 namespace dinat_m2f::na::cpu {
 // Whether the bf16 forward on the AVX512_BF16 path hands p to the AVX-512 variant's (float32's rows on widened slices,
-// na_fused_bf16_cpu_isa.h) instead of its vdpbf16ps row blocks: in inference (saving the weights, the AVX-512
-// variant takes row blocks too, without vdpbf16ps), maps that are not whole groups where the row blocks
+// na_fused_bf16_cpu_isa.h) instead of its vdpbf16ps row blocks: in inference (saving the weights it keeps them; not
+// measured against the widened slices on an AVX512_BF16 machine), maps that are not whole groups where the row blocks
 // would take no 16-query interior tile, or (k >= 9 along W, no dilation) a partial one of at most half its lanes, the
 // other queries one at a time with vdpbf16ps dots and horizontal sums. Measured (one thread, EPYC Zen4), forward ms
 // row blocks / widened: 1x48x16x16 k11 d1 4.24-4.34 / 3.99-4.02 (float32 3.93-4.04), 1x24x40x40 k11 d3 13.97-14.5 /
