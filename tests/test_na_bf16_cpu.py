@@ -411,3 +411,31 @@ def test_bf16_backward_on_widened_slices_is_float32s(path, dims, kernel, dilatio
     want = torch.autograd.grad(want_out, leaves, grad_out.double())
     for got, exp in zip(grads, want):
         torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "dilation", "shape"),
+    [(11, 1, (23, 30)), (7, 1, (40, 17)), (5, 3, (26, 20)), (7, 2, (14, 14))],
+    ids=["k11", "k7", "k5-d3", "whole-groups"],
+)
+def test_bf16_backward_same_bits_on_any_thread_count(path, kernel, dilation, shape):
+    """The bf16 saved-weights backward splits its row blocks by the thread count (bf16_backward_row_blocks) and the
+    widened slices into groups: every query's dQ and every key's dK, dV are summed by one task in a fixed order, so
+    1, 2, 3 and 5 threads give the same gradients, bit for bit (a block left out or done twice would not)."""
+    g = torch.Generator().manual_seed(kernel + dilation)
+    q, k, v, grad_out = (torch.randn(2, 3, *shape, 32, generator=g).to(torch.bfloat16) for _ in range(4))
+    rpb = torch.randn(3, 2 * kernel - 1, 2 * kernel - 1, generator=g).to(torch.bfloat16)
+    out, attn = _fused(2, True)(q, k, v, rpb, kernel, dilation, 32**-0.5)
+    before = torch.get_num_threads()
+    grads = {}
+    try:
+        for threads in (1, 2, 3, 5):
+            torch.set_num_threads(threads)
+            grads[threads] = torch.ops.dinat_m2f.na2d_fused_backward_with_attn(
+                grad_out, q, k, v, rpb, out, attn, kernel, dilation, 32**-0.5
+            )
+    finally:
+        torch.set_num_threads(before)
+    for threads in (2, 3, 5):
+        for name, got, exp in zip(("q", "k", "v", "rpb"), grads[threads], grads[1]):
+            assert torch.equal(got, exp), f"grad {name}: {threads} threads differ from one"
