@@ -246,31 +246,43 @@ def test_bf16_override_is_honoured_and_loud_when_wrong(monkeypatch):
         _fused(2, False)(q, q, q, None, 3, 1, 1.0)
 
 
+class _SavedBackwardCase:
+    """bf16 q, k, v, dO and bias (3 heads, batch 2), the forward that saves the weights (out, attn) and the bf16
+    backward from them (grads); seeded by the case and ``seed``."""
+
+    def __init__(self, dims, kernel, dilation, shape, dim, heads_last, seed):
+        g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + seed)
+        self.q, self.k, self.v, self.grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
+        self.rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
+        self.dims, self.kernel, self.dilation, self.scale = dims, kernel, dilation, dim**-0.5
+        self.backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
+        tokens = (self.q, self.k, self.v, self.rpb, kernel, dilation, self.scale)
+        self.out, self.attn = _fused(dims, True)(*tokens)
+        self.grads = self.backward(self.grad_out, *tokens[:4], self.out, self.attn, *tokens[4:])
+
+    def assert_near_float64_autograd(self):
+        """The gradients within the bf16 tolerance of float64 autograd of the reference on the same bf16 inputs."""
+        leaves = [t.double().requires_grad_() for t in (self.q, self.k, self.v, self.rpb)]
+        want_out, _, _ = _reference(*leaves[:3], self.kernel, self.dilation, leaves[3], self.scale, self.dims)
+        want = torch.autograd.grad(want_out, leaves, self.grad_out.double())
+        for got, exp in zip(self.grads, want):
+            torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+
+
 @pytest.mark.parametrize("heads_last", [False, True], ids=["contig", "headslast"])
 @pytest.mark.parametrize("dim", HEAD_DIMS)
 @pytest.mark.parametrize(("dims", "kernel", "dilation", "shape"), CASES + WHOLE_GROUP_CASES)
 def test_bf16_fused_backward_from_saved_weights(path, dims, kernel, dilation, shape, dim, heads_last):
     """Training's backward (ops.na*d on the CPU with grad: the forward saves the weights) in bf16: gradients within
     the bf16 tolerance of float64 autograd, and the float32 kernel's on the upcast inputs up to bf16 rounding."""
-    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + 1)
-    q, k, v, grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
-    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
-    scale = dim**-0.5
-    backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
-    out, attn = _fused(dims, True)(q, k, v, rpb, kernel, dilation, scale)
-    grads = backward(grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale)
-    assert all(t.dtype == torch.bfloat16 for t in grads)
-    # float64 autograd of the reference on the same bf16 inputs.
-    leaves = [t.double().requires_grad_() for t in (q, k, v, rpb)]
-    want_out, _, _ = _reference(*leaves[:3], kernel, dilation, leaves[3], scale, dims)
-    want = torch.autograd.grad(want_out, leaves, grad_out.double())
-    for got, exp in zip(grads, want):
-        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+    c = _SavedBackwardCase(dims, kernel, dilation, shape, dim, heads_last, seed=1)
+    assert all(t.dtype == torch.bfloat16 for t in c.grads)
+    c.assert_near_float64_autograd()
     # The float32 kernel on the upcast inputs (and the float32 out and attn it saved).
-    q32, k32, v32, go32, rpb32 = (t.float() for t in (q, k, v, grad_out, rpb))
-    out32, attn32 = _fused(dims, True)(q32, k32, v32, rpb32, kernel, dilation, scale)
-    want32 = backward(go32, q32, k32, v32, rpb32, out.float(), attn32, kernel, dilation, scale)
-    for got, exp in zip(grads, want32):
+    q32, k32, v32, go32, rpb32 = (t.float() for t in (c.q, c.k, c.v, c.grad_out, c.rpb))
+    out32, attn32 = _fused(dims, True)(q32, k32, v32, rpb32, kernel, dilation, c.scale)
+    want32 = c.backward(go32, q32, k32, v32, rpb32, c.out.float(), attn32, kernel, dilation, c.scale)
+    for got, exp in zip(c.grads, want32):
         torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
 
 
@@ -393,24 +405,15 @@ def test_bf16_backward_on_widened_slices_is_float32s(path, dims, kernel, dilatio
     inputs (the same saved weights and out) rounded to bf16, bit for bit; with vdpbf16ps (its row blocks), and the
     bias gradient (summed over groups of slices of another size), within bf16's rounding. And within the bf16
     tolerance of float64 autograd either way."""
-    g = torch.Generator().manual_seed(kernel * 100 + dilation * 10 + dim + 3)
-    q, k, v, grad_out = (_tokens(shape, dim, heads_last, g) for _ in range(4))
-    rpb = torch.randn(3, *[2 * kernel - 1] * dims, generator=g).to(torch.bfloat16)
-    scale = dim**-0.5
-    backward = getattr(torch.ops.dinat_m2f, f"na{dims}d_fused_backward_with_attn")
-    out, attn = _fused(dims, True)(q, k, v, rpb, kernel, dilation, scale)
-    grads = backward(grad_out, q, k, v, rpb, out, attn, kernel, dilation, scale)
-    want32 = backward(*(t.float() for t in (grad_out, q, k, v, rpb, out)), attn, kernel, dilation, scale)
-    for name, got, exp in zip(("q", "k", "v", "rpb"), grads, want32):
+    c = _SavedBackwardCase(dims, kernel, dilation, shape, dim, heads_last, seed=3)
+    upcast = (t.float() for t in (c.grad_out, c.q, c.k, c.v, c.rpb, c.out))
+    want32 = c.backward(*upcast, c.attn, kernel, dilation, c.scale)
+    for name, got, exp in zip(("q", "k", "v", "rpb"), c.grads, want32):
         if path[1] == "on" or name == "rpb":  # the bias gradient sums groups of slices of another size
             torch.testing.assert_close(got.float(), exp, rtol=2**-7, atol=1e-4)
         else:
             assert torch.equal(got, exp.to(torch.bfloat16)), f"grad {name} differs from float32's rounded"
-    leaves = [t.double().requires_grad_() for t in (q, k, v, rpb)]
-    want_out, _, _ = _reference(*leaves[:3], kernel, dilation, leaves[3], scale, dims)
-    want = torch.autograd.grad(want_out, leaves, grad_out.double())
-    for got, exp in zip(grads, want):
-        torch.testing.assert_close(got.double(), exp, rtol=5e-2, atol=5e-2)
+    c.assert_near_float64_autograd()
 
 
 @pytest.mark.parametrize(
