@@ -1286,11 +1286,16 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
       transpose_block(s.ds_t.data(), padded, KK, KK, s.ds.data(), padded);
       if (bias_partials != nullptr) add_slot_rows(s.ds.data(), KK * padded, s.ds_sum.data());
       // Key tiles: dK = scale sum_s dS_s q_s, dV = sum_s P_s dO_s over the group's queries s, q and dO broadcast.
-      for (int64_t t0 = 0; t0 < KK; t0 += kLanes) {
+      for (int64_t t0 = 0; t0 < tiled; t0 += kLanes) {
         const int64_t lanes = std::min(kLanes, KK - t0);
         whole_group_key_tile<float, kD>(prob_rows, t0, lanes, padded, p, scale, s, dst, dst_v);
         bf16_round_tile_rows(dst, lanes, t0, grad_k, ti, tj, D);
         bf16_round_tile_rows(dst_v, lanes, t0, grad_v, ti, tj, D);
+      }
+      for (int64_t slot = tiled; slot < KK; ++slot) {
+        whole_group_key_one<float, kD>(prob_rows, slot, padded, p, scale, s, dst[0], dst_v[0]);
+        bf16_round_tile_rows(dst, 1, slot, grad_k, ti, tj, D);
+        bf16_round_tile_rows(dst_v, 1, slot, grad_v, ti, tj, D);
       }
     }
     if (bias_partials != nullptr) {

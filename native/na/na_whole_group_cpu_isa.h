@@ -92,8 +92,9 @@ inline void add_group_bias_grad(const T* ds, int64_t padded, const int64_t* bias
 }
 
 // The slots of a whole group that go through lane tiles: all but a last partial tile of at most a quarter of the
-// lanes, whose queries run one at a time (k 7: 49 slots are 3 tiles of 16 and one query, whose tile of 16 lanes cost
-// as much as a full one in the products over the window). Shared by the float32 forward and both backwards.
+// lanes, whose queries (and in the backward's key tiles, keys) run one at a time (k 7: 49 slots are 3 tiles of 16 and
+// one slot, whose tile of 16 lanes cost as much as a full one in the products over the window). Shared by the
+// float32 forward and both backwards.
 inline int64_t whole_group_tiled_slots(int64_t window) {
   const int64_t rest = window % kLanes;
   return rest <= kLanes / 4 ? window - rest : window;
