@@ -835,8 +835,8 @@ inline bool bf16_widens_large_window(const Problem& p) { return kLanes == 16 && 
 // (training) only where bf16_widens_large_window. At k 7 the row blocks won there (float32's tiles take a second exp
 // pass and a transpose per tile when saving: forward + backward bf16/f32 at d 1 of DiNAT-T 1.22-1.42 against
 // 1.31-1.50, AVX2, 2 threads, 3 runs each); at DiNAT-L's k 11 on AVX-512 the widened slices did (forward with weights,
-// float32 / bf16 time, 2 threads, one process alternating: row blocks 0.77-1.04 and widened 0.96-1.03 with
-// contiguous q, k, v, 0.90-1.37 and 1.02-1.39 with the packed qkv).
+// float32 / bf16 time, 2 threads, one process alternating, 9 cells: row blocks 0.77-1.27 and widened 0.96-1.28
+// with contiguous q, k, v, 0.90-1.37 and 1.02-1.39 with the packed qkv).
 inline bool bf16_forward_widens_slices(const Problem& p, bool saves_weights) {
   return (!saves_weights || bf16_widens_large_window(p)) && !bf16_window_is_whole_group(p) && forward_slice_tasks(p);
 }
@@ -1313,6 +1313,7 @@ void bf16_whole_group_backward_slices(Strided<const Bf16Bits> grad_out_all, Stri
 // slices widened to float32 right before its passes (as float32 stages its token-strided inputs there), the gradients
 // rounded to bf16 once after them, while the group is in cache: its cost over float32's is the widening and the
 // rounding.
+
 // Rows of work for the widening and rounding passes: about 32K values per task.
 inline int64_t bf16_slice_row_grain(const Problem& p) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(p.width * p.dim, 1));
