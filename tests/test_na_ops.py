@@ -174,6 +174,25 @@ def test_fused_cpu_kernels_over_several_slice_groups(threads, k, d, saves_attn, 
     torch.testing.assert_close(grads[3], want_grads[3].to(dtype), **rpb_tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+@pytest.mark.parametrize("k,d,shape", [(7, 1, (40, 40)), (11, 2, (30, 28))])
+def test_fused_cpu_bias_gradient_when_slice_groups_cross_heads(k, d, shape, dtype):
+    """The bias gradient is summed per group of (batch, head) slices, a task per head the group holds and bias row.
+    With 5 heads and batch 2 the groups (2 MiB of workspace: 1-6 slices here) start inside a batch and wrap into the
+    next one's heads, so a head left out, counted twice or confused with another changes the gradient."""
+    heads, dim = 5, 16
+    q, key, v = _inputs(shape, dim, torch.float64, "cpu", heads=heads, batch=2, seed=k)
+    rpb = _rpb(heads, k, 2, torch.float64, "cpu", seed=d)
+    tensors = [t.to(dtype) for t in (q, key, v, rpb)]
+    _, grads = _grads(lambda a, b, c, r: _fused_native(2, True)(a, b, c, k, d, r, 0.5), tensors)
+    _, want = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.5), [t.double() for t in tensors])
+    tol = {torch.float64: TOL[torch.float64], torch.float32: dict(rtol=1e-4, atol=2e-4)}.get(
+        dtype, dict(rtol=5e-2, atol=5e-2)
+    )
+    for name, got, exp in zip(("q", "k", "v", "rpb"), grads, want):
+        torch.testing.assert_close(got.double(), exp, **tol, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("saves_attn", [False, True], ids=["inference", "saved"])
 @pytest.mark.parametrize("with_rpb", [True, False], ids=["rpb", "no-rpb"])

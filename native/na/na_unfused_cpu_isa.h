@@ -116,14 +116,16 @@ inline void add_window_rows_to_bias_row(const T* row, int64_t col, const int64_t
 
 // Shared with the fused backward: adds into grad_rpb (accumulation type) the bias gradient of the weight gradients
 // g of slices [slice_begin, slice_end) (g's slice 0 is slice_begin). Parallel over (head, bias row): race-free.
+// Only the heads the slices hold get tasks: a group of fewer slices than heads (DiNAT-L's 48 heads at k 11 come in
+// groups of 3-10) made a task per head and bias row that found nothing to add but still allocated and stored.
 template <typename T, typename Acc>
 void rpb_grad_slices(Strided<const T> g, int64_t slice_begin, int64_t slice_end, Acc* grad_rpb, const Problem& p) {
   const Windows win(p);
   const int64_t H = p.height, W = p.width, RH = p.rpb_h(), RW = p.rpb_w();
-  parallel(p.heads * RH, 1, [&](int64_t task) {
-    const int64_t h = task / RH, a = task % RH;
+  const int64_t heads_present = std::min(p.heads, slice_end - slice_begin);
+  parallel(heads_present * RH, 1, [&](int64_t task) {
+    const int64_t first = slice_begin + task / RH, h = first % p.heads, a = task % RH;
     std::vector<Acc> acc(RW, Acc(0));
-    int64_t first = slice_begin + ((h - slice_begin % p.heads) % p.heads + p.heads) % p.heads;
     for (int64_t bh = first; bh < slice_end; bh += p.heads) {
       for (int64_t i = 0; i < H; ++i) {
         const int64_t ki = a - win.h.bias[i];
