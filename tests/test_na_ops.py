@@ -179,13 +179,28 @@ def test_fused_cpu_kernels_over_several_slice_groups(threads, k, d, saves_attn, 
 def test_fused_cpu_bias_gradient_when_slice_groups_cross_heads(k, d, shape, dtype):
     """The bias gradient is summed per group of (batch, head) slices, a task per head the group holds and bias row.
     With 5 heads and batch 2 the groups (2 MiB of workspace: 1-6 slices here) start inside a batch and wrap into the
-    next one's heads, so a head left out, counted twice or confused with another changes the gradient."""
+    next one's heads, so a head left out, counted twice or confused with another changes the gradient. The query
+    pass sums each query row's share, which rows a thread takes depends on the thread count, so the backward on 1
+    and 3 threads must give the same bits."""
     heads, dim = 5, 16
     q, key, v = _inputs(shape, dim, torch.float64, "cpu", heads=heads, batch=2, seed=k)
     rpb = _rpb(heads, k, 2, torch.float64, "cpu", seed=d)
     tensors = [t.to(dtype) for t in (q, key, v, rpb)]
     _, grads = _grads(lambda a, b, c, r: _fused_native(2, True)(a, b, c, k, d, r, 0.5), tensors)
     _, want = _grads(lambda a, b, c, r: ref.na2d(a, b, c, k, d, r, 0.5), [t.double() for t in tensors])
+    lib = torch.ops.dinat_m2f
+    out, attn = lib.na2d_fused_forward_with_attn(*tensors[:3], tensors[3], k, d, 0.5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    before = torch.get_num_threads()
+    by_threads = {}
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            by_threads[threads] = lib.na2d_fused_backward_with_attn(grad_out, *tensors, out, attn, k, d, 0.5)
+    finally:
+        torch.set_num_threads(before)
+    for name, one, three in zip(("q", "k", "v", "rpb"), by_threads[1], by_threads[3]):
+        assert torch.equal(one, three), f"grad {name}: the backward on 3 threads differs from 1"
     tol = {torch.float64: TOL[torch.float64], torch.float32: dict(rtol=1e-4, atol=2e-4)}.get(
         dtype, dict(rtol=5e-2, atol=5e-2)
     )

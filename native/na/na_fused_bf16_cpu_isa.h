@@ -1362,6 +1362,8 @@ void bf16_widened_saved_backward(Strided<const Bf16Bits> grad_out_all, Strided<c
   const int64_t per_slice = slice_elems + 8 * slice_kv;
   const int64_t group = slices_per_group(per_slice * static_cast<int64_t>(sizeof(float)), p);
   float* const ds_ws = kept_scratch<float>(group * per_slice);
+  std::vector<float> bias_row_sums(rpb_grad != nullptr ? group * p.height * p.kh * p.rpb_w() : 0);
+  float* const bias_rows = rpb_grad != nullptr ? bias_row_sums.data() : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     // dO, q, k, v, out widened, then dQ, dK, dV in float32: each [s1 - s0, H, W, D].
@@ -1373,12 +1375,11 @@ void bf16_widened_saved_backward(Strided<const Bf16Bits> grad_out_all, Strided<c
       g.s.origin = g.s.slice(s0);
       return g;
     };
-    backward_query_pass_saved<float, kD>(grad_out, k, v, out, prob, group_grad(0), ds_ws, s0, s1, p, win, scale);
+    backward_query_pass_saved<float, kD>(grad_out, k, v, out, prob, group_grad(0), ds_ws, s0, s1, p, win, scale,
+                                         bias_rows);
     backward_key_pass<float, kD>(grad_out, q, prob + s0 * slice_elems, ds_ws, group_grad(1), group_grad(2), s0, s1, p,
                                  win, scale);
-    if (rpb_grad != nullptr) {
-      rpb_grad_slices<float, float>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, rpb_grad, p);
-    }
+    if (rpb_grad != nullptr) rpb_grad_from_row_sums(bias_rows, s0, s1, rpb_grad, p, win);
     bf16_round_slices<3>(grads, {grad_q_all, grad_k_all, grad_v_all}, s0, s1, p);
   }
 }

@@ -1445,10 +1445,50 @@ void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const
 
 // Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ, query by query (see
 // backward_saved_kernel).
+// The bias gradient of one query row, summed while the query pass has its dS rows in cache: the row's dS rows added
+// up per run of queries with the same bias columns (all interior queries are one run), each run then added into the
+// row's [kh, rpb_w] partial sums at its bias columns. rpb_grad_from_row_sums adds the rows up per head.
+template <typename T>
+class RowBiasSums {
+ public:
+  RowBiasSums(T* row_sums, const Problem& p) : sums_(row_sums), run_(p.window()), p_(p) {
+    std::fill(sums_, sums_ + p.kh * p.rpb_w(), T(0));
+  }
+  void add(const T* ds_row, int64_t bias_col) {
+    if (bias_col != bias_col_) {
+      flush();
+      bias_col_ = bias_col;
+      std::copy(ds_row, ds_row + p_.window(), run_.begin());
+      return;
+    }
+    T* const run = run_.data();
+    const int64_t n = p_.window();
+#pragma omp simd
+    for (int64_t t = 0; t < n; ++t) run[t] += ds_row[t];
+  }
+  void flush() {
+    if (bias_col_ < 0) return;
+    const int64_t RW = p_.rpb_w();
+    for (int64_t ki = 0; ki < p_.kh; ++ki) {
+      for (int64_t kj = 0; kj < p_.kw; ++kj) sums_[ki * RW + bias_col_ + kj] += run_[ki * p_.kw + kj];
+    }
+    bias_col_ = -1;
+  }
+
+ private:
+  T* sums_;
+  std::vector<T> run_;
+  const Problem& p_;
+  int64_t bias_col_ = -1;
+};
+
+// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ, query by query (see
+// backward_saved_kernel). With bias_row_sums, also each query row's bias gradient ([(s1 - s0) H][kh][rpb_w]): a
+// separate pass over dS (rpb_grad_slices) read it from memory again, 9% of the backward at 1x6x128x128 k11.
 template <typename T, int64_t kD>
 void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k_all, Strided<const T> v_all,
                                Strided<const T> out_all, const T* weights, Strided<T> grad_q_all, T* ds_ws, int64_t s0,
-                               int64_t s1, const Problem& p, const Windows& win, T scale) {
+                               int64_t s1, const Problem& p, const Windows& win, T scale, T* bias_row_sums = nullptr) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   parallel((s1 - s0) * H, row_grain(p), [&](int64_t local_row) {
     const int64_t bh = s0 + local_row / H, i = local_row % H;
@@ -1457,10 +1497,35 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
     const Slice<T> grad_q = grad_q_all.slice(bh);
     std::vector<T> acc(D), go_v(KK);
     std::vector<const T*> keys(KK), values(KK);
+    std::optional<RowBiasSums<T>> bias;
+    if (bias_row_sums != nullptr) bias.emplace(bias_row_sums + local_row * p.kh * p.rpb_w(), p);
     for_each_in_group_order(W, p.dw, [&](int64_t j) {
       backward_query_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, bh, i, j, p, win, scale, acc.data(),
                                   go_v.data(), keys.data(), values.data());
+      if (bias) bias->add(ds_ws + (local_row * W + j) * KK, win.w.bias[j]);
     });
+    if (bias) bias->flush();
+  });
+}
+
+// Adds into grad_rpb the bias gradient of slices [s0, s1) from the query pass's row sums: per (head, bias row), the
+// rows of the slices of that head in order, so the sums do not depend on how the rows were split between threads.
+template <typename T>
+void rpb_grad_from_row_sums(const T* row_sums, int64_t s0, int64_t s1, T* grad_rpb, const Problem& p,
+                            const Windows& win) {
+  const int64_t H = p.height, RH = p.rpb_h(), RW = p.rpb_w();
+  const int64_t heads_present = std::min(p.heads, s1 - s0);
+  parallel(heads_present * RH, 1, [&](int64_t task) {
+    const int64_t first = s0 + task / RH, h = first % p.heads, a = task % RH;
+    T* const out = grad_rpb + (h * RH + a) * RW;
+    for (int64_t bh = first; bh < s1; bh += p.heads) {
+      for (int64_t i = 0; i < H; ++i) {
+        const int64_t ki = a - win.h.bias[i];
+        if (ki < 0 || ki >= p.kh) continue;
+        const T* const sums = row_sums + (((bh - s0) * H + i) * p.kh + ki) * RW;
+        for (int64_t c = 0; c < RW; ++c) out[c] += sums[c];
+      }
+    }
   });
 }
 
@@ -1739,15 +1804,16 @@ void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Stride
   const int64_t staged = (stage ? strided_token_tensors(p, {grad_out.s, q.s, k.s, v.s}) : 0) * p.tokens() * p.dim;
   const int64_t group = slices_per_group((slice_elems + staged) * static_cast<int64_t>(sizeof(T)), p);
   T* const ds_ws = kept_scratch<T>(group * (slice_elems + staged));
+  std::vector<T> bias_row_sums(grad_rpb != nullptr ? group * p.height * p.kh * p.rpb_w() : 0);
+  T* const bias_rows = grad_rpb != nullptr ? bias_row_sums.data() : nullptr;
   for (int64_t s0 = 0; s0 < p.batch_heads; s0 += group) {
     const int64_t s1 = std::min(p.batch_heads, s0 + group);
     const StagedBackwardInputs<T> in(grad_out, q, k, v, s0, s1, p, stage, ds_ws + group * slice_elems);
-    backward_query_pass_saved<T, kD>(in.grad_out, in.k, in.v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale);
+    backward_query_pass_saved<T, kD>(in.grad_out, in.k, in.v, out, weights, grad_q, ds_ws, s0, s1, p, win, scale,
+                                     bias_rows);
     backward_key_pass<T, kD>(in.grad_out, in.q, weights + s0 * slice_elems, ds_ws, grad_k, grad_v, s0, s1, p, win,
                              scale);
-    if (grad_rpb != nullptr) {
-      rpb_grad_slices<T, T>({ds_ws, contiguous_strides(p, p.window())}, s0, s1, grad_rpb, p);
-    }
+    if (grad_rpb != nullptr) rpb_grad_from_row_sums(bias_rows, s0, s1, grad_rpb, p, win);
   }
 }
 
