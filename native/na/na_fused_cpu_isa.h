@@ -1408,12 +1408,11 @@ void backward_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<cons
 // exp(scale q.k + rpb - lse), then the key pass and the bias gradient are the recomputing backward's, with P read
 // from the saved tensor in place of the workspace.
 
-// Query pass of one query (i, j) of slice bh from saved weights: dS into the workspace, dQ.
+// Query pass of one query (i, j) of slice bh from saved weights, its first half: dS into the workspace (returned).
 template <typename T, int64_t kD>
-void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const T> v, Slice<const T> out,
-                          const T* weights, Slice<T> grad_q, T* ds_ws, int64_t s0, int64_t bh, int64_t i, int64_t j,
-                          const Problem& p, const Windows& win, T scale, T* acc, T* go_v, const T** keys,
-                          const T** values) {
+T* backward_query_saved_ds(Slice<const T> grad_out, Slice<const T> v, Slice<const T> out, const T* weights, T* ds_ws,
+                           int64_t s0, int64_t bh, int64_t i, int64_t j, const Problem& p, const Windows& win, T* go_v,
+                           const T** values) {
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t row = bh * H + i, local_row = row - s0 * H, token = row * W + j;
   const T* go = grad_out.at(i, j);
@@ -1423,6 +1422,14 @@ void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const
   window_keys<T, kD>(v, i, j, p, win, values);
   dots(go, values, KK, D, go_v);
   for (int64_t n = 0; n < KK; ++n) dsw[n] = pw[n] * (go_v[n] - delta);
+  return dsw;
+}
+
+// Its second half: dQ = scale * sum dS k over the window, from the dS row dsw.
+template <typename T, int64_t kD>
+void backward_query_saved_dq(const T* dsw, Slice<const T> k, Slice<T> grad_q, int64_t i, int64_t j, const Problem& p,
+                             const Windows& win, T scale, T* acc, const T** keys) {
+  const int64_t D = kD > 0 ? kD : p.dim, KK = p.window();
   T* gq = grad_q.at(i, j);
   if constexpr (kRowsInRegisters<T, kD>) {
     // The window's key rows addressed in place, row by row (a pointer per term, window_keys, measured slower).
@@ -1443,8 +1450,53 @@ void backward_query_saved(Slice<const T> grad_out, Slice<const T> k, Slice<const
   }
 }
 
-// Query pass from saved weights for slices [s0, s1): dS into the workspace, dQ, query by query (see
-// backward_saved_kernel).
+// Queries of one dilation group whose dQ sums the query pass runs together (see key_block_size: the same register
+// budget). Alone, a query's dQ is one chain of multiply-adds per vector of the head dim (2 at 32 on AVX-512) and
+// waited on their latency (perf: most of the query pass's time on that chain at 1x6x128x128 k11); kB queries are
+// 2 kB chains, and each k vector of their windows is loaded once for all of them.
+template <typename T, int64_t kD>
+constexpr int query_block_size() {
+  return key_block_size<T, kD>();
+}
+
+// Whether queries x, x + dw, ..., x + (kB - 1) dw have window starts along W one group column apart (interior
+// queries), so that query b's window column kj is the block's column kj + b.
+inline bool windows_shift_by_group_column(int64_t x, int kB, const AxisTable& axis, int64_t dw) {
+  for (int b = 1; b < kB; ++b) {
+    if (axis.start[x + b * dw] != axis.start[x] + b * dw) return false;
+  }
+  return true;
+}
+
+// dQ of kB queries of one group (windows_shift_by_group_column) from their dS rows ds[b]: query b sums its terms in
+// the window's row and column order, as backward_query_saved_dq does (the same bits).
+template <typename T, int64_t kD, int kB>
+void query_block_dq(const T* const* ds, Slice<const T> k, Slice<T> grad_q, int64_t i, int64_t j, const Problem& p,
+                    const Windows& win, T scale) {
+  constexpr int64_t kV = kD / kLanes;
+  using V = Lanes<T>;
+  V acc[kB][kV] = {};
+  const T* const krow0 = k.at(win.h.start[i], win.w.start[j]);
+  const int64_t row_step = p.dh * k.row, col_step = p.dw * k.col, columns = p.kw + kB - 1;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const T* const krow = krow0 + ki * row_step;
+    for (int64_t u = 0; u < columns; ++u) {
+      V kv[kV];
+      for (int64_t c = 0; c < kV; ++c) kv[c] = in_register(load_lanes(krow + u * col_step + c * kLanes));
+#pragma GCC unroll 4
+      for (int b = 0; b < kB; ++b) {
+        if (u - b < 0 || u - b >= p.kw) continue;
+        const T w = ds[b][ki * p.kw + u - b];
+        for (int64_t c = 0; c < kV; ++c) acc[b][c] += w * kv[c];
+      }
+    }
+  }
+  for (int b = 0; b < kB; ++b) {
+    T* const gq = grad_q.at(i, j + b * p.dw);
+    for (int64_t c = 0; c < kV; ++c) store_lanes(gq + c * kLanes, acc[b][c] * scale);
+  }
+}
+
 // The bias gradient of one query row, summed while the query pass has its dS rows in cache: the row's dS rows added
 // up per run of queries with the same bias columns (all interior queries are one run), each run then added into the
 // row's [kh, rpb_w] partial sums at its bias columns. rpb_grad_from_row_sums adds the rows up per head.
@@ -1499,11 +1551,35 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
     std::vector<const T*> keys(KK), values(KK);
     std::optional<RowBiasSums<T>> bias;
     if (bias_row_sums != nullptr) bias.emplace(bias_row_sums + local_row * p.kh * p.rpb_w(), p);
-    for_each_in_group_order(W, p.dw, [&](int64_t j) {
-      backward_query_saved<T, kD>(grad_out, k, v, out, weights, grad_q, ds_ws, s0, bh, i, j, p, win, scale, acc.data(),
-                                  go_v.data(), keys.data(), values.data());
-      if (bias) bias->add(ds_ws + (local_row * W + j) * KK, win.w.bias[j]);
-    });
+    const auto ds_of = [&](int64_t j) {
+      T* const dsw = backward_query_saved_ds<T, kD>(grad_out, v, out, weights, ds_ws, s0, bh, i, j, p, win, go_v.data(),
+                                                    values.data());
+      if (bias) bias->add(dsw, win.w.bias[j]);
+      return dsw;
+    };
+    const auto one_query = [&](int64_t j) {
+      backward_query_saved_dq<T, kD>(ds_of(j), k, grad_q, i, j, p, win, scale, acc.data(), keys.data());
+    };
+    constexpr int kB = query_block_size<T, kD>();
+    if constexpr (kB == 1) {
+      for_each_in_group_order(W, p.dw, one_query);
+    } else {
+      for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
+        int64_t j = r;
+        while (j + (kB - 1) * p.dw < W) {
+          if (!windows_shift_by_group_column(j, kB, win.w, p.dw)) {  // a border query: alone
+            one_query(j);
+            j += p.dw;
+            continue;
+          }
+          const T* ds[kB];
+          for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
+          query_block_dq<T, kD, kB>(ds, k, grad_q, i, j, p, win, scale);
+          j += kB * p.dw;
+        }
+        for (; j < W; j += p.dw) one_query(j);
+      }
+    }
     if (bias) bias->flush();
   });
 }
