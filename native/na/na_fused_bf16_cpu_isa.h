@@ -991,7 +991,8 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
   for (int64_t m = block.m0; m < block.m1; ++m) {
     const int64_t i = r + m * dh, row = block.bh * H + i, local_row = row - s0 * H;
     const int64_t g_first = bf16_window_group_row(win, i, r, dh) - g0;
-    bf16_for_each_in_group_order(W, p.dw, [&](int64_t j) {
+    // dS of query j into the workspace (returned).
+    const auto ds_of = [&](int64_t j) {
       float delta;
 #if DINAT_M2F_CPU_BF16_DOT
       if constexpr (kDot) {
@@ -1018,10 +1019,46 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
       const float* prob = attn + (row * W + j) * KK;
       float* ds = ds_ws + (local_row * W + j) * KK;
       for (int64_t n = 0; n < KK; ++n) ds[n] = prob[n] * (go_v[n] - delta);
-      // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
-      bf16_window_weighted_rows<kD>(keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, ds, p, scale,
+      return ds;
+    };
+    // dQ = scale sum dS k, the key rows addressed in place (a pointer per term measured slower).
+    const auto one_query = [&](int64_t j) {
+      bf16_window_weighted_rows<kD>(keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, ds_of(j), p, scale,
                                     s.acc_a.data(), grad_q.at(i, j));
-    });
+    };
+#if DINAT_M2F_CPU_BF16_DOT
+    bf16_for_each_in_group_order(W, p.dw, one_query);  // this unit has no float32 kernels (window_block_sums)
+#else
+    // As float32's query pass: the dQ of query_block_size queries of a group together (the same bits), their key
+    // rows consecutive slots of the widened rows.
+    constexpr int kB = query_block_size<float, kD>();
+    if constexpr (kB == 1) {
+      bf16_for_each_in_group_order(W, p.dw, one_query);
+    } else {
+      constexpr int64_t kV = kD / kLanes;
+      for (int64_t g = 0; g < std::min(p.dw, W); ++g) {
+        int64_t j = g;
+        while (j + (kB - 1) * p.dw < W) {
+          if (!windows_shift_by_group_column(j, kB, win.w, p.dw)) {
+            one_query(j);
+            j += p.dw;
+            continue;
+          }
+          const float* ds[kB];
+          for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
+          window_block_sums<float, kD, kB>(ds, keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, D, p,
+                                           [&](int b, const Lanes<float>* sum) {
+                                             Bf16Bits* const gq = grad_q.at(i, j + b * p.dw);
+                                             for (int64_t c = 0; c < kV; ++c) {
+                                               bf16_store_lanes(gq + c * kLanes, sum[c] * scale);
+                                             }
+                                           });
+          j += kB * p.dw;
+        }
+        for (; j < W; j += p.dw) one_query(j);
+      }
+    }
+#endif
   }
 }
 
@@ -1120,7 +1157,7 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
       const int64_t ki = window_slot(xi, win.h.start[i], dh), at = i * W * KK + ki * p.kw;
       rows.push_back({slice_ds + at, slice_prob + at, ((i - r) / dh - g0) * W * D});
     }
-    bf16_for_each_in_group_order(W, p.dw, [&](int64_t xj) {
+    const auto one_key = [&](int64_t xj) {
       const int64_t j0 = win.w.inverse[xj].begin, j1 = win.w.inverse[xj].end, xg = xj / p.dw;
       slot_w.clear();
       for (int64_t j = j0; j < j1; j += p.dw) slot_w.push_back(j * KK + xg - start_g[j]);
@@ -1158,7 +1195,45 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
         bf16_round_row(scale, acc_k, grad_k.at(xi, xj), D);
         bf16_round_row(1.0f, acc_v, grad_v.at(xi, xj), D);
       }
-    });
+    };
+    // As float32's key pass: key_block_size keys of a group together (the same bits), the q and dO rows of their
+    // inverse windows consecutive slots of the row caches.
+    constexpr int kB = key_block_size<float, kD>();
+    if constexpr (kB == 1) {
+      bf16_for_each_in_group_order(W, p.dw, one_key);
+    } else {
+      std::vector<KeyPassQueryRow<float>> block_rows;
+      for (const QueryRow& row : rows) {
+        block_rows.push_back({row.ds, row.prob, queries + row.cache_at, grads + row.cache_at});
+      }
+      std::vector<int64_t> slot_u;
+      for (int64_t g = 0; g < std::min(p.dw, W); ++g) {
+        int64_t xj = g;
+        while (xj + (kB - 1) * p.dw < W) {
+          if (!keys_shift_by_group_column(xj, kB, win.w, p.dw)) {
+            one_key(xj);
+            xj += p.dw;
+            continue;
+          }
+          const int64_t j0 = win.w.inverse[xj].begin, xg = xj / p.dw;
+          const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw;
+          slot_u.clear();
+          for (int64_t u = 0, j = j0; u < terms + kB - 1; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
+          key_block_sums<float, kD, kB>(block_rows.data(), static_cast<int64_t>(block_rows.size()), slot_u.data(),
+                                        terms, slots[j0] * D, D, slots[j0] * D, D,
+                                        [&](int b, const Lanes<float>* sum_k, const Lanes<float>* sum_v) {
+                                          Bf16Bits* const gk = grad_k.at(xi, xj + b * p.dw);
+                                          Bf16Bits* const gv = grad_v.at(xi, xj + b * p.dw);
+                                          for (int64_t c = 0; c < kD / kLanes; ++c) {
+                                            bf16_store_lanes(gk + c * kLanes, sum_k[c] * scale);
+                                            bf16_store_lanes(gv + c * kLanes, sum_v[c]);
+                                          }
+                                        });
+          xj += kB * p.dw;
+        }
+        for (; xj < W; xj += p.dw) one_key(xj);
+      }
+    }
   }
 }
 

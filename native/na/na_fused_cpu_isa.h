@@ -1196,11 +1196,10 @@ struct KeyPassQueryRow {
 
 // dK, dV of kB keys of one group (keys_shift_by_group_column): key b sums, for every query row in order, its terms
 // t = 0..terms-1 in order, as one_key does (the same bits); the union position u = t + b holds the shared q and dO
-// vectors, and slot_u[u] + b is key b's P / dS offset in that query's row.
-template <typename T, int64_t kD, int kB>
+// vectors, and slot_u[u] + b is key b's P / dS offset in that query's row. store(b, dK sums, dV sums) writes key b's.
+template <typename T, int64_t kD, int kB, typename Store>
 inline void key_block_sums(const KeyPassQueryRow<T>* rows, int64_t nrows, const int64_t* slot_u, int64_t terms,
-                           int64_t q_off, int64_t q_step, int64_t go_off, int64_t go_step, T scale, T* grad_k,
-                           T* grad_v, int64_t gk_step, int64_t gv_step) {
+                           int64_t q_off, int64_t q_step, int64_t go_off, int64_t go_step, const Store& store) {
   constexpr int64_t kV = kD / kLanes;
   using V = Lanes<T>;
   V acc_k[kB][kV] = {}, acc_v[kB][kV] = {};
@@ -1224,12 +1223,7 @@ inline void key_block_sums(const KeyPassQueryRow<T>* rows, int64_t nrows, const 
       }
     }
   }
-  for (int b = 0; b < kB; ++b) {
-    for (int64_t c = 0; c < kV; ++c) {
-      store_lanes(grad_k + b * gk_step + c * kLanes, acc_k[b][c] * scale);
-      store_lanes(grad_v + b * gv_step + c * kLanes, acc_v[b][c] * T(1));
-    }
-  }
+  for (int b = 0; b < kB; ++b) store(b, acc_k[b], acc_v[b]);
 }
 
 // backward_key_pass with the dK and dV sums of each key in registers (kRowsInRegisters).
@@ -1293,8 +1287,15 @@ void backward_key_pass_in_registers(Strided<const T> grad_out_all, Strided<const
         slot_u.clear();
         for (int64_t u = 0, j = j0; u < union_terms; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
         key_block_sums<T, kD, kB>(query_rows.data(), static_cast<int64_t>(query_rows.size()), slot_u.data(), terms,
-                                  j0 * q.col, q_step, j0 * grad_out.col, go_step, scale, grad_k.at(xi, xj),
-                                  grad_v.at(xi, xj), p.dw * grad_k.col, p.dw * grad_v.col);
+                                  j0 * q.col, q_step, j0 * grad_out.col, go_step,
+                                  [&](int b, const Lanes<T>* sum_k, const Lanes<T>* sum_v) {
+                                    T* const gk = grad_k.at(xi, xj + b * p.dw);
+                                    T* const gv = grad_v.at(xi, xj + b * p.dw);
+                                    for (int64_t c = 0; c < kD / kLanes; ++c) {
+                                      store_lanes(gk + c * kLanes, sum_k[c] * scale);
+                                      store_lanes(gv + c * kLanes, sum_v[c] * T(1));
+                                    }
+                                  });
         xj += kB * p.dw;
       }
       for (; xj < W; xj += p.dw) one_key(xj);
@@ -1468,33 +1469,42 @@ inline bool windows_shift_by_group_column(int64_t x, int kB, const AxisTable& ax
   return true;
 }
 
-// dQ of kB queries of one group (windows_shift_by_group_column) from their dS rows ds[b]: query b sums its terms in
-// the window's row and column order, as backward_query_saved_dq does (the same bits).
+// sum[b] = sum over the window of w[b][ki kw + kj] x[ki row_step + (kj + b) col_step] for kB queries of one group
+// (windows_shift_by_group_column) whose windows start one column apart, in the window's row and column order per
+// query (as one query's RegisterRow sum: the same bits); store(b, sum[b]) writes query b's result.
+template <typename T, int64_t kD, int kB, typename Store>
+inline void window_block_sums(const T* const* w, const T* x, int64_t row_step, int64_t col_step, const Problem& p,
+                              const Store& store) {
+  constexpr int64_t kV = kD / kLanes;
+  using V = Lanes<T>;
+  V acc[kB][kV] = {};
+  const int64_t columns = p.kw + kB - 1;
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const T* const row = x + ki * row_step;
+    for (int64_t u = 0; u < columns; ++u) {
+      V xv[kV];
+      for (int64_t c = 0; c < kV; ++c) xv[c] = in_register(load_lanes(row + u * col_step + c * kLanes));
+#pragma GCC unroll 4
+      for (int b = 0; b < kB; ++b) {
+        if (u - b < 0 || u - b >= p.kw) continue;
+        const T wb = w[b][ki * p.kw + u - b];
+        for (int64_t c = 0; c < kV; ++c) acc[b][c] += wb * xv[c];
+      }
+    }
+  }
+  for (int b = 0; b < kB; ++b) store(b, acc[b]);
+}
+
+// dQ of kB queries of one group (windows_shift_by_group_column) from their dS rows ds[b] (window_block_sums).
 template <typename T, int64_t kD, int kB>
 void query_block_dq(const T* const* ds, Slice<const T> k, Slice<T> grad_q, int64_t i, int64_t j, const Problem& p,
                     const Windows& win, T scale) {
   constexpr int64_t kV = kD / kLanes;
-  using V = Lanes<T>;
-  V acc[kB][kV] = {};
-  const T* const krow0 = k.at(win.h.start[i], win.w.start[j]);
-  const int64_t row_step = p.dh * k.row, col_step = p.dw * k.col, columns = p.kw + kB - 1;
-  for (int64_t ki = 0; ki < p.kh; ++ki) {
-    const T* const krow = krow0 + ki * row_step;
-    for (int64_t u = 0; u < columns; ++u) {
-      V kv[kV];
-      for (int64_t c = 0; c < kV; ++c) kv[c] = in_register(load_lanes(krow + u * col_step + c * kLanes));
-#pragma GCC unroll 4
-      for (int b = 0; b < kB; ++b) {
-        if (u - b < 0 || u - b >= p.kw) continue;
-        const T w = ds[b][ki * p.kw + u - b];
-        for (int64_t c = 0; c < kV; ++c) acc[b][c] += w * kv[c];
-      }
-    }
-  }
-  for (int b = 0; b < kB; ++b) {
-    T* const gq = grad_q.at(i, j + b * p.dw);
-    for (int64_t c = 0; c < kV; ++c) store_lanes(gq + c * kLanes, acc[b][c] * scale);
-  }
+  window_block_sums<T, kD, kB>(ds, k.at(win.h.start[i], win.w.start[j]), p.dh * k.row, p.dw * k.col, p,
+                               [&](int b, const Lanes<T>* sum) {
+                                 T* const gq = grad_q.at(i, j + b * p.dw);
+                                 for (int64_t c = 0; c < kV; ++c) store_lanes(gq + c * kLanes, sum[c] * scale);
+                               });
 }
 
 // The bias gradient of one query row, summed while the query pass has its dS rows in cache: the row's dS rows added
