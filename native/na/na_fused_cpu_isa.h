@@ -61,6 +61,25 @@ inline void for_each_in_group_order(int64_t W, int64_t dw, const F& fn) {
   }
 }
 
+// for_each_in_group_order in blocks: kB positions x, x + dw, ..., x + (kB - 1) dw of one group go to block(x) where
+// fits(x), the others to one(x) one at a time (the kernels' borders), in the same order of groups and positions.
+template <int kB, typename Fits, typename One, typename Block>
+inline void for_each_block_in_group_order(int64_t W, int64_t dw, const Fits& fits, const One& one, const Block& block) {
+  for (int64_t r = 0; r < std::min(dw, W); ++r) {
+    int64_t x = r;
+    while (x + (kB - 1) * dw < W) {
+      if (!fits(x)) {  // alone: the block starts after it
+        one(x);
+        x += dw;
+        continue;
+      }
+      block(x);
+      x += kB * dw;
+    }
+    for (; x < W; x += dw) one(x);
+  }
+}
+
 // Each query's window start along W in group positions (start / dw), so that a key's window column in it is
 // x / dw - that, with no integer division per (key, query).
 inline std::vector<int64_t> group_starts(const Problem& p, const Windows& win) {
@@ -1274,32 +1293,23 @@ void backward_key_pass_in_registers(Strided<const T> grad_out_all, Strided<const
       return;
     }
     std::vector<int64_t> slot_u;  // per union position u of a key block: the first key's offset (key b: + b)
-    for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-      int64_t xj = r;
-      while (xj + (kB - 1) * p.dw < W) {
-        if (!keys_shift_by_group_column(xj, kB, win.w, p.dw)) {  // a border key: alone, the block starts after it
-          one_key(xj);
-          xj += p.dw;
-          continue;
-        }
-        const int64_t j0 = win.w.inverse[xj].begin, xg = xj / p.dw;
-        const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw, union_terms = terms + kB - 1;
-        slot_u.clear();
-        for (int64_t u = 0, j = j0; u < union_terms; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
-        key_block_sums<T, kD, kB>(query_rows.data(), static_cast<int64_t>(query_rows.size()), slot_u.data(), terms,
-                                  j0 * q.col, q_step, j0 * grad_out.col, go_step,
-                                  [&](int b, const Lanes<T>* sum_k, const Lanes<T>* sum_v) {
-                                    T* const gk = grad_k.at(xi, xj + b * p.dw);
-                                    T* const gv = grad_v.at(xi, xj + b * p.dw);
-                                    for (int64_t c = 0; c < kD / kLanes; ++c) {
-                                      store_lanes(gk + c * kLanes, sum_k[c] * scale);
-                                      store_lanes(gv + c * kLanes, sum_v[c] * T(1));
-                                    }
-                                  });
-        xj += kB * p.dw;
-      }
-      for (; xj < W; xj += p.dw) one_key(xj);
-    }
+    const auto fits = [&](int64_t xj) { return keys_shift_by_group_column(xj, kB, win.w, p.dw); };
+    for_each_block_in_group_order<kB>(W, p.dw, fits, one_key, [&](int64_t xj) {
+      const int64_t j0 = win.w.inverse[xj].begin, xg = xj / p.dw;
+      const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw, union_terms = terms + kB - 1;
+      slot_u.clear();
+      for (int64_t u = 0, j = j0; u < union_terms; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
+      key_block_sums<T, kD, kB>(query_rows.data(), static_cast<int64_t>(query_rows.size()), slot_u.data(), terms,
+                                j0 * q.col, q_step, j0 * grad_out.col, go_step,
+                                [&](int b, const Lanes<T>* sum_k, const Lanes<T>* sum_v) {
+                                  T* const gk = grad_k.at(xi, xj + b * p.dw);
+                                  T* const gv = grad_v.at(xi, xj + b * p.dw);
+                                  for (int64_t c = 0; c < kD / kLanes; ++c) {
+                                    store_lanes(gk + c * kLanes, sum_k[c] * scale);
+                                    store_lanes(gv + c * kLanes, sum_v[c] * T(1));
+                                  }
+                                });
+    });
   });
 }
 
@@ -1574,21 +1584,12 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
     if constexpr (kB == 1) {
       for_each_in_group_order(W, p.dw, one_query);
     } else {
-      for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-        int64_t j = r;
-        while (j + (kB - 1) * p.dw < W) {
-          if (!windows_shift_by_group_column(j, kB, win.w, p.dw)) {  // a border query: alone
-            one_query(j);
-            j += p.dw;
-            continue;
-          }
-          const T* ds[kB];
-          for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
-          query_block_dq<T, kD, kB>(ds, k, grad_q, i, j, p, win, scale);
-          j += kB * p.dw;
-        }
-        for (; j < W; j += p.dw) one_query(j);
-      }
+      const auto fits = [&](int64_t j) { return windows_shift_by_group_column(j, kB, win.w, p.dw); };
+      for_each_block_in_group_order<kB>(W, p.dw, fits, one_query, [&](int64_t j) {
+        const T* ds[kB];
+        for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
+        query_block_dq<T, kD, kB>(ds, k, grad_q, i, j, p, win, scale);
+      });
     }
     if (bias) bias->flush();
   });
