@@ -924,7 +924,8 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 //   lane-parallel products on the group's widened rows (bf16_whole_group_backward_slices, in the driver's unit).
 // - on the AVX-512 path without vdpbf16ps, windows of 81 keys or more: float32's own passes on widened groups of
 //   slices (bf16_widened_saved_backward).
-// Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices).
+// Gradients are rounded to bf16 once; the bias gradient sums dS in float32 (the float32 kernel's rpb_grad_slices,
+// or its query pass's row sums on widened slices).
 // dS and P are float32 (the float32 kernel's precision): dQ, dK and dV by vdpbf16ps would round them to bf16 first.
 // The query pass is compiled in every unit (fused_backward_query_pass_bf16); the key pass and the driver in the
 // AVX2 and AVX-512 ones, which take the query pass of the selected unit.

@@ -1869,12 +1869,13 @@ void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, 
 // saved (8x8x14x14 d1: 3.78 ms in place against 4.29).
 inline bool saved_backward_stages(const Problem& p) { return p.window() >= 81; }
 
-// The saved-weights backward, query by query in both passes. Its query tiles (k and v group-transposed, P and dS
-// converted between rows and per-slot vectors 8 x 8 blocks at a time) lost to the per-query pass at every DiNAT
-// stage measured once the per-query pass addressed the window's rows in place (2 threads, AVX-512, tiles / per-query
-// time: contiguous q, k, v 1.12-1.20 at k 7 d1, packed qkv 1.00-1.15 and 1.00-1.04 at k 11; AVX2 path packed
-// 1.12-1.33 and 0.99-1.11), so it has none; the recomputing backward (backward_kernel) keeps its tiles, which still
-// pay off there.
+// The saved-weights backward, query by query in both passes (the interior of a row in blocks of 4 queries or keys
+// whose windows are shifted copies: query_block_dq, key_block_sums; the bias gradient summed in the query pass).
+// Its query tiles (k and v group-transposed, P and dS converted between rows and per-slot vectors 8 x 8 blocks at a
+// time) lost to the per-query pass at every DiNAT stage measured once the per-query pass addressed the window's rows
+// in place (2 threads, AVX-512, tiles / per-query time: contiguous q, k, v 1.12-1.20 at k 7 d1, packed qkv 1.00-1.15
+// and 1.00-1.04 at k 11; AVX2 path packed 1.12-1.33 and 0.99-1.11), so it has none; the recomputing backward
+// (backward_kernel) keeps its tiles, which still pay off there.
 template <typename T, int64_t kD>
 void backward_saved_kernel(Strided<const T> grad_out, Strided<const T> q, Strided<const T> k, Strided<const T> v,
                            Strided<const T> out, const T* weights, Strided<T> grad_q, Strided<T> grad_k,
