@@ -1463,8 +1463,8 @@ void backward_query_saved_dq(const T* dsw, Slice<const T> k, Slice<T> grad_q, in
 
 // Queries of one dilation group whose dQ sums the query pass runs together (see key_block_size: the same register
 // budget). Alone, a query's dQ is one chain of multiply-adds per vector of the head dim (2 at 32 on AVX-512) and
-// waited on their latency (perf: most of the query pass's time on that chain at 1x6x128x128 k11); kB queries are
-// 2 kB chains, and each k vector of their windows is loaded once for all of them.
+// waited on their latency (perf annotate at 1x6x128x128 k11: about a third of the query pass's samples on that
+// loop); kB queries are kB times as many chains, and each k vector of their windows is loaded once for all of them.
 template <typename T, int64_t kD>
 constexpr int query_block_size() {
   return key_block_size<T, kD>();
