@@ -359,6 +359,63 @@ def test_fused_cpu_query_tiles_of_two_rows(k, d, shape, saves_attn, threads):
         torch.testing.assert_close(attn, ref.na2d_qk(q * 0.4, key, k, d, rpb).softmax(-1), **tol)
 
 
+def _reference_na(dims):
+    return ref.na2d if dims == 2 else ref.na1d
+
+
+@pytest.mark.parametrize("path", ["saved", "recompute", "packed"])
+@pytest.mark.parametrize(
+    "dims,k,d,shape,head_dim",
+    [
+        # float32 on AVX-512 runs every query of a row through gathered tiles (16 consecutive queries in dilation
+        # group order, their K / V columns permuted into lanes): tiles across dilation groups of 7-8 columns, all of
+        # them clamped windows (no interior tile fits)
+        pytest.param(2, 7, 8, (56, 60), 32, id="k7-d8-narrow-groups"),
+        pytest.param(2, 7, 3, (21, 50), 32, id="k7-d3"),  # groups of 16-17: 10 unclamped windows each
+        pytest.param(2, 7, 1, (9, 37), 32, id="k7-d1-partial-last-tile"),
+        # a tile ends before 16 queries where the next query's keys would lie 32+ columns past its first key
+        pytest.param(2, 11, 5, (56, 55), 32, id="k11-d5-short-tile"),  # 56 rows: not one whole group
+        pytest.param(2, 13, 2, (26, 59), 32, id="k13-d2-short-tile"),
+        pytest.param(2, 5, 2, (11, 37), 16, id="k5-d2-dim16"),
+        pytest.param(2, 3, 4, (12, 30), 64, id="k3-d4-dim64"),
+        pytest.param(2, 7, 2, (14, 30), 80, id="k7-d2-dim80"),  # a head dim past 64 (no compiled specialisation)
+        pytest.param(1, 7, 3, (50,), 32, id="1d-k7-d3"),
+    ],
+)
+def test_fused_cpu_forward_through_gathered_tiles(dims, k, d, shape, head_dim, path):
+    """The float32 forward against the reference where rows are all borders, narrow dilation groups or partial and
+    early-ending gathered tiles: the output, the saved weights and the gradients, on q, k, v apart (the op that saves
+    the weights and the recomputing one) and on the packed qkv as the model calls it (strided tokens, heads-last
+    output; with gradients it saves the weights). On the AVX2 path the same problems run through interior tiles and
+    the per-query path."""
+    load_extension()
+    heads, scale, saves_attn = 2, head_dim**-0.5, path == "saved"
+    q, key, v = _inputs(shape, head_dim, torch.float32, "cpu", heads=heads, batch=2)
+    rpb = _rpb(heads, k, dims, torch.float32, "cpu")
+    if path == "packed":
+        qkv = torch.stack([x.movedim(1, -2) for x in (q, key, v)], dim=-3)  # [B, *spatial, 3, heads, D]
+        na_qkv = ops.na2d_qkv if dims == 2 else ops.na1d_qkv
+        out, grads = _grads(lambda t, r: na_qkv(t, k, d, r, scale), [qkv, rpb])
+        want, want_grads = _grads(
+            lambda t, r: _reference_na(dims)(*(t.select(-3, i).movedim(-2, 1) for i in range(3)), k, d, r, scale),
+            [qkv, rpb],
+        )
+    else:
+        fused = _fused_native(dims, saves_attn)
+        out, grads = _grads(lambda a, b, c, r: fused(a, b, c, k, d, r, scale), [q, key, v, rpb])
+        want, want_grads = _grads(lambda a, b, c, r: _reference_na(dims)(a, b, c, k, d, r, scale), [q, key, v, rpb])
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out, want, **tol)
+    for got, exp in zip(grads, want_grads):
+        torch.testing.assert_close(got, exp, **tol)
+    if saves_attn:
+        lib = torch.ops.dinat_m2f
+        forward = lib.na2d_fused_forward_with_attn if dims == 2 else lib.na1d_fused_forward_with_attn
+        _, attn = forward(q, key, v, rpb, k, d, scale)
+        qk = ref.na2d_qk if dims == 2 else ref.na1d_qk
+        torch.testing.assert_close(attn, qk(q * scale, key, k, d, rpb).softmax(-1), **tol)
+
+
 @pytest.mark.parametrize("dims", [1, 2])
 def test_training_on_cpu_saves_the_weights_and_inference_does_not(dims):
     fused = _funcs(dims)[2]

@@ -889,8 +889,8 @@ void fused_forward_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   // A unit is kBf16BlockRows rows of work at most: one at a time per thread.
 #if !DINAT_M2F_CPU_BF16_DOT
   if (bf16_forward_widens_slices(p, wp != nullptr)) {
-    const bool tiles = has_query_tiles(p);
-    const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+    const bool tiles = has_query_tiles<float>(p);
+    const GroupOrder order = tiles ? forward_group_order<float>(p, win) : GroupOrder{};
     dispatch_head_dim(p.dim, [&](auto dim) {
       parallel(p.batch_heads, 1, [&](int64_t bh) {
         bf16_widened_slice_forward<dim.value>(qs, ks, vs, rp, os, lp, wp, p, win, order, tiles, fs, bh);

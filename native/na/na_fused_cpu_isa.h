@@ -3,7 +3,9 @@
 // Forward: one query at a time, its kh * kw logits in a small buffer (one max, one exp over the window), so no
 // attention weights are materialised in memory; the row logsumexp is stored for the backward. Tiles of kLanes
 // interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set), in
-// float32 two query rows of a dilation group at a time where their logits fit the registers (forward_tile_pair).
+// float32 two query rows of a dilation group at a time where their logits fit the registers (forward_tile_pair). In
+// float32 on AVX-512 every query of a row goes through gathered tiles instead (GatherTile: borders and narrow dilation
+// groups included, K and V columns permuted into lanes).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
@@ -129,9 +131,59 @@ struct RegisterRow {
 
 // The W' order of the columns, group by group (r = 0..dw-1, then r + dw, r + 2 dw, ...): perm[c] is the column at W'
 // position c, group_offset[r] the first W' position of group r.
+#if DINAT_M2F_CPU_LANES == 16
+// ----------------------------------------------------------------------------------------------- gathered tiles
+// Gathered query tiles (AVX-512, float32): kLanes consecutive queries of a row in W' order, whatever their windows:
+// clamped ones at the borders and ones of the next dilation group too. Lane l's first key is W' column base + key[l]
+// (its window's columns are consecutive in W'), and every key a tile reads lies within 32 columns of base (tiles end
+// early where the next query's would not). So each (d, window column) vector of K or V is a two-register permute
+// (vpermt2ps) of the 32 columns at base, loaded twice per d: the lane-parallel products of forward_tile for every
+// query of a row, where dilation groups narrower than kLanes + kw - 1 (most dilated layers at segmentation crops:
+// 128 / 16, 64 / 8, 80 / 4 columns) left forward_tile no queries and every query went through forward_query.
+struct GatherTile {
+  alignas(64) int32_t key[kLanes];   // lane l's first key column - base
+  alignas(64) int32_t bias[kLanes];  // lane l's first bias column (win.w.bias of its query)
+  int64_t col[kLanes];               // lane l's query column j
+  int64_t lanes;                     // the tile's queries; lanes past them repeat the last (computed, not stored)
+  int64_t base;                      // W' column of lane 0's first key
+};
+
+// The gathered tiles of a row (they depend on the columns only): W' positions in order, kLanes at a time or fewer.
+inline std::vector<GatherTile> gather_tiles(const Problem& p, const Windows& win, const std::vector<int64_t>& perm,
+                                            const std::vector<int64_t>& group_offset) {
+  const int64_t W = p.width;
+  std::vector<int64_t> first(W);  // W' column of the first key of the query at W' position n
+  for (int64_t n = 0; n < W; ++n) {
+    const int64_t j = perm[n], r = j % p.dw;
+    first[n] = group_offset[r] + (win.w.start[j] - r) / p.dw;
+  }
+  std::vector<GatherTile> tiles;
+  for (int64_t n0 = 0; n0 < W;) {
+    GatherTile t{};
+    t.base = first[n0];
+    int64_t lanes = 0;
+    while (lanes < kLanes && n0 + lanes < W && first[n0 + lanes] + p.kw - t.base <= 2 * kLanes) ++lanes;
+    t.lanes = lanes;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int64_t n = n0 + std::min(l, lanes - 1);
+      t.key[l] = static_cast<int32_t>(first[n] - t.base);
+      t.bias[l] = static_cast<int32_t>(win.w.bias[perm[n]]);
+      t.col[l] = perm[n];
+    }
+    tiles.push_back(t);
+    n0 += lanes;
+  }
+  return tiles;
+}
+
+#endif
+
 struct GroupOrder {
   std::vector<int64_t> perm;
   std::vector<int64_t> group_offset;
+#if DINAT_M2F_CPU_LANES == 16
+  std::vector<GatherTile> gather;  // every row's gathered tiles where the forward uses them (uses_gathered_tiles)
+#endif
 };
 
 inline GroupOrder group_order(const Problem& p) {
@@ -245,7 +297,11 @@ template <typename T>
 T* kept_scratch(int64_t elems) {
   constexpr int64_t kAlign = 64 / sizeof(T);
   thread_local std::vector<T> scratch;
-  if (scratch.size() < static_cast<size_t>(elems + kAlign)) scratch.resize(static_cast<size_t>(elems + kAlign));
+  // kSlack more: gathered tiles load 32 columns at their base, past the end of the last transposed row.
+  constexpr int64_t kSlack = 32;
+  if (scratch.size() < static_cast<size_t>(elems + kAlign + kSlack)) {
+    scratch.resize(static_cast<size_t>(elems + kAlign + kSlack));
+  }
   const auto misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(scratch.data()) % 64 / sizeof(T));
   return scratch.data() + (misalign == 0 ? 0 : kAlign - misalign);
 }
@@ -311,12 +367,44 @@ inline void for_each_tile_or_query(const Problem& p, const std::vector<int64_t>&
 
 // True when some dilation group along W holds a full tile of interior queries, the ISA uses tiles and kw is one of
 // dispatch_window_width's.
-bool has_query_tiles(const Problem& p) {
+inline bool has_interior_tiles(const Problem& p) {
   if (!DINAT_M2F_CPU_QUERY_TILES) return false;
   bool compiled = false;
   dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
   const int64_t longest_group = group_length(0, p.width, p.dw);
   return compiled && longest_group - 2 * (p.kw / 2) >= kLanes;
+}
+
+// Whether the forward runs every query of a row through gathered tiles: float32 on AVX-512 with a compiled kw. They
+// replace the interior tiles and the per-query border there too: forward alone, gathered / interior-and-per-query
+// time at DiNAT's d 1 stages 1.02-1.63x (1x4x56x56 to 1x16x16x16 k 7, 1x12x80x80 k 11), 1.6-2.3x where the dilation
+// groups held no interior tile (see GatherTile).
+template <typename T>
+inline bool uses_gathered_tiles(const Problem& p) {
+#if DINAT_M2F_CPU_LANES == 16
+  if constexpr (std::is_same_v<T, float>) {
+    bool compiled = false;
+    dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
+    return compiled;
+  }
+#endif
+  return false;
+}
+
+// Whether the forward of T uses query tiles: interior ones (has_interior_tiles) or gathered ones.
+template <typename T>
+bool has_query_tiles(const Problem& p) {
+  return has_interior_tiles(p) || uses_gathered_tiles<T>(p);
+}
+
+// The W' order of a forward with tiles, with the gathered tiles where it uses them.
+template <typename T>
+inline GroupOrder forward_group_order(const Problem& p, const Windows& win) {
+  GroupOrder order = group_order(p);
+#if DINAT_M2F_CPU_LANES == 16
+  if (uses_gathered_tiles<T>(p)) order.gather = gather_tiles(p, win, order.perm, order.group_offset);
+#endif
+  return order;
 }
 
 // A tile's per-lane rows of window values (lane l's n values at rows + l * stride: its P or dS row) and the same
@@ -338,9 +426,10 @@ void slots_to_rows(const T* slots, int64_t n, T* rows, int64_t stride) {
 template <typename T>
 struct TileScratch {
   std::vector<T> qt, acc;
-  std::vector<T> logits;  // saving the weights: the tile's kh * kw logits ([slot][lanes]); empty otherwise
+  std::vector<T> logits;     // saving the weights: the tile's kh * kw logits ([slot][lanes]); empty otherwise
+  std::vector<T> lane_rows;  // saving the weights from a gathered tile: its P as [lane][kh * kw]
   TileScratch(int64_t dim, int64_t window_if_saving)
-      : qt(dim * kLanes), acc(dim * kLanes), logits(window_if_saving * kLanes) {}
+      : qt(dim * kLanes), acc(dim * kLanes), logits(window_if_saving * kLanes), lane_rows(window_if_saving * kLanes) {}
 };
 
 // v, kept in a register: the compiler otherwise folds a load that feeds several multiply-adds into each of them as a
@@ -532,6 +621,169 @@ void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb,
   tile_row_end(b, out, lse, bh, ib, j0, p, D);
 }
 
+#if DINAT_M2F_CPU_LANES == 16
+// Starts a gathered tile row: its queries (i, col[l]) transposed and scaled into s.qt, acc zeroed; bias: the row's
+// first bias row at column 0.
+template <int64_t kKW>
+inline TileRow<float> gathered_row_begin(Slice<const float> q, const float* rpb, int64_t h, int64_t i,
+                                         const GatherTile& t, const Problem& p, const Windows& win, float scale,
+                                         int64_t D, TileScratch<float>& s) {
+  using V = Lanes<float>;
+  TileRow<float> row{reinterpret_cast<V*>(s.qt.data()),
+                     reinterpret_cast<V*>(s.acc.data()),
+                     V{} - std::numeric_limits<float>::infinity(),
+                     V{},
+                     rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() : nullptr,
+                     s.logits.empty() ? nullptr : s.logits.data()};
+  transpose_rows<float>([&](int64_t l) { return q.at(i, t.col[l]); }, kLanes, D, s.qt.data(), kLanes);
+  for (int64_t d = 0; d < D; ++d) {
+    row.qt[d] *= scale;
+    row.acc[d] = V{};
+  }
+  return row;
+}
+
+// tile_window_row for gathered tiles: krow / vrow are the key row's group-transposed k / v at column base.
+template <int64_t kKW, int kN>
+inline void gathered_window_row(TileRow<float>* const* rows, const int64_t* ki, const float* krow, const float* vrow,
+                                int64_t W, int64_t D, int64_t rpb_w, const GatherTile& t) {
+  using V = Lanes<float>;
+  constexpr int64_t KW = kKW;
+  const __m512i key0 = _mm512_load_si512(t.key);
+  __m512i key_idx[KW];
+  for (int64_t kj = 0; kj < KW; ++kj) key_idx[kj] = _mm512_add_epi32(key0, _mm512_set1_epi32(static_cast<int>(kj)));
+  V logit[kN][KW];
+  for (int n = 0; n < kN; ++n) {
+    if (rows[n]->bias == nullptr) {
+      for (int64_t kj = 0; kj < KW; ++kj) logit[n][kj] = V{};
+      continue;
+    }
+    // The bias row (2 kw - 1 values) in two registers, masked: the last row of rpb ends the tensor.
+    const float* brow = rows[n]->bias + ki[n] * rpb_w;
+    const __m512 b0 = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << std::min<int64_t>(rpb_w, 16)) - 1u), brow);
+    const __m512 b1 = rpb_w > 16 ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << (rpb_w - 16)) - 1u), brow + 16)
+                                 : _mm512_setzero_ps();
+    const __m512i bias0 = _mm512_load_si512(t.bias);
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      logit[n][kj] =
+          (V)_mm512_permutex2var_ps(b0, _mm512_add_epi32(bias0, _mm512_set1_epi32(static_cast<int>(kj))), b1);
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V qd[kN];
+    for (int n = 0; n < kN; ++n) qd[n] = rows[n]->qt[d];
+    const __m512 r0 = _mm512_loadu_ps(krow + d * W), r1 = _mm512_loadu_ps(krow + d * W + 16);
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      const V key = (V)_mm512_permutex2var_ps(r0, key_idx[kj], r1);
+      for (int n = 0; n < kN; ++n) logit[n][kj] += qd[n] * key;
+    }
+  }
+  V factor[kN];
+  for (int n = 0; n < kN; ++n) {
+    TileRow<float>& row = *rows[n];
+    V new_max = row.running_max;
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      if (row.kept_logits != nullptr) store_lanes(row.kept_logits + (ki[n] * KW + kj) * kLanes, logit[n][kj]);
+      new_max = logit[n][kj] > new_max ? logit[n][kj] : new_max;
+    }
+    factor[n] = exp_lanes(row.running_max - new_max);
+    row.running_max = new_max;
+    row.running_sum *= factor[n];
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      logit[n][kj] = exp_lanes(logit[n][kj] - row.running_max);
+      row.running_sum += logit[n][kj];
+    }
+  }
+  for (int64_t d = 0; d < D; ++d) {
+    V a[kN];
+    for (int n = 0; n < kN; ++n) a[n] = rows[n]->acc[d] * factor[n];
+    const __m512 r0 = _mm512_loadu_ps(vrow + d * W), r1 = _mm512_loadu_ps(vrow + d * W + 16);
+    for (int64_t kj = 0; kj < KW; ++kj) {
+      const V value = (V)_mm512_permutex2var_ps(r0, key_idx[kj], r1);
+      for (int n = 0; n < kN; ++n) a[n] += logit[n][kj] * value;
+    }
+    for (int n = 0; n < kN; ++n) rows[n]->acc[d] = a[n];
+  }
+}
+
+// Ends a gathered tile row: O = acc / sum into its queries' rows of out, their logsumexp into lse, and when saving
+// the weights their rows of P (from the kept logits).
+inline void gathered_row_end(TileRow<float>& row, Slice<float> out, float* lse, float* weights, int64_t bh, int64_t i,
+                             const GatherTile& t, const Problem& p, int64_t D, TileScratch<float>& s) {
+  using V = Lanes<float>;
+  const V inv = 1.0f / row.running_sum;
+  for (int64_t d = 0; d < D; ++d) row.acc[d] *= inv;
+  float rows_mem[kLanes * 64];  // [lane][d] (head dims up to 64)
+  const int64_t token_row = (bh * p.height + i) * p.width;
+  V row_lse;
+  for (int64_t l = 0; l < kLanes; ++l) row_lse[l] = row.running_max[l] + std::log(row.running_sum[l]);
+  if (D <= 64 && D % kLanes == 0) {
+    // whole vectors per lane: a std::memcpy of D floats was a libc call per query
+    transpose_block(reinterpret_cast<const float*>(row.acc), kLanes, D, kLanes, rows_mem, D);
+    for (int64_t l = 0; l < t.lanes; ++l) {
+      float* const o = out.at(i, t.col[l]);
+      for (int64_t d = 0; d < D; d += kLanes) store_lanes(o + d, load_lanes(rows_mem + l * D + d));
+    }
+  } else if (D <= 64) {
+    transpose_block(reinterpret_cast<const float*>(row.acc), kLanes, D, kLanes, rows_mem, D);
+    for (int64_t l = 0; l < t.lanes; ++l) std::memcpy(out.at(i, t.col[l]), rows_mem + l * D, D * sizeof(float));
+  } else {
+    for (int64_t l = 0; l < t.lanes; ++l) {
+      float* o = out.at(i, t.col[l]);
+      for (int64_t d = 0; d < D; ++d) o[d] = row.acc[d][l];
+    }
+  }
+  for (int64_t l = 0; l < t.lanes; ++l) lse[token_row + t.col[l]] = row_lse[l];
+  if (weights == nullptr) return;
+  const int64_t KK = p.window();
+  float* const slots = s.logits.data();
+  for (int64_t n = 0; n < KK; ++n) store_lanes(slots + n * kLanes, exp_lanes(load_lanes(slots + n * kLanes) - row_lse));
+  float* const lane_rows = s.lane_rows.data();
+  transpose_block(slots, kLanes, KK, kLanes, lane_rows, KK);
+  for (int64_t l = 0; l < t.lanes; ++l) {
+    std::memcpy(weights + (token_row + t.col[l]) * KK, lane_rows + l * KK, KK * sizeof(float));
+  }
+}
+
+// Forward of gathered tile t of query row i of slice bh (kt, vt: the slice's group-transposed k and v).
+template <int64_t kD, int64_t kKW>
+void gathered_forward_tile(Slice<const float> q, const float* kt, const float* vt, const float* rpb, Slice<float> out,
+                           float* lse, float* weights, int64_t bh, int64_t i, const GatherTile& t, const Problem& p,
+                           const Windows& win, float scale, TileScratch<float>& s) {
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim;
+  TileRow<float> row = gathered_row_begin<kKW>(q, rpb, bh % p.heads, i, t, p, win, scale, D, s);
+  TileRow<float>* rows[1] = {&row};
+  for (int64_t ki = 0; ki < p.kh; ++ki) {
+    const int64_t key_row = win.h.start[i] + ki * p.dh;
+    gathered_window_row<kKW, 1>(rows, &ki, kt + key_row * D * W + t.base, vt + key_row * D * W + t.base, W, D,
+                                p.rpb_w(), t);
+  }
+  gathered_row_end(row, out, lse, weights, bh, i, t, p, D, s);
+}
+
+// gathered_forward_tile for query rows ia < ib = ia + dh of one dilation group along H (as forward_tile_pair).
+template <int64_t kD, int64_t kKW>
+void gathered_forward_tile_pair(Slice<const float> q, const float* kt, const float* vt, const float* rpb,
+                                Slice<float> out, float* lse, float* weights, int64_t bh, int64_t ia, int64_t ib,
+                                const GatherTile& t, const Problem& p, const Windows& win, float scale,
+                                TileScratch<float>& sa, TileScratch<float>& sb) {
+  const int64_t W = p.width, D = kD > 0 ? kD : p.dim, h = bh % p.heads;
+  TileRow<float> a = gathered_row_begin<kKW>(q, rpb, h, ia, t, p, win, scale, D, sa);
+  TileRow<float> b = gathered_row_begin<kKW>(q, rpb, h, ib, t, p, win, scale, D, sb);
+  TileRow<float>* rows[2] = {&a, &b};
+  for_each_window_row_of_pair(
+      kt, vt, t.base, D, p, win, ia, ib,
+      [&](const float* krow, const float* vrow, const int64_t* ki) {
+        gathered_window_row<kKW, 2>(rows, ki, krow, vrow, W, D, p.rpb_w(), t);
+      },
+      [&](const float* krow, const float* vrow, int64_t ki, bool second) {
+        gathered_window_row<kKW, 1>(rows + second, &ki, krow, vrow, W, D, p.rpb_w(), t);
+      });
+  gathered_row_end(a, out, lse, weights, bh, ia, t, p, D, sa);
+  gathered_row_end(b, out, lse, weights, bh, ib, t, p, D, sb);
+}
+#endif
+
 // Forward of one query: all kh * kw logits first (the window is small), then one max, one vectorised exp over the
 // whole window and the weighted sum of v; no online rescaling. logits and keys hold kh * kw values.
 template <typename T, int64_t kD>
@@ -630,6 +882,21 @@ void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, c
     for_each_in_group_order(W, p.dw, one_query);
     return;
   }
+#if DINAT_M2F_CPU_LANES == 16
+  if constexpr (std::is_same_v<T, float>) {
+    if (!order.gather.empty()) {
+      dispatch_window_width(p.kw, [&](auto kw) {
+        constexpr int64_t kKW = decltype(kw)::value;
+        if constexpr (kKW > 0) {
+          for (const GatherTile& t : order.gather) {
+            gathered_forward_tile<kD, kKW>(q, kts, vts, rpb, out, lse, weights, bh, i, t, p, win, scale, *s.tile);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   dispatch_window_width(p.kw, [&](auto kw) {
     constexpr int64_t kKW = decltype(kw)::value;
     if constexpr (kKW == 0) {
@@ -657,6 +924,22 @@ void forward_row_pair_queries(Slice<const T> q, Slice<const T> k, Slice<const T>
       store_query_weights(s.logits.data(), KK, weights + ((bh * p.height + i) * W + j) * KK);
     }
   };
+#if DINAT_M2F_CPU_LANES == 16
+  if constexpr (std::is_same_v<T, float>) {
+    if (!order.gather.empty()) {
+      dispatch_window_width(p.kw, [&](auto kw) {
+        constexpr int64_t kKW = decltype(kw)::value;
+        if constexpr (kPairTiles<T, kKW>) {
+          for (const GatherTile& t : order.gather) {
+            gathered_forward_tile_pair<kD, kKW>(q, kts, vts, rpb, out, lse, weights, bh, ia, ib, t, p, win, scale,
+                                                *sa.tile, *sb.tile);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   dispatch_window_width(p.kw, [&](auto kw) {
     constexpr int64_t kKW = decltype(kw)::value;
     if constexpr (!kPairTiles<T, kKW>) {
@@ -951,7 +1234,7 @@ void forward_kernel(Strided<const T> q_all, Strided<const T> k_all, Strided<cons
   const Windows win(p);
   const int64_t H = p.height, W = p.width, D = kD > 0 ? kD : p.dim, KK = p.window();
   const int64_t slice_kv = p.tokens() * D;  // elements of one slice of k (or v)
-  const GroupOrder order = tiles ? group_order(p) : GroupOrder{};
+  const GroupOrder order = tiles ? forward_group_order<T>(p, win) : GroupOrder{};
   // With tiles of two rows (pair_rows_of_forward) the rows go in pairs of a dilation group: forward_row_units.
   const bool pairs = tiles && pair_rows_of_forward<T>(p);
   const std::vector<std::array<int64_t, 2>> units = forward_row_units(p, pairs);
@@ -1928,7 +2211,7 @@ void run_fused_forward(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       forward_kernel<scalar_t, dim.value>(strided_in<scalar_t>(qc), strided_in<scalar_t>(kc), strided_in<scalar_t>(vc),
                                           rc.defined() ? rc.const_data_ptr<scalar_t>() : nullptr,
                                           strided_out<scalar_t>(oc), lse.mutable_data_ptr<scalar_t>(), p,
-                                          static_cast<scalar_t>(scale), has_query_tiles(p),
+                                          static_cast<scalar_t>(scale), has_query_tiles<scalar_t>(p),
                                           weights.defined() ? weights.mutable_data_ptr<scalar_t>() : nullptr);
     });
   });
