@@ -387,7 +387,9 @@ def test_fused_cpu_forward_through_gathered_tiles(dims, k, d, shape, head_dim, p
     early-ending gathered tiles: the output, the saved weights and the gradients, on q, k, v apart (the op that saves
     the weights and the recomputing one) and on the packed qkv as the model calls it (strided tokens, heads-last
     output; with gradients it saves the weights). On the AVX2 path the same problems run through interior tiles and
-    the per-query path."""
+    the per-query path. The saved-weights backward meets the same borders: its blocks of queries (or keys) whose
+    windows (or inverse windows) are all the same, clamped at a group's edge (the first 4 queries of a group of 8
+    columns at k 7), beside its blocks of shifted windows."""
     load_extension()
     heads, scale, saves_attn = 2, head_dim**-0.5, path == "saved"
     q, key, v = _inputs(shape, head_dim, torch.float32, "cpu", heads=heads, batch=2)

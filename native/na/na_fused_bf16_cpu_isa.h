@@ -1037,17 +1037,19 @@ void bf16_backward_query_block(Strided<const Bf16Bits> grad_out_all, Strided<con
       bf16_for_each_in_group_order(W, p.dw, one_query);
     } else {
       constexpr int64_t kV = kD / kLanes;
-      const auto fits = [&](int64_t j) { return windows_shift_by_group_column(j, kB, win.w, p.dw); };
-      for_each_block_in_group_order<kB>(W, p.dw, fits, one_query, [&](int64_t j) {
+      const auto fits = [&](int64_t j) { return window_block_shift(j, kB, win.w, p.dw); };
+      for_each_block_in_group_order<kB>(W, p.dw, fits, one_query, [&](int64_t j, int shift) {
         const float* ds[kB];
         for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
-        window_block_sums<float, kD, kB>(ds, keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, D, p,
-                                         [&](int b, const Lanes<float>* sum) {
-                                           Bf16Bits* const gq = grad_q.at(i, j + b * p.dw);
-                                           for (int64_t c = 0; c < kV; ++c) {
-                                             bf16_store_lanes(gq + c * kLanes, sum[c] * scale);
-                                           }
-                                         });
+        dispatch_block_shift(shift, [&](auto kShift) {
+          window_block_sums<float, kD, kB, kShift.value>(ds, keys + (g_first * W + slots[win.w.start[j]]) * D, W * D, D,
+                                                         p, [&](int b, const Lanes<float>* sum) {
+                                                           Bf16Bits* const gq = grad_q.at(i, j + b * p.dw);
+                                                           for (int64_t c = 0; c < kV; ++c) {
+                                                             bf16_store_lanes(gq + c * kLanes, sum[c] * scale);
+                                                           }
+                                                         });
+        });
       });
     }
 #endif
@@ -1199,22 +1201,26 @@ void bf16_backward_key_block(Strided<const Bf16Bits> grad_out_all, Strided<const
         block_rows.push_back({row.ds, row.prob, queries + row.cache_at, grads + row.cache_at});
       }
       std::vector<int64_t> slot_u;
-      const auto fits = [&](int64_t xj) { return keys_shift_by_group_column(xj, kB, win.w, p.dw); };
-      for_each_block_in_group_order<kB>(W, p.dw, fits, one_key, [&](int64_t xj) {
+      const auto fits = [&](int64_t xj) { return key_block_shift(xj, kB, win.w, p.dw); };
+      for_each_block_in_group_order<kB>(W, p.dw, fits, one_key, [&](int64_t xj, int shift) {
         const int64_t j0 = win.w.inverse[xj].begin, xg = xj / p.dw;
         const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw;
         slot_u.clear();
-        for (int64_t u = 0, j = j0; u < terms + kB - 1; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
-        key_block_sums<float, kD, kB>(block_rows.data(), static_cast<int64_t>(block_rows.size()), slot_u.data(), terms,
-                                      slots[j0] * D, D, slots[j0] * D, D,
-                                      [&](int b, const Lanes<float>* sum_k, const Lanes<float>* sum_v) {
-                                        Bf16Bits* const gk = grad_k.at(xi, xj + b * p.dw);
-                                        Bf16Bits* const gv = grad_v.at(xi, xj + b * p.dw);
-                                        for (int64_t c = 0; c < kD / kLanes; ++c) {
-                                          bf16_store_lanes(gk + c * kLanes, sum_k[c] * scale);
-                                          bf16_store_lanes(gv + c * kLanes, sum_v[c]);
-                                        }
-                                      });
+        for (int64_t u = 0, j = j0; u < terms + shift * (kB - 1); ++u, j += p.dw) {
+          slot_u.push_back(j * KK + xg - start_g[j]);
+        }
+        dispatch_block_shift(shift, [&](auto kShift) {
+          key_block_sums<float, kD, kB, kShift.value>(block_rows.data(), static_cast<int64_t>(block_rows.size()),
+                                                      slot_u.data(), terms, slots[j0] * D, D, slots[j0] * D, D,
+                                                      [&](int b, const Lanes<float>* sum_k, const Lanes<float>* sum_v) {
+                                                        Bf16Bits* const gk = grad_k.at(xi, xj + b * p.dw);
+                                                        Bf16Bits* const gv = grad_v.at(xi, xj + b * p.dw);
+                                                        for (int64_t c = 0; c < kD / kLanes; ++c) {
+                                                          bf16_store_lanes(gk + c * kLanes, sum_k[c] * scale);
+                                                          bf16_store_lanes(gv + c * kLanes, sum_v[c]);
+                                                        }
+                                                      });
+        });
       });
     }
   }

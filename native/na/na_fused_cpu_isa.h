@@ -63,23 +63,35 @@ inline void for_each_in_group_order(int64_t W, int64_t dw, const F& fn) {
   }
 }
 
-// for_each_in_group_order in blocks: kB positions x, x + dw, ..., x + (kB - 1) dw of one group go to block(x) where
-// fits(x), the others to one(x) one at a time (the kernels' borders), in the same order of groups and positions.
+// for_each_in_group_order in blocks: kB positions x, x + dw, ..., x + (kB - 1) dw of one group go to block(x, shift)
+// where shift = fits(x) is 0 or 1 (see BlockShift), the others (fits: -1) to one(x) one at a time (the kernels'
+// borders), in the same order of groups and positions.
 template <int kB, typename Fits, typename One, typename Block>
 inline void for_each_block_in_group_order(int64_t W, int64_t dw, const Fits& fits, const One& one, const Block& block) {
   for (int64_t r = 0; r < std::min(dw, W); ++r) {
     int64_t x = r;
     while (x + (kB - 1) * dw < W) {
-      if (!fits(x)) {  // alone: the block starts after it
+      const int shift = fits(x);
+      if (shift < 0) {  // alone: the block starts after it
         one(x);
         x += dw;
         continue;
       }
-      block(x);
+      block(x, shift);
       x += kB * dw;
     }
     for (; x < W; x += dw) one(x);
   }
+}
+
+// How the windows (or inverse windows) of a block's kB positions along W relate: kShift 1, each is the previous one's
+// moved by one group column (interior positions); kShift 0, all the same (clamped positions at a border, e.g. the
+// first queries of a group of 8 columns at k 7: 4 windows starting at its column 0, then 4 at column 1). Calls
+// fn(std::integral_constant<int, shift>) for shift 0 or 1.
+template <typename F>
+inline void dispatch_block_shift(int shift, const F& fn) {
+  if (shift == 1) return fn(std::integral_constant<int, 1>{});
+  return fn(std::integral_constant<int, 0>{});
 }
 
 // Each query's window start along W in group positions (start / dw), so that a key's window column in it is
@@ -1480,14 +1492,19 @@ constexpr int key_block_size() {
 }
 
 // Whether keys x, x + dw, ..., x + (kB - 1) dw have inverse ranges along W that are x's shifted by one group
-// column per key (interior keys), so that key b's t-th query is the block's (t + b)-th.
-inline bool keys_shift_by_group_column(int64_t x, int kB, const AxisTable& axis, int64_t dw) {
+// column per key (1: interior keys, key b's t-th query is the block's (t + b)-th) or all x's (0: key b's t-th query is
+// the block's t-th); -1 otherwise.
+inline int key_block_shift(int64_t x, int kB, const AxisTable& axis, int64_t dw) {
   const InverseRange first = axis.inverse[x];
-  for (int b = 1; b < kB; ++b) {
-    const InverseRange r = axis.inverse[x + b * dw];
-    if (r.begin != first.begin + b * dw || r.end != first.end + b * dw) return false;
+  for (int shift : {1, 0}) {
+    bool all = true;
+    for (int b = 1; b < kB && all; ++b) {
+      const InverseRange r = axis.inverse[x + b * dw];
+      all = r.begin == first.begin + shift * b * dw && r.end == first.end + shift * b * dw;
+    }
+    if (all) return shift;
   }
-  return true;
+  return -1;
 }
 
 // Query row pointers of backward_key_pass_in_registers: its dS and P rows at the key row's window row, its q and dO.
@@ -1496,16 +1513,17 @@ struct KeyPassQueryRow {
   const T *ds, *prob, *q, *grad_out;
 };
 
-// dK, dV of kB keys of one group (keys_shift_by_group_column): key b sums, for every query row in order, its terms
-// t = 0..terms-1 in order, as one_key does (the same bits); the union position u = t + b holds the shared q and dO
-// vectors, and slot_u[u] + b is key b's P / dS offset in that query's row. store(b, dK sums, dV sums) writes key b's.
-template <typename T, int64_t kD, int kB, typename Store>
+// dK, dV of kB keys of one group (key_block_shift kShift): key b sums, for every query row in order, its terms
+// t = 0..terms-1 in order, as one_key does (the same bits); the union position u = t + kShift b holds the shared q and
+// dO vectors, and slot_u[u] + b is key b's P / dS offset in that query's row. store(b, dK sums, dV sums) writes key
+// b's.
+template <typename T, int64_t kD, int kB, int kShift, typename Store>
 inline void key_block_sums(const KeyPassQueryRow<T>* rows, int64_t nrows, const int64_t* slot_u, int64_t terms,
                            int64_t q_off, int64_t q_step, int64_t go_off, int64_t go_step, const Store& store) {
   constexpr int64_t kV = kD / kLanes;
   using V = Lanes<T>;
   V acc_k[kB][kV] = {}, acc_v[kB][kV] = {};
-  const int64_t union_terms = terms + kB - 1;
+  const int64_t union_terms = terms + kShift * (kB - 1);
   for (int64_t r = 0; r < nrows; ++r) {
     const KeyPassQueryRow<T>& row = rows[r];
     for (int64_t u = 0; u < union_terms; ++u) {
@@ -1516,7 +1534,7 @@ inline void key_block_sums(const KeyPassQueryRow<T>* rows, int64_t nrows, const 
       }
 #pragma GCC unroll 4
       for (int b = 0; b < kB; ++b) {
-        if (u - b < 0 || u - b >= terms) continue;
+        if (u - kShift * b < 0 || u - kShift * b >= terms) continue;
         const T ds = row.ds[slot_u[u] + b], prob = row.prob[slot_u[u] + b];
         for (int64_t c = 0; c < kV; ++c) {
           acc_k[b][c] += ds * qv[c];
@@ -1576,22 +1594,24 @@ void backward_key_pass_in_registers(Strided<const T> grad_out_all, Strided<const
       return;
     }
     std::vector<int64_t> slot_u;  // per union position u of a key block: the first key's offset (key b: + b)
-    const auto fits = [&](int64_t xj) { return keys_shift_by_group_column(xj, kB, win.w, p.dw); };
-    for_each_block_in_group_order<kB>(W, p.dw, fits, one_key, [&](int64_t xj) {
+    const auto fits = [&](int64_t xj) { return key_block_shift(xj, kB, win.w, p.dw); };
+    for_each_block_in_group_order<kB>(W, p.dw, fits, one_key, [&](int64_t xj, int shift) {
       const int64_t j0 = win.w.inverse[xj].begin, xg = xj / p.dw;
-      const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw, union_terms = terms + kB - 1;
+      const int64_t terms = (win.w.inverse[xj].end - j0 + p.dw - 1) / p.dw, union_terms = terms + shift * (kB - 1);
       slot_u.clear();
       for (int64_t u = 0, j = j0; u < union_terms; ++u, j += p.dw) slot_u.push_back(j * KK + xg - start_g[j]);
-      key_block_sums<T, kD, kB>(query_rows.data(), static_cast<int64_t>(query_rows.size()), slot_u.data(), terms,
-                                j0 * q.col, q_step, j0 * grad_out.col, go_step,
-                                [&](int b, const Lanes<T>* sum_k, const Lanes<T>* sum_v) {
-                                  T* const gk = grad_k.at(xi, xj + b * p.dw);
-                                  T* const gv = grad_v.at(xi, xj + b * p.dw);
-                                  for (int64_t c = 0; c < kD / kLanes; ++c) {
-                                    store_lanes(gk + c * kLanes, sum_k[c] * scale);
-                                    store_lanes(gv + c * kLanes, sum_v[c] * T(1));
-                                  }
-                                });
+      dispatch_block_shift(shift, [&](auto kShift) {
+        key_block_sums<T, kD, kB, kShift.value>(query_rows.data(), static_cast<int64_t>(query_rows.size()),
+                                                slot_u.data(), terms, j0 * q.col, q_step, j0 * grad_out.col, go_step,
+                                                [&](int b, const Lanes<T>* sum_k, const Lanes<T>* sum_v) {
+                                                  T* const gk = grad_k.at(xi, xj + b * p.dw);
+                                                  T* const gv = grad_v.at(xi, xj + b * p.dw);
+                                                  for (int64_t c = 0; c < kD / kLanes; ++c) {
+                                                    store_lanes(gk + c * kLanes, sum_k[c] * scale);
+                                                    store_lanes(gv + c * kLanes, sum_v[c] * T(1));
+                                                  }
+                                                });
+      });
     });
   });
 }
@@ -1753,25 +1773,28 @@ constexpr int query_block_size() {
   return key_block_size<T, kD>();
 }
 
-// Whether queries x, x + dw, ..., x + (kB - 1) dw have window starts along W one group column apart (interior
-// queries), so that query b's window column kj is the block's column kj + b.
-inline bool windows_shift_by_group_column(int64_t x, int kB, const AxisTable& axis, int64_t dw) {
-  for (int b = 1; b < kB; ++b) {
-    if (axis.start[x + b * dw] != axis.start[x] + b * dw) return false;
+// Whether queries x, x + dw, ..., x + (kB - 1) dw have window starts along W one group column apart (1: interior
+// queries, query b's window column kj is the block's column kj + b) or all at x's (0: clamped at a border, query b's
+// window column kj is the block's kj); -1 otherwise.
+inline int window_block_shift(int64_t x, int kB, const AxisTable& axis, int64_t dw) {
+  for (int shift : {1, 0}) {
+    bool all = true;
+    for (int b = 1; b < kB && all; ++b) all = axis.start[x + b * dw] == axis.start[x] + shift * b * dw;
+    if (all) return shift;
   }
-  return true;
+  return -1;
 }
 
-// sum[b] = sum over the window of w[b][ki kw + kj] x[ki row_step + (kj + b) col_step] for kB queries of one group
-// (windows_shift_by_group_column) whose windows start one column apart, in the window's row and column order per
-// query (as one query's RegisterRow sum: the same bits); store(b, sum[b]) writes query b's result.
-template <typename T, int64_t kD, int kB, typename Store>
+// sum[b] = sum over the window of w[b][ki kw + kj] x[ki row_step + (kj + kShift b) col_step] for kB queries of one
+// group (window_block_shift kShift), in the window's row and column order per query (as one query's RegisterRow sum:
+// the same bits); store(b, sum[b]) writes query b's result.
+template <typename T, int64_t kD, int kB, int kShift, typename Store>
 inline void window_block_sums(const T* const* w, const T* x, int64_t row_step, int64_t col_step, const Problem& p,
                               const Store& store) {
   constexpr int64_t kV = kD / kLanes;
   using V = Lanes<T>;
   V acc[kB][kV] = {};
-  const int64_t columns = p.kw + kB - 1;
+  const int64_t columns = p.kw + kShift * (kB - 1);
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const T* const row = x + ki * row_step;
     for (int64_t u = 0; u < columns; ++u) {
@@ -1779,8 +1802,8 @@ inline void window_block_sums(const T* const* w, const T* x, int64_t row_step, i
       for (int64_t c = 0; c < kV; ++c) xv[c] = in_register(load_lanes(row + u * col_step + c * kLanes));
 #pragma GCC unroll 4
       for (int b = 0; b < kB; ++b) {
-        if (u - b < 0 || u - b >= p.kw) continue;
-        const T wb = w[b][ki * p.kw + u - b];
+        if (u - kShift * b < 0 || u - kShift * b >= p.kw) continue;
+        const T wb = w[b][ki * p.kw + u - kShift * b];
         for (int64_t c = 0; c < kV; ++c) acc[b][c] += wb * xv[c];
       }
     }
@@ -1788,16 +1811,16 @@ inline void window_block_sums(const T* const* w, const T* x, int64_t row_step, i
   for (int b = 0; b < kB; ++b) store(b, acc[b]);
 }
 
-// dQ of kB queries of one group (windows_shift_by_group_column) from their dS rows ds[b] (window_block_sums).
-template <typename T, int64_t kD, int kB>
+// dQ of kB queries of one group (window_block_shift kShift) from their dS rows ds[b] (window_block_sums).
+template <typename T, int64_t kD, int kB, int kShift>
 void query_block_dq(const T* const* ds, Slice<const T> k, Slice<T> grad_q, int64_t i, int64_t j, const Problem& p,
                     const Windows& win, T scale) {
   constexpr int64_t kV = kD / kLanes;
-  window_block_sums<T, kD, kB>(ds, k.at(win.h.start[i], win.w.start[j]), p.dh * k.row, p.dw * k.col, p,
-                               [&](int b, const Lanes<T>* sum) {
-                                 T* const gq = grad_q.at(i, j + b * p.dw);
-                                 for (int64_t c = 0; c < kV; ++c) store_lanes(gq + c * kLanes, sum[c] * scale);
-                               });
+  window_block_sums<T, kD, kB, kShift>(ds, k.at(win.h.start[i], win.w.start[j]), p.dh * k.row, p.dw * k.col, p,
+                                       [&](int b, const Lanes<T>* sum) {
+                                         T* const gq = grad_q.at(i, j + b * p.dw);
+                                         for (int64_t c = 0; c < kV; ++c) store_lanes(gq + c * kLanes, sum[c] * scale);
+                                       });
 }
 
 // The bias gradient of one query row, summed while the query pass has its dS rows in cache: the row's dS rows added
@@ -1867,11 +1890,12 @@ void backward_query_pass_saved(Strided<const T> grad_out_all, Strided<const T> k
     if constexpr (kB == 1) {
       for_each_in_group_order(W, p.dw, one_query);
     } else {
-      const auto fits = [&](int64_t j) { return windows_shift_by_group_column(j, kB, win.w, p.dw); };
-      for_each_block_in_group_order<kB>(W, p.dw, fits, one_query, [&](int64_t j) {
+      const auto fits = [&](int64_t j) { return window_block_shift(j, kB, win.w, p.dw); };
+      for_each_block_in_group_order<kB>(W, p.dw, fits, one_query, [&](int64_t j, int shift) {
         const T* ds[kB];
         for (int b = 0; b < kB; ++b) ds[b] = ds_of(j + b * p.dw);
-        query_block_dq<T, kD, kB>(ds, k, grad_q, i, j, p, win, scale);
+        dispatch_block_shift(
+            shift, [&](auto kShift) { query_block_dq<T, kD, kB, kShift.value>(ds, k, grad_q, i, j, p, win, scale); });
       });
     }
     if (bias) bias->flush();
@@ -2153,7 +2177,8 @@ void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, 
 inline bool saved_backward_stages(const Problem& p) { return p.window() >= 81; }
 
 // The saved-weights backward, query by query in both passes (the interior of a row in blocks of 4 queries or keys
-// whose windows are shifted copies: query_block_dq, key_block_sums; the bias gradient summed in the query pass).
+// whose windows are shifted copies or, at a group's clamped edges, the same: query_block_dq, key_block_sums; the bias
+// gradient summed in the query pass).
 // Its query tiles (k and v group-transposed, P and dS converted between rows and per-slot vectors 8 x 8 blocks at a
 // time) lost to the per-query pass at every DiNAT stage measured once the per-query pass addressed the window's rows
 // in place (2 threads, AVX-512, tiles / per-query time: contiguous q, k, v 1.12-1.20 at k 7 d1, packed qkv 1.00-1.15
