@@ -64,8 +64,8 @@ inline void for_each_in_group_order(int64_t W, int64_t dw, const F& fn) {
 }
 
 // for_each_in_group_order in blocks: kB positions x, x + dw, ..., x + (kB - 1) dw of one group go to block(x, shift)
-// where shift = fits(x) is 0 or 1 (see BlockShift), the others (fits: -1) to one(x) one at a time (the kernels'
-// borders), in the same order of groups and positions.
+// where shift = fits(x) is 0 or 1 (see dispatch_block_shift), the others (fits: -1) to one(x) one at a time (the
+// kernels' borders), in the same order of groups and positions.
 template <int kB, typename Fits, typename One, typename Block>
 inline void for_each_block_in_group_order(int64_t W, int64_t dw, const Fits& fits, const One& one, const Block& block) {
   for (int64_t r = 0; r < std::min(dw, W); ++r) {
@@ -877,10 +877,11 @@ struct RowScratch {
   }
 };
 
-// Query row i of slice bh (q, k, v, out: the slice): with tiles (has_query_tiles), the interior queries through
-// forward_tile on kts, vts (the slice's k and v group-transposed), the others one at a time; without, all one at a
-// time. weights: where to save P ([BH * H * W, kh * kw]), nullptr when not saving. Shared by the float32 forward and
-// the bf16 forward on widened slices (float32 copies of the slice's rows).
+// Query row i of slice bh (q, k, v, out: the slice): with tiles (has_query_tiles), every query through gathered tiles
+// where order.gather has them (float32 on AVX-512), else the interior queries through forward_tile on kts, vts (the
+// slice's k and v group-transposed) and the others one at a time; without, all one at a time. weights: where to save P
+// ([BH * H * W, kh * kw]), nullptr when not saving. Shared by the float32 forward and the bf16 forward on widened
+// slices (float32 copies of the slice's rows).
 template <typename T, int64_t kD>
 void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, const T* kts, const T* vts, const T* rpb,
                          Slice<T> out, T* lse, int64_t bh, int64_t i, const Problem& p, const Windows& win,
