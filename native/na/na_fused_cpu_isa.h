@@ -402,8 +402,8 @@ inline bool has_interior_tiles(const Problem& p) {
 
 // Whether the forward runs every query of a row through gathered tiles: float32 on AVX-512 with a compiled kw. They
 // replace the interior tiles and the per-query border there too: forward alone, gathered / interior-and-per-query
-// time at DiNAT's d 1 stages 1.02-1.63x (1x4x56x56 to 1x16x16x16 k 7, 1x12x80x80 k 11), 1.6-2.3x where the dilation
-// groups held no interior tile (see GatherTile).
+// time at DiNAT's d 1 stages 1.00-1.89x (1x4x56x56 to 1x16x16x16 k 7, 1x6x160x160 to 1x48x20x20 k 11), 1.57-2.27x
+// where the dilation groups held no interior tile (see GatherTile).
 template <typename T>
 inline bool uses_gathered_tiles(const Problem& p) {
 #if DINAT_M2F_CPU_LANES == 16
@@ -703,6 +703,8 @@ inline void gathered_window_row(TileRow<float>* const* rows, const int64_t* ki, 
       for (int n = 0; n < kN; ++n) logit[n][kj] += qd[n] * key;
     }
   }
+  // tile_window_row's online-softmax step, written out again: as one helper shared by both (logits through a
+  // pointer) it ran 0.94-0.99x and GCC fused other multiply-adds (outputs differed in the last bit).
   V factor[kN];
   for (int n = 0; n < kN; ++n) {
     TileRow<float>& row = *rows[n];

