@@ -9,7 +9,9 @@ For every shape it times, in one run and on the same tokens:
 - ``dense``: dense attention per dilation group (dinat_m2f.ops.na._dense_attention), where every window is its
   whole dilation group (size == k * dilation), the alternative ops.na2d takes for whole maps in inference,
 - ``sdpa``: dense torch.nn.functional.scaled_dot_product_attention over all H*W tokens,
-forward (``fwd``) and forward+backward (``fwd+bwd``), and prints ratios reference/ours. GFLOP/s counts the useful
+forward (``fwd``) and forward+backward (``fwd+bwd``), and prints ratios reference/ours. Within a shape the calls of
+our implementations in every dtype are interleaved, one of each per round (the reference and SDPA are timed apart),
+so that their ratios compare calls made under the same load. GFLOP/s counts the useful
 work of NA (2 * tokens * window * D multiply-adds per head forward, twice that backward); SDPA is credited with its
 dense work. The machine's float32 matmul rate, the yardstick, is measured before and after the cases (the faster).
 
@@ -138,14 +140,22 @@ _clock = CLOCKS["wall"]
 
 def time_ms(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, float]:
     """(median, min) time in ms on the --timer clock."""
-    for _ in range(warmup):
-        fn()
-    times = []
+    return time_interleaved({None: fn}, repeats, warmup)[None]
+
+
+def time_interleaved(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """{key: (median, min) time in ms on the --timer clock} of every fn, the calls interleaved (one call of each per
+    round), so that load drifting on a shared machine slows every fn alike and their ratios hold."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {key: [] for key in fns}
     for _ in range(repeats):
-        start = _clock()
-        fn()
-        times.append((_clock() - start) * 1e3)
-    return statistics.median(times), min(times)
+        for key, fn in fns.items():
+            start = _clock()
+            fn()
+            times[key].append((_clock() - start) * 1e3)
+    return {key: (statistics.median(t), min(t)) for key, t in times.items()}
 
 
 def matmul_gflops(repeats: int) -> float:
@@ -197,39 +207,64 @@ def implementations(case: Case):
     return impls
 
 
-def bench_case(case: Case, dtype: torch.dtype, repeats: int, impls: set[str] | None = None) -> list[Record]:
+# The implementations whose calls bench_case interleaves: ours together; the reference and SDPA each alone, since
+# their passes over hundreds of MB between our calls left our inputs out of cache (fused forward + backward at
+# 1x4x56x56x32 k7 d1 1.15x slower on AMD EPYC).
+_INTERLEAVED_GROUPS = [("fused", "packed", "unfused", "dense"), ("reference",), ("sdpa",)]
+
+
+def bench_case(case: Case, dtypes: list[torch.dtype], repeats: int, impls: set[str] | None = None) -> list[Record]:
+    """Every implementation in every dtype of one case, forward then forward + backward, the calls of each pass
+    interleaved (time_interleaved, by _INTERLEAVED_GROUPS): the fused/unfused and bf16/f32 ratios compare calls made
+    in the same seconds.
+    Timed one after another, the dtypes of a cell once differed by 0.74x in one run and 1.10x in the next (AMD EPYC,
+    1x12x64x64x32 k11, forward)."""
     g = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, case.height, case.width, case.dim)
-    q, key, v = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
-    rpb = (torch.randn(case.heads, 2 * case.kernel_size - 1, 2 * case.kernel_size - 1, generator=g) * 0.02).to(dtype)
-    # The same q, k, v packed as the qkv projection writes them: [B, H, W, 3, heads, D].
-    qkv = torch.stack([t.permute(0, 2, 3, 1, 4) for t in (q, key, v)], dim=3)
-    grad_g = torch.Generator().manual_seed(1)
+    q32, key32, v32 = (torch.randn(shape, generator=g) for _ in range(3))
+    rpb32 = torch.randn(case.heads, 2 * case.kernel_size - 1, 2 * case.kernel_size - 1, generator=g) * 0.02
+    grad32 = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    chosen = [(impl, fn) for impl, fn in implementations(case) if impls is None or impl in impls]
+    forward, step = {}, {}
+    for dtype in dtypes:
+        q, key, v, rpb = (t.to(dtype) for t in (q32, key32, v32, rpb32))
+        # The same q, k, v packed as the qkv projection writes them: [B, H, W, 3, heads, D].
+        qkv = torch.stack([t.permute(0, 2, 3, 1, 4) for t in (q, key, v)], dim=3)
+        for impl, fn in chosen:
+            inputs = (qkv, rpb) if impl == "packed" else (q, key, v, rpb)
+
+            def run_forward(fn=fn, inputs=inputs):
+                with torch.no_grad():
+                    return fn(*inputs)
+
+            forward[impl, dtype] = run_forward
+            if impl == "sdpa" and not case.with_sdpa_backward:
+                continue
+            leaves = [t.clone().requires_grad_() for t in inputs]
+            grad = grad32.to(dtype)
+            if impl == "packed":  # heads-last, as the output projection hands it back
+                grad = grad.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
+
+            # torch.autograd.grad: the inputs' gradients handed back as a layer's backward hands them on, not added
+            # into .grad (out.backward(grad) timed one more add of every input per repeat, for every implementation)
+            def run_step(fn=fn, leaves=leaves, grad=grad):
+                out = fn(*leaves)
+                torch.autograd.grad(out, leaves, grad, allow_unused=True)  # sdpa takes no bias
+
+            step[impl, dtype] = run_step
+    timed = {"fwd": {}, "fwd+bwd": {}}
+    for group in _INTERLEAVED_GROUPS:
+        for pass_, fns in (("fwd", forward), ("fwd+bwd", step)):
+            timed[pass_].update(time_interleaved({key: fn for key, fn in fns.items() if key[0] in group}, repeats))
     records = []
-    for impl, fn in implementations(case):
-        if impls is not None and impl not in impls:
-            continue
-        flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
-        tag = ("na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:])
-        inputs = (qkv, rpb) if impl == "packed" else (q, key, v, rpb)
-        with torch.no_grad():
-            ms, ms_min = time_ms(lambda fn=fn, inputs=inputs: fn(*inputs), repeats)
-        records.append(Record(*tag, "fwd", ms, flops / ms / 1e6, ms_min))
-        if impl == "sdpa" and not case.with_sdpa_backward:
-            continue
-        leaves = [t.clone().requires_grad_() for t in inputs]
-        grad = torch.randn(shape, generator=grad_g).to(dtype)
-        if impl == "packed":  # heads-last, as the output projection hands it back
-            grad = grad.permute(0, 2, 3, 1, 4).contiguous().permute(0, 3, 1, 2, 4)
-
-        # torch.autograd.grad: the inputs' gradients handed back as a layer's backward hands them on, not added
-        # into .grad (out.backward(grad) timed one more add of every input per repeat, for every implementation)
-        def step(fn=fn, leaves=leaves, grad=grad):
-            out = fn(*leaves)
-            torch.autograd.grad(out, leaves, grad, allow_unused=True)  # sdpa takes no bias
-
-        ms, ms_min = time_ms(step, repeats)
-        records.append(Record(*tag, "fwd+bwd", ms, 3 * flops / ms / 1e6, ms_min))
+    for dtype in dtypes:
+        for impl, _ in chosen:
+            flops = sdpa_flops(case) if impl == "sdpa" else na_flops(case)
+            tag = ("na2d", impl, case.shape, case.kernel_size, case.dilation, str(dtype)[6:])
+            for pass_, work in (("fwd", flops), ("fwd+bwd", 3 * flops)):
+                if (impl, dtype) in timed[pass_]:
+                    ms, ms_min = timed[pass_][impl, dtype]
+                    records.append(Record(*tag, pass_, ms, work / ms / 1e6, ms_min))
     return records
 
 
@@ -423,10 +458,10 @@ def main(argv: list[str] | None = None) -> None:
         and (models is None or c.model in models)
         and (batches is None or c.batch in batches)
     ]
-    # Every dtype of a case back to back, so a dtype's ratio to another is not skewed by the machine's load drifting.
+    # Every implementation and dtype of a case interleaved (bench_case), so that their ratios are not skewed by the
+    # machine's load drifting.
     for case in cases:
-        for dtype in dtypes:
-            records.extend(bench_case(case, dtype, repeats, impls))
+        records.extend(bench_case(case, dtypes, repeats, impls))
     # The yardstick is what the machine can do: measured again after the cases, the faster of the two. A shared
     # machine slowed down for the first measurement once (211 GFLOP/s against its usual 305-322), which made the
     # "% mm" column half again as high as the same milliseconds against the machine's rate.
