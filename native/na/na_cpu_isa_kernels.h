@@ -14,6 +14,7 @@ namespace {
 using cpu_math::as_compute;
 using cpu_math::dispatch_head_dim;
 using cpu_math::dispatch_window_width;
+using cpu_math::l1_data_cache_ways;
 using cpu_math::parallel;
 using cpu_math::strided_in;
 using cpu_math::strided_out;

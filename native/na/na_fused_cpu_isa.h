@@ -2188,10 +2188,13 @@ void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, 
 
 // Whether the saved-weights backward's passes read staged copies of the inputs whose tokens are strided (the packed
 // qkv, the heads-last dO): they read k and v once per window holding each key (the query pass), q and dO once per
-// window holding each query (the key pass). The copy pays off from windows of 81 keys, as in the forward: packed qkv
-// at k 11 (1x12x64x64 d1, 2 threads) 34.8 ms read in place against 32.5 staged; at k 7 the copy cost more than it
-// saved (8x8x14x14 d1: 3.78 ms in place against 4.29).
-inline bool saved_backward_stages(const Problem& p) { return p.window() >= 81; }
+// window holding each query (the key pass). The window's tokens then lie in a few L1 sets (see tokens_are_contiguous),
+// so where the copy pays off depends on the L1's ways. With 12 ways (Intel Xeon, 48 KiB) from windows of 81 keys, as
+// in the forward: packed qkv at k 11 (1x12x64x64 d1, 2 threads) 34.8 ms read in place against 32.5 staged; at k 7 the
+// copy cost more than it saved (8x8x14x14 d1: 3.78 ms in place against 4.29). With 8 ways (AMD EPYC Zen 3, 32 KiB)
+// from 7 x 7 windows: packed qkv forward + backward at k 7 d 1, in place / staged, in-process A/B, medians of 40
+// calls, the same bits: 1x4x56x56 1.12x, 8x2x56x56 1.17x, 8x4x28x28 1.15x, 8x8x14x14 1.12x, 1x8x14x14 1.06x.
+inline bool saved_backward_stages(const Problem& p) { return p.window() >= (l1_data_cache_ways() <= 8 ? 49 : 81); }
 
 // The saved-weights backward, query by query in both passes (the interior of a row in blocks of 4 queries or keys
 // whose windows are shifted copies or, at a group's clamped edges, the same: query_block_dq, key_block_sums; the bias

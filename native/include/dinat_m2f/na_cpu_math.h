@@ -15,6 +15,8 @@
 #include <limits>
 #include <type_traits>
 
+#include <unistd.h>
+
 #include "dinat_m2f/na_common.h"
 
 namespace dinat_m2f::na::cpu_math {
@@ -39,6 +41,19 @@ inline Strided<T> strided_out(const at::Tensor& t) {
 
 // Runs `fn` on float32 copies of bfloat16 tensors (the kernels accumulate in float32) and copies results back.
 inline at::Tensor as_compute(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 ? t.to(at::kFloat) : t; }
+
+// The ways of this CPU's L1 data cache (sysconf; 8, the common count, where the system does not say): the kernels'
+// choice to copy token-strided inputs depends on it (saved_backward_stages).
+inline int64_t l1_data_cache_ways() {
+  static const int64_t ways = [] {
+#if defined(_SC_LEVEL1_DCACHE_ASSOC)
+    const long reported = sysconf(_SC_LEVEL1_DCACHE_ASSOC);
+    if (reported > 0) return static_cast<int64_t>(reported);
+#endif
+    return int64_t{8};
+  }();
+  return ways;
+}
 
 // Calls fn(std::integral_constant<int64_t, D>{}) for the common head dims, so the loops over channels get constant
 // trip counts and unroll fully, and fn(std::integral_constant<int64_t, 0>{}) (use the runtime size) otherwise.
