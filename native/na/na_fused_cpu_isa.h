@@ -2193,7 +2193,8 @@ void backward_saved_whole_groups(Strided<const T> grad_out, Strided<const T> q, 
 // in the forward: packed qkv at k 11 (1x12x64x64 d1, 2 threads) 34.8 ms read in place against 32.5 staged; at k 7 the
 // copy cost more than it saved (8x8x14x14 d1: 3.78 ms in place against 4.29). With 8 ways (AMD EPYC Zen 3, 32 KiB)
 // from 7 x 7 windows: packed qkv forward + backward at k 7 d 1, in place / staged, in-process A/B, medians of 40
-// calls, the same bits: 1x4x56x56 1.12x, 8x2x56x56 1.17x, 8x4x28x28 1.15x, 8x8x14x14 1.12x, 1x8x14x14 1.06x.
+// calls, the same bits: 1x4x56x56 1.12x, 8x2x56x56 1.17x, 8x4x28x28 1.15x, 8x8x14x14 1.12x, 1x8x14x14 1.06x; at the
+// Mask2Former crop's maps (batch 2) 1.07-1.11x dilated (128x128 d 16, 64x64 d 8, 32x32 d 4), 0.96-1.05x at d 1.
 inline bool saved_backward_stages(const Problem& p) { return p.window() >= (l1_data_cache_ways() <= 8 ? 49 : 81); }
 
 // The saved-weights backward, query by query in both passes (the interior of a row in blocks of 4 queries or keys
