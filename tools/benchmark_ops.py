@@ -208,8 +208,7 @@ def implementations(case: Case):
 
 
 # The implementations whose calls bench_case interleaves: ours together; the reference and SDPA each alone, since
-# their passes over hundreds of MB between our calls left our inputs out of cache (fused forward + backward at
-# 1x4x56x56x32 k7 d1 1.15x slower on AMD EPYC).
+# their passes over hundreds of MB between our calls would evict our inputs from the caches.
 _INTERLEAVED_GROUPS = [("fused", "packed", "unfused", "dense"), ("reference",), ("sdpa",)]
 
 
@@ -217,8 +216,8 @@ def bench_case(case: Case, dtypes: list[torch.dtype], repeats: int, impls: set[s
     """Every implementation in every dtype of one case, forward then forward + backward, the calls of each pass
     interleaved (time_interleaved, by _INTERLEAVED_GROUPS): the fused/unfused and bf16/f32 ratios compare calls made
     in the same seconds.
-    Timed one after another, the dtypes of a cell once differed by 0.74x in one run and 1.10x in the next (AMD EPYC,
-    1x12x64x64x32 k11, forward)."""
+    Timed one after another, a cell's bf16/f32 was 0.76x in one run and 1.10x in the next (AMD EPYC, 1x12x64x64x32
+    k11 d1, forward)."""
     g = torch.Generator().manual_seed(0)
     shape = (case.batch, case.heads, case.height, case.width, case.dim)
     q32, key32, v32 = (torch.randn(shape, generator=g) for _ in range(3))
