@@ -19,6 +19,8 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from dinat_m2f.utils.cpu_info import cpu_flags
+
 OK, WARN, FAIL, INFO = "ok", "warn", "FAIL", "info"
 
 # CPU dtypes / CUDA dtypes the native kernels are written for (README); the probe tells whether each one works.
@@ -115,11 +117,7 @@ def _gpus(info: dict | None) -> list[Check]:
 
 def cpu_isa() -> list[str]:
     """The instruction-set extensions of this CPU that matter for the kernels (from /proc/cpuinfo on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return []
+    flags = cpu_flags()
     return [f for f in _ISA_FLAGS if f in flags]
 
 

@@ -331,16 +331,10 @@ def rows_of(step: Step, result: dict | str) -> list[Row]:
 
 def machine() -> dict:
     """The CPU (model name, the ISA extensions that pick our code paths), cores, torch and our build."""
-    info: dict = {"cpu": "unknown", "cores": os.cpu_count()}
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
-    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.M)
-    if name:
-        info["cpu"] = name.group(1).strip()
-    have = set(flags.group(1).split()) if flags else set()
+    from dinat_m2f.utils.cpu_info import cpu_flags, cpuinfo_field
+
+    info: dict = {"cpu": cpuinfo_field("model name") or "unknown", "cores": os.cpu_count()}
+    have = cpu_flags()
     info["isa"] = [
         f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_bf16") if f in have
     ]

@@ -22,18 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@functools.cache
-def cpu_vendor() -> str:
-    """This x86 CPU's vendor string ("GenuineIntel", "AuthenticAMD"; from /proc/cpuinfo), "" where unknown."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+from dinat_m2f.utils.cpu_info import cpu_vendor
 
 
 @functools.cache
