@@ -4,8 +4,8 @@
 // attention weights are materialised in memory; the row logsumexp is stored for the backward. Tiles of kLanes
 // interior queries run lane-parallel with an online softmax (forward_tile, where DINAT_M2F_CPU_QUERY_TILES is set), in
 // float32 two query rows of a dilation group at a time where their logits fit the registers (forward_tile_pair). In
-// float32 with AVX2 the border queries go through edge tiles (EdgeTile: K and V vectors permuted per lane); on AVX-512
-// every query of a row goes through gathered tiles instead (GatherTile: borders and narrow dilation groups included).
+// float32 on AVX-512 every query of a row goes through gathered tiles instead (GatherTile: borders and narrow dilation
+// groups included, K and V columns permuted into lanes).
 // Backward (flash-style, spec 1.4): delta_i = dO_i . O_i; the weights are recomputed as P = exp(scale q.k + rpb - lse),
 // dS = P (dO . v - delta); dQ gathers over the window, dK and dV gather over the inverse neighborhood, so no races.
 // P and dS of a bounded group of (batch, head) slices are kept in a workspace between the query pass and the key pass.
@@ -390,58 +390,6 @@ inline void for_each_tile_or_query(const Problem& p, const std::vector<int64_t>&
   }
 }
 
-// An edge tile of the forward (float32): kLanes consecutive queries of a dilation group whose windows are not lane 0's
-// moved by one column per lane, at the group's borders (clamped windows). Lane l's first key is key[l] group columns
-// after lane 0's (0 <= key[l] < kLanes: a window moves by at most one column per query), so each K or V vector of a
-// window column is the unaligned load at lane 0's key plus one in-register permute; bias[l] is lane l's bias column at
-// window column 0 (one gather per window column). Before them the border queries went query by query, at ~2.4x a
-// tile's cost per query (8 per row of a 56-column map at k 7: ~28% of the forward). AVX2 on an AMD EPYC (Zen 3), 2
-// threads, forward alone, per-query borders / edge tiles (medians of 20 calls, interleaved): 1x4x56x56x32 k7 d1 1.16x,
-// 8x4x28x28 1.22x, 8x8x14x14 1.56x, 2x8x32x32 d4 1.25x, 2x2x128x128 d16 1.11x (no interior tile there before),
-// 1x6x128x128 k11 d1 1.10x, 1x12x80x80 k11 d4 1.28x; bfloat16 1.12-1.49x; forward + backward with saved
-// weights 1.04-1.20x at d 1.
-struct EdgeTile {
-  IndexLanes key;
-  IndexLanes bias;
-};
-
-// Whether the forward's tiles of T cover the border queries too (edge tiles): float32 with 8 lanes (AVX2); with
-// AVX-512 every float32 query goes through gathered tiles (uses_gathered_tiles).
-template <typename T>
-inline constexpr bool kEdgeTiles = std::is_same_v<T, float> && kLanes == 8;
-
-// Row i's queries dilation group by dilation group in tiles of kLanes consecutive queries jg .. jg + kLanes - 1:
-// interior ones (windows unclamped along W) to tile(r, jg, col0, nullptr), the others to tile(r, jg, col0, &edge);
-// col0 is the W' column of lane 0's first key. A group whose length is not a multiple of kLanes ends with a tile moved
-// back to end at its end (its first queries computed twice, to the same bits); groups shorter than kLanes go to
-// one_query(j) query by query.
-template <typename One, typename Tile>
-inline void for_each_forward_tile(const Problem& p, const std::vector<int64_t>& group_offset, const One& one_query,
-                                  const Tile& tile) {
-  const int64_t W = p.width, half = p.kw / 2;
-  for (int64_t r = 0; r < std::min(p.dw, W); ++r) {
-    const int64_t glen = group_length(r, W, p.dw), last_start = glen - p.kw;
-    if (glen < kLanes) {
-      for (int64_t jg = 0; jg < glen; ++jg) one_query(r + p.dw * jg);
-      continue;
-    }
-    const auto start = [&](int64_t jg) { return std::clamp<int64_t>(jg - half, 0, last_start); };
-    for (int64_t next = 0; next < glen; next += kLanes) {
-      const int64_t jg = std::min(next, glen - kLanes);
-      if (jg >= half && jg + kLanes <= glen - half) {
-        tile(r, jg, group_offset[r] + jg - half, static_cast<const EdgeTile*>(nullptr));
-        continue;
-      }
-      EdgeTile edge;
-      for (int64_t l = 0; l < kLanes; ++l) {
-        edge.key[l] = static_cast<int32_t>(start(jg + l) - start(jg));
-        edge.bias[l] = static_cast<int32_t>(start(jg + l) - (jg + l) + p.kw - 1);
-      }
-      tile(r, jg, group_offset[r] + start(jg), static_cast<const EdgeTile*>(&edge));
-    }
-  }
-}
-
 // True when some dilation group along W holds a full tile of interior queries, the ISA uses tiles and kw is one of
 // dispatch_window_width's.
 inline bool has_interior_tiles(const Problem& p) {
@@ -468,21 +416,10 @@ inline bool uses_gathered_tiles(const Problem& p) {
   return false;
 }
 
-// Whether the forward of T runs edge tiles (kEdgeTiles): the ISA uses tiles, kw is compiled and some dilation group
-// along W holds kLanes queries. Where no group holds an interior tile (the segmentation crops' dilated layers:
-// 128 / 16, 64 / 8, 32 / 4 columns at k 7) they are the only tiles.
-template <typename T>
-inline bool uses_edge_tiles(const Problem& p) {
-  if (!kEdgeTiles<T> || !DINAT_M2F_CPU_QUERY_TILES) return false;
-  bool compiled = false;
-  dispatch_window_width(p.kw, [&](auto kw) { compiled = kw.value > 0; });
-  return compiled && group_length(0, p.width, p.dw) >= kLanes;
-}
-
-// Whether the forward of T uses query tiles: interior, edge or gathered ones.
+// Whether the forward of T uses query tiles: interior ones (has_interior_tiles) or gathered ones.
 template <typename T>
 bool has_query_tiles(const Problem& p) {
-  return has_interior_tiles(p) || uses_edge_tiles<T>(p) || uses_gathered_tiles<T>(p);
+  return has_interior_tiles(p) || uses_gathered_tiles<T>(p);
 }
 
 // The W' order of a forward with tiles, with the gathered tiles where it uses them.
@@ -530,10 +467,9 @@ inline V in_register(V v) {
 
 // acc_n[d] = acc_n[d] * factor[n] + sum_kj w[n kw + kj] x[d W + kj] for the kN rows of a tile window row: the
 // forward's online-softmax weighted sum of V. Each x vector is loaded once for all kN rows.
-// kEdge: an edge tile's, each x vector permuted by edge->key.
-template <typename T, int64_t kKW, int kN, bool kEdge>
+template <typename T, int64_t kKW, int kN>
 inline void add_weighted_window_columns(const Lanes<T>* w, const Lanes<T>* factor, const T* x, int64_t W, int64_t D,
-                                        Lanes<T>* const* acc, const EdgeTile* edge) {
+                                        Lanes<T>* const* acc) {
   using V = Lanes<T>;
   for (int64_t d = 0; d < D; ++d) {
     V a[kN];
@@ -541,7 +477,6 @@ inline void add_weighted_window_columns(const Lanes<T>* w, const Lanes<T>* facto
     const T* xd = x + d * W;
     for (int64_t kj = 0; kj < kKW; ++kj) {
       V value = load_lanes(xd + kj);
-      if constexpr (kEdge) value = permute_lanes(value, edge->key);
       if constexpr (kN > 1) value = in_register(value);
       for (int n = 0; n < kN; ++n) a[n] += w[n * kKW + kj] * value;
     }
@@ -581,13 +516,12 @@ struct TileRow {
   Lanes<T>* qt;
   Lanes<T>* acc;
   Lanes<T> running_max, running_sum;
-  // The row's first bias row at column kw / 2 (an edge tile's: at column 0; nullptr: no bias); + ki * rpb_w per row.
-  const T* bias;
+  const T* bias;   // the row's first bias row at the window's column kw / 2 (nullptr: no bias); + ki * rpb_w per row
   T* kept_logits;  // nullptr unless saving the weights
 };
 
 // Starts a forward tile row: the kLanes queries (i, j0 + dw * l) of q transposed and scaled into s.qt, acc zeroed.
-template <typename T, int64_t kKW, bool kEdge = false>
+template <typename T, int64_t kKW>
 inline TileRow<T> tile_row_begin(Slice<const T> q, const T* rpb, int64_t h, int64_t i, int64_t j0, const Problem& p,
                                  const Windows& win, T scale, int64_t D, TileScratch<T>& s) {
   using V = Lanes<T>;
@@ -595,7 +529,7 @@ inline TileRow<T> tile_row_begin(Slice<const T> q, const T* rpb, int64_t h, int6
                  reinterpret_cast<V*>(s.acc.data()),
                  V{} - std::numeric_limits<T>::infinity(),
                  V{},
-                 rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + (kEdge ? 0 : kKW / 2) : nullptr,
+                 rpb != nullptr ? rpb + (h * p.rpb_h() + win.h.bias[i]) * p.rpb_w() + kKW / 2 : nullptr,
                  s.logits.empty() ? nullptr : s.logits.data()};
   // The tile's rows in and out 8 x 8 blocks at a time (rows_to_slots, slots_to_rows): one value at a time, each
   // vector was built from kLanes scalar stores, and reading it back stalled on store forwarding.
@@ -612,22 +546,15 @@ inline TileRow<T> tile_row_begin(Slice<const T> q, const T* rpb, int64_t h, int6
 // two rows a load feeds two multiply-adds, and the unaligned (mostly cache-line-split) loads, not the multiply-adds,
 // bounded the one-row tile. The row's kw logits (then weights) stay in registers, and each Q / accumulator vector is
 // loaded once per window row, not once per key.
-// kEdge: the rows of an edge tile (float32), K and V vectors permuted and bias columns gathered per lane.
-template <typename T, int64_t kD, int64_t kKW, int kN, bool kEdge = false>
+template <typename T, int64_t kD, int64_t kKW, int kN>
 inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T* krow, const T* vrow, int64_t W,
-                            int64_t D, int64_t rpb_w, const EdgeTile* edge = nullptr) {
+                            int64_t D, int64_t rpb_w) {
   using V = Lanes<T>;
   constexpr int64_t KW = kKW;
   V logit[kN][KW];
   for (int n = 0; n < kN; ++n) {
     const T* brow = rows[n]->bias != nullptr ? rows[n]->bias + ki[n] * rpb_w : nullptr;
-    for (int64_t kj = 0; kj < KW; ++kj) {
-      if constexpr (kEdge) {
-        logit[n][kj] = brow != nullptr ? gather_lanes(brow, edge->bias + static_cast<int32_t>(kj)) : V{};
-      } else {
-        logit[n][kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
-      }
-    }
+    for (int64_t kj = 0; kj < KW; ++kj) logit[n][kj] = V{} + (brow != nullptr ? brow[kj] : T(0));
   }
   for (int64_t d = 0; d < D; ++d) {
     V qd[kN];
@@ -635,7 +562,6 @@ inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T*
     const T* kd = krow + d * W;
     for (int64_t kj = 0; kj < KW; ++kj) {
       V key = load_lanes(kd + kj);
-      if constexpr (kEdge) key = permute_lanes(key, edge->key);
       if constexpr (kN > 1) key = in_register(key);
       for (int n = 0; n < kN; ++n) logit[n][kj] += qd[n] * key;
     }
@@ -658,7 +584,7 @@ inline void tile_window_row(TileRow<T>* const* rows, const int64_t* ki, const T*
   }
   V* acc[kN];
   for (int n = 0; n < kN; ++n) acc[n] = rows[n]->acc;
-  add_weighted_window_columns<T, KW, kN, kEdge>(&logit[0][0], factor, vrow, W, D, acc, edge);
+  add_weighted_window_columns<T, KW, kN>(&logit[0][0], factor, vrow, W, D, acc);
 }
 
 // Ends a forward tile row: O = acc / sum into out's queries (i, j0 + dw * l), their logsumexp into lse.
@@ -674,21 +600,21 @@ inline void tile_row_end(TileRow<T>& row, Slice<T> out, T* lse, int64_t bh, int6
   }
 }
 
-// Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh (kEdge: of an edge tile);
-// col0 is the W' column of lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read
-// kLanes columns at a time, one window row at a time (tile_window_row).
-template <typename T, int64_t kD, int64_t kKW, bool kEdge = false>
+// Forward of the kLanes interior queries (i, r + dw * (jg0 + l)), l < kLanes, of slice bh; col0 is the W' column of
+// lane 0's first key. Lane-parallel: Q is transposed to [D][lanes], and K, V rows are read kLanes columns at a time,
+// one window row at a time (tile_window_row).
+template <typename T, int64_t kD, int64_t kKW>
 void forward_tile(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh, int64_t i,
                   int64_t r, int64_t jg0, int64_t col0, const Problem& p, const Windows& win, T scale,
-                  TileScratch<T>& s, const EdgeTile* edge = nullptr) {
+                  TileScratch<T>& s) {
   static_assert(kKW > 0, "forward tiles need a compile-time window width");
   const int64_t W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0;
-  TileRow<T> row = tile_row_begin<T, kKW, kEdge>(q, rpb, bh % p.heads, i, j0, p, win, scale, D, s);
+  TileRow<T> row = tile_row_begin<T, kKW>(q, rpb, bh % p.heads, i, j0, p, win, scale, D, s);
   TileRow<T>* rows[1] = {&row};
   for (int64_t ki = 0; ki < p.kh; ++ki) {
     const int64_t key_row = win.h.start[i] + ki * p.dh;
-    tile_window_row<T, kD, kKW, 1, kEdge>(rows, &ki, kt + key_row * D * W + col0, vt + key_row * D * W + col0, W, D,
-                                          p.rpb_w(), edge);
+    tile_window_row<T, kD, kKW, 1>(rows, &ki, kt + key_row * D * W + col0, vt + key_row * D * W + col0, W, D,
+                                   p.rpb_w());
   }
   tile_row_end(row, out, lse, bh, i, j0, p, D);
 }
@@ -700,22 +626,21 @@ inline constexpr bool kPairTiles = std::is_same_v<T, float> && 2 * kKW + 6 <= (k
 
 // forward_tile for query rows ia < ib = ia + dh of one dilation group along H: the window rows both read are loaded
 // once for both (for_each_window_row_of_pair). Each row sees its own key rows in forward_tile's order: the same bits.
-template <typename T, int64_t kD, int64_t kKW, bool kEdge = false>
+template <typename T, int64_t kD, int64_t kKW>
 void forward_tile_pair(Slice<const T> q, const T* kt, const T* vt, const T* rpb, Slice<T> out, T* lse, int64_t bh,
                        int64_t ia, int64_t ib, int64_t r, int64_t jg0, int64_t col0, const Problem& p,
-                       const Windows& win, T scale, TileScratch<T>& sa, TileScratch<T>& sb,
-                       const EdgeTile* edge = nullptr) {
+                       const Windows& win, T scale, TileScratch<T>& sa, TileScratch<T>& sb) {
   const int64_t W = p.width, D = kD > 0 ? kD : p.dim, j0 = r + p.dw * jg0, h = bh % p.heads;
-  TileRow<T> a = tile_row_begin<T, kKW, kEdge>(q, rpb, h, ia, j0, p, win, scale, D, sa);
-  TileRow<T> b = tile_row_begin<T, kKW, kEdge>(q, rpb, h, ib, j0, p, win, scale, D, sb);
+  TileRow<T> a = tile_row_begin<T, kKW>(q, rpb, h, ia, j0, p, win, scale, D, sa);
+  TileRow<T> b = tile_row_begin<T, kKW>(q, rpb, h, ib, j0, p, win, scale, D, sb);
   TileRow<T>* rows[2] = {&a, &b};
   for_each_window_row_of_pair(
       kt, vt, col0, D, p, win, ia, ib,
       [&](const T* krow, const T* vrow, const int64_t* ki) {
-        tile_window_row<T, kD, kKW, 2, kEdge>(rows, ki, krow, vrow, W, D, p.rpb_w(), edge);
+        tile_window_row<T, kD, kKW, 2>(rows, ki, krow, vrow, W, D, p.rpb_w());
       },
       [&](const T* krow, const T* vrow, int64_t ki, bool second) {
-        tile_window_row<T, kD, kKW, 1, kEdge>(rows + second, &ki, krow, vrow, W, D, p.rpb_w(), edge);
+        tile_window_row<T, kD, kKW, 1>(rows + second, &ki, krow, vrow, W, D, p.rpb_w());
       });
   tile_row_end(a, out, lse, bh, ia, j0, p, D);
   tile_row_end(b, out, lse, bh, ib, j0, p, D);
@@ -1005,20 +930,10 @@ void forward_row_queries(Slice<const T> q, Slice<const T> k, Slice<const T> v, c
     if constexpr (kKW == 0) {
       TORCH_CHECK(false, "na fused forward (CPU): query tiles for kernel width ", p.kw, " are not compiled");
     } else {
-      const auto tile = [&](int64_t r, int64_t jg, int64_t col0, const EdgeTile* edge) {
-        if (edge == nullptr) {
-          forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, *s.tile);
-        } else if constexpr (kEdgeTiles<T>) {
-          forward_tile<T, kD, kKW, true>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, *s.tile, edge);
-        }
+      for_each_tile_or_query(p, order.group_offset, one_query, [&](int64_t r, int64_t jg, int64_t col0) {
+        forward_tile<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, i, r, jg, col0, p, win, scale, *s.tile);
         if (weights != nullptr) store_tile_weights(*s.tile, lse, row * W + r + p.dw * jg, p, weights);
-      };
-      if constexpr (kEdgeTiles<T>) {
-        for_each_forward_tile(p, order.group_offset, one_query, tile);
-      } else {
-        for_each_tile_or_query(p, order.group_offset, one_query,
-                               [&](int64_t r, int64_t jg, int64_t col0) { tile(r, jg, col0, nullptr); });
-      }
+      });
     }
   });
 }
@@ -1058,29 +973,20 @@ void forward_row_pair_queries(Slice<const T> q, Slice<const T> k, Slice<const T>
     if constexpr (!kPairTiles<T, kKW>) {
       TORCH_CHECK(false, "na fused forward (CPU): two-row query tiles for kernel width ", p.kw, " are not compiled");
     } else {
-      const auto both_queries = [&](int64_t j) {
-        one_query(ia, sa, j);
-        one_query(ib, sb, j);
-      };
-      const auto tile = [&](int64_t r, int64_t jg, int64_t col0, const EdgeTile* edge) {
-        if (edge == nullptr) {
-          forward_tile_pair<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, ia, ib, r, jg, col0, p, win, scale, *sa.tile,
-                                        *sb.tile);
-        } else if constexpr (kEdgeTiles<T>) {
-          forward_tile_pair<T, kD, kKW, true>(q, kts, vts, rpb, out, lse, bh, ia, ib, r, jg, col0, p, win, scale,
-                                              *sa.tile, *sb.tile, edge);
-        }
-        if (weights != nullptr) {
-          store_tile_weights(*sa.tile, lse, (bh * p.height + ia) * W + r + p.dw * jg, p, weights);
-          store_tile_weights(*sb.tile, lse, (bh * p.height + ib) * W + r + p.dw * jg, p, weights);
-        }
-      };
-      if constexpr (kEdgeTiles<T>) {
-        for_each_forward_tile(p, order.group_offset, both_queries, tile);
-      } else {
-        for_each_tile_or_query(p, order.group_offset, both_queries,
-                               [&](int64_t r, int64_t jg, int64_t col0) { tile(r, jg, col0, nullptr); });
-      }
+      for_each_tile_or_query(
+          p, order.group_offset,
+          [&](int64_t j) {
+            one_query(ia, sa, j);
+            one_query(ib, sb, j);
+          },
+          [&](int64_t r, int64_t jg, int64_t col0) {
+            forward_tile_pair<T, kD, kKW>(q, kts, vts, rpb, out, lse, bh, ia, ib, r, jg, col0, p, win, scale, *sa.tile,
+                                          *sb.tile);
+            if (weights != nullptr) {
+              store_tile_weights(*sa.tile, lse, (bh * p.height + ia) * W + r + p.dw * jg, p, weights);
+              store_tile_weights(*sb.tile, lse, (bh * p.height + ib) * W + r + p.dw * jg, p, weights);
+            }
+          });
     }
   });
 }

@@ -102,28 +102,6 @@ inline void store_lanes(T* p, Lanes<T> v) {
   *reinterpret_cast<Lanes<T>*>(p) = v;
 }
 
-// kLanes int32 values in one register: lane indices for permute_lanes and gather_lanes.
-typedef int32_t IndexLanes __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-// out[l] = v[idx[l]] (0 <= idx[l] < kLanes): one in-register permute (vpermps).
-__attribute__((always_inline)) inline Lanes<float> permute_lanes(Lanes<float> v, IndexLanes idx) {
-#if DINAT_M2F_CPU_LANES == 16
-  return (Lanes<float>)_mm512_maskz_permutexvar_ps(0xFFFF, (__m512i)idx, (__m512)v);
-#else
-  return (Lanes<float>)_mm256_permutevar8x32_ps((__m256)v, (__m256i)idx);
-#endif
-}
-
-// out[l] = base[idx[l]]: one gather instruction (a vector built from kLanes scalar stores stalls on store forwarding
-// when it is read back).
-__attribute__((always_inline)) inline Lanes<float> gather_lanes(const float* base, IndexLanes idx) {
-#if DINAT_M2F_CPU_LANES == 16
-  return (Lanes<float>)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), 0xFFFF, (__m512i)idx, base, 4);
-#else
-  return (Lanes<float>)_mm256_i32gather_ps(base, (__m256i)idx, 4);
-#endif
-}
-
 // Lane-wise exp, the same approximation as cpu_math::exp_approx (float: round to nearest by the 1.5 * 2^23 trick,
 // degree-6 polynomial, 2^n built in the exponent bits). Always inlined: as a call it was 9-11% of the forward's
 // samples at 1x4x56x56 k7 (perf); inlined, the forward ran 1.01-1.05x faster.
